@@ -1,0 +1,43 @@
+"""Per-layer K/V codec: the layout plus the device tensors (rotation, codebooks) kernels read."""
+
+from __future__ import annotations
+
+import torch
+
+from turboquant_vllm.config import TQConfig
+from turboquant_vllm.layout import PageLayout
+from turboquant_vllm.quantizer import MSEQuantizer
+
+
+class KVCodec:
+    """Everything needed to write and read one layer's packed cache.
+
+    K and V share the rotation R [d, d]; each has its own codebook (k_bits, v_bits).
+    Tensors live on `device` and are built once per layer, never per step.
+    """
+
+    def __init__(
+        self,
+        config: TQConfig,
+        num_kv_heads: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config = config
+        self.layout = PageLayout.from_config(config, num_kv_heads, head_dim)
+        self.key = MSEQuantizer(head_dim, config.k_bits, config, device)
+        self.value = MSEQuantizer(head_dim, config.v_bits, config, device)
+        self.rotation = self.key.rotation  # fp32 [d, d]: rotated = x @ R.T
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.layout.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.layout.head_dim
+
+    def new_cache(self, num_blocks: int, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """An empty paged cache, uint8 [num_blocks, block_size, bytes_per_token]."""
+        device = device if device is not None else self.rotation.device
+        return torch.zeros(num_blocks, block_size, self.layout.bytes_per_token, dtype=torch.uint8, device=device)

@@ -1,0 +1,86 @@
+"""TurboQuant KV-cache configuration, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+SUPPORTED_BITS = (2, 3, 4)
+MIN_HEAD_DIM = 32
+MAX_HEAD_DIM = 512
+HEAD_DIM_MULTIPLE = 8  # 8 indices of any width fill a whole number of bytes
+ROTATIONS = ("haar", "hadamard")
+DEFAULT_SEED = 20250424  # arXiv 2504.19874: any fixed value works; every process must agree
+
+
+class TQConfigError(ValueError):
+    """A TurboQuant setting that cannot be served; raised before any cache is allocated."""
+
+
+def check_bits(name: str, bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise TQConfigError(
+            f"{name}={bits!r} is not supported: TurboQuant packs {SUPPORTED_BITS} bits per coordinate. "
+            "Use 4 for the best quality, 3 or 2 for more compression, or fp8 KV for 8 bits."
+        )
+
+
+def check_head_dim(head_dim: int) -> None:
+    if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM) or head_dim % HEAD_DIM_MULTIPLE:
+        raise TQConfigError(
+            f"head_dim={head_dim} is not supported: TurboQuant needs a multiple of {HEAD_DIM_MULTIPLE} "
+            f"in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] (e.g. 64, 96, 128, 256). "
+            "Serve this model with the default attention backend instead."
+        )
+
+
+@dataclass(frozen=True)
+class TQConfig:
+    """How K and V are compressed.
+
+    Args:
+        k_bits: bits per rotated coordinate of K, one of 2, 3, 4.
+        v_bits: bits per rotated coordinate of V, one of 2, 3, 4.
+        rotation: "haar" (dense random orthogonal, any head_dim) or "hadamard"
+            (random signs + Walsh-Hadamard, power-of-two head_dim only).
+        norm_correction: store ||x|| / ||dequantised unit vector|| instead of ||x||,
+            so reconstructions have the right length.
+        seed: seeds the rotation; all processes and ranks derive the same matrix from it.
+    """
+
+    k_bits: int = 4
+    v_bits: int = 4
+    rotation: Literal["haar", "hadamard"] = "haar"
+    norm_correction: bool = True
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        check_bits("k_bits", self.k_bits)
+        check_bits("v_bits", self.v_bits)
+        if self.rotation not in ROTATIONS:
+            raise TQConfigError(f"rotation={self.rotation!r} is not one of {ROTATIONS}.")
+        if not isinstance(self.norm_correction, bool):
+            raise TQConfigError(f"norm_correction must be a bool, got {self.norm_correction!r}.")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise TQConfigError(f"seed must be a non-negative int, got {self.seed!r}.")
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise TQConfigError if this config cannot serve heads of `head_dim`."""
+        check_head_dim(head_dim)
+        if self.rotation == "hadamard" and head_dim & (head_dim - 1):
+            raise TQConfigError(
+                f"rotation='hadamard' needs a power-of-two head_dim, got {head_dim}; use rotation='haar'."
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> TQConfig:
+        """Build from a plain dict (e.g. vLLM's additional_config["turboquant"]), rejecting unknown keys."""
+        values = dict(values or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TQConfigError(f"unknown TurboQuant option(s) {unknown}; known options are {sorted(known)}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

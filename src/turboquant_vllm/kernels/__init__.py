@@ -1,0 +1,1 @@
+"""Triton kernels that write and read packed TurboQuant pages, with torch twins in reference.py."""
