@@ -1,0 +1,16 @@
+# Source me: creates .venv on first use and installs the package with the extras the tests need.
+set -e
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${TURBOQUANT_VENV:-$ROOT/.venv}
+EXTRAS=${TURBOQUANT_EXTRAS:-dev,vllm}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+STAMP="$VENV/.turboquant-installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$EXTRAS"
+if [ ! -f "$STAMP" ]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]"
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+set +e
