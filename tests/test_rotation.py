@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from turboquant_vllm.config import TQConfig
-from turboquant_vllm.rotation import hadamard_matrix, haar_rotation, randomized_hadamard, rotation_matrix
+from turboquant_vllm.rotation import haar_rotation, hadamard_matrix, randomized_hadamard, rotation_matrix
 
 
 @pytest.mark.parametrize("make", [haar_rotation, randomized_hadamard])

@@ -9,7 +9,7 @@ are exact, so the optimum is solved over the whole support with no tail truncati
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ def coordinate_mse(centroids: np.ndarray, head_dim: int) -> float:
     return float(second - np.sum(2 * centroids * moment - centroids**2 * mass))
 
 
-@lru_cache(maxsize=None)
+@cache
 def lloyd_max(bits: int, head_dim: int, tol: float = 1e-13, max_iter: int = 20000) -> Codebook:
     """The MSE-optimal scalar quantiser for one rotated coordinate (cached per (bits, head_dim))."""
     if bits not in CODEBOOK_BITS:

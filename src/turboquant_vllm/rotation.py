@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -39,7 +39,7 @@ def randomized_hadamard(seed: int, head_dim: int) -> torch.Tensor:
     return hadamard_matrix(head_dim) * (2.0 * signs.to(torch.float64) - 1.0).unsqueeze(0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rotation_cpu(rotation: str, seed: int, head_dim: int) -> torch.Tensor:
     if rotation == "haar":
         return haar_rotation(seed, head_dim).to(torch.float32)
