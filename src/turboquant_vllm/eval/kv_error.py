@@ -24,7 +24,8 @@ def roundtrip_mse(x: torch.Tensor, bits: int, config: TQConfig) -> torch.Tensor:
 
 
 def roundtrip_prod(x: torch.Tensor, bits: int, config: TQConfig) -> torch.Tensor:
-    quant = ProdQuantizer(x.shape[-1], bits, TQConfig(rotation=config.rotation, norm_correction=False, seed=config.seed))
+    mse_config = TQConfig(rotation=config.rotation, norm_correction=False, seed=config.seed)
+    quant = ProdQuantizer(x.shape[-1], bits, mse_config)
     return quant.dequantize(*quant.quantize(x))
 
 
