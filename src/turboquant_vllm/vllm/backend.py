@@ -1,0 +1,244 @@
+"""TurboQuant attention backend for vLLM: Backend / MetadataBuilder / Impl over packed uint8 pages.
+
+Token path: do_kv_cache_update -> kernels.store.store_kv (new K/V -> packed rows), then
+forward -> kernels.decode.paged_attention (context from pages, this step's tokens exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.config import TQConfig, TQConfigError, check_head_dim
+from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
+from turboquant_vllm.kernels.store import store_kv
+from turboquant_vllm.layout import PageLayout
+from turboquant_vllm.vllm.spec import current_tq_config
+
+# Split-K is for small decode batches; larger batches already fill the GPU with one split.
+MAX_SPLITS = 32
+MAX_SPLIT_TOKENS = 256  # query tokens the split workspace holds; bigger batches run unsplit
+
+
+class TQ4AttentionBackend(AttentionBackend):
+    """Packed TurboQuant KV cache: (num_blocks, block_size, bytes_per_token) uint8."""
+
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+    forward_includes_kv_cache_update: bool = False  # vLLM calls do_kv_cache_update first
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # must name an AttentionBackendEnum member
+
+    @staticmethod
+    def get_impl_cls() -> type[TQ4AttentionImpl]:
+        return TQ4AttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[TQ4MetadataBuilder]:
+        return TQ4MetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, cache_dtype_str: str = "auto"
+    ) -> tuple[int, ...]:
+        """(num_blocks, block_size, bytes_per_token): one packed row per token, see layout.py."""
+        config = current_tq_config()
+        return (num_blocks, block_size, PageLayout.from_config(config, num_kv_heads, head_size).bytes_per_token)
+
+    @staticmethod
+    def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+        """Identity layout: raising makes vLLM fall back to the logical shape (as for FlashMLA)."""
+        raise NotImplementedError
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        try:
+            check_head_dim(head_size)
+        except TQConfigError:
+            return False
+        return True
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink,
+                             use_sparse, use_mm_prefix, device_capability) -> str | None:
+        """Explain refusals in words a user can act on (vLLM adds its generic reasons too)."""
+        if kv_cache_dtype not in (None, "auto"):
+            return (f"--kv-cache-dtype {kv_cache_dtype} cannot be combined with the TurboQuant CUSTOM backend, "
+                    "which compresses the cache itself: leave --kv-cache-dtype at auto")
+        if use_mla:
+            return "MLA models (compressed latent KV) are not supported by the TurboQuant CUSTOM backend"
+        try:
+            check_head_dim(head_size)
+            current_tq_config().check_head_dim(head_size)
+        except TQConfigError as err:
+            return str(err)
+        return None
+
+
+@dataclass
+class TQ4Metadata:
+    """Per-step attention inputs, shared by all layers of the group.
+
+    Sequence s owns queries [query_start_loc[s], query_start_loc[s+1]) and seq_lens[s]
+    tokens in all; its first seq_lens[s] - q_len tokens are cached context.
+    """
+
+    num_actual_tokens: int
+    max_query_len: int
+    query_start_loc: torch.Tensor  # int32 [num_reqs + 1]
+    seq_lens: torch.Tensor  # int32 [num_reqs]
+    block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
+    slot_mapping: torch.Tensor  # int64 [num_tokens], -1 = padding
+    num_splits: int
+    workspace: AttentionWorkspace | None
+
+
+class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
+    """Chooses the split count on the CPU and owns the split-K workspace (allocated once)."""
+
+    # One kernel serves any query length, so uniform decode (incl. spec-decode) batches capture in FULL graphs.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
+        num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+        self.num_kv_heads = kv_cache_spec.num_kv_heads
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        self.workspace = AttentionWorkspace.allocate(
+            MAX_SPLIT_TOKENS, num_heads, kv_cache_spec.head_size, MAX_SPLITS, device
+        )
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TQ4Metadata:
+        cam = common_attn_metadata
+        split = cam.num_actual_tokens <= MAX_SPLIT_TOKENS and cam.max_query_len <= self.reorder_batch_threshold
+        num_splits = choose_num_splits(cam.num_reqs, self.num_kv_heads, MAX_SPLITS, self.num_sms) if split else 1
+        return TQ4Metadata(
+            num_actual_tokens=cam.num_actual_tokens,
+            max_query_len=cam.max_query_len,
+            query_start_loc=cam.query_start_loc,
+            seq_lens=cam.seq_lens,
+            block_table=cam.block_table_tensor,
+            slot_mapping=cam.slot_mapping,
+            num_splits=num_splits,
+            workspace=self.workspace if num_splits > 1 else None,
+        )
+
+
+@cache
+def _codec(config: TQConfig, num_kv_heads: int, head_dim: int, device: torch.device) -> KVCodec:
+    """One codec per (config, shape, device): every layer shares the rotation and codebooks."""
+    return KVCodec(config, num_kv_heads, head_dim, device)
+
+
+class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
+    """compress -> store (do_kv_cache_update); attention over pages + exact new tokens (forward)."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra: object,
+    ) -> None:
+        refusals = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logits soft-capping": bool(logits_soft_cap),
+            "attention sinks": extra.get("sinks") is not None,
+            f"{attn_type} attention (only decoder self-attention)": attn_type != AttentionType.DECODER,
+            "cross-layer KV sharing": kv_sharing_target_layer_name is not None,
+            f"kv_cache_dtype={kv_cache_dtype}": kv_cache_dtype != "auto",
+        }
+        unsupported = [name for name, hit in refusals.items() if hit]
+        if unsupported:
+            raise TQConfigError(
+                f"the TurboQuant CUSTOM backend does not support {', '.join(unsupported)}; "
+                "serve this model without --attention-backend CUSTOM"
+            )
+        self.config = current_tq_config()
+        self.config.check_head_dim(head_size)
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise TQConfigError(f"num_heads={num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+
+    def codec(self, device: torch.device) -> KVCodec:
+        return _codec(self.config, self.num_kv_heads, self.head_size, device)
+
+    def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Quantise this step's K/V into their slots (slot -1 = padding, skipped by the kernel).
+
+        Args:
+            key, value: [num_tokens, num_kv_heads, head_size].
+            kv_cache: uint8 [num_blocks, block_size, bytes_per_token].
+            slot_mapping: int64 [num_tokens].
+        """
+        store_kv(self.codec(kv_cache.device), key, value, kv_cache, slot_mapping)
+
+    def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: TQ4Metadata, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention for this step's queries; one kernel launch (two with split-K), nothing else.
+
+        Args:
+            query: [num_tokens, num_heads, head_size]; key/value: [num_tokens, num_kv_heads, head_size].
+            output: [num_tokens, num_heads, head_size], written in place.
+        """
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantisation is not supported by the TurboQuant backend")
+        if attn_metadata is None:  # profiling run: no cache bound yet
+            return output.fill_(0)
+        n = attn_metadata.num_actual_tokens
+        paged_attention(
+            self.codec(kv_cache.device), query[:n], key[:n], value[:n], kv_cache,
+            block_table=attn_metadata.block_table,
+            seq_lens=attn_metadata.seq_lens,
+            query_start_loc=attn_metadata.query_start_loc,
+            scale=self.scale,
+            out=output[:n],
+            max_query_len=attn_metadata.max_query_len,
+            num_splits=attn_metadata.num_splits,
+            workspace=attn_metadata.workspace,
+        )
+        return output
+

@@ -1,0 +1,176 @@
+"""TQ4 backend: selection-time refusals, builder routing, and layer outputs against references."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+
+from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.config import TQConfig, TQConfigError
+from turboquant_vllm.eval.vllm_batches import SCENARIOS, exact_attention, make_batch
+from turboquant_vllm.kernels.reference import paged_attention_ref, store_ref
+from turboquant_vllm.vllm import backend as tq_backend
+from turboquant_vllm.vllm.backend import TQ4AttentionBackend, TQ4AttentionImpl, TQ4MetadataBuilder
+from turboquant_vllm.vllm.spec import TQ4FullAttentionSpec
+
+VALID = dict(head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None, use_mla=False,
+             has_sink=False, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
+             device_capability=None, attn_type="decoder")
+
+
+def reasons(**changes) -> list[str]:
+    return TQ4AttentionBackend.validate_configuration(**{**VALID, **changes})
+
+
+def test_valid_configuration_has_no_reasons():
+    assert reasons() == []
+    assert reasons(head_size=64) == [] and reasons(head_size=256) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"head_size": 100}, "head_dim=100"),
+        ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype fp8"),
+        ({"use_mla": True}, "MLA"),
+        ({"has_sink": True}, "sink"),
+        ({"has_sliding_window": True}, "sliding window"),
+        ({"attn_type": "encoder_decoder"}, "encoder_decoder"),
+        ({"dtype": torch.float32}, "dtype"),
+    ],
+)
+def test_bad_configurations_are_refused_at_selection(change, needle):
+    found = reasons(**change)
+    assert found and any(needle in r for r in found), found
+
+
+def test_kv_cache_shape_follows_the_layout(monkeypatch):
+    assert TQ4AttentionBackend.get_kv_cache_shape(10, 16, 8, 128) == (10, 16, 1088)
+    monkeypatch.setattr(tq_backend, "current_tq_config", lambda: TQConfig(k_bits=3, v_bits=3))
+    assert TQ4AttentionBackend.get_kv_cache_shape(10, 16, 8, 128) == (10, 16, 8 * (48 + 4) * 2)
+    with pytest.raises(NotImplementedError):
+        TQ4AttentionBackend.get_kv_cache_stride_order()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"logits_soft_cap": 30.0}, "soft-capping"),
+        ({"sliding_window": 4096}, "sliding-window"),
+        ({"alibi_slopes": [0.5] * 8}, "ALiBi"),
+        ({"sinks": torch.zeros(8)}, "sinks"),
+        ({"attn_type": "encoder"}, "encoder attention"),
+        ({"kv_sharing_target_layer_name": "layers.0.attn"}, "KV sharing"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8"),
+    ],
+)
+def test_impl_refuses_unsupported_features(kwargs, needle):
+    with pytest.raises(TQConfigError, match=needle):
+        TQ4AttentionImpl(8, 128, 0.088, 2, **kwargs)
+
+
+def fake_vllm_config(num_heads: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        model_config=SimpleNamespace(get_num_attention_heads=lambda parallel_config: num_heads),
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+        speculative_config=None,
+        additional_config={},
+    )
+
+
+def make_builder(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int = 16) -> TQ4MetadataBuilder:
+    spec = TQ4FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_dim,
+                                dtype=torch.uint8, bytes_per_token=1)
+    return TQ4MetadataBuilder(spec, ["layer.0"], fake_vllm_config(num_heads), torch.device("cpu"))
+
+
+def common_metadata(batch) -> CommonAttentionMetadata:
+    return CommonAttentionMetadata(
+        query_start_loc=batch.query_start_loc,
+        query_start_loc_cpu=batch.query_start_loc.cpu(),
+        seq_lens=batch.seq_lens,
+        num_reqs=len(batch.seq_lens),
+        num_actual_tokens=batch.query.shape[0],
+        max_query_len=batch.max_query_len,
+        max_seq_len=int(batch.seq_lens.max()),
+        block_table_tensor=batch.block_table,
+        slot_mapping=batch.slot_mapping,
+    )
+
+
+def test_builder_splits_only_small_decode_batches():
+    builder = make_builder(8, 2, 64)
+    decode = builder.build(0, common_metadata(make_batch(SCENARIOS["decode"], 8, 2, 64)))
+    assert decode.num_splits > 1 and decode.workspace is builder.workspace
+    prefill = builder.build(0, common_metadata(make_batch(SCENARIOS["mixed"], 8, 2, 64)))
+    assert prefill.num_splits == 1 and prefill.workspace is None
+    big = make_batch([(3, 1)] * (tq_backend.MAX_SPLIT_TOKENS + 1), 8, 2, 64)
+    assert builder.build(0, common_metadata(big)).num_splits == 1
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+
+
+def fail_if_called(*args, **kwargs):
+    raise AssertionError("kernel must not run here")
+
+
+def test_profiling_run_launches_no_kernel(monkeypatch):
+    monkeypatch.setattr(tq_backend, "paged_attention", fail_if_called)
+    impl = TQ4AttentionImpl(8, 64, 0.125, 2)
+    out = torch.full((5, 8, 64), 7.0)
+    impl.forward(None, torch.ones(5, 8, 64), torch.ones(5, 2, 64), torch.ones(5, 2, 64), torch.empty(0), None, out)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_forward_is_one_kernel_call_on_the_actual_tokens(monkeypatch):
+    attention, store = Recorder(), Recorder()
+    monkeypatch.setattr(tq_backend, "paged_attention", attention)
+    monkeypatch.setattr(tq_backend, "store_kv", store)
+    batch = make_batch(SCENARIOS["mixed"], 8, 2, 64)
+    md = make_builder(8, 2, 64).build(0, common_metadata(batch))
+    impl = TQ4AttentionImpl(8, 64, 0.125, 2)
+    cache = torch.zeros(batch.num_blocks, 16, 64, dtype=torch.uint8)
+    padded = torch.cat([batch.query, torch.zeros(3, 8, 64, dtype=batch.query.dtype)])
+    out = torch.zeros(padded.shape, dtype=padded.dtype)
+    impl.do_kv_cache_update(None, batch.key, batch.value, cache, batch.slot_mapping)
+    impl.forward(None, padded, batch.key, batch.value, cache, md, out)
+    assert len(store.calls) == 1 and store.calls[0][0][4] is batch.slot_mapping
+    assert len(attention.calls) == 1
+    args, kwargs = attention.calls[0]
+    assert args[1].shape[0] == batch.query.shape[0]  # padding rows are not attended
+    assert kwargs["num_splits"] == 1 and kwargs["max_query_len"] == batch.max_query_len
+    assert kwargs["out"].data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "bits"), [(4, 4, (4, 4)), (8, 2, (4, 3)), (5, 1, (2, 2))])
+def test_layer_output_matches_references(scenario, num_heads, num_kv_heads, bits, monkeypatch):
+    """Through the real builder, store and attention kernels (interpreted on CPU)."""
+    cfg = TQConfig(k_bits=bits[0], v_bits=bits[1])
+    monkeypatch.setattr(tq_backend, "current_tq_config", lambda: cfg)
+    head_dim, scale = 64, 64**-0.5
+    batch = make_batch(SCENARIOS[scenario], num_heads, num_kv_heads, head_dim, seed=len(scenario))
+    codec = KVCodec(cfg, num_kv_heads, head_dim)
+    cache = codec.new_cache(batch.num_blocks, batch.block_size)
+    for k, v, slots in zip(batch.context_key, batch.context_value, batch.context_slots, strict=True):
+        store_ref(codec, k, v, cache, slots)
+    impl = TQ4AttentionImpl(num_heads, head_dim, scale, num_kv_heads)
+    md = make_builder(num_heads, num_kv_heads, head_dim).build(0, common_metadata(batch))
+    out = torch.zeros(batch.query.shape, dtype=batch.query.dtype)
+    impl.do_kv_cache_update(None, batch.key, batch.value, cache, batch.slot_mapping)
+    impl.forward(None, batch.query, batch.key, batch.value, cache, md, out)
+
+    ref = paged_attention_ref(codec, batch.query, batch.key, batch.value, cache, batch.block_table,
+                              batch.seq_lens, batch.query_start_loc, scale)
+    exact = exact_attention(batch, scale)
+    err_ref = (out.float() - ref).abs().max().item()
+    assert err_ref < 3e-2 * ref.abs().max().item(), err_ref  # bf16 output rounding
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(1), exact.flatten(1), dim=-1)
+    assert cos.min().item() > (0.97 if min(bits) >= 3 else 0.85)
