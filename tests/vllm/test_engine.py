@@ -38,16 +38,19 @@ def test_installed_plugin_leaves_flash_attn_runs_unchanged():
     assert with_plugin["tokens"] == without["tokens"]
 
 
-@pytest.mark.parametrize("enforce_eager", [True, False])
-@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"), [(64, 8, 2), (128, 8, 8), (256, 4, 1)])
+@pytest.mark.parametrize(
+    ("head_dim", "heads", "kv_heads", "enforce_eager"),
+    [(64, 8, 2, True), (128, 8, 8, False), (256, 4, 1, True)],  # GQA / MHA with CUDA graphs / MQA
+)
 def test_custom_backend_generates(head_dim, heads, kv_heads, enforce_eager):
     shape = {**SMALL, "head_dim": head_dim, "num_attention_heads": heads, "num_key_value_heads": kv_heads}
     custom = probe(dict(shape=shape, attention_backend="CUSTOM", max_model_len=2048, enforce_eager=enforce_eager))
     assert custom["ok"], custom.get("error")
     assert all(len(t) == 24 for t in custom["tokens"])
-    bf16 = probe(dict(shape=shape, attention_backend="FLASH_ATTN", max_model_len=2048, enforce_eager=True))
-    # Same memory budget: the packed cache holds more blocks than bf16 (3.76x at d=128, 4/4).
-    assert custom["num_gpu_blocks"] > 3 * bf16["num_gpu_blocks"]
+    if head_dim == 128:
+        bf16 = probe(dict(shape=shape, attention_backend="FLASH_ATTN", max_model_len=2048, enforce_eager=True))
+        # Same memory budget: the packed cache holds 3.76x the tokens of bf16 at d=128, 4/4.
+        assert custom["num_gpu_blocks"] > 3.5 * bf16["num_gpu_blocks"], (custom, bf16)
 
 
 @pytest.mark.parametrize(

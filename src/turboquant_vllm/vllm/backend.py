@@ -33,6 +33,7 @@ from turboquant_vllm.vllm.spec import current_tq_config
 # Split-K is for small decode batches; larger batches already fill the GPU with one split.
 MAX_SPLITS = 32
 MAX_SPLIT_TOKENS = 256  # query tokens the split workspace holds; bigger batches run unsplit
+CPU_NUM_SMS = 16  # only the CPU test path (Triton interpreter) has no SM count
 
 
 class TQ4AttentionBackend(AttentionBackend):
@@ -129,7 +130,8 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.num_kv_heads = kv_cache_spec.num_kv_heads
-        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        on_gpu = device.type == "cuda"
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else CPU_NUM_SMS
         self.workspace = AttentionWorkspace.allocate(
             MAX_SPLIT_TOKENS, num_heads, kv_cache_spec.head_size, MAX_SPLITS, device
         )

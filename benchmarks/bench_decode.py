@@ -1,0 +1,391 @@
+"""Decode attention time on CUDA: our packed-page kernel next to FA3 bf16/fp8, vLLM's TurboQuant and a copy.
+
+Llama-3.1-8B-like shapes (32 q heads, 8 KV heads, head_dim 128, 16-token pages), one query token per
+sequence, contexts 1K..128K, batch 1 and 16. Every kernel is timed inside a CUDA graph when possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import shlex
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from turboquant_vllm import TQConfig
+from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.kernels import decode
+from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAX_SPLITS = 32
+VLLM_TQ_PRESET = "turboquant_4bit_nc"  # 4-bit Lloyd-Max keys, 4-bit uniform values: the closest vLLM mode
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--contexts", type=int, nargs="+", default=[2**k for k in range(10, 18)])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--num-q-heads", type=int, default=32)
+    p.add_argument("--num-kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--rep", type=int, default=25, help="timing repetition budget, ms")
+    p.add_argument("--copy-gib", type=float, default=2.0, help="size of the device copy reference")
+    p.add_argument("--no-sweep", action="store_true", help="skip the tile / split-count sweep of our kernel")
+    p.add_argument("--quick", action="store_true", help="smoke run: two contexts, short timings, no sweep")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/decode_<date>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.contexts, args.rep, args.no_sweep, args.copy_gib = [1024, 32768], 10, True, 0.5
+    return args
+
+
+def time_ms(fn: Callable[[], object], rep: int) -> tuple[float, str]:
+    """Mean ms per call: inside a CUDA graph (no launch overhead) if fn can be captured, else plain do_bench."""
+    fn()
+    torch.cuda.synchronize()
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep)), "cudagraph"
+    except Exception:  # noqa: BLE001 - any capture failure just means "time it eagerly"
+        torch.cuda.synchronize()
+        return float(do_bench(fn, warmup=10, rep=rep)), "eager"
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    return nbytes / ms / 1e6
+
+
+def copy_bandwidth(gib: float, rep: int) -> dict:
+    n = int(gib * 2**30)
+    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = float(do_bench(lambda: dst.copy_(src), warmup=10, rep=max(rep, 50)))
+    return {"bytes": n, "ms": ms, "gbps_read_plus_write": gbps(2 * n, ms), "gbps_read": gbps(n, ms)}
+
+
+@dataclasses.dataclass
+class Shape:
+    batch: int
+    context: int  # tokens per sequence, the new one included
+    hq: int
+    hkv: int
+    d: int
+    block_size: int
+
+    @property
+    def blocks_per_seq(self) -> int:
+        return triton.cdiv(self.context, self.block_size)
+
+
+class Caches:
+    """One set of caches per batch size, sized for the longest context; shorter ones use a random subset."""
+
+    def __init__(self, args: argparse.Namespace, batch: int) -> None:
+        self.args = args
+        hkv, d, bs = args.num_kv_heads, args.head_dim, args.block_size
+        self.num_blocks = batch * triton.cdiv(max(args.contexts), bs) + 1
+        self.codec = KVCodec(TQConfig(k_bits=4, v_bits=4), hkv, d, "cuda")
+        lay = self.codec.layout
+        self.ours = torch.randint(0, 256, (self.num_blocks, bs, lay.bytes_per_token), dtype=torch.uint8, device="cuda")
+        rows = self.ours.view(-1, lay.bytes_per_token)
+        for off in (lay.k_scale_offset, lay.v_scale_offset):  # finite scales, so softmax sees real numbers
+            scales = torch.rand(rows.shape[0], hkv, device="cuda") + 0.5
+            rows[:, off : off + 4 * hkv] = scales.view(torch.uint8).view(rows.shape[0], 4 * hkv)
+        self.kv_bf16 = torch.randn(2, self.num_blocks, bs, hkv, d, dtype=torch.bfloat16, device="cuda")
+        self.kv_fp8 = self.kv_bf16.to(torch.float8_e4m3fn)
+        self.vllm_tq = None
+
+    def table(self, shape: Shape) -> torch.Tensor:
+        perm = torch.randperm(self.num_blocks - 1, device="cuda")[: shape.batch * shape.blocks_per_seq]
+        return perm.view(shape.batch, shape.blocks_per_seq).to(torch.int32)
+
+
+def bench_ours(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, num_splits: int | None = None) -> dict:
+    codec, b = caches.codec, shape.batch
+    q = torch.randn(b, shape.hq, shape.d, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(b, shape.hkv, shape.d, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    out = torch.empty_like(q)
+    seq_lens = torch.full((b,), shape.context, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+    props = torch.cuda.get_device_properties(0)
+    splits = num_splits or choose_num_splits(b, shape.hkv, MAX_SPLITS, props.multi_processor_count)
+    ws = AttentionWorkspace.allocate(b, shape.hq, shape.d, max(splits, 2), "cuda")
+
+    def run() -> None:
+        paged_attention(codec, q, k, v, caches.ours, table, seq_lens, qsl, shape.d**-0.5, out,
+                        max_query_len=1, num_splits=splits, workspace=ws)  # fmt: skip
+
+    ms, timer = time_ms(run, rep)
+    read = b * (shape.context - 1) * codec.layout.bytes_per_token
+    return {"ms": ms, "timer": timer, "num_splits": splits, "bytes_read": read, "gbps": gbps(read, ms)}
+
+
+def bench_fa3(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, fp8: bool) -> dict:
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    b = shape.batch
+    kv = caches.kv_fp8 if fp8 else caches.kv_bf16
+    q = torch.randn(b, shape.hq, shape.d, dtype=torch.bfloat16, device="cuda")
+    if fp8:
+        q = q.to(torch.float8_e4m3fn)
+    out = torch.empty(b, shape.hq, shape.d, dtype=torch.bfloat16, device="cuda")
+    seq_lens = torch.full((b,), shape.context, dtype=torch.int32, device="cuda")
+    cu_q = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+    descale = torch.ones(b, shape.hkv, dtype=torch.float32, device="cuda") if fp8 else None
+
+    def run() -> None:
+        flash_attn_varlen_func(q=q, k=kv[0], v=kv[1], max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=shape.context,
+                               seqused_k=seq_lens, softmax_scale=shape.d**-0.5, causal=True, block_table=table,
+                               out=out, fa_version=3, q_descale=descale, k_descale=descale,
+                               v_descale=descale)  # fmt: skip
+
+    ms, timer = time_ms(run, rep)
+    read = b * shape.context * shape.hkv * shape.d * 2 * kv.element_size()
+    return {"ms": ms, "timer": timer, "bytes_read": read, "gbps": gbps(read, ms)}
+
+
+def bench_vllm_tq(caches: Caches, shape: Shape, table: torch.Tensor, rep: int) -> dict:
+    """vLLM 0.26's own TurboQuant decode (triton_turboquant_decode_attention), preset turboquant_4bit_nc."""
+    from vllm.model_executor.layers.quantization.turboquant.centroids import get_centroids
+    from vllm.model_executor.layers.quantization.turboquant.config import TurboQuantConfig
+    from vllm.v1.attention.ops.triton_turboquant_decode import triton_turboquant_decode_attention
+
+    cfg = TurboQuantConfig.from_cache_dtype(VLLM_TQ_PRESET, shape.d)
+    slot = cfg.slot_size_aligned
+    if caches.vllm_tq is None:  # [num_blocks, block_size, Hk, slot]; fp16 norm/scale/zero fields made finite
+        c = torch.randint(0, 256, (caches.num_blocks, shape.block_size, shape.hkv, slot), dtype=torch.uint8,
+                          device="cuda")  # fmt: skip
+        halves = c.view(torch.float16)
+        for byte in (cfg.key_packed_size - 2, cfg.key_packed_size + cfg.value_packed_size - 4,
+                     cfg.key_packed_size + cfg.value_packed_size - 2):  # fmt: skip
+            halves[..., byte // 2] = 0.5
+        caches.vllm_tq = c
+    b = shape.batch
+    q = torch.randn(b, shape.hq, shape.d, dtype=torch.bfloat16, device="cuda")
+    seq_lens = torch.full((b,), shape.context, dtype=torch.int32, device="cuda")
+    h = torch.linalg.qr(torch.randn(shape.d, shape.d, device="cuda"))[0].contiguous()
+    pit = h.T.contiguous()
+    centroids = get_centroids(shape.d, cfg.centroid_bits).to("cuda", torch.float32)
+    splits = MAX_SPLITS
+    mid = torch.empty(b, shape.hq, splits, shape.d + 1, dtype=torch.float32, device="cuda")
+    out = torch.empty(b, shape.hq, shape.d, dtype=torch.bfloat16, device="cuda")
+    lse = torch.empty(b, shape.hq, dtype=torch.float32, device="cuda")
+
+    def run() -> None:
+        triton_turboquant_decode_attention(
+            query=q, kv_cache=caches.vllm_tq, block_table=table, seq_lens=seq_lens, Pi=h, centroids=centroids,
+            scale=shape.d**-0.5, mse_bits=cfg.key_mse_bits, key_packed_size=cfg.key_packed_size,
+            value_quant_bits=cfg.effective_value_quant_bits, key_fp8=cfg.key_fp8,
+            norm_correction=cfg.norm_correction, PiT=pit, mid_o_buf=mid, output_buf=out, lse_buf=lse,
+            max_num_kv_splits=splits,
+        )  # fmt: skip
+
+    ms, timer = time_ms(run, rep)
+    read = b * shape.context * shape.hkv * slot
+    return {"ms": ms, "timer": timer, "num_splits": splits, "bytes_read": read, "gbps": gbps(read, ms)}
+
+
+def guarded(fn: Callable[..., dict], *args: object, **kwargs: object) -> dict:
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - a missing or failing baseline must not stop the table
+        return {"error": f"{type(err).__name__}: {str(err)[:300]}", "trace": traceback.format_exc(limit=3)[-600:]}
+
+
+def sanity_check() -> dict:
+    """Our kernel against the torch reference on one small mixed batch (guards the timings' meaning)."""
+    from turboquant_vllm.kernels.reference import paged_attention_ref, store_ref
+
+    g = torch.Generator().manual_seed(0)
+    codec_cpu = KVCodec(TQConfig(), 8, 128)
+    codec = KVCodec(TQConfig(), 8, 128, "cuda")
+    seq_lens, q_lens, bs = [3000, 700, 50], [1, 1, 40], 16
+    nb = sum(triton.cdiv(s, bs) for s in seq_lens)
+    cache = codec_cpu.new_cache(nb, bs)
+    table = torch.randperm(nb, generator=g).to(torch.int32)
+    rows, used = [], 0
+    for n, ql in zip(seq_lens, q_lens, strict=True):
+        nbs = triton.cdiv(n, bs)
+        row = torch.zeros(max(triton.cdiv(x, bs) for x in seq_lens), dtype=torch.int32)
+        row[:nbs] = table[used : used + nbs]
+        used += nbs
+        rows.append(row)
+        pos = torch.arange(n - ql)
+        store_ref(codec_cpu, torch.randn(n - ql, 8, 128, generator=g), torch.randn(n - ql, 8, 128, generator=g),
+                  cache, row.long()[pos // bs] * bs + pos % bs)  # fmt: skip
+    bt = torch.stack(rows)
+    t = sum(q_lens)
+    q, k, v = (torch.randn(t, h, 128, generator=g).to(torch.bfloat16) for h in (32, 8, 8))
+    sl, qsl = torch.tensor(seq_lens, dtype=torch.int32), torch.tensor([0, 1, 2, 42], dtype=torch.int32)
+    want = paged_attention_ref(codec_cpu, q, k, v, cache, bt, sl, qsl, 128**-0.5)
+    result = {}
+    for splits in (1, 8):
+        out = torch.empty(t, 32, 128, dtype=torch.bfloat16, device="cuda")
+        paged_attention(codec, q.cuda(), k.cuda(), v.cuda(), cache.cuda(), bt.cuda(), sl.cuda(), qsl.cuda(),
+                        128**-0.5, out, max_query_len=40, num_splits=splits)  # fmt: skip
+        err = (out.float().cpu() - want).abs().max().item() / want.abs().max().item()
+        result[f"splits_{splits}_rel_err"] = err
+    return result
+
+
+def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[dict]:
+    """Alternative tile configs and split counts at one long context: evidence for the defaults."""
+    rows = []
+    ctx = min(32768, max(args.contexts))
+    key = triton.next_power_of_2(args.head_dim)
+    default = decode._TILES[key]
+    variants = [
+        {},
+        {"num_stages": 1},
+        {"num_stages": 3},
+        {"block_n": 64},
+        {"block_n": 16},
+        {"num_warps": 4},
+        {"maxnreg": 128},
+        {"block_n": 64, "num_stages": 3},
+    ]
+    for batch, caches in caches_by_batch.items():
+        shape = Shape(batch, ctx, args.num_q_heads, args.num_kv_heads, args.head_dim, args.block_size)
+        table = caches.table(shape)
+        for change in variants:
+            decode._TILES[key] = dataclasses.replace(default, **change)
+            res = guarded(bench_ours, caches, shape, table, args.rep)
+            rows.append({"batch": batch, "context": ctx, "tiles": dataclasses.asdict(decode._TILES[key]), **res})
+            print(f"sweep B={batch} ctx={ctx} {change or 'default'}: {fmt(res)}", flush=True)
+        decode._TILES[key] = default
+        for splits in (1, 2, 4, 8, 16, 32, 64):
+            res = guarded(bench_ours, caches, shape, table, args.rep, num_splits=splits)
+            rows.append({"batch": batch, "context": ctx, "forced_splits": splits, **res})
+            print(f"sweep B={batch} ctx={ctx} splits={splits}: {fmt(res)}", flush=True)
+    return rows
+
+
+def fmt(res: dict) -> str:
+    if "error" in res:
+        return f"ERROR {res['error'][:120]}"
+    return f"{res['ms'] * 1e3:9.1f} us {res['gbps']:7.0f} GB/s ({res['timer']})"
+
+
+def plot(rows: list[dict], copy: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
+    for col, batch in enumerate(batches):
+        for mode in ("ours_tq4", "fa3_bf16", "fa3_fp8", "vllm_tq4"):
+            pts = [(r["context"], r[mode]) for r in rows if r["batch"] == batch and "ms" in r.get(mode, {})]
+            if not pts:
+                continue
+            x = [p[0] for p in pts]
+            axes[0][col].plot(x, [p[1]["ms"] * 1e3 for p in pts], marker="o", label=mode)
+            axes[1][col].plot(x, [p[1]["gbps"] for p in pts], marker="o", label=mode)
+        axes[1][col].axhline(copy["gbps_read_plus_write"], color="gray", ls="--", label="copy_ read+write")
+        axes[1][col].axhline(copy["gbps_read"], color="gray", ls=":", label="copy_ read only")
+        for row, ylabel in ((0, "time per call (us)"), (1, "cache bytes read / time (GB/s)")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context tokens per sequence")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"decode, batch {batch}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0][col].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_decode needs a CUDA GPU (it times the Triton kernels on device); none found.")
+        return 2
+    try:
+        import vllm
+
+        vllm_version = vllm.__version__
+    except Exception:  # noqa: BLE001
+        vllm_version = None
+    now = datetime.datetime.now(datetime.UTC)
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} vllm {vllm_version}")
+    copy = copy_bandwidth(args.copy_gib, args.rep)
+    print(f"copy_ {copy['bytes'] / 2**30:.1f} GiB: {copy['gbps_read_plus_write']:.0f} GB/s read+write, "
+          f"{copy['gbps_read']:.0f} GB/s read")  # fmt: skip
+    sanity = guarded(sanity_check)
+    print(f"sanity vs reference: {sanity}")
+
+    rows, caches_by_batch = [], {}
+    for batch in args.batches:
+        caches = caches_by_batch[batch] = Caches(args, batch)
+        for ctx in args.contexts:
+            shape = Shape(batch, ctx, args.num_q_heads, args.num_kv_heads, args.head_dim, args.block_size)
+            table = caches.table(shape)
+            row = {"batch": batch, "context": ctx, "ours_tq4": guarded(bench_ours, caches, shape, table, args.rep)}
+            if vllm_version is not None:
+                row["fa3_bf16"] = guarded(bench_fa3, caches, shape, table, args.rep, fp8=False)
+                row["fa3_fp8"] = guarded(bench_fa3, caches, shape, table, args.rep, fp8=True)
+                row["vllm_tq4"] = guarded(bench_vllm_tq, caches, shape, table, args.rep)
+            rows.append(row)
+            print(f"B={batch:3d} ctx={ctx:7d} | " + " | ".join(f"{m} {fmt(r)}" for m, r in row.items()
+                                                               if isinstance(r, dict)), flush=True)  # fmt: skip
+    sweep_rows = [] if args.no_sweep else sweep(caches_by_batch, args)
+    del caches_by_batch
+
+    result = {
+        "benchmark": "decode",
+        "date": now.isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "gpu": torch.cuda.get_device_name(),
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "vllm": vllm_version,
+        "shape": {
+            "num_q_heads": args.num_q_heads,
+            "num_kv_heads": args.num_kv_heads,
+            "head_dim": args.head_dim,
+            "block_size": args.block_size,
+            "dtype": "bf16",
+            "q_len": 1,
+        },
+        "notes": {
+            "ours_tq4": "paged_attention, TQConfig(4, 4); bytes_read = packed rows of all context tokens",
+            "fa3_bf16": "vllm_flash_attn.flash_attn_varlen_func(fa_version=3), paged bf16 K/V",
+            "fa3_fp8": "the same with e4m3 q/K/V and unit descales",
+            "vllm_tq4": f"vLLM triton_turboquant_decode_attention, preset {VLLM_TQ_PRESET}, 32 splits",
+            "gbps": "bytes_read / time; compare with copy.gbps_read (one-way) and gbps_read_plus_write",
+        },
+        "copy": copy,
+        "sanity": sanity,
+        "results": rows,
+        "sweep": sweep_rows,
+        "decode_tiles": {str(k): dataclasses.asdict(v) for k, v in decode._TILES.items()},
+        "log2_contexts": [math.log2(c) for c in args.contexts],
+    }
+    out = args.out or RESULTS / f"decode_{now.date().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    try:
+        plot(rows, copy, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
+    except Exception as err:  # noqa: BLE001 - the JSON is the record; the plot is a convenience
+        print(f"plot failed: {err}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

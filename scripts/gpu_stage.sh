@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run one stage of the GPU-host proof; logs and JSON results go to $RESULTS_DIR (the device's $OUT).
+#   kernels: GPU kernel tests + store/dequant and decode benchmarks (needs only torch + triton)
+#   vllm:    vLLM backend tests (layer level + real engines) and the SmolLM2 quality run (needs the bundle)
+#   engine:  the engine table (KV capacity, TPOT) for MODES (default: all four)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
+mkdir -p "$RESULTS_DIR"
+LOG="$RESULTS_DIR/$1.log"
+[ -f /tmp/gpu-bundle/env.sh ] && source /tmp/gpu-bundle/env.sh
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || echo "pip install failed" >>"$LOG"
+case "$1" in
+  kernels)
+    nvidia-smi >>"$LOG" 2>&1
+    timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_quantizer.py 2>&1 | tail -40 >>"$LOG"
+    timeout 120 python3 benchmarks/bench_store_dequant.py --out "$RESULTS_DIR/store_dequant.json" >>"$LOG" 2>&1
+    timeout 200 python3 benchmarks/bench_decode.py --out "$RESULTS_DIR/decode.json" >>"$LOG" 2>&1
+    ;;
+  vllm)
+    export TURBOQUANT_VLLM_CACHE=$PWD/.assets
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/vllm -x 2>&1 | tail -40 >>"$LOG"
+    timeout 300 python3 benchmarks/bench_vllm_quality.py --out "$RESULTS_DIR/vllm_quality.json" \
+      --modes "${MODES:-bf16_ref,bf16_chunk512,ours_4_4,native_turboquant_4bit_nc,ours_4_3,ours_3_3}" >>"$LOG" 2>&1
+    ;;
+  engine)
+    timeout 570 python3 benchmarks/bench_engine.py --out "$RESULTS_DIR/engine.json" \
+      --modes "${MODES:-bf16,fp8,tq_native,ours}" --timeout "${MODE_TIMEOUT:-280}" >>"$LOG" 2>&1
+    ;;
+  *) echo "unknown stage $1" >&2; exit 2 ;;
+esac
+tail -60 "$LOG"

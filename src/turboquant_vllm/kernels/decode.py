@@ -1,0 +1,390 @@
+"""Paged attention that reads packed TurboQuant pages directly: decode, prefill chunks and mixed batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.kernels.decode_reduce import (
+    REDUCE_BLOCK_R,
+    REDUCE_NUM_WARPS,
+    _reduce_splits_kernel,
+    _rotate_regs,
+    _rotate_rows,
+    _store_unrotated,
+    reduce_grid,
+)
+from turboquant_vllm.layout import PageLayout
+
+LOG2E = 1.4426950408889634
+QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """Launch shape for one padded head_dim; nothing here depends on sequence lengths."""
+
+    block_n: int  # cached context tokens per inner step
+    block_new: int  # this step's exact tokens per inner step
+    decode_m: int  # (query token x group) rows per program when every q_len fits one tile
+    varlen_m: int  # rows per program once a prefill chunk is in the batch
+    num_warps: int
+    num_stages: int = 2  # software pipelining of the context loop's loads
+    maxnreg: int | None = None  # register cap (None: the compiler's choice)
+
+
+_TILES = {
+    32: _Tiles(64, 16, 16, 64, 4),
+    64: _Tiles(64, 16, 16, 64, 8),
+    128: _Tiles(32, 16, 16, 64, 8),
+    256: _Tiles(16, 16, 16, 32, 8, num_stages=1),
+    512: _Tiles(16, 16, 16, 16, 8, num_stages=1),
+}
+ROT_CHUNK = 16  # columns of R per rotation step: keeps R slices small in registers
+INTERPRETER_ROT_CHUNK = 32  # fewer steps under the CPU interpreter, still several per head
+
+
+@dataclass
+class AttentionWorkspace:
+    """Split-K partials, preallocated once so launches never allocate (CUDA-graph capture).
+
+    acc: fp32 [max_tokens, num_heads, max_splits, head_dim], unnormalised, rotated basis.
+    row_max, row_sum: fp32 [max_tokens, num_heads, max_splits], softmax max (log2 units) and sum.
+    """
+
+    acc: torch.Tensor
+    row_max: torch.Tensor
+    row_sum: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, max_tokens: int, num_heads: int, head_dim: int, max_splits: int, device: torch.device | str
+    ) -> AttentionWorkspace:
+        acc = torch.empty(max_tokens, num_heads, max_splits, head_dim, dtype=torch.float32, device=device)
+        stats = torch.empty(2, max_tokens, num_heads, max_splits, dtype=torch.float32, device=device)
+        return cls(acc, stats[0], stats[1])
+
+    @property
+    def max_tokens(self) -> int:
+        return self.acc.shape[0]
+
+    @property
+    def max_splits(self) -> int:
+        return self.acc.shape[2]
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int) -> int:
+    """Splits per sequence so a decode batch launches about two waves of programs.
+
+    One split when (sequence, KV head) programs alone already cover every SM: splitting
+    then only adds workspace traffic. Sequence lengths are deliberately ignored so the
+    choice is made on the host without reading device tensors.
+    """
+    programs = max(1, num_seqs) * max(1, num_kv_heads)
+    if programs >= num_sms or max_splits <= 1:
+        return 1
+    return max(1, min(max_splits, triton.cdiv(2 * num_sms, programs)))
+
+
+@triton.jit
+def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence owning q-tile program `pid`: sequence s's tiles start at qsl[s] // BLOCK_Q + s."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _codes(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """Codebook indices of one head in each row, int32 [ROWS, BLOCK_D] in coordinate order.
+
+    8 coordinates fill exactly BITS bytes, read as one little-endian word per group (int32
+    for 4-bit, uint16 for 2-bit: field offsets keep them aligned; three bytes for 3-bit),
+    then split with one shift per coordinate: one load per 8 coordinates, never one per coordinate.
+    """
+    GROUPS: tl.constexpr = BLOCK_D // 8
+    grp = tl.arange(0, GROUPS)
+    mask = live[:, None] & (grp < HEAD_DIM // 8)[None, :]
+    ptr = row_ptr[:, None] + (grp * BITS)[None, :]
+    if BITS == 4:
+        word = tl.load(ptr.to(tl.pointer_type(tl.int32)), mask=mask, other=0)
+    elif BITS == 2:
+        word = tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
+    else:
+        word = tl.load(ptr, mask=mask, other=0).to(tl.int32)
+        word = word | (tl.load(ptr + 1, mask=mask, other=0).to(tl.int32) << 8)
+        word = word | (tl.load(ptr + 2, mask=mask, other=0).to(tl.int32) << 16)
+    shifts = tl.arange(0, 8) * BITS
+    idx = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(idx, (ROWS, BLOCK_D))
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
+    rot_ptr, k_cent_ptr, v_cent_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr,
+    num_seqs, num_splits, qk_scale,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od, stride_cb, stride_ct, stride_bt,
+    stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ms, stride_r0, stride_r1,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NEW: tl.constexpr, ROT_CHUNK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
+    V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
+    OP_DTYPE: tl.constexpr, NEW_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
+
+    Context K/V stay in the rotated basis (scores = (q R^T) . c[k_idx] * k_scale); this step's
+    exact tokens are handled by the last split: scores against q itself, V rotated on the fly.
+    """
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.maximum(_find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q), 0)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    q0 = (pid - q_start // BLOCK_Q - seq) * BLOCK_Q
+    if (q0 < 0) | (q0 >= q_len):
+        return
+    ctx_len = tl.load(seq_lens_ptr + seq) - q_len
+
+    row = tl.arange(0, BLOCK_M)
+    qi = q0 + row // GROUP  # query index inside the sequence
+    row_ok = (row // GROUP < BLOCK_Q) & (qi < q_len)
+    tok = (q_start + qi).to(tl.int64)
+    head = kv_head * GROUP + row % GROUP
+    kh = kv_head.to(tl.int64)
+    dim = tl.arange(0, BLOCK_D)
+    dim_ok = dim < HEAD_DIM
+    q_off = tok * stride_qt + head * stride_qh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # This step's tokens (last split only), exact and causal: new token j is visible to query i iff j <= i.
+    # They are attended in the original basis; the accumulator is rotated once afterwards.
+    if split == num_splits - 1:
+        q = tl.load(q_ptr + q_off[:, None] + dim[None, :] * stride_qd,
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(NEW_DTYPE)  # fmt: skip
+        new_hi = tl.minimum(q_len, q0 + BLOCK_Q)
+        for j0 in range(0, new_hi, BLOCK_NEW):
+            j = j0 + tl.arange(0, BLOCK_NEW)
+            j_ok = (j < new_hi)[:, None] & dim_ok[None, :]
+            kv_tok = (q_start + j).to(tl.int64)
+            k_new = tl.load(k_ptr + (kv_tok * stride_kt + kh * stride_kh)[:, None] + dim[None, :] * stride_kd,
+                            mask=j_ok, other=0.0).to(NEW_DTYPE)  # fmt: skip
+            s = tl.dot(q, tl.trans(k_new), input_precision=PREC) * qk_scale
+            s = tl.where(row_ok[:, None] & (j[None, :] <= qi[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            v_new = tl.load(v_ptr + (kv_tok * stride_vt + kh * stride_vh)[:, None] + dim[None, :] * stride_vd,
+                            mask=j_ok, other=0.0).to(NEW_DTYPE)  # fmt: skip
+            acc = acc * alpha[:, None] + tl.dot(p.to(NEW_DTYPE), v_new, input_precision=PREC)
+        norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
+        acc = norm * _rotate_regs(acc / norm, rot_ptr, stride_r0, stride_r1,
+                                  HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
+
+    # Cached context: this split's contiguous share of the BLOCK_N tiles, scored in the rotated basis.
+    q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
+                         HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
+    q_rot = (q_rot * qk_scale).to(OP_DTYPE)  # log2 units: softmax uses exp2
+    n_tiles = tl.cdiv(ctx_len, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, num_splits)
+    tile_lo = split * per_split
+    tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    for tile in range(tile_lo, tile_hi):
+        pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = pos < ctx_len
+        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+        row_ptr = cache_ptr + block * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ct
+        k_idx = _codes(row_ptr + K_INDEX_OFFSET + kh * K_INDEX_BYTES, live, K_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
+        k_scale = tl.load((row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
+        s = tl.dot(q_rot, tl.trans(tl.load(k_cent_ptr + k_idx).to(OP_DTYPE)), input_precision=PREC)
+        s = tl.where(live[None, :], s * k_scale[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        v_idx = _codes(row_ptr + V_INDEX_OFFSET + kh * V_INDEX_BYTES, live, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
+        v_scale = tl.load((row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
+        pv = (p * v_scale[None, :]).to(OP_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(pv, tl.load(v_cent_ptr + v_idx).to(OP_DTYPE), input_precision=PREC)
+
+    if FUSED:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, row_ok, stride_od, o, rot_ptr, stride_r0,
+                         stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
+    else:
+        stat_off = tok * stride_mt + head * stride_mh + split * stride_ms
+        tl.store(ws_max_ptr + stat_off, m_i, mask=row_ok)
+        tl.store(ws_sum_ptr + stat_off, l_i, mask=row_ok)
+        acc_off = tok * stride_at + head * stride_ah + split * stride_as
+        tl.store(ws_acc_ptr + acc_off[:, None] + dim[None, :], acc,
+                 mask=(row_ok & (l_i > 0))[:, None] & dim_ok[None, :])  # fmt: skip
+
+
+def _attention_meta(
+    lay: PageLayout,
+    num_heads: int,
+    query_dtype: torch.dtype,
+    on_gpu: bool,
+    max_query_len: int,
+    block_size: int,
+    fused: bool,
+) -> dict[str, Any]:
+    """Compile-time parameters and launch options of _attention_kernel (shared with compile checks)."""
+    group = num_heads // lay.num_kv_heads
+    block_d = triton.next_power_of_2(lay.head_dim)
+    tiles = _TILES[block_d]
+    block_m = max(tiles.decode_m, triton.next_power_of_2(group))
+    if max_query_len > block_m // group:  # a prefill chunk: taller q tiles re-read the pages less often
+        block_m = max(tiles.varlen_m, triton.next_power_of_2(group))
+    exact = query_dtype == torch.float32
+    # Exact new tokens meet q in its own 16-bit dtype on GPUs; Triton's CPU interpreter has no bf16 dot.
+    new_dtype = _TL_DTYPES[query_dtype] if on_gpu or query_dtype == torch.float16 else tl.float32
+    meta = dict(
+        GROUP=group, HEAD_DIM=lay.head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
+        BLOCK_N=tiles.block_n, BLOCK_NEW=tiles.block_new, BLOCK_SIZE=block_size,
+        ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
+        K_BITS=lay.k_bits, V_BITS=lay.v_bits,
+        K_INDEX_OFFSET=lay.k_index_offset, K_INDEX_BYTES=lay.k_index_bytes, K_SCALE_OFFSET=lay.k_scale_offset,
+        V_INDEX_OFFSET=lay.v_index_offset, V_INDEX_BYTES=lay.v_index_bytes, V_SCALE_OFFSET=lay.v_scale_offset,
+        OP_DTYPE=tl.float32 if exact else tl.float16, NEW_DTYPE=new_dtype, PREC="ieee" if exact else "tf32",
+        FUSED=fused, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+    if tiles.maxnreg:
+        meta["maxnreg"] = tiles.maxnreg
+    return meta
+
+
+def _check_rows(name: str, x: torch.Tensor, rows: int, heads: int, head_dim: int) -> None:
+    assert x.dim() == 3 and x.shape[0] >= rows and x.shape[1:] == (heads, head_dim), (
+        f"{name} must be [>= {rows}, {heads}, {head_dim}], got {tuple(x.shape)}"
+    )
+    assert x.dtype in QUERY_DTYPES, f"{name} must be fp16/bf16/fp32, got {x.dtype}"
+
+
+def paged_attention(
+    codec: KVCodec,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    max_query_len: int,
+    num_splits: int,
+    workspace: AttentionWorkspace | None = None,
+) -> None:
+    """Causal attention of each sequence's new tokens over its packed context plus themselves.
+
+    Same semantics as kernels.reference.paged_attention_ref: sequence s owns query rows
+    [query_start_loc[s], query_start_loc[s+1]) whose exact K/V are the same rows of key/value;
+    its first seq_lens[s] - q_len tokens are read from `cache` through block_table[s].
+
+    Args:
+        query: [T, num_heads, head_dim] fp16/bf16/fp32, original basis; any strides.
+        key, value: [>= T, num_kv_heads, head_dim], this step's exact K/V; any strides.
+        cache: uint8 [num_blocks, block_size, bytes_per_token], rows laid out by codec.layout.
+        block_table: int32/int64 [>= num_seqs, max_blocks]; seq_lens: [>= num_seqs];
+            query_start_loc: [num_seqs + 1], all on the device (never read on the host).
+        out: [T, num_heads, head_dim], written in its own dtype; rows outside
+            [query_start_loc[0], query_start_loc[-1]) are left untouched.
+        max_query_len: host-side bound on q_len; only picks the tile shape, never the result.
+        num_splits: split-K factor over the context (see choose_num_splits); 1 fuses everything.
+        workspace: preallocated split-K buffers; required for allocation-free (graph) launches.
+    """
+    lay = codec.layout
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = lay.num_kv_heads
+    assert head_dim == lay.head_dim and num_heads % num_kv_heads == 0, (
+        f"query {tuple(query.shape)} does not fit a layout of {num_kv_heads} KV heads x {lay.head_dim}"
+    )
+    _check_rows("query", query, num_tokens, num_heads, head_dim)
+    _check_rows("key", key, num_tokens, num_kv_heads, head_dim)
+    _check_rows("value", value, num_tokens, num_kv_heads, head_dim)
+    assert out.shape == query.shape and out.dtype in QUERY_DTYPES, (
+        f"out must be {tuple(query.shape)} fp16/bf16/fp32, got {out.dtype} {tuple(out.shape)}"
+    )
+    assert cache.dtype == torch.uint8 and cache.dim() == 3 and cache.shape[2] == lay.bytes_per_token, (
+        f"cache must be uint8 [num_blocks, block_size, {lay.bytes_per_token}], got {cache.dtype} {tuple(cache.shape)}"
+    )
+    assert cache.stride(2) == 1 and cache.stride(1) % 4 == 0 and cache.stride(0) % 4 == 0, (
+        f"cache rows must be contiguous and 4-byte aligned, got strides {cache.stride()}"
+    )
+    num_seqs = query_start_loc.shape[0] - 1
+    for name, t in (("block_table", block_table), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        assert t.dtype in INDEX_DTYPES, f"{name} must be int32/int64, got {t.dtype}"
+    assert block_table.dim() == 2 and block_table.stride(1) == 1, "block_table must be [num_seqs, max_blocks]"
+    assert block_table.shape[0] >= num_seqs and seq_lens.shape[0] >= num_seqs, "fewer block_table/seq_lens rows"
+    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+    rot = codec.rotation
+    devices = {t.device for t in (query, key, value, cache, block_table, seq_lens, query_start_loc, out, rot)}
+    assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
+    if num_tokens == 0 or num_seqs <= 0:
+        return
+
+    fused = num_splits == 1
+    if fused:
+        acc_buf = max_buf = sum_buf = out
+        acc_strides = stat_strides = (0, 0, 0)
+    else:
+        if workspace is None:
+            workspace = AttentionWorkspace.allocate(num_tokens, num_heads, head_dim, num_splits, query.device)
+        acc_buf, max_buf, sum_buf = workspace.acc, workspace.row_max, workspace.row_sum
+        assert acc_buf.shape[0] >= num_tokens and acc_buf.shape[1:] == (num_heads, workspace.max_splits, head_dim), (
+            f"workspace acc {tuple(acc_buf.shape)} cannot hold {num_tokens} tokens x {num_heads} heads x {head_dim}"
+        )
+        assert num_splits <= workspace.max_splits, f"num_splits={num_splits} > workspace {workspace.max_splits}"
+        assert acc_buf.stride(3) == 1 and max_buf.stride() == sum_buf.stride(), "unexpected workspace strides"
+        assert acc_buf.device == query.device, "workspace is on another device"
+        acc_strides = acc_buf.stride()[:3]
+        stat_strides = max_buf.stride()
+
+    meta = _attention_meta(lay, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused)
+    grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits)
+    _attention_kernel[grid](
+        query, key, value, cache, block_table, seq_lens, query_start_loc,
+        rot, codec.key.centroids, codec.value.centroids, out, acc_buf, max_buf, sum_buf,
+        num_seqs, num_splits, float(scale) * LOG2E,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+        cache.stride(0), cache.stride(1), block_table.stride(0),
+        *acc_strides, *stat_strides, rot.stride(0), rot.stride(1),
+        **meta,
+    )  # fmt: skip
+    if fused:
+        return
+    num_rows = num_tokens * num_heads
+    _reduce_splits_kernel[reduce_grid(num_rows)](
+        acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
+        num_seqs, num_rows, num_splits, *acc_strides, *stat_strides, *out.stride(), rot.stride(0), rot.stride(1),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_R=REDUCE_BLOCK_R,
+        ROT_CHUNK=meta["ROT_CHUNK"], OP_DTYPE=meta["OP_DTYPE"], PREC=meta["PREC"], num_warps=REDUCE_NUM_WARPS,
+    )  # fmt: skip

@@ -1,0 +1,181 @@
+"""Split-K combine for paged attention, and the rotation helpers it shares with the attention kernel."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_rows(
+    ptr,  # rows x in the original basis, any float dtype
+    row_off,  # int64 [ROWS], element offset of each row
+    row_ok,  # bool [ROWS]
+    stride_d,
+    rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM]
+    stride_r0,
+    stride_r1,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ROWS: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """x @ R.T, fp32 [ROWS, BLOCK_D] (0 past HEAD_DIM), summed over CHUNK-wide slices of the contraction.
+
+    x is read from memory slice by slice so R never sits whole in registers.
+    """
+    col = tl.arange(0, BLOCK_D)
+    y = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, HEAD_DIM, CHUNK):
+        k = c0 + tl.arange(0, CHUNK)
+        k_ok = k < HEAD_DIM
+        x = tl.load(ptr + row_off[:, None] + k[None, :] * stride_d, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        r_t = tl.load(  # r_t[k, n] = R[n, k]
+            rot_ptr + col[None, :] * stride_r0 + k[:, None] * stride_r1,
+            mask=k_ok[:, None] & (col < HEAD_DIM)[None, :],
+            other=0.0,
+        )
+        y += tl.dot(x.to(tl.float32), r_t, input_precision=PREC)
+    return y
+
+
+@triton.jit
+def _rotate_regs(
+    x,  # fp32 [ROWS, BLOCK_D] in registers, original basis, |x| of order 1 (0 past HEAD_DIM)
+    rot_ptr,
+    stride_r0,
+    stride_r1,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    OP_DTYPE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """x @ R.T for a register tensor, CHUNK contraction columns at a time, with OP_DTYPE operands.
+
+    Register tensors cannot be sliced, so each chunk of x is picked out by a dot with a 0/1
+    selection matrix (exact: one nonzero product per output) before meeting its rows of R.T.
+    """
+    dim = tl.arange(0, BLOCK_D)
+    x_op = x.to(OP_DTYPE)
+    y = tl.zeros(x.shape, dtype=tl.float32)
+    for c0 in range(0, HEAD_DIM, CHUNK):
+        k = c0 + tl.arange(0, CHUNK)
+        k_ok = k < HEAD_DIM
+        pick = tl.where(dim[:, None] == k[None, :], 1.0, 0.0).to(OP_DTYPE)  # [BLOCK_D, CHUNK]
+        x_c = tl.dot(x_op, pick, input_precision=PREC)
+        r_t = tl.load(  # r_t[k, n] = R[n, k]
+            rot_ptr + dim[None, :] * stride_r0 + k[:, None] * stride_r1,
+            mask=k_ok[:, None] & (dim < HEAD_DIM)[None, :],
+            other=0.0,
+        )
+        y += tl.dot(x_c.to(OP_DTYPE), r_t.to(OP_DTYPE), input_precision=PREC)
+    return y
+
+
+@triton.jit
+def _store_unrotated(
+    out_ptr,
+    row_off,  # int64 [ROWS]
+    row_ok,  # bool [ROWS]
+    stride_d,
+    o,  # fp32 [ROWS, BLOCK_D], rotated basis, |o| of order 1 (columns past HEAD_DIM are ignored)
+    rot_ptr,
+    stride_r0,
+    stride_r1,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    OP_DTYPE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Store o @ R, CHUNK output columns at a time (a [BLOCK_D, CHUNK] slice of R per step)."""
+    k = tl.arange(0, BLOCK_D)
+    o_op = o.to(OP_DTYPE)
+    for c0 in range(0, HEAD_DIM, CHUNK):
+        n = c0 + tl.arange(0, CHUNK)
+        n_ok = n < HEAD_DIM
+        r = tl.load(
+            rot_ptr + k[:, None] * stride_r0 + n[None, :] * stride_r1,
+            mask=(k < HEAD_DIM)[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        y = tl.dot(o_op, r.to(OP_DTYPE), input_precision=PREC)
+        tl.store(
+            out_ptr + row_off[:, None] + n[None, :] * stride_d,
+            y.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & n_ok[None, :],
+        )
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    ws_acc_ptr,  # fp32 [max_tokens, num_heads, max_splits, HEAD_DIM], rotated basis, unnormalised
+    ws_max_ptr,  # fp32 [max_tokens, num_heads, max_splits], running max (log2 units)
+    ws_sum_ptr,  # fp32 [max_tokens, num_heads, max_splits], sum of exp2(score - max)
+    rot_ptr,
+    out_ptr,  # [num_tokens, num_heads, HEAD_DIM]
+    qsl_ptr,  # [num_seqs + 1]
+    num_seqs,
+    num_rows,  # num_tokens * NUM_HEADS
+    num_splits,
+    stride_at,
+    stride_ah,
+    stride_as,
+    stride_mt,
+    stride_mh,
+    stride_ms,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_r0,
+    stride_r1,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ROT_CHUNK: tl.constexpr,
+    OP_DTYPE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One (token, head) row per tile row: merge the splits' softmax partials, rotate back, store."""
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tok = (row // NUM_HEADS).to(tl.int64)
+    head = row % NUM_HEADS
+    ok = (row < num_rows) & (tok >= tl.load(qsl_ptr)) & (tok < tl.load(qsl_ptr + num_seqs))
+    dim = tl.arange(0, BLOCK_D)
+    dim_ok = dim < HEAD_DIM
+    m_off = tok * stride_mt + head * stride_mh
+    a_off = tok * stride_at + head * stride_ah
+
+    m_run = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for split in range(num_splits):
+        m_s = tl.load(ws_max_ptr + m_off + split * stride_ms, mask=ok, other=float("-inf"))
+        l_s = tl.load(ws_sum_ptr + m_off + split * stride_ms, mask=ok, other=0.0)
+        # Splits that saw no token store no acc: never read it.
+        a_s = tl.load(
+            ws_acc_ptr + a_off[:, None] + split * stride_as + dim[None, :],
+            mask=(ok & (l_s > 0))[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+        m_new = tl.maximum(m_run, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_ref)
+        beta = tl.exp2(m_s - m_ref)
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        l_run = l_run * alpha + l_s * beta
+        m_run = m_new
+    o = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
+    _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
+                     HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
+
+
+REDUCE_BLOCK_R = 16
+REDUCE_NUM_WARPS = 8
+
+
+def reduce_grid(num_rows: int) -> tuple[int]:
+    return (triton.cdiv(num_rows, REDUCE_BLOCK_R),)

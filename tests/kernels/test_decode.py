@@ -1,0 +1,363 @@
+"""paged_attention against paged_attention_ref (and SDPA for fresh prefill): decode, prefill, mixed, splits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from turboquant_vllm import TQConfig
+from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
+from turboquant_vllm.kernels.reference import paged_attention_ref, store_ref
+
+POISON = 0xFF  # bytes of pages the kernel must never read: their fp32 scales are NaN
+TOL_FP32 = 1e-4  # max |err| / max |ref| with fp32 inputs (only summation order differs)
+TOL_HALF = 2e-2  # the same with bf16/fp16 inputs and outputs (fp16 dot operands, 16-bit output rounding)
+
+
+@dataclass
+class Batch:
+    """One attention step: packed context pages plus this step's exact query/key/value rows."""
+
+    ref_codec: KVCodec  # CPU
+    codec: KVCodec  # on the test device
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    cache: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    scale: float
+
+    @property
+    def max_query_len(self) -> int:
+        return int((self.query_start_loc[1:] - self.query_start_loc[:-1]).max())
+
+    def expected(self) -> torch.Tensor:
+        return paged_attention_ref(
+            self.ref_codec, self.query.cpu(), self.key.cpu(), self.value.cpu(), self.cache.cpu(),
+            self.block_table.cpu(), self.seq_lens.cpu(), self.query_start_loc.cpu(), self.scale,
+        )  # fmt: skip
+
+    def run(self, num_splits: int = 1, out: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        out = torch.full_like(self.query, float("nan")) if out is None else out
+        paged_attention(
+            self.codec, self.query, self.key, self.value, self.cache, self.block_table, self.seq_lens,
+            self.query_start_loc, self.scale, out,
+            max_query_len=kwargs.pop("max_query_len") if "max_query_len" in kwargs else self.max_query_len,
+            num_splits=num_splits, **kwargs,
+        )  # fmt: skip
+        return out
+
+
+def make_batch(
+    device: torch.device,
+    seq_lens: list[int],
+    q_lens: list[int],
+    *,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 64,
+    k_bits: int = 4,
+    v_bits: int = 4,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.float32,
+    extra_tokens: int = 0,
+    seed: int = 0,
+) -> Batch:
+    """Context tokens go to shuffled pages through store_ref; everything else in the cache is poison.
+
+    The new tokens' own slots are poisoned too: the kernel must take them from key/value.
+    """
+    assert len(seq_lens) == len(q_lens) and all(s >= q for s, q in zip(seq_lens, q_lens, strict=True))
+    g = torch.Generator().manual_seed(seed)
+    config = TQConfig(k_bits=k_bits, v_bits=v_bits)
+    ref = KVCodec(config, num_kv_heads, head_dim)
+    blocks = [-(-s // block_size) for s in seq_lens]
+    max_blocks = max(blocks) + 1
+    num_blocks = sum(blocks) + 2
+    order = torch.randperm(num_blocks, generator=g)
+    poison_block = int(order[-1])
+    block_table = torch.full((len(seq_lens), max_blocks), poison_block, dtype=torch.int32)
+    cache = torch.full((num_blocks, block_size, ref.layout.bytes_per_token), POISON, dtype=torch.uint8)
+    used = 0
+    for s, (seq_len, q_len) in enumerate(zip(seq_lens, q_lens, strict=True)):
+        block_table[s, : blocks[s]] = order[used : used + blocks[s]]
+        used += blocks[s]
+        ctx = seq_len - q_len
+        pos = torch.arange(ctx)
+        slots = block_table[s].long()[pos // block_size] * block_size + pos % block_size
+        k = torch.randn(ctx, num_kv_heads, head_dim, generator=g) * (1 + torch.rand(ctx, num_kv_heads, 1, generator=g))
+        store_ref(ref, k, torch.randn(ctx, num_kv_heads, head_dim, generator=g), cache, slots)
+    num_tokens = sum(q_lens) + extra_tokens
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(num_tokens, num_heads, head_dim, generator=g) * 1.5
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g) * 1.5
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g)
+    return Batch(
+        ref, KVCodec(config, num_kv_heads, head_dim, device),
+        query.to(device, dtype), key.to(device, dtype), value.to(device, dtype), cache.to(device),
+        block_table.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device), qsl.to(device),
+        head_dim**-0.5,
+    )  # fmt: skip
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, tol: float, rows: int | None = None) -> None:
+    rows = want.shape[0] if rows is None else rows
+    got, want = got[:rows].float().cpu(), want[:rows]
+    assert torch.isfinite(got).all(), "non-finite output (a poisoned page was read?)"
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    assert err < tol, f"max |err| / max |ref| = {err:.3g} >= {tol}"
+
+
+@pytest.mark.parametrize(("k_bits", "v_bits"), [(4, 4), (3, 3), (2, 2), (4, 2)])
+def test_decode_bits_ragged(device, k_bits, v_bits):
+    """q_len = 1 with lengths 1, on and across page boundaries."""
+    b = make_batch(device, [1, 16, 17, 47], [1, 1, 1, 1], num_heads=8, num_kv_heads=2, k_bits=k_bits, v_bits=v_bits)
+    assert_matches(b.run(), b.expected(), TOL_FP32)
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (8, 2), (5, 1), (16, 1)])
+def test_head_ratios(device, num_heads, num_kv_heads):
+    """GQA groups of 1, 4, 5 (rows padded to the tile) and 16; q_len 3 also spans query tokens per tile."""
+    b = make_batch(device, [9, 33], [1, 3], num_heads=num_heads, num_kv_heads=num_kv_heads, seed=1)
+    assert_matches(b.run(), b.expected(), TOL_FP32)
+
+
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+def test_head_dims(device, head_dim):
+    b = make_batch(device, [21, 40], [1, 3], head_dim=head_dim, k_bits=3, v_bits=4, seed=2)
+    assert_matches(b.run(), b.expected(), TOL_FP32)
+
+
+@pytest.mark.parametrize(("block_size", "num_splits"), [(8, 1), (32, 3), (48, 2)])
+def test_block_sizes(device, block_size, num_splits):
+    """Pages smaller than, or unrelated to, the kernel's token tile."""
+    b = make_batch(device, [7, 70, 97], [1, 2, 1], block_size=block_size, seed=3)
+    assert_matches(b.run(num_splits=num_splits), b.expected(), TOL_FP32)
+
+
+def test_fresh_prefill_is_exact_causal_attention(device):
+    """No context: the result is plain causal attention over the exact K/V (checked against SDPA)."""
+    q_lens = [1, 7, 21]
+    b = make_batch(device, q_lens, q_lens, num_heads=6, num_kv_heads=2, seed=4)
+    got = b.run()
+    assert_matches(got, b.expected(), TOL_FP32)
+    qsl = b.query_start_loc.tolist()
+    for s in range(len(q_lens)):
+        rows = slice(qsl[s], qsl[s + 1])
+        q, k, v = (x[rows].cpu().transpose(0, 1)[None] for x in (b.query, b.key, b.value))
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=b.scale, enable_gqa=True)
+        torch.testing.assert_close(got[rows].cpu(), want[0].transpose(0, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_prefill_with_context(device):
+    b = make_batch(device, [50, 29, 60], [17, 5, 20], num_heads=4, num_kv_heads=1, seed=5)
+    want = b.expected()
+    assert_matches(b.run(), want, TOL_FP32)
+    assert_matches(b.run(num_splits=4), want, TOL_FP32)
+
+
+def test_mixed_decode_prefill_and_empty(device):
+    """Decode rows, prefill chunks and a sequence with no query rows, in one launch."""
+    b = make_batch(device, [30, 12, 44, 1, 19], [1, 12, 0, 1, 6], num_heads=8, num_kv_heads=2, seed=6)
+    want = b.expected()
+    assert_matches(b.run(), want, TOL_FP32)
+    assert_matches(b.run(num_splits=2, max_query_len=1), want, TOL_FP32)  # an understated bound only costs speed
+
+
+def test_splits_and_tiles_agree(device):
+    """Any split count (more than there are tiles too) and either tile shape give the same numbers."""
+    b = make_batch(device, [3, 60, 33], [1, 1, 2], seed=7)
+    base = b.run()
+    assert_matches(base, b.expected(), TOL_FP32)
+    for num_splits, max_query_len in ((9, 2), (2, 64)):
+        got = b.run(num_splits=num_splits, max_query_len=max_query_len)
+        torch.testing.assert_close(got, base, rtol=1e-5, atol=1e-5)
+
+
+def test_workspace_padding_and_untouched_rows(device):
+    """Oversized, NaN-filled workspace; padded token rows past query_start_loc[-1] keep their contents."""
+    b = make_batch(device, [40, 9], [1, 2], extra_tokens=3, seed=8)
+    ws = AttentionWorkspace.allocate(16, 4, 64, 8, device)
+    for t in (ws.acc, ws.row_max, ws.row_sum):
+        t.fill_(float("nan"))
+    sentinel = torch.full_like(b.query, 7.0)
+    out = b.run(num_splits=5, out=sentinel.clone(), workspace=ws)
+    assert_matches(out, b.expected(), TOL_FP32, rows=3)
+    assert (out[3:] == 7.0).all()
+    fused = b.run(out=sentinel.clone())
+    assert (fused[3:] == 7.0).all()
+    torch.testing.assert_close(out, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_views(device):
+    """query/key/value as column slices of one fused qkv buffer, out as a slice of a wider buffer."""
+    b = make_batch(device, [25, 18], [1, 4], num_heads=4, num_kv_heads=2, seed=9)
+    n, d = b.query.shape[0], 64
+    qkv = torch.randn(n, 9, d, device=device)
+    qkv[:, 0:4], qkv[:, 5:7], qkv[:, 7:9] = b.query, b.key, b.value
+    wide = torch.zeros(n, 6, d, device=device)
+    q, k, v, out = qkv[:, 0:4], qkv[:, 5:7], qkv[:, 7:9], wide[:, 1:5]
+    assert not q.is_contiguous() and not out.is_contiguous()
+    paged_attention(b.codec, q, k, v, b.cache, b.block_table, b.seq_lens, b.query_start_loc, b.scale, out,
+                    max_query_len=4, num_splits=2)  # fmt: skip
+    assert_matches(out, b.expected(), TOL_FP32)
+    assert not wide[:, 0].any() and not wide[:, 5].any()
+
+
+@pytest.mark.parametrize(("dtype", "num_splits"), [(torch.bfloat16, 2), (torch.float16, 1)])
+def test_half_inputs(device, dtype, num_splits):
+    b = make_batch(device, [20, 29, 6], [1, 3, 6], head_dim=128, dtype=dtype, seed=10)
+    out = b.run(num_splits=num_splits)
+    assert out.dtype == dtype
+    assert_matches(out, b.expected(), TOL_HALF)
+
+
+def test_int64_block_table_and_seq_lens(device):
+    b = make_batch(device, [33, 6], [1, 6], seed=11)
+    b.block_table, b.seq_lens, b.query_start_loc = b.block_table.long(), b.seq_lens.long(), b.query_start_loc.long()
+    assert_matches(b.run(num_splits=2), b.expected(), TOL_FP32)
+
+
+def test_rejects_bad_inputs(device):
+    b = make_batch(device, [5], [1])
+    with pytest.raises(AssertionError, match="num_splits=4 > workspace 2"):
+        b.run(num_splits=4, workspace=AttentionWorkspace.allocate(4, 4, 64, 2, device))
+    with pytest.raises(AssertionError, match="cache must be uint8"):
+        paged_attention(b.codec, b.query, b.key, b.value, b.cache.float(), b.block_table, b.seq_lens,
+                        b.query_start_loc, b.scale, b.query.clone(), max_query_len=1, num_splits=1)  # fmt: skip
+    with pytest.raises(AssertionError, match="key must be"):
+        paged_attention(b.codec, b.query, b.key[:, :1], b.value, b.cache, b.block_table, b.seq_lens,
+                        b.query_start_loc, b.scale, b.query.clone(), max_query_len=1, num_splits=1)  # fmt: skip
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(1, 8, 32, 132) == 32  # 8 programs: split up to the cap
+    assert choose_num_splits(1, 8, 16, 132) == 16
+    assert choose_num_splits(4, 8, 32, 132) == 9  # cdiv(264, 32)
+    assert choose_num_splits(16, 8, 32, 132) == 3
+    assert choose_num_splits(17, 8, 32, 132) == 1  # 136 programs already cover 132 SMs
+    assert choose_num_splits(256, 8, 32, 132) == 1
+    assert choose_num_splits(1, 8, 1, 132) == 1
+    assert choose_num_splits(0, 8, 32, 132) == 32
+    for seqs in range(1, 70):
+        n = choose_num_splits(seqs, 2, 16, 108)
+        assert 1 <= n <= 16 and (n == 1) == (seqs * 2 >= 108)
+        assert n in (1, 16) or seqs * 2 * n >= 2 * 108
+
+
+_HOPPER_COMPILE = """
+import torch, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from turboquant_vllm.kernels import decode, decode_reduce
+from turboquant_vllm.layout import PageLayout
+
+def build(fn, ptrs, meta, options):
+    sig = {n: ptrs.get(n, "constexpr" if n in meta else "i32") for n in fn.arg_names}
+    assert compile(ASTSource(fn, sig, meta), target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+meta = decode._attention_meta(PageLayout(8, 128, 4, 3), 32, torch.bfloat16, True, 1, 16, False)
+options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
+ptrs = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*bf16")
+ptrs |= dict.fromkeys(("rot_ptr", "k_cent_ptr", "v_cent_ptr", "ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr"), "*fp32")
+ptrs |= {"cache_ptr": "*u8", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "qk_scale": "fp32"}
+build(decode._attention_kernel, ptrs, meta, options)
+meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=decode_reduce.REDUCE_BLOCK_R,
+            ROT_CHUNK=decode.ROT_CHUNK, OP_DTYPE=tl.float16, PREC="tf32")
+ptrs = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32") | {"out_ptr": "*bf16"}
+build(decode_reduce._reduce_splits_kernel, ptrs | {"qsl_ptr": "*i32"}, meta,
+      {"num_warps": decode_reduce.REDUCE_NUM_WARPS})
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """bf16 split-K decode and the split reduce lower to sm_90 cubins on the host, GPU or not.
+
+    The interpreter never exercises GPU lowering (nor the bf16 new-token dots, which run on GPUs
+    only), so compile in a fresh process without TRITON_INTERPRET.
+    """
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+# ---- GPU only: sizes the interpreter cannot afford ------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim", "k_bits", "v_bits", "dtype"),
+    [
+        (32, 8, 128, 4, 4, torch.bfloat16),
+        (16, 1, 128, 3, 3, torch.float16),
+        (8, 2, 256, 4, 2, torch.bfloat16),
+        (12, 4, 96, 2, 2, torch.bfloat16),
+        (32, 8, 128, 4, 4, torch.float32),
+    ],
+)
+def test_gpu_long_decode(cuda, num_heads, num_kv_heads, head_dim, k_bits, v_bits, dtype):
+    seq_lens = [32768 + 5, 1, 4097, 16, 12000, 33]
+    b = make_batch(cuda, seq_lens, [1] * len(seq_lens), num_heads=num_heads, num_kv_heads=num_kv_heads,
+                   head_dim=head_dim, k_bits=k_bits, v_bits=v_bits, dtype=dtype, seed=20)  # fmt: skip
+    want = b.expected()
+    tol = TOL_FP32 if dtype == torch.float32 else TOL_HALF
+    for num_splits in (1, 7, 32):
+        assert_matches(b.run(num_splits=num_splits), want, tol)
+
+
+@pytest.mark.gpu
+def test_gpu_many_seqs_mixed(cuda):
+    g = torch.Generator().manual_seed(21)
+    q_lens = [1] * 48 + [1, 130, 7, 300]
+    seq_lens = [int(x) for x in torch.randint(1, 3000, (52,), generator=g)]
+    seq_lens = [max(s, q) + (q > 1) * 500 for s, q in zip(seq_lens, q_lens, strict=True)]
+    b = make_batch(cuda, seq_lens, q_lens, num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                   block_size=16, seed=21)  # fmt: skip
+    want = b.expected()
+    for num_splits in (1, 4):
+        assert_matches(b.run(num_splits=num_splits), want, TOL_HALF)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_addressing(cuda):
+    """A cache over 2^31 bytes whose used pages sit at the far end."""
+    b = make_batch(cuda, [100, 37], [1, 1], num_heads=8, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, seed=22)
+    want = b.expected()
+    page = b.cache.shape[1] * b.cache.shape[2]
+    shift = 2**31 // page + 7
+    big = torch.full((shift + b.cache.shape[0], *b.cache.shape[1:]), POISON, dtype=torch.uint8, device=cuda)
+    big[shift:] = b.cache
+    b.cache, b.block_table = big, b.block_table + shift
+    assert big.numel() > 2**31
+    for num_splits in (1, 3):
+        assert_matches(b.run(num_splits=num_splits), want, TOL_HALF)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay(cuda):
+    """Captured once with a workspace (no allocation, no host sync), replayed on new lengths."""
+    b = make_batch(cuda, [700, 40, 2000, 9], [1, 1, 1, 1], num_heads=32, num_kv_heads=8, head_dim=128,
+                   dtype=torch.bfloat16, seed=23)  # fmt: skip
+    ws = AttentionWorkspace.allocate(8, 32, 128, 16, cuda)
+    out = torch.empty_like(b.query)
+    b.run(num_splits=16, out=out, workspace=ws, max_query_len=1)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        b.run(num_splits=16, out=out, workspace=ws, max_query_len=1)
+    graph.replay()
+    assert_matches(out, b.expected(), TOL_HALF)
+    b.seq_lens.copy_(torch.tensor([650, 3, 1999, 1], device=cuda))
+    graph.replay()
+    assert_matches(out, b.expected(), TOL_HALF)
