@@ -1,0 +1,235 @@
+"""Triton kernel that gathers packed cache rows and dequantises them to dense K/V."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from turboquant_vllm.codec import KVCodec
+
+OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DOT_PRECISION = "ieee"  # full fp32 inverse rotation, like the torch reference
+
+
+@triton.jit
+def _centroids(
+    head_ptr,  # [BLOCK_T] pointers to this head's packed indices in each row
+    live,  # bool [BLOCK_T]
+    cent_ptr,  # fp32 [2^BITS]
+    col0,
+    BITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    WIDTH: tl.constexpr,
+):
+    """centroids[idx] of coordinates col0 .. col0 + WIDTH, fp32 [BLOCK_T, WIDTH]; 0 past HEAD_DIM."""
+    GROUPS: tl.constexpr = WIDTH // 8
+    group = col0 // 8 + tl.arange(0, GROUPS)
+    mask = live[:, None] & (group < HEAD_DIM // 8)[None, :]
+    byte_off = head_ptr[:, None] + (group * BITS)[None, :]
+    if BITS == 4:
+        word = tl.load(byte_off.to(tl.pointer_type(tl.int32)), mask=mask, other=0)
+    elif BITS == 2:
+        word = tl.load(byte_off.to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
+    else:
+        b = tl.arange(0, 4)
+        data = tl.load(
+            byte_off[:, :, None] + b[None, None, :], mask=mask[:, :, None] & (b < BITS)[None, None, :], other=0
+        )
+        word = tl.sum(data.to(tl.int32) << (b * 8)[None, None, :], axis=2)
+    shifts = tl.arange(0, 8) * BITS
+    idx = tl.reshape((word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_T, WIDTH))
+    col_ok = col0 + tl.arange(0, WIDTH) < HEAD_DIM
+    return tl.where(col_ok[None, :], tl.load(cent_ptr + idx), 0.0)
+
+
+@triton.jit
+def _dequant_head(
+    out_ptr,  # [BLOCK_T, 1] pointers to this head's output rows
+    head_ptr,  # [BLOCK_T] pointers to this head's packed indices in each row
+    scale_ptr,  # [BLOCK_T] fp32 pointers to this head's scale in each row
+    live,  # bool [BLOCK_T]
+    in_range,  # bool [BLOCK_T]
+    cent_ptr,  # fp32 [2^BITS]
+    rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM]
+    stride_rot_0,
+    stride_rot_1,
+    BITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROTATED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Write centroids[idx] * scale, or that times R accumulated over BLOCK_K-row slices of R."""
+    dim = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dim < HEAD_DIM
+    scale = tl.load(scale_ptr, mask=live, other=0.0)[:, None]
+    if ROTATED:
+        y = _centroids(head_ptr, live, cent_ptr, 0, BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD) * scale
+    else:
+        y = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
+        for k0 in tl.static_range(0, HEAD_DIM, BLOCK_K):
+            kd = k0 + tl.arange(0, BLOCK_K)
+            part = _centroids(head_ptr, live, cent_ptr, k0, BITS, HEAD_DIM, BLOCK_T, BLOCK_K) * scale
+            rot = tl.load(
+                rot_ptr + kd[:, None] * stride_rot_0 + dim[None, :] * stride_rot_1,
+                mask=(kd < HEAD_DIM)[:, None] & dim_ok[None, :],
+                other=0.0,
+            )
+            y = tl.dot(part, rot, y, input_precision=DOT_PRECISION)
+    tl.store(out_ptr + dim[None, :], y.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _dequant_kv_kernel(
+    cache_ptr,  # uint8 [num_blocks * block_size, BYTES_PER_TOKEN]
+    slot_ptr,  # int32/int64 [num_slots]; negative = zeros
+    rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM], any strides: x = rotated @ R
+    k_cent_ptr,  # fp32 [2^K_BITS]
+    v_cent_ptr,  # fp32 [2^V_BITS]
+    out_k_ptr,  # [num_slots, num_kv_heads, HEAD_DIM], last dim contiguous
+    out_v_ptr,  # [num_slots, num_kv_heads, HEAD_DIM], last dim contiguous
+    num_slots,
+    stride_out_k_t,
+    stride_out_k_h,
+    stride_out_v_t,
+    stride_out_v_h,
+    stride_rot_0,
+    stride_rot_1,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    BYTES_PER_TOKEN: tl.constexpr,
+    K_INDEX_OFFSET: tl.constexpr,
+    K_INDEX_BYTES: tl.constexpr,
+    K_SCALE_OFFSET: tl.constexpr,
+    V_INDEX_OFFSET: tl.constexpr,
+    V_INDEX_BYTES: tl.constexpr,
+    V_SCALE_OFFSET: tl.constexpr,
+    ROTATED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = tok < num_slots
+    slot = tl.load(slot_ptr + tok, mask=in_range, other=-1).to(tl.int64)
+    live = in_range & (slot >= 0)
+    row_ptr = cache_ptr + slot * BYTES_PER_TOKEN  # [BLOCK_T]
+    for hh in range(HEADS_PER_PROGRAM):
+        head = tl.program_id(1).to(tl.int64) * HEADS_PER_PROGRAM + hh
+        _dequant_head(
+            out_k_ptr + tok[:, None] * stride_out_k_t + head * stride_out_k_h,
+            row_ptr + K_INDEX_OFFSET + head * K_INDEX_BYTES,
+            (row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head,
+            live, in_range, k_cent_ptr, rot_ptr, stride_rot_0, stride_rot_1,
+            K_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, ROTATED, DOT_PRECISION,
+        )  # fmt: skip
+        _dequant_head(
+            out_v_ptr + tok[:, None] * stride_out_v_t + head * stride_out_v_h,
+            row_ptr + V_INDEX_OFFSET + head * V_INDEX_BYTES,
+            (row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head,
+            live, in_range, v_cent_ptr, rot_ptr, stride_rot_0, stride_rot_1,
+            V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, ROTATED, DOT_PRECISION,
+        )  # fmt: skip
+
+
+def _launch_params(num_slots: int, num_kv_heads: int, rotated: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_K, HEADS_PER_PROGRAM, num_warps), tuned on H200 (d=128, 256 to 32K slots).
+
+    Several heads per program (fewer R reads when unrotating) measured slower, so each program takes one.
+    """
+    return (16, 16, 1, 2) if rotated else (32, 16, 1, 4)
+
+
+def _output(
+    name: str, out: torch.Tensor | None, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    assert out.shape == shape, f"{name} must be {shape}, got {tuple(out.shape)}"
+    assert out.dtype in OUTPUT_DTYPES, f"{name} must be fp16/bf16/fp32, got {out.dtype}"
+    assert out.stride(2) == 1, f"{name} must be contiguous in head_dim, got strides {out.stride()}"
+    assert out.device == device, f"{name} is on {out.device}, cache on {device}"
+    return out
+
+
+def dequantize_kv(
+    codec: KVCodec,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    rotated: bool = True,
+    out_k: torch.Tensor | None = None,
+    out_v: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense K and V [len(slots), num_kv_heads, head_dim] of the given cache slots.
+
+    Args:
+        cache: uint8 [num_blocks, block_size, bytes_per_token], contiguous; only rows in `slots` are read.
+        slots: int32/int64 [num_slots], slot = block * block_size + offset; negative slots give zeros.
+        out_dtype: dtype of freshly allocated outputs (ignored for a given out_k/out_v, whose dtype wins).
+        rotated: keep the rotated basis (what attention over pages uses); False multiplies back by R.
+        out_k, out_v: optional preallocated outputs (e.g. under CUDA graphs), last dim contiguous.
+    """
+    lay = codec.layout
+    assert cache.dtype == torch.uint8 and cache.dim() == 3 and cache.shape[2] == lay.bytes_per_token, (
+        f"cache must be uint8 [num_blocks, block_size, {lay.bytes_per_token}], got {cache.dtype} {tuple(cache.shape)}"
+    )
+    assert cache.is_contiguous(), "cache must be contiguous"
+    assert slots.dim() == 1 and slots.dtype in (torch.int32, torch.int64), (
+        f"slots must be a 1-D int32/int64 tensor, got {slots.dtype} {tuple(slots.shape)}"
+    )
+    assert out_dtype in OUTPUT_DTYPES, f"out_dtype must be fp16/bf16/fp32, got {out_dtype}"
+    devices = {t.device for t in (cache, slots, codec.rotation)}
+    assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
+    num_slots = slots.shape[0]
+    shape = (num_slots, lay.num_kv_heads, lay.head_dim)
+    out_k = _output("out_k", out_k, shape, out_dtype, cache.device)
+    out_v = _output("out_v", out_v, shape, out_dtype, cache.device)
+    if num_slots == 0:
+        return out_k, out_v
+
+    head_dim_pad = triton.next_power_of_2(lay.head_dim)
+    block_t, block_k, heads, num_warps = _launch_params(num_slots, lay.num_kv_heads, rotated)
+    assert lay.num_kv_heads % heads == 0
+    grid = (triton.cdiv(num_slots, block_t), lay.num_kv_heads // heads)
+    _dequant_kv_kernel[grid](
+        cache,
+        slots,
+        codec.rotation,
+        codec.key.centroids,
+        codec.value.centroids,
+        out_k,
+        out_v,
+        num_slots,
+        out_k.stride(0),
+        out_k.stride(1),
+        out_v.stride(0),
+        out_v.stride(1),
+        codec.rotation.stride(0),
+        codec.rotation.stride(1),
+        HEAD_DIM=lay.head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_T=block_t,
+        BLOCK_K=block_k,
+        HEADS_PER_PROGRAM=heads,
+        K_BITS=lay.k_bits,
+        V_BITS=lay.v_bits,
+        BYTES_PER_TOKEN=lay.bytes_per_token,
+        K_INDEX_OFFSET=lay.k_index_offset,
+        K_INDEX_BYTES=lay.k_index_bytes,
+        K_SCALE_OFFSET=lay.k_scale_offset,
+        V_INDEX_OFFSET=lay.v_index_offset,
+        V_INDEX_BYTES=lay.v_index_bytes,
+        V_SCALE_OFFSET=lay.v_scale_offset,
+        ROTATED=rotated,
+        DOT_PRECISION=DOT_PRECISION,
+        num_warps=num_warps,
+    )
+    return out_k, out_v

@@ -1,0 +1,232 @@
+"""Triton kernel that quantises new K/V tokens and scatter-writes packed rows into the paged cache."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.quantizer import TINY_NORM
+
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DOT_PRECISION = "ieee"  # full fp32 rotation: tf32 would move coordinates across codebook boundaries
+
+
+@triton.jit
+def _bucketize(y, bnd_ptr, cent_ptr, BITS: tl.constexpr):
+    """Index = number of boundaries strictly below y (torch.bucketize, right=False), and its centroid."""
+    idx = tl.zeros(y.shape, tl.int32)
+    cent = tl.zeros(y.shape, tl.float32) + tl.load(cent_ptr)
+    for i in tl.static_range((1 << BITS) - 1):
+        above = y > tl.load(bnd_ptr + i)
+        idx += above.to(tl.int32)
+        cent = tl.where(above, tl.load(cent_ptr + i + 1), cent)
+    return idx, cent
+
+
+@triton.jit
+def _store_indices(
+    head_ptr,  # [BLOCK_T] pointers to this head's packed indices in each row
+    idx,  # int32 [BLOCK_T, HEAD_DIM_PAD]
+    live,  # bool [BLOCK_T]
+    BITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """Pack 8 indices into one BITS-byte little-endian word per group and store it."""
+    GROUPS: tl.constexpr = HEAD_DIM_PAD // 8
+    shifts = tl.arange(0, 8) * BITS
+    word = tl.sum(tl.reshape(idx, (BLOCK_T, GROUPS, 8)) << shifts[None, None, :], axis=2)
+    group = tl.arange(0, GROUPS)
+    mask = live[:, None] & (group < HEAD_DIM // 8)[None, :]
+    byte_off = head_ptr[:, None] + (group * BITS)[None, :]
+    if BITS == 4:
+        tl.store(byte_off.to(tl.pointer_type(tl.int32)), word, mask=mask)
+    elif BITS == 2:
+        tl.store(byte_off.to(tl.pointer_type(tl.int16)), word.to(tl.int16), mask=mask)
+    else:
+        b = tl.arange(0, 4)
+        data = ((word[:, :, None] >> (b * 8)[None, None, :]) & 0xFF).to(tl.uint8)
+        tl.store(byte_off[:, :, None] + b[None, None, :], data, mask=mask[:, :, None] & (b < BITS)[None, None, :])
+
+
+@triton.jit
+def _store_kv_kernel(
+    key_ptr,  # [num_tokens, num_kv_heads, HEAD_DIM] fp16/bf16/fp32, last dim contiguous
+    value_ptr,  # [num_tokens, num_kv_heads, HEAD_DIM]
+    cache_ptr,  # uint8 [num_blocks * block_size, BYTES_PER_TOKEN]
+    slot_ptr,  # int32/int64 [num_tokens]; negative = skip
+    rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM], any strides: rotated = x @ R.T
+    k_bnd_ptr,  # fp32 [2^K_BITS - 1]
+    k_cent_ptr,  # fp32 [2^K_BITS]
+    v_bnd_ptr,  # fp32 [2^V_BITS - 1]
+    v_cent_ptr,  # fp32 [2^V_BITS]
+    num_tokens,
+    stride_key_t,
+    stride_key_h,
+    stride_value_t,
+    stride_value_h,
+    stride_rot_0,
+    stride_rot_1,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    BYTES_PER_TOKEN: tl.constexpr,
+    K_INDEX_OFFSET: tl.constexpr,
+    K_INDEX_BYTES: tl.constexpr,
+    K_SCALE_OFFSET: tl.constexpr,
+    V_INDEX_OFFSET: tl.constexpr,
+    V_INDEX_BYTES: tl.constexpr,
+    V_SCALE_OFFSET: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr,
+    TINY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = tok < num_tokens
+    slot = tl.load(slot_ptr + tok, mask=in_range, other=-1).to(tl.int64)
+    live = in_range & (slot >= 0)
+    row_ptr = cache_ptr + slot * BYTES_PER_TOKEN  # [BLOCK_T]
+    dim = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dim < HEAD_DIM
+    x_mask = live[:, None] & dim_ok[None, :]
+    for hh in range(HEADS_PER_PROGRAM):
+        head = tl.program_id(1).to(tl.int64) * HEADS_PER_PROGRAM + hh
+        k_ptr = key_ptr + tok[:, None] * stride_key_t + head * stride_key_h  # [BLOCK_T, 1]
+        v_ptr = value_ptr + tok[:, None] * stride_value_t + head * stride_value_h
+        k = tl.load(k_ptr + dim[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + dim[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        k_norm = tl.sqrt_rn(tl.sum(k * k, axis=1))
+        v_norm = tl.sqrt_rn(tl.sum(v * v, axis=1))
+        k_den = tl.maximum(k_norm, TINY)[:, None]
+        v_den = tl.maximum(v_norm, TINY)[:, None]
+
+        # rotated = unit @ R.T, accumulated over BLOCK_K-wide slices of the unit vector (re-read, L1-hot)
+        # so the fp32 FMA dot keeps a small operand footprint.
+        k_rot = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
+        v_rot = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
+        for k0 in range(0, HEAD_DIM, BLOCK_K):
+            kd = k0 + tl.arange(0, BLOCK_K)
+            kd_ok = kd < HEAD_DIM
+            chunk_mask = live[:, None] & kd_ok[None, :]
+            k_unit = tl.load(k_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
+            v_unit = tl.load(v_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
+            # rot_t[i, j] = R[j, k0 + i]
+            rot_t = tl.load(
+                rot_ptr + dim[None, :] * stride_rot_0 + kd[:, None] * stride_rot_1,
+                mask=kd_ok[:, None] & dim_ok[None, :],
+                other=0.0,
+            )
+            k_rot = tl.dot(tl.math.div_rn(k_unit, k_den), rot_t, k_rot, input_precision=DOT_PRECISION)
+            v_rot = tl.dot(tl.math.div_rn(v_unit, v_den), rot_t, v_rot, input_precision=DOT_PRECISION)
+
+        k_idx, k_cent = _bucketize(k_rot, k_bnd_ptr, k_cent_ptr, K_BITS)
+        v_idx, v_cent = _bucketize(v_rot, v_bnd_ptr, v_cent_ptr, V_BITS)
+        k_head_ptr = row_ptr + K_INDEX_OFFSET + head * K_INDEX_BYTES
+        v_head_ptr = row_ptr + V_INDEX_OFFSET + head * V_INDEX_BYTES
+        _store_indices(k_head_ptr, k_idx, live, K_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
+        _store_indices(v_head_ptr, v_idx, live, V_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
+        if NORM_CORRECTION:
+            k_cent = tl.where(dim_ok[None, :], k_cent, 0.0)
+            v_cent = tl.where(dim_ok[None, :], v_cent, 0.0)
+            k_scale = tl.math.div_rn(k_norm, tl.maximum(tl.sqrt_rn(tl.sum(k_cent * k_cent, axis=1)), TINY))
+            v_scale = tl.math.div_rn(v_norm, tl.maximum(tl.sqrt_rn(tl.sum(v_cent * v_cent, axis=1)), TINY))
+        else:
+            k_scale = k_norm
+            v_scale = v_norm
+        tl.store((row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head, k_scale, mask=live)
+        tl.store((row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head, v_scale, mask=live)
+
+
+def _launch_params(num_tokens: int, num_kv_heads: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_K, HEADS_PER_PROGRAM, num_warps), tuned on H200 (d=128, 256 to 32K tokens).
+
+    The fp32 FMA dot, not reading R, bounds this kernel: several heads per program (fewer R
+    reads) measured slower at every batch size, so each program takes one head.
+    """
+    return 16, 32, 1, 4
+
+
+def _check_input(name: str, x: torch.Tensor, num_tokens: int, num_kv_heads: int, head_dim: int) -> None:
+    assert x.dtype in INPUT_DTYPES, f"{name} must be fp16/bf16/fp32, got {x.dtype}"
+    assert x.dim() == 3 and x.shape[1:] == (num_kv_heads, head_dim), (
+        f"{name} must be [num_tokens, {num_kv_heads}, {head_dim}], got {tuple(x.shape)}"
+    )
+    assert x.shape[0] >= num_tokens, f"{name} has {x.shape[0]} tokens but slot_mapping has {num_tokens}"
+    assert x.stride(2) == 1, f"{name} must be contiguous in head_dim, got strides {x.stride()}"
+
+
+def store_kv(
+    codec: KVCodec, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Quantise K and V of new tokens and write their packed rows to `cache` in one launch.
+
+    Args:
+        key, value: [>= num_tokens, num_kv_heads, head_dim], fp16/bf16/fp32; may be strided views
+            (e.g. of a fused qkv tensor) as long as head_dim is contiguous.
+        cache: uint8 [num_blocks, block_size, bytes_per_token], contiguous, written in place.
+        slot_mapping: int32/int64 [num_tokens]; slot = block * block_size + offset, negative = skip.
+            Its length is the token count: key/value rows beyond it (CUDA-graph padding) are ignored.
+    """
+    lay = codec.layout
+    num_tokens = slot_mapping.shape[0]
+    assert slot_mapping.dim() == 1 and slot_mapping.dtype in (torch.int32, torch.int64), (
+        f"slot_mapping must be a 1-D int32/int64 tensor, got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+    )
+    _check_input("key", key, num_tokens, lay.num_kv_heads, lay.head_dim)
+    _check_input("value", value, num_tokens, lay.num_kv_heads, lay.head_dim)
+    assert cache.dtype == torch.uint8 and cache.dim() == 3 and cache.shape[2] == lay.bytes_per_token, (
+        f"cache must be uint8 [num_blocks, block_size, {lay.bytes_per_token}], got {cache.dtype} {tuple(cache.shape)}"
+    )
+    assert cache.is_contiguous(), "cache must be contiguous"
+    devices = {t.device for t in (key, value, cache, slot_mapping, codec.rotation)}
+    assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
+    if num_tokens == 0:
+        return
+
+    head_dim_pad = triton.next_power_of_2(lay.head_dim)
+    block_t, block_k, heads, num_warps = _launch_params(num_tokens, lay.num_kv_heads)
+    assert lay.num_kv_heads % heads == 0
+    grid = (triton.cdiv(num_tokens, block_t), lay.num_kv_heads // heads)
+    _store_kv_kernel[grid](
+        key,
+        value,
+        cache,
+        slot_mapping,
+        codec.rotation,
+        codec.key.boundaries,
+        codec.key.centroids,
+        codec.value.boundaries,
+        codec.value.centroids,
+        num_tokens,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        codec.rotation.stride(0),
+        codec.rotation.stride(1),
+        HEAD_DIM=lay.head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_T=block_t,
+        BLOCK_K=block_k,
+        HEADS_PER_PROGRAM=heads,
+        K_BITS=lay.k_bits,
+        V_BITS=lay.v_bits,
+        BYTES_PER_TOKEN=lay.bytes_per_token,
+        K_INDEX_OFFSET=lay.k_index_offset,
+        K_INDEX_BYTES=lay.k_index_bytes,
+        K_SCALE_OFFSET=lay.k_scale_offset,
+        V_INDEX_OFFSET=lay.v_index_offset,
+        V_INDEX_BYTES=lay.v_index_bytes,
+        V_SCALE_OFFSET=lay.v_scale_offset,
+        NORM_CORRECTION=codec.config.norm_correction,
+        TINY=TINY_NORM,
+        DOT_PRECISION=DOT_PRECISION,
+        num_warps=num_warps,
+    )

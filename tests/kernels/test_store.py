@@ -1,0 +1,173 @@
+"""store_kv against store_ref: packed indices, scales, skipped slots, strided inputs, int64 addressing."""
+
+import pytest
+import torch
+
+from turboquant_vllm import TQConfig
+from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.kernels import store as store_module
+from turboquant_vllm.kernels.reference import decode_rows_ref, store_ref
+from turboquant_vllm.kernels.store import store_kv
+from turboquant_vllm.quantizer import TINY_NORM, MSEQuantizer
+
+BOUNDARY_EPS = 1e-5  # kernel and torch round the rotation differently; only this close to a boundary may differ
+MAX_FLIP_RATE = 1e-3
+
+
+def fused_kv(num_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, seed: int = 0):
+    """Key/value as strided views of one fused qkv tensor, the way vLLM passes them."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(num_tokens, 3 * num_kv_heads + 1, head_dim, generator=g).to(dtype).to(device)
+    key = qkv[:, 1 : 1 + num_kv_heads]
+    value = qkv[:, 1 + num_kv_heads : 1 + 2 * num_kv_heads]
+    key[: min(2, num_tokens), 0] = 0  # zero vectors quantise to scale 0
+    return key, value
+
+
+def check_tensor(quantizer: MSEQuantizer, x: torch.Tensor, got, want) -> None:
+    """Indices equal except rare flips right at a decision boundary; scales equal to fp32 rounding."""
+    x32 = x.cpu().to(torch.float32)
+    norms = torch.linalg.vector_norm(x32, dim=-1)
+    rotated = quantizer.rotate(x32 / norms.clamp_min(TINY_NORM).unsqueeze(-1))
+    dist = (rotated.unsqueeze(-1) - quantizer.boundaries.cpu()).abs().min(-1).values
+    flips = got.indices != want.indices
+    assert (dist[flips] < BOUNDARY_EPS).all(), f"index mismatch away from a boundary: {dist[flips].max()}"
+    assert flips.sum() <= max(1, MAX_FLIP_RATE * flips.numel()), f"{flips.sum()} boundary flips"
+    assert ((got.indices.long() - want.indices.long()).abs() <= 1).all()
+
+    expected = want.scales.clone()
+    flipped = flips.any(-1)
+    if flipped.any():  # the scale follows the kernel's own indices
+        cent = quantizer.centroids.cpu().double()[got.indices[flipped].long()]
+        recon = torch.linalg.vector_norm(cent, dim=-1).clamp_min(TINY_NORM)
+        if quantizer.config.norm_correction:
+            expected[flipped] = (norms.double()[flipped] / recon).float()
+    torch.testing.assert_close(got.scales, expected, rtol=1e-5, atol=0)
+    zero = norms == 0
+    assert (got.scales[zero] == 0).all()
+
+
+def run_store(codec: KVCodec, key, value, slots, num_blocks: int, block_size: int):
+    """Store with the kernel and the reference into identical random caches; check every row."""
+    device = key.device
+    ref = KVCodec(codec.config, codec.num_kv_heads, codec.head_dim)
+    g = torch.Generator().manual_seed(1)
+    before = torch.randint(0, 256, (num_blocks, block_size, codec.layout.bytes_per_token), generator=g)
+    before = before.to(torch.uint8)
+    cache = before.to(device)
+    store_kv(codec, key, value, cache, slots)
+    want = before.clone()
+    n = slots.shape[0]
+    store_ref(ref, key[:n].cpu(), value[:n].cpu(), want, slots.cpu())
+
+    flat = cache.cpu().view(-1, cache.shape[-1])
+    written = torch.zeros(flat.shape[0], dtype=torch.bool)
+    live = slots.cpu()[slots.cpu() >= 0].long()
+    written[live] = True
+    assert torch.equal(flat[~written], before.view(-1, cache.shape[-1])[~written]), "untouched rows changed"
+
+    (gk, gv), (wk, wv) = decode_rows_ref(ref, flat[live]), decode_rows_ref(ref, want.view(-1, flat.shape[1])[live])
+    token = torch.nonzero(slots.cpu() >= 0).squeeze(1)
+    check_tensor(ref.key, key[token], gk, wk)
+    check_tensor(ref.value, value[token], gv, wv)
+
+
+CASES = [  # k_bits, v_bits, head_dim, num_kv_heads, dtype
+    (4, 4, 128, 2, torch.bfloat16),
+    (4, 3, 96, 1, torch.float16),
+    (3, 2, 64, 8, torch.float32),
+    (2, 4, 64, 2, torch.bfloat16),
+    (3, 3, 96, 2, torch.float32),
+]
+
+
+@pytest.mark.parametrize(("k_bits", "v_bits", "head_dim", "num_kv_heads", "dtype"), CASES)
+def test_store_matches_reference(device, k_bits, v_bits, head_dim, num_kv_heads, dtype):
+    codec = KVCodec(TQConfig(k_bits=k_bits, v_bits=v_bits), num_kv_heads, head_dim, device)
+    num_blocks, block_size, num_tokens = 4, 8, 19
+    key, value = fused_kv(num_tokens, num_kv_heads, head_dim, dtype, device)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(2))[:num_tokens]
+    slots[[3, 11]] = -1
+    run_store(codec, key, value, slots.to(device), num_blocks, block_size)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [TQConfig(k_bits=3, v_bits=4, norm_correction=False), TQConfig(k_bits=2, v_bits=3, rotation="hadamard")],
+    ids=["no-norm-correction", "hadamard"],
+)
+def test_store_config_variants(device, config):
+    codec = KVCodec(config, 2, 64, device)
+    key, value = fused_kv(12, 2, 64, torch.float16, device, seed=3)
+    slots = torch.arange(12, dtype=torch.int32, device=device) * 2 - 3  # int32, leading negatives
+    run_store(codec, key.contiguous(), value, slots, 3, 8)
+
+
+def test_store_ignores_padding_rows_and_empty(device):
+    codec = KVCodec(TQConfig(k_bits=4, v_bits=2), 1, 64, device)
+    key, value = fused_kv(10, 1, 64, torch.bfloat16, device, seed=4)
+    slots = torch.tensor([5, 0, 7, -1, 2, 9], device=device)  # CUDA-graph padding: key has 10 rows
+    run_store(codec, key, value, slots, 2, 8)
+    cache = codec.new_cache(2, 8, device)
+    store_kv(codec, key[:0], value[:0], cache, slots[:0])
+    assert not cache.any()
+
+
+def test_store_rejects_bad_inputs(device):
+    codec = KVCodec(TQConfig(), 2, 64, device)
+    key, value = fused_kv(4, 2, 64, torch.float16, device)
+    cache = codec.new_cache(1, 8, device)
+    slots = torch.arange(4, device=device)
+    strided = torch.zeros(4, 64, 2, dtype=key.dtype, device=device).transpose(1, 2)
+    with pytest.raises(AssertionError, match="contiguous in head_dim"):
+        store_kv(codec, strided, value, cache, slots)
+    with pytest.raises(AssertionError, match="cache must be uint8"):
+        store_kv(codec, key, value, cache[..., :-1], slots)
+    with pytest.raises(AssertionError, match="fp16/bf16/fp32"):
+        store_kv(codec, key.to(torch.float64), value, cache, slots)
+    with pytest.raises(AssertionError, match="num_tokens"):
+        store_kv(codec, key[:, :1], value, cache, slots)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("k_bits", "v_bits", "head_dim"), [(4, 4, 256), (3, 2, 128), (2, 3, 96)])
+def test_store_gpu_many_tokens(cuda, k_bits, v_bits, head_dim):
+    codec = KVCodec(TQConfig(k_bits=k_bits, v_bits=v_bits), 8, head_dim, cuda)
+    num_tokens, num_blocks, block_size = 3000, 256, 16
+    key, value = fused_kv(num_tokens, 8, head_dim, torch.bfloat16, cuda, seed=5)
+    slots = torch.randperm(num_blocks * block_size)[:num_tokens]
+    slots[::97] = -1
+    run_store(codec, key, value, slots.to(cuda), num_blocks, block_size)
+
+
+@pytest.mark.gpu
+def test_store_gpu_int64_addressing(cuda):
+    """A cache over 2^31 bytes: rows past the int32 range must land where the reference puts them."""
+    codec = KVCodec(TQConfig(k_bits=4, v_bits=3), 8, 128, cuda)
+    block_size = 16
+    num_blocks = (2**31 // codec.layout.page_bytes(block_size)) + 64
+    cache = torch.zeros(num_blocks, block_size, codec.layout.bytes_per_token, dtype=torch.uint8, device=cuda)
+    total = num_blocks * block_size
+    slots = torch.tensor([0, total - 1, total - 2, -1, total // 2, total - block_size * 3 + 5], device=cuda)
+    key, value = fused_kv(slots.shape[0], 8, 128, torch.float16, cuda, seed=6)
+    store_kv(codec, key, value, cache, slots)
+    live = slots[slots >= 0]
+    rows = cache.view(-1, cache.shape[-1])[live].cpu()
+    ref = KVCodec(codec.config, 8, 128)
+    want = ref.new_cache(1, live.shape[0])
+    token = torch.nonzero(slots >= 0).squeeze(1).cpu()
+    store_ref(ref, key[token].cpu(), value[token].cpu(), want, torch.arange(live.shape[0]))
+    (gk, gv), (wk, wv) = decode_rows_ref(ref, rows), decode_rows_ref(ref, want[0])
+    check_tensor(ref.key, key[token], gk, wk)
+    check_tensor(ref.value, value[token], gv, wv)
+    assert int(cache.view(-1, cache.shape[-1]).count_nonzero(-1).gt(0).sum()) == live.shape[0]
+
+
+def test_store_several_heads_per_program(device, monkeypatch):
+    """The large-batch launch shape (all heads of a token tile in one program) on a small input."""
+    monkeypatch.setattr(store_module, "_launch_params", lambda num_tokens, num_kv_heads: (16, 32, num_kv_heads, 4))
+    codec = KVCodec(TQConfig(k_bits=3, v_bits=4), 4, 96, device)
+    key, value = fused_kv(20, 4, 96, torch.bfloat16, device, seed=7)
+    slots = torch.randperm(48, generator=torch.Generator().manual_seed(8))[:20]
+    slots[4] = -1
+    run_store(codec, key, value, slots.to(device), 3, 16)
