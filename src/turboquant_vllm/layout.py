@@ -83,6 +83,14 @@ class PageLayout:
     def bytes_per_token_per_head(self) -> float:
         return self.bytes_per_token / self.num_kv_heads
 
+    def kernel_constants(self) -> dict[str, int]:
+        """The row geometry as the Triton kernels' constexpr keyword arguments."""
+        return dict(
+            HEAD_DIM=self.head_dim, K_BITS=self.k_bits, V_BITS=self.v_bits,
+            K_INDEX_OFFSET=self.k_index_offset, K_INDEX_BYTES=self.k_index_bytes, K_SCALE_OFFSET=self.k_scale_offset,
+            V_INDEX_OFFSET=self.v_index_offset, V_INDEX_BYTES=self.v_index_bytes, V_SCALE_OFFSET=self.v_scale_offset,
+        )  # fmt: skip
+
     def page_bytes(self, block_size: int) -> int:
         """Bytes of one vLLM block (page) of `block_size` tokens for one layer."""
         return block_size * self.bytes_per_token

@@ -266,12 +266,10 @@ def _attention_meta(
     # Exact new tokens meet q in its own 16-bit dtype on GPUs; Triton's CPU interpreter has no bf16 dot.
     new_dtype = _TL_DTYPES[query_dtype] if on_gpu or query_dtype == torch.float16 else tl.float32
     meta = dict(
-        GROUP=group, HEAD_DIM=lay.head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
+        GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
         BLOCK_N=tiles.block_n, BLOCK_NEW=tiles.block_new, BLOCK_SIZE=block_size,
         ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
-        K_BITS=lay.k_bits, V_BITS=lay.v_bits,
-        K_INDEX_OFFSET=lay.k_index_offset, K_INDEX_BYTES=lay.k_index_bytes, K_SCALE_OFFSET=lay.k_scale_offset,
-        V_INDEX_OFFSET=lay.v_index_offset, V_INDEX_BYTES=lay.v_index_bytes, V_SCALE_OFFSET=lay.v_scale_offset,
+        **lay.kernel_constants(),
         OP_DTYPE=tl.float32 if exact else tl.float16, NEW_DTYPE=new_dtype, PREC="ieee" if exact else "tf32",
         FUSED=fused, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
