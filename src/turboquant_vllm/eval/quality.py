@@ -1,0 +1,332 @@
+"""Model quality with compressed K/V: teacher-forced perplexity/KL/top-1 against an exact cache, and a needle test."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+from turboquant_vllm.config import TQConfig
+from turboquant_vllm.kv_cache import CompressedDynamicCache, cache_kwargs
+
+BASELINE = "baseline"
+Step = Callable[[], None] | None
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A named cache recipe: None config means the exact DynamicCache baseline."""
+
+    name: str
+    config: TQConfig | None
+    residual_tokens: int = 0
+
+    def make(self, model: torch.nn.Module) -> Cache:
+        if self.config is None:
+            return DynamicCache()
+        return CompressedDynamicCache(self.config, model.config, self.residual_tokens)
+
+
+def spec_name(config: TQConfig, residual_tokens: int = 0) -> str:
+    name = f"k{config.k_bits}v{config.v_bits}" + ("+nc" if config.norm_correction else "")
+    return name + (f"+R{residual_tokens}" if residual_tokens else "")
+
+
+def parse_specs(
+    bits: str, norm_correction: Sequence[bool] = (True, False), residual: Sequence[int] = (0,), **options: Any
+) -> list[CacheSpec]:
+    """Bit pairs "4/4,3/3" x norm_correction x residual windows -> specs named "k4v4+nc", "k4v4", "k4v4+nc+R64"."""
+    specs = []
+    for pair in (p.strip() for p in bits.split(",") if p.strip()):
+        k_bits, _, v_bits = pair.partition("/")
+        for nc in norm_correction:
+            cfg = TQConfig(k_bits=int(k_bits), v_bits=int(v_bits or k_bits), norm_correction=nc, **options)
+            specs.extend(CacheSpec(spec_name(cfg, r), cfg, r) for r in residual)
+    return specs
+
+
+# ---- metrics on logits [N, V] ----
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each target [N] under logits [N, V], in nats (fp32)."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets.long(), reduction="none")
+
+
+def kl_divergence(base_logits: torch.Tensor, test_logits: torch.Tensor) -> torch.Tensor:
+    """KL(P_base || P_test) per position [N], in nats: how much the compressed model's next-token law moved."""
+    base = torch.log_softmax(base_logits.float(), dim=-1)
+    test = torch.log_softmax(test_logits.float(), dim=-1)
+    return (base.exp() * (base - test)).sum(-1)
+
+
+def top1_agreement(base_logits: torch.Tensor, test_logits: torch.Tensor) -> torch.Tensor:
+    """Whether the argmax tokens agree, per position [N] (bool)."""
+    return base_logits.argmax(-1) == test_logits.argmax(-1)
+
+
+@dataclass
+class Tally:
+    """Running sums over scored positions; kl/agree stay zero for the baseline itself."""
+
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    count: int = 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None = None) -> None:
+        self.nll += float(token_nll(logits, targets).double().sum())
+        self.count += targets.numel()
+        if base_logits is not None:
+            self.kl += float(kl_divergence(base_logits, logits).double().sum())
+            self.agree += int(top1_agreement(base_logits, logits).sum())
+
+    def merge(self, other: Tally) -> None:
+        self.nll, self.kl = self.nll + other.nll, self.kl + other.kl
+        self.agree, self.count = self.agree + other.agree, self.count + other.count
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.count) if self.count else float("nan")
+
+    def summary(self, baseline: Tally | None = None) -> dict[str, float]:
+        out = {"perplexity": self.perplexity, "nll": self.nll / max(self.count, 1), "tokens": self.count}
+        if baseline is not None:
+            out["ppl_change_pct"] = 100.0 * (self.perplexity / baseline.perplexity - 1.0)
+            out["kl"] = self.kl / max(self.count, 1)
+            out["top1_agreement"] = self.agree / max(self.count, 1)
+        return out
+
+
+# ---- teacher-forced evaluation ----
+
+
+@torch.no_grad()
+def chunk_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, chunk: int, cache: Cache, **forward: Any
+) -> Iterator[torch.Tensor]:
+    """Feed input_ids [1, L] through the model chunk tokens at a time, yielding each chunk's logits [n, V].
+
+    Chunk i attends to chunks < i through the cache (compressed, for a CompressedDynamicCache) and
+    to itself exactly, as vLLM's chunked prefill does with our backend. `forward` goes to the model
+    (e.g. logits_to_keep=1).
+    """
+    kwargs = {**cache_kwargs(model, cache), **forward}
+    for start in range(0, input_ids.shape[1], chunk):
+        piece = input_ids[:, start : start + chunk].to(model.device)
+        yield model(input_ids=piece, use_cache=True, **kwargs).logits[0].float()
+
+
+def chunked_logits(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int, cache: Cache) -> torch.Tensor:
+    """All of chunk_logits, concatenated: [L, V]."""
+    return torch.cat(list(chunk_logits(model, input_ids, chunk, cache)))
+
+
+def evaluate_window(
+    model: torch.nn.Module, window: Sequence[int], chunk: int, specs: Sequence[CacheSpec], step: Step = None
+) -> dict[str, Tally]:
+    """Score one window of L + 1 tokens (inputs 0..L-1, targets 1..L) for the baseline and every spec.
+
+    All caches advance in lockstep, so only one chunk of baseline logits is alive at a time.
+    Positions in the first chunk are not scored: they attend to exact K/V under every cache.
+    """
+    ids = torch.tensor(window, dtype=torch.long).unsqueeze(0)
+    targets = ids[0, 1:].to(model.device)
+    inputs = ids[:, :-1]
+    runs = {s.name: chunk_logits(model, inputs, chunk, s.make(model)) for s in specs}
+    baseline_run = chunk_logits(model, inputs, chunk, DynamicCache())
+    tallies = {BASELINE: Tally(), **{s.name: Tally() for s in specs}}
+    for start, base in zip(range(0, inputs.shape[1], chunk), baseline_run, strict=True):
+        tgt = targets[start : start + base.shape[0]]
+        scored = start > 0
+        if scored:
+            tallies[BASELINE].add(base, tgt)
+        for name, run in runs.items():
+            logits = next(run)
+            if scored:
+                tallies[name].add(logits, tgt, base)
+        if step:
+            step()
+    return tallies
+
+
+def windows_for(tokens: Sequence[int], context: int) -> list[list[int]]:
+    """Non-overlapping windows of context + 1 tokens (the last token of one is the first of the next)."""
+    return [list(tokens[s : s + context + 1]) for s in range(0, len(tokens) - context, context)]
+
+
+def quality_steps(num_tokens: int, contexts: Sequence[int], chunk: int) -> int:
+    """How many times evaluate_quality calls step (one per chunk of every window)."""
+    return sum((num_tokens - 1) // c * math.ceil(c / chunk) for c in contexts)
+
+
+def evaluate_quality(
+    model: torch.nn.Module,
+    tokens: Sequence[int],
+    contexts: Sequence[int],
+    chunk: int,
+    specs: Sequence[CacheSpec],
+    step: Step = None,
+) -> dict[str, Any]:
+    """Per context length: baseline perplexity and, per spec, perplexity, % change, mean KL and top-1 agreement."""
+    results: dict[str, Any] = {}
+    for context in contexts:
+        if context <= chunk:
+            raise ValueError(f"context {context} must exceed chunk {chunk}: only later chunks see compressed K/V")
+        windows = windows_for(tokens, context)
+        if not windows:
+            raise ValueError(f"{len(tokens)} tokens hold no window of {context + 1}")
+        totals = {BASELINE: Tally(), **{s.name: Tally() for s in specs}}
+        for window in windows:
+            for name, tally in evaluate_window(model, window, chunk, specs, step).items():
+                totals[name].merge(tally)
+        results[str(context)] = {
+            "windows": len(windows),
+            BASELINE: totals[BASELINE].summary(),
+            "configs": {s.name: totals[s.name].summary(totals[BASELINE]) for s in specs},
+        }
+    return results
+
+
+# ---- needle in a haystack ----
+
+NEEDLE_WORDS = (
+    "pelican", "sapphire", "lantern", "walrus", "cinnamon", "glacier", "trombone", "avocado", "meteor",
+    "origami", "zeppelin", "marmalade", "cactus", "harpoon", "nebula", "quartz", "tangerine", "velvet",
+)  # fmt: skip
+QUESTION = "What is the secret code word in the text above? Answer with the code word only."
+# Started for the model, so a small model's answer is the word itself rather than a paraphrase of the task.
+ANSWER_PREFIX = "The secret code word is"
+CHATML = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@dataclass
+class NeedlePrompt:
+    input_ids: list[int]
+    word: str
+    needle_at: int = 0  # token index where the needle starts
+
+
+def _chat_parts(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Token ids before and after the user message in the chat template (ChatML if the tokenizer has none).
+
+    The ids after end with the start of the assistant's answer (ANSWER_PREFIX).
+    """
+    marker = "\x00MESSAGE\x00"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = CHATML.format(content=marker)
+    before, after = text.split(marker)
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)
+    return enc(before), enc("\n\n" + QUESTION + after + ANSWER_PREFIX)
+
+
+def needle_prompt(tokenizer: Any, haystack: Sequence[int], length: int, depth: float, word: str) -> NeedlePrompt:
+    """A chat prompt of exactly `length` tokens: Austen with "The secret code word is <word>." at `depth`.
+
+    The needle goes right after the first sentence end at or past depth * haystack, so it reads as a
+    sentence of its own.
+    """
+    before, after = _chat_parts(tokenizer)
+    needle = tokenizer.encode(f" The secret code word is {word}.", add_special_tokens=False)
+    budget = length - len(before) - len(after) - len(needle)
+    if budget <= 0 or budget > len(haystack):
+        raise ValueError(f"cannot build a {length}-token prompt from {len(haystack)} haystack tokens")
+    hay = list(haystack[:budget])
+    at = int(depth * budget)
+    while at < budget and "." not in tokenizer.decode(hay[max(at - 1, 0) : at]):
+        at += 1
+    at = min(at, budget)
+    ids = before + hay[:at] + needle + hay[at:] + after
+    return NeedlePrompt(ids, word, len(before) + at)
+
+
+@torch.no_grad()
+def greedy_answer(
+    model: torch.nn.Module, input_ids: Sequence[int], chunk: int, cache: Cache, max_new_tokens: int, eos: set[int]
+) -> list[int]:
+    """Chunked prefill (later chunks attend to the compressed earlier ones), then greedy decoding."""
+    ids = torch.tensor([list(input_ids)], dtype=torch.long)
+    logits = deque(chunk_logits(model, ids, chunk, cache, logits_to_keep=1), maxlen=1)[0]
+    kwargs = cache_kwargs(model, cache)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(logits[-1].argmax())
+        if token in eos:
+            break
+        out.append(token)
+        step_ids = torch.tensor([[token]], device=model.device)
+        logits = model(input_ids=step_ids, use_cache=True, **kwargs).logits[0].float()
+    return out
+
+
+def eos_ids(tokenizer: Any, model: torch.nn.Module) -> set[int]:
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+    return {i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id}
+
+
+def needle_test(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    haystack: Sequence[int],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    chunk: int,
+    specs: Sequence[CacheSpec],
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    step: Step = None,
+) -> dict[str, Any]:
+    """Pass/fail of the greedy answer per (length, depth) for the baseline and each spec.
+
+    Lengths are capped so prompt plus answer fit the model's max_position_embeddings.
+    """
+    max_pos = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 30
+    eos = eos_ids(tokenizer, model)
+    all_specs = [CacheSpec(BASELINE, None), *specs]
+    results: dict[str, Any] = {s.name: {} for s in all_specs}
+    for length in lengths:
+        used = min(length, max_pos - max_new_tokens)
+        for i, depth in enumerate(depths):
+            word = random.Random(seed * 1_000_003 + length * 101 + i).choice(NEEDLE_WORDS)
+            prompt = needle_prompt(tokenizer, haystack, used, depth, word)
+            for spec in all_specs:
+                answer_ids = greedy_answer(model, prompt.input_ids, chunk, spec.make(model), max_new_tokens, eos)
+                answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+                results[spec.name].setdefault(str(length), {})[f"{depth:.2f}"] = {
+                    "pass": word in answer.lower(),
+                    "answer": answer,
+                    "word": word,
+                    "prompt_tokens": len(prompt.input_ids),
+                }
+                if step:
+                    step()
+    return results
+
+
+def needle_pass_rate(results: dict[str, Any]) -> dict[str, float]:
+    """Fraction of (length, depth) cells passed, per cache."""
+    rates = {}
+    for name, by_length in results.items():
+        cells = [cell["pass"] for by_depth in by_length.values() for cell in by_depth.values()]
+        rates[name] = sum(cells) / len(cells) if cells else float("nan")
+    return rates
+
+
+def load_model(path: Any, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(model, tokenizer) from an HF folder, in eval mode with SDPA attention."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,307 @@
+"""A transformers Cache that keeps only TurboQuant-compressed K/V between forward calls."""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache, partial
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.config import TQConfig, TQConfigError
+from turboquant_vllm.packing import pack_indices
+from turboquant_vllm.quantizer import MSEQuantizer, QuantizedVectors
+
+
+@lru_cache(maxsize=64)
+def _codec(config: TQConfig, num_kv_heads: int, head_dim: int, device: torch.device) -> KVCodec:
+    """One codec per (config, geometry, device), shared by all layers: rotation and codebooks are read-only."""
+    return KVCodec(config, num_kv_heads, head_dim, device)
+
+
+# Vectors dequantised per block: bounds the fp32/int64 scratch of a long context to a few tens of MB.
+BLOCK_VECTORS = 1 << 15
+
+
+def compress(quant: MSEQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., d] float -> (packed uint8 [..., d * bits / 8], fp32 scales [...])."""
+    q = quant.quantize(x)
+    return pack_indices(q.indices, quant.bits), q.scales
+
+
+def unpack_narrow(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """packing.unpack_indices with uint8 (2, 4 bits) or int32 (3 bits) scratch instead of int64.
+
+    Same little-endian bit stream: a byte holds 8 / bits whole indices when bits divides 8,
+    otherwise 8 indices share a 3-byte word.
+    """
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        indices = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return indices.reshape(*packed.shape[:-1], head_dim)
+    groups = packed.reshape(*packed.shape[:-1], head_dim // 8, bits).to(torch.int32)
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int32, device=packed.device)
+    words = (groups << byte_shifts).sum(-1, dtype=torch.int32)
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int32, device=packed.device)
+    indices = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return indices.to(torch.uint8).reshape(*packed.shape[:-1], head_dim)
+
+
+def expand_into(quant: MSEQuantizer, packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    """Dequantise packed [B, H, T, nb] / scales [B, H, T] into out [B, H, T, d] (original basis, out's dtype).
+
+    Works in blocks of tokens so the only full-length tensor is `out`, the one attention reads.
+    """
+    batch, heads, tokens = scales.shape
+    step = max(1, BLOCK_VECTORS // max(batch * heads, 1))
+    for start in range(0, tokens, step):
+        end = min(tokens, start + step)
+        indices = unpack_narrow(packed[:, :, start:end], quant.bits, quant.head_dim)
+        out[:, :, start:end] = quant.dequantize(QuantizedVectors(indices, scales[:, :, start:end]))
+
+
+def expand(quant: MSEQuantizer, packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of compress, in the original basis: what attention sees for cached tokens."""
+    out = torch.empty(*scales.shape, quant.head_dim, dtype=dtype, device=packed.device)
+    expand_into(quant, packed, scales, out)
+    return out
+
+
+def check_model_config(model_config: Any, config: TQConfig) -> None:
+    """Raise TQConfigError for a model this cache cannot serve faithfully.
+
+    Sliding-window and chunked-attention layers are refused: this cache keeps every token (a
+    compressed full layer outgrows an exact window once T > ~3.5 W), and the vLLM backend it
+    mirrors serves full attention only, so quality numbers would not transfer.
+    """
+    cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    config.check_head_dim(head_dim)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        other = sorted(set(layer_types) - {"full_attention"})
+        if other:
+            raise TQConfigError(
+                f"{type(cfg).__name__} has {other} layers; CompressedDynamicCache serves full-attention layers only. "
+                "Use transformers' DynamicCache for this model."
+            )
+    elif getattr(cfg, "sliding_window", None) is not None:
+        raise TQConfigError(
+            f"{type(cfg).__name__} uses sliding-window attention (sliding_window={cfg.sliding_window}); "
+            "CompressedDynamicCache serves full attention only. If your prompts never exceed the window, "
+            "load the model with sliding_window=None."
+        )
+    if getattr(cfg, "attention_chunk_size", None) is not None:
+        raise TQConfigError(
+            f"{type(cfg).__name__} uses chunked attention; CompressedDynamicCache serves full attention."
+        )
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One attention layer's cache: packed K/V indices [B, Hkv, T, d*bits/8] (uint8) and fp32 scales [B, Hkv, T].
+
+    update() stores the new tokens compressed and returns the dequantised context followed by the
+    exact new tokens, as the vLLM backend does (context from pages, current chunk exact). The
+    returned full-precision tensors are the only uncompressed copy and live for one layer's attention.
+
+    residual_tokens > 0 also keeps exact copies of the newest that many tokens (recent_k/recent_v)
+    and returns them in place of their dequantised values. Off by default: the vLLM backend has no
+    such window, and numbers measured here should transfer to it.
+    """
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, config: TQConfig, residual_tokens: int = 0) -> None:
+        super().__init__()
+        if residual_tokens < 0:
+            raise TQConfigError(f"residual_tokens must be >= 0, got {residual_tokens}")
+        self.config, self.residual_tokens = config, residual_tokens
+        self.codec: KVCodec | None = None
+        self.k_packed = self.k_scales = self.v_packed = self.v_scales = None
+        self.recent_k = self.recent_v = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.config.check_head_dim(head_dim)
+        if value_states.shape[-1] != head_dim:
+            raise TQConfigError(
+                f"key head_dim {head_dim} != value head_dim {value_states.shape[-1]}: "
+                "TurboQuant shares one rotation between K and V."
+            )
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.codec = _codec(self.config, heads, head_dim, key_states.device)
+        lay = self.codec.layout
+
+        def empty(*tail: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(batch, heads, 0, *tail, dtype=dtype, device=self.device)
+
+        self.k_packed, self.k_scales = empty(lay.k_index_bytes, dtype=torch.uint8), empty(dtype=torch.float32)
+        self.v_packed, self.v_scales = empty(lay.v_index_bytes, dtype=torch.uint8), empty(dtype=torch.float32)
+        if self.residual_tokens:
+            self.recent_k, self.recent_v = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compress and append key/value [B, Hkv, q, d]; return [B, Hkv, past + q, d] in their dtype."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        past = self.get_seq_length()
+        keys, values = key_states, value_states
+        if past:
+            keys = self._with_context(self.codec.key, self.k_packed, self.k_scales, self.recent_k, key_states)
+            values = self._with_context(self.codec.value, self.v_packed, self.v_scales, self.recent_v, value_states)
+        new_k, new_ks = compress(self.codec.key, key_states)
+        new_v, new_vs = compress(self.codec.value, value_states)
+        self.k_packed = torch.cat([self.k_packed, new_k], dim=-2)
+        self.k_scales = torch.cat([self.k_scales, new_ks], dim=-1)
+        self.v_packed = torch.cat([self.v_packed, new_v], dim=-2)
+        self.v_scales = torch.cat([self.v_scales, new_vs], dim=-1)
+        if self.residual_tokens:
+            r = self.residual_tokens
+            self.recent_k = torch.cat([self.recent_k, key_states], dim=-2)[:, :, -r:].clone()
+            self.recent_v = torch.cat([self.recent_v, value_states], dim=-2)[:, :, -r:].clone()
+        return keys, values
+
+    @staticmethod
+    def _with_context(
+        quant: MSEQuantizer, packed: torch.Tensor, scales: torch.Tensor, recent: torch.Tensor | None, new: torch.Tensor
+    ) -> torch.Tensor:
+        """[dequantised context | exact recent window, if any | exact new tokens] in one buffer (no cat copy)."""
+        past = scales.shape[-1]
+        kept = 0 if recent is None else recent.shape[-2]
+        out = new.new_empty(*new.shape[:2], past + new.shape[-2], new.shape[-1])
+        expand_into(quant, packed[:, :, : past - kept], scales[:, :, : past - kept], out[:, :, : past - kept])
+        if kept:
+            out[:, :, past - kept : past] = recent
+        out[:, :, past:] = new
+        return out
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored tokens, dequantised: K, V [B, Hkv, T, d]."""
+        k = expand(self.codec.key, self.k_packed, self.k_scales, dtype)
+        v = expand(self.codec.value, self.v_packed, self.v_scales, dtype)
+        return k, v
+
+    def get_seq_length(self) -> int:
+        return 0 if not self.is_initialized else self.k_scales.shape[-1]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors this layer holds between steps."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self) -> list[torch.Tensor]:
+        tensors = [self.k_packed, self.k_scales, self.v_packed, self.v_scales, self.recent_k, self.recent_v]
+        return [t for t in tensors if t is not None]
+
+    def _apply(self, fn) -> None:
+        """Apply fn to each packed tensor viewed as [B, Hkv, T, ...] (scales get a trailing unit dim)."""
+        if self.is_initialized:
+            self.k_packed, self.v_packed = fn(self.k_packed), fn(self.v_packed)
+            self.k_scales = fn(self.k_scales.unsqueeze(-1)).squeeze(-1)
+            self.v_scales = fn(self.v_scales.unsqueeze(-1)).squeeze(-1)
+            if self.recent_k is not None:
+                self.recent_k, self.recent_v = fn(self.recent_k), fn(self.recent_v)
+
+    def reset(self) -> None:
+        self.k_packed = self.k_scales = self.v_packed = self.v_scales = None
+        self.recent_k = self.recent_v = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: drop that many newest tokens. Positive (the older API): keep that many tokens."""
+        length = self.get_seq_length()
+        keep = length + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove or length, length)
+        if keep == length:
+            return
+        keep = max(keep, 0)
+        recent = self.recent_k, self.recent_v
+        self.recent_k = self.recent_v = None  # indexed from the end: cut separately
+        self._apply(lambda t: t[:, :, :keep].clone())
+        if recent[0] is not None:
+            left = max(recent[0].shape[-2] - (length - keep), 0)
+            self.recent_k, self.recent_v = (t[:, :, :left].clone() for t in recent)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Exact: each batch row's packed tokens are independent, so rows are gathered without requantising."""
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices])
+
+    def offload(self) -> None:
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._apply(lambda t: t.to(self.device, non_blocking=True))
+
+
+class CompressedDynamicCache(Cache):
+    """Drop-in for DynamicCache that stores K/V with TurboQuant (k_bits/v_bits from the TQConfig).
+
+    Usage: ``model.generate(ids, past_key_values=CompressedDynamicCache(TQConfig(), model.config))``
+    (``cache=`` on transformers versions that renamed the argument; see cache_kwargs()).
+
+    Args:
+        config: how K and V are compressed.
+        model_config: the model's config. With it, unsupported models (head_dim, sliding-window or
+            chunked layers) are refused here and layers are built up front; without it, layers are
+            created on first use and only head_dim can be checked (at the first update).
+        residual_tokens: also keep the newest this many tokens exact (see CompressedLayer); 0 (the
+            default) matches the vLLM backend.
+    """
+
+    def __init__(self, config: TQConfig | None = None, model_config: Any = None, residual_tokens: int = 0) -> None:
+        self.tq_config = config or TQConfig()
+        make_layer = partial(CompressedLayer, self.tq_config, residual_tokens)
+        if model_config is None:
+            make_layer()  # validates residual_tokens now rather than at the first update
+            super().__init__(layer_class_to_replicate=make_layer)
+            return
+        check_model_config(model_config, self.tq_config)
+        text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+        super().__init__(layers=[make_layer() for _ in range(text.num_hidden_layers)])
+
+    def memory_bytes(self) -> int:
+        """Bytes of packed indices and scales held by all layers."""
+        return sum(layer.memory_bytes() for layer in self.layers)
+
+    def __repr__(self) -> str:
+        cfg = self.tq_config
+        return (
+            f"{type(self).__name__}(k_bits={cfg.k_bits}, v_bits={cfg.v_bits}, layers={len(self.layers)}, "
+            f"tokens={self.get_seq_length()}, bytes={self.memory_bytes()})"
+        )
+
+
+def dynamic_cache_bytes(cache: Cache) -> int:
+    """Bytes held by an uncompressed DynamicCache's key/value tensors, for comparisons."""
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if isinstance(t, torch.Tensor)
+    )
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Cache) -> dict[str, Cache]:
+    """The keyword under which model.forward/generate take a cache: ``cache`` in newer transformers 5.x,
+    ``past_key_values`` before (the newer versions still accept it, with a deprecation warning)."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}

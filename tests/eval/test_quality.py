@@ -1,0 +1,162 @@
+"""Quality metrics against hand-computed values, and the chunked harness against one unchunked forward."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from turboquant_vllm.config import TQConfig
+from turboquant_vllm.eval import quality as Q
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=256, pad_token_id=0,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_token_nll_by_hand():
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
+    nll = Q.token_nll(logits, torch.tensor([1, 0]))
+    torch.testing.assert_close(nll, torch.tensor([math.log(4 / 3), math.log(2.0)]))
+
+
+def test_kl_by_hand_and_direction():
+    uniform, skewed = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, math.log(3.0)]])
+    # KL(U || Q) with Q = (1/4, 3/4): 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln(4/3)
+    torch.testing.assert_close(Q.kl_divergence(uniform, skewed), torch.tensor([0.5 * math.log(4 / 3)]))
+    # KL(Q || U) = 0.25 ln(0.5) + 0.75 ln(1.5), a different number: the argument order matters
+    torch.testing.assert_close(
+        Q.kl_divergence(skewed, uniform), torch.tensor([0.25 * math.log(0.5) + 0.75 * math.log(1.5)])
+    )
+    assert float(Q.kl_divergence(skewed, skewed)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_top1_agreement_by_hand():
+    base = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    test = torch.tensor([[0.0, 5.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    assert Q.top1_agreement(base, test).tolist() == [True, False, True]
+
+
+def test_tally_summary_by_hand():
+    base_logits = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    test_logits = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]])
+    targets = torch.tensor([1, 0])
+    base, test = Q.Tally(), Q.Tally()
+    base.add(base_logits, targets)
+    test.add(test_logits, targets, base_logits)
+    assert base.perplexity == pytest.approx(2.0)
+    # nll of test: ln(4/3) and ln 4 -> ppl = exp(mean) = sqrt(16/3)
+    summary = test.summary(base)
+    assert summary["perplexity"] == pytest.approx(math.sqrt(16 / 3))
+    assert summary["ppl_change_pct"] == pytest.approx(100 * (math.sqrt(16 / 3) / 2 - 1))
+    assert summary["kl"] == pytest.approx(0.5 * math.log(4 / 3))
+    assert summary["top1_agreement"] == pytest.approx(0.0)  # uniform argmax is token 0, skewed is 1
+    assert summary["tokens"] == 2
+
+
+def test_parse_specs_names_and_options():
+    specs = Q.parse_specs("4/4, 3/2,2", (True, False), rotation="hadamard")
+    assert [s.name for s in specs] == ["k4v4+nc", "k4v4", "k3v2+nc", "k3v2", "k2v2+nc", "k2v2"]
+    assert specs[3].config == TQConfig(k_bits=3, v_bits=2, norm_correction=False, rotation="hadamard")
+    with_window = Q.parse_specs("3/3", (True,), residual=(0, 64))
+    assert [(s.name, s.residual_tokens) for s in with_window] == [("k3v3+nc", 0), ("k3v3+nc+R64", 64)]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64])
+def test_chunked_exact_cache_equals_one_forward(model, chunk):
+    ids = torch.randint(1, 64, (1, 40), generator=torch.Generator().manual_seed(chunk))
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits[0]
+    torch.testing.assert_close(Q.chunked_logits(model, ids, chunk, DynamicCache()), whole, rtol=0, atol=2e-5)
+
+
+def test_evaluate_quality_baseline_matches_unchunked_logits(model):
+    tokens = torch.randint(1, 64, (97,), generator=torch.Generator().manual_seed(5)).tolist()
+    specs = Q.parse_specs("4/4,2/2", (True,))
+    steps = []
+    res = Q.evaluate_quality(model, tokens, [48], 16, specs, step=lambda: steps.append(1))
+    assert len(steps) == Q.quality_steps(len(tokens), [48], 16) == 2 * 3
+    out = res["48"]
+    assert out["windows"] == 2
+    nll, count = 0.0, 0
+    for window in Q.windows_for(tokens, 48):
+        ids = torch.tensor([window])
+        with torch.no_grad():
+            logits = model(input_ids=ids[:, :-1]).logits[0]
+        nll += float(Q.token_nll(logits[16:], ids[0, 17:]).sum())
+        count += 32
+    assert out["baseline"]["tokens"] == count
+    assert out["baseline"]["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    k4, k2 = out["configs"]["k4v4+nc"], out["configs"]["k2v2+nc"]
+    assert 0 < k4["kl"] < k2["kl"]
+    assert 0 <= k2["top1_agreement"] <= k4["top1_agreement"] <= 1
+
+
+def test_context_must_exceed_chunk(model):
+    with pytest.raises(ValueError, match="exceed chunk"):
+        Q.evaluate_quality(model, list(range(1, 60)), [16], 16, [])
+
+
+class WordTokenizer:
+    """Whitespace-ish tokenizer over a growing vocabulary: enough for prompt assembly tests."""
+
+    chat_template = None
+    eos_token_id = 1
+    unk_token_id = None
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {"<pad>": 0, "<eos>": 1}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        words = text.replace("\n", " \n ").split(" ")
+        return [self.vocab.setdefault(w, len(self.vocab)) % 64 if w else 2 for w in words]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        inverse = {i % 64: w for w, i in self.vocab.items()}
+        return " ".join(inverse.get(i, "?") for i in ids)
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 1
+
+
+def test_needle_prompt_length_and_placement():
+    tok = WordTokenizer()
+    hay = tok.encode(" ".join(f"word{i}." if i % 5 == 4 else f"word{i}" for i in range(300)))
+    for depth in (0.1, 0.5, 0.9):
+        prompt = Q.needle_prompt(tok, hay, 200, depth, "pelican")
+        assert len(prompt.input_ids) == 200
+        before = tok.decode(prompt.input_ids[prompt.needle_at - 1 : prompt.needle_at])
+        assert before.endswith(".")
+    with pytest.raises(ValueError):
+        Q.needle_prompt(tok, hay[:50], 200, 0.5, "pelican")
+
+
+def test_needle_test_runs_every_cache(model):
+    tok = WordTokenizer()
+    hay = tok.encode(" ".join(f"w{i}." for i in range(200)))
+    res = Q.needle_test(model, tok, hay, [48, 64], [0.25, 0.75], 16, Q.parse_specs("4/4", (True,)), max_new_tokens=2)
+    assert set(res) == {"baseline", "k4v4+nc"}
+    assert set(res["k4v4+nc"]) == {"48", "64"} and set(res["k4v4+nc"]["48"]) == {"0.25", "0.75"}
+    cell = res["baseline"]["64"]["0.25"]
+    assert cell["prompt_tokens"] == 64 and isinstance(cell["pass"], bool)
+    assert set(Q.needle_pass_rate(res)) == {"baseline", "k4v4+nc"}
+
+
+@pytest.mark.network
+def test_smollm2_short_window_quality():
+    from turboquant_vllm.eval import data
+
+    model, tokenizer = Q.load_model(data.smollm2_hf_dir())
+    tokens = data.austen_token_stream(tokenizer, 513)
+    res = Q.evaluate_quality(model, tokens, [512], 256, Q.parse_specs("4/4", (True,)))["512"]
+    assert res["baseline"]["perplexity"] < 60
+    assert res["configs"]["k4v4+nc"]["kl"] < 0.05
+    assert res["configs"]["k4v4+nc"]["top1_agreement"] > 0.85

@@ -1,0 +1,122 @@
+"""The turboquant-vllm command line: argparse wiring, help, and the offline layout calculator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from turboquant_vllm import cli
+
+
+def test_subcommands_parse_with_defaults():
+    parser = cli.build_parser()
+    ev = parser.parse_args(["eval"])
+    assert ev.command == "eval" and ev.tokens == 50000 and ev.context == [512, 2048, 8192]
+    assert ev.bits == cli.DEFAULT_BITS and ev.norm_correction == "both" and ev.chunk == 256
+    assert ev.needle_lengths == [1024, 2048, 4096, 8192] and ev.needle_depths[0] == 0.1 and len(ev.needle_depths) == 9
+    assert ev.out == "benchmarks/results" and ev.device == "auto"
+    demo = parser.parse_args(["demo", "--tokens", "513", "--context", "512", "--bits", "4/4", "--out", "/tmp/x"])
+    assert (demo.tokens, demo.context, demo.bits, demo.out) == (513, 512, "4/4", "/tmp/x")
+
+
+def test_eval_lists_and_flags():
+    args = cli.build_parser().parse_args(
+        ["eval", "--tokens", "2000", "--context", "512,1024", "--needle-depths", "0.5", "--no-needle",
+         "--norm-correction", "on", "--dtype", "bfloat16"]
+    )  # fmt: skip
+    assert args.context == [512, 1024] and args.needle_depths == [0.5] and args.no_needle and not args.no_quality
+    assert cli.NORM_CORRECTION[args.norm_correction] == (True,) and args.dtype == "bfloat16"
+
+
+def test_command_is_required_and_bad_choices_fail(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([])
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["eval", "--norm-correction", "maybe"])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["eval", "--help"], ["layout", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: turboquant-vllm" in out
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "turboquant_vllm.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "demo" in result.stdout and "eval" in result.stdout
+
+
+def test_layout_prints_compression(capsys):
+    assert cli.main(["layout", "--heads", "3", "--head-dim", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "4/4" in out and "216" in out  # 3 heads x (32 + 4) B x (K, V) per token; bf16 is 768
+    assert "3.56x" in out
+
+
+class _Tokenizer:
+    """Just enough tokenizer for the needle prompt: one id per word, ids wrap at the vocabulary size."""
+
+    chat_template, eos_token_id, unk_token_id = None, 1, None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [2 + sum(map(ord, w)) % 60 for w in text.split(" ")]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return " ".join("." if i % 7 == 0 else f"w{i}" for i in ids)
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 1
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Swap the real model and Austen for a tiny random Llama and random ids."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from turboquant_vllm.eval import data
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=256, pad_token_id=0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    monkeypatch.setattr(cli, "_load", lambda args, console: (model, _Tokenizer(), "tiny-llama"))
+    ids = torch.randint(2, 64, (4096,), generator=torch.Generator().manual_seed(1)).tolist()
+    monkeypatch.setattr(data, "austen_token_stream", lambda tokenizer, n, **kw: ids[:n])
+
+
+def _argv(command: str, options: dict[str, object]) -> list[str]:
+    return [command, *(str(x) for pair in options.items() for x in pair)]
+
+
+def test_eval_writes_json_and_png(offline, tmp_path):
+    options = {"--tokens": 97, "--context": 48, "--chunk": 16, "--bits": "4/4", "--norm-correction": "on"}
+    options |= {"--needle-lengths": 48, "--needle-depths": 0.5, "--out": tmp_path, "--name": "t"}
+    argv = _argv("eval", options)
+    assert cli.main(argv) == 0
+    payload = json.loads((tmp_path / "t.json").read_text())
+    assert payload["quality"]["48"]["configs"]["k4v4+nc"]["tokens"] == 64
+    assert set(payload["needle"]) == {"baseline", "k4v4+nc"} and "needle_pass_rate" in payload
+    assert payload["provenance"]["versions"]["torch"]
+    assert (tmp_path / "t.png").stat().st_size > 0 and (tmp_path / "t_needle.png").stat().st_size > 0
+
+
+def test_demo_writes_json_and_png(offline, tmp_path):
+    options = {"--capture-tokens": 32, "--tokens": 65, "--context": 32, "--chunk": 16, "--bits": "4/4"}
+    argv = _argv("demo", {**options, "--out": tmp_path})
+    assert cli.main(argv) == 0
+    payload = json.loads((tmp_path / "demo.json").read_text())
+    assert set(payload["kv_errors"]) == {"4", "3", "2"}
+    assert payload["kv_errors"]["4"]["compression_vs_bf16"] == pytest.approx(128 / 36)
+    assert payload["kv_errors"]["2"]["k_rel_mse"] > payload["kv_errors"]["4"]["k_rel_mse"]
+    assert "k4v4+nc" in payload["quality"]["32"]["configs"]
+    assert (tmp_path / "demo.png").stat().st_size > 0
