@@ -133,6 +133,20 @@ def _codes(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: t
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i):
+    """One online-softmax update in log2 units: scores s [M, N] against running max m_i and sum l_i [M].
+
+    Returns the tile's probabilities p, the factor alpha that rescales earlier accumulators, and the
+    new (max, sum). Rows that have seen only -inf keep a reference of 0 so exp2 never sees inf - inf.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     rot_ptr, k_cent_ptr, v_cent_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr,
@@ -191,12 +205,7 @@ def _attention_kernel(
                             mask=j_ok, other=0.0).to(NEW_DTYPE)  # fmt: skip
             s = tl.dot(q, tl.trans(k_new), input_precision=PREC) * qk_scale
             s = tl.where(row_ok[:, None] & (j[None, :] <= qi[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(s - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
             v_new = tl.load(v_ptr + (kv_tok * stride_vt + kh * stride_vh)[:, None] + dim[None, :] * stride_vd,
                             mask=j_ok, other=0.0).to(NEW_DTYPE)  # fmt: skip
             acc = acc * alpha[:, None] + tl.dot(p.to(NEW_DTYPE), v_new, input_precision=PREC)
@@ -222,12 +231,7 @@ def _attention_kernel(
         k_scale = tl.load((row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
         s = tl.dot(q_rot, tl.trans(tl.load(k_cent_ptr + k_idx).to(OP_DTYPE)), input_precision=PREC)
         s = tl.where(live[None, :], s * k_scale[None, :], float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         v_idx = _codes(row_ptr + V_INDEX_OFFSET + kh * V_INDEX_BYTES, live, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
         v_scale = tl.load((row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
         pv = (p * v_scale[None, :]).to(OP_DTYPE)
