@@ -1,5 +1,5 @@
-# Source me: creates .venv on first use and installs the package with the extras the tests need.
-set -e
+# Source me (from a script running under set -e): creates .venv on first use and installs the package
+# with the extras the tests need.
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${TURBOQUANT_VENV:-$ROOT/.venv}
 EXTRAS=${TURBOQUANT_EXTRAS:-dev,vllm}
@@ -13,4 +13,3 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
-set +e
