@@ -28,7 +28,8 @@ def test_round_trip(bits, groups, lead, seed):
     idx = torch.randint(0, 1 << bits, (*lead, d), generator=gen).to(torch.uint8)
     packed = pack_indices(idx, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (*lead, d * bits // 8)
-    assert torch.equal(unpack_indices(packed, bits, d), idx)
+    unpacked = unpack_indices(packed, bits, d)
+    assert unpacked.dtype == torch.uint8 and torch.equal(unpacked, idx)
 
 
 @settings(max_examples=100, deadline=None)

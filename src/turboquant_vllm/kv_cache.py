@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.config import TQConfig, TQConfigError
-from turboquant_vllm.packing import pack_indices
+from turboquant_vllm.packing import pack_indices, unpack_indices
 from turboquant_vllm.quantizer import MSEQuantizer, QuantizedVectors
 
 
@@ -31,24 +31,6 @@ def compress(quant: MSEQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return pack_indices(q.indices, quant.bits), q.scales
 
 
-def unpack_narrow(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
-    """packing.unpack_indices with uint8 (2, 4 bits) or int32 (3 bits) scratch instead of int64.
-
-    Same little-endian bit stream: a byte holds 8 / bits whole indices when bits divides 8,
-    otherwise 8 indices share a 3-byte word.
-    """
-    if 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        indices = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return indices.reshape(*packed.shape[:-1], head_dim)
-    groups = packed.reshape(*packed.shape[:-1], head_dim // 8, bits).to(torch.int32)
-    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int32, device=packed.device)
-    words = (groups << byte_shifts).sum(-1, dtype=torch.int32)
-    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int32, device=packed.device)
-    indices = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return indices.to(torch.uint8).reshape(*packed.shape[:-1], head_dim)
-
-
 def expand_into(quant: MSEQuantizer, packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
     """Dequantise packed [B, H, T, nb] / scales [B, H, T] into out [B, H, T, d] (original basis, out's dtype).
 
@@ -58,7 +40,7 @@ def expand_into(quant: MSEQuantizer, packed: torch.Tensor, scales: torch.Tensor,
     step = max(1, BLOCK_VECTORS // max(batch * heads, 1))
     for start in range(0, tokens, step):
         end = min(tokens, start + step)
-        indices = unpack_narrow(packed[:, :, start:end], quant.bits, quant.head_dim)
+        indices = unpack_indices(packed[:, :, start:end], quant.bits, quant.head_dim)
         out[:, :, start:end] = quant.dequantize(QuantizedVectors(indices, scales[:, :, start:end]))
 
 

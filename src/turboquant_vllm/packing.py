@@ -35,13 +35,20 @@ def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_indices(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
-    """Inverse of pack_indices: uint8 [..., head_dim * bits / 8] -> uint8 indices [..., head_dim]."""
+    """Inverse of pack_indices: uint8 [..., head_dim * bits / 8] -> uint8 indices [..., head_dim].
+
+    Scratch stays narrow (uint8 for 2 and 4 bits, int32 words for 3) because the HF cache
+    unpacks whole contexts with it.
+    """
     check_bits("bits", bits)
     if packed.shape[-1] * 8 != head_dim * bits:
         raise ValueError(f"{packed.shape[-1]} bytes cannot hold {head_dim} indices of {bits} bits")
-    groups = packed.to(torch.int64).reshape(*packed.shape[:-1], head_dim // GROUP, bits)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    words = (groups << byte_shifts).sum(-1)
-    shifts = torch.arange(GROUP, device=packed.device, dtype=torch.int64) * bits
-    indices = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return indices.reshape(*packed.shape[:-1], head_dim).to(torch.uint8)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # whole indices per byte, lowest bits first
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(-1) >> shifts) & mask).reshape(*packed.shape[:-1], head_dim)
+    groups = packed.reshape(*packed.shape[:-1], head_dim // GROUP, bits).to(torch.int32)
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int32, device=packed.device)
+    words = (groups << byte_shifts).sum(-1, dtype=torch.int32)  # < 2^24 for 3 bits
+    shifts = torch.arange(0, GROUP * bits, bits, dtype=torch.int32, device=packed.device)
+    return ((words.unsqueeze(-1) >> shifts) & mask).to(torch.uint8).reshape(*packed.shape[:-1], head_dim)

@@ -12,7 +12,6 @@ from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.config import TQConfig, TQConfigError
 from turboquant_vllm.kernels.reference import dequantize_ref, store_ref
 from turboquant_vllm.kv_cache import CompressedDynamicCache, CompressedLayer, cache_kwargs, dynamic_cache_bytes
-from turboquant_vllm.packing import pack_indices, unpack_indices
 from turboquant_vllm.quantizer import MSEQuantizer
 
 HEAD_DIM = 64
@@ -130,14 +129,6 @@ def test_update_returns_dequantised_context_and_exact_new_tokens(k_bits, v_bits,
     assert set(stored) == {"k_packed", "k_scales", "v_packed", "v_scales"}  # no full-precision copy kept
     assert stored["k_packed"].dtype == torch.uint8 and stored["k_scales"].dtype == torch.float32
     assert stored["k_packed"].shape == (2, KV_HEADS, 8, HEAD_DIM * k_bits // 8)
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_narrow_unpack_matches_packing(bits):
-    indices = torch.randint(0, 1 << bits, (3, 5, 7, 96), generator=torch.Generator().manual_seed(bits))
-    packed = pack_indices(indices, bits)
-    got = kv_cache.unpack_narrow(packed, bits, 96)
-    assert got.dtype == torch.uint8 and torch.equal(got, unpack_indices(packed, bits, 96))
 
 
 def test_blockwise_expand_equals_one_block(monkeypatch):
