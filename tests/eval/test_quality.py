@@ -155,8 +155,8 @@ def test_smollm2_short_window_quality():
     from turboquant_vllm.eval import data
 
     model, tokenizer = Q.load_model(data.smollm2_hf_dir())
-    tokens = data.austen_token_stream(tokenizer, 513)
-    res = Q.evaluate_quality(model, tokens, [512], 256, Q.parse_specs("4/4", (True,)))["512"]
+    tokens = data.austen_token_stream(tokenizer, 257)
+    res = Q.evaluate_quality(model, tokens, [256], 128, Q.parse_specs("4/4", (True,)))["256"]
     assert res["baseline"]["perplexity"] < 60
     assert res["configs"]["k4v4+nc"]["kl"] < 0.05
     assert res["configs"]["k4v4+nc"]["top1_agreement"] > 0.85
