@@ -234,6 +234,7 @@ def run_demo(args: argparse.Namespace) -> None:
     for key in ("k_rel_mse", "v_rel_mse", "ip_rel_err", "attn_rel_err"):
         axes[0].plot([int(b) for b in bits], [errors[b][key] for b in bits], marker="o", label=key)
     axes[0].set(yscale="log", xlabel="bits per coordinate (K and V)", title="relative errors on real K/V")
+    axes[0].set_xticks([int(b) for b in bits])
     axes[0].legend(fontsize=7)
     res = quality[str(args.context)]
     names = list(res["configs"])
