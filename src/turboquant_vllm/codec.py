@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from turboquant_vllm.config import TQConfig
@@ -41,3 +43,9 @@ class KVCodec:
         """An empty paged cache, uint8 [num_blocks, block_size, bytes_per_token]."""
         device = device if device is not None else self.rotation.device
         return torch.zeros(num_blocks, block_size, self.layout.bytes_per_token, dtype=torch.uint8, device=device)
+
+
+@lru_cache(maxsize=64)
+def shared_codec(config: TQConfig, num_kv_heads: int, head_dim: int, device: torch.device) -> KVCodec:
+    """One read-only codec per (config, geometry, device), shared by every layer that matches."""
+    return KVCodec(config, num_kv_heads, head_dim, device)

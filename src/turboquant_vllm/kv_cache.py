@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.codec import KVCodec, shared_codec
 from turboquant_vllm.config import TQConfig, TQConfigError
 from turboquant_vllm.packing import pack_indices, unpack_indices
 from turboquant_vllm.quantizer import MSEQuantizer, QuantizedVectors
-
-
-@lru_cache(maxsize=64)
-def _codec(config: TQConfig, num_kv_heads: int, head_dim: int, device: torch.device) -> KVCodec:
-    """One codec per (config, geometry, device), shared by all layers: rotation and codebooks are read-only."""
-    return KVCodec(config, num_kv_heads, head_dim, device)
-
 
 # Vectors dequantised per block: bounds the fp32/int64 scratch of a long context to a few tens of MB.
 BLOCK_VECTORS = 1 << 15
@@ -115,7 +108,7 @@ class CompressedLayer(CacheLayerMixin):
                 "TurboQuant shares one rotation between K and V."
             )
         self.device, self.dtype = key_states.device, key_states.dtype
-        self.codec = _codec(self.config, heads, head_dim, key_states.device)
+        self.codec = shared_codec(self.config, heads, head_dim, key_states.device)
         lay = self.codec.layout
 
         def empty(*tail: int, dtype: torch.dtype) -> torch.Tensor:

@@ -7,7 +7,6 @@ forward -> kernels.decode.paged_attention (context from pages, this step's token
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from typing import ClassVar
 
 import torch
@@ -23,8 +22,8 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.config import TQConfig, TQConfigError, check_head_dim
+from turboquant_vllm.codec import KVCodec, shared_codec
+from turboquant_vllm.config import TQConfigError, check_head_dim
 from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.layout import PageLayout
@@ -153,12 +152,6 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         )
 
 
-@cache
-def _codec(config: TQConfig, num_kv_heads: int, head_dim: int, device: torch.device) -> KVCodec:
-    """One codec per (config, shape, device): every layer shares the rotation and codebooks."""
-    return KVCodec(config, num_kv_heads, head_dim, device)
-
-
 class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
     """compress -> store (do_kv_cache_update); attention over pages + exact new tokens (forward)."""
 
@@ -203,7 +196,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         self.attn_type = attn_type
 
     def codec(self, device: torch.device) -> KVCodec:
-        return _codec(self.config, self.num_kv_heads, self.head_size, device)
+        return shared_codec(self.config, self.num_kv_heads, self.head_size, device)
 
     def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
