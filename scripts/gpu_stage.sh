@@ -3,6 +3,7 @@
 #   kernels: GPU kernel tests + store/dequant and decode benchmarks (needs only torch + triton)
 #   vllm:    vLLM backend tests (layer level + real engines) and the SmolLM2 quality run (needs the bundle)
 #   engine:  the engine table (KV capacity, TPOT) for MODES (default: all four)
+#   smoke:   a short first contact: decode profile, backend tests, one engine per backend path, a small quality run
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
@@ -27,6 +28,14 @@ case "$1" in
   engine)
     timeout 570 python3 benchmarks/bench_engine.py --out "$RESULTS_DIR/engine.json" \
       --modes "${MODES:-bf16,fp8,tq_native,ours}" --timeout "${MODE_TIMEOUT:-280}" >>"$LOG" 2>&1
+    ;;
+  smoke)
+    export TURBOQUANT_VLLM_CACHE=$PWD/.assets VLLM_ENABLE_V1_MULTIPROCESSING=0
+    timeout 90 python3 benchmarks/profile_decode.py --out "$RESULTS_DIR/profile_decode.json" >>"$LOG" 2>&1
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/vllm/test_backend.py \
+      "tests/vllm/test_engine.py::test_custom_backend_generates" 2>&1 | tail -60 >>"$LOG"
+    timeout 150 python3 benchmarks/bench_vllm_quality.py --out "$RESULTS_DIR/vllm_quality.json" \
+      --windows 6 --timeout 70 --modes bf16_ref,ours_4_4 >>"$LOG" 2>&1
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac
