@@ -59,9 +59,10 @@ def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool) -> d
             entry = out.prompt_logprobs[pos]
             actual.append(entry[prompt[pos]].logprob)
             top1.append(next(tok for tok, lp in entry.items() if lp.rank == 1))
-    chat = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          tokenize=True) for p in GREEDY_PROMPTS]
-    chat = [c["input_ids"] if isinstance(c, dict) else list(c) for c in chat]
+    # Render to text, then encode: apply_chat_template(tokenize=True) returns a BatchEncoding in transformers 5.
+    chat = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                           add_generation_prompt=True), add_special_tokens=False)
+            for p in GREEDY_PROMPTS]
     greedy = llm.generate([{"prompt_token_ids": c} for c in chat],
                           SamplingParams(max_tokens=48, temperature=0.0), use_tqdm=False)
     cache = llm.llm_engine.vllm_config.cache_config
