@@ -100,14 +100,32 @@ def _argv(command: str, options: dict[str, object]) -> list[str]:
 
 def test_eval_writes_json_and_png(offline, tmp_path):
     options = {"--tokens": 97, "--context": 48, "--chunk": 16, "--bits": "4/4", "--norm-correction": "on"}
-    options |= {"--needle-lengths": 48, "--needle-depths": 0.5, "--out": tmp_path, "--name": "t"}
+    options |= {"--needle-lengths": 48, "--needle-depths": 0.5, "--out": tmp_path, "--name": "t", "--batch": 2}
     argv = _argv("eval", options)
     assert cli.main(argv) == 0
     payload = json.loads((tmp_path / "t.json").read_text())
     assert payload["quality"]["48"]["configs"]["k4v4+nc"]["tokens"] == 64
+    memory = payload["kv_memory"]  # --memory-tokens 8192 is capped at the model's 256 positions
+    assert memory["tokens"] == 256 and set(memory["configs"]) == {"k4v4"}
+    assert memory["configs"]["k4v4"]["ratio"] == pytest.approx(2 * 64 * 4 / 72)  # fp32 K/V vs 32 + 4 B each
+    assert memory["configs"]["k4v4"]["ratio_vs_bf16"] == pytest.approx(2 * 64 * 2 / 72)
     assert set(payload["needle"]) == {"baseline", "k4v4+nc"} and "needle_pass_rate" in payload
     assert payload["provenance"]["versions"]["torch"]
     assert (tmp_path / "t.png").stat().st_size > 0 and (tmp_path / "t_needle.png").stat().st_size > 0
+
+
+def test_eval_checkpoints_survive_an_interrupted_run(offline, tmp_path, monkeypatch):
+    from turboquant_vllm.eval import quality
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quality, "needle_test", interrupted)
+    options = {"--tokens": 97, "--context": "32,48", "--chunk": 16, "--bits": "2/2", "--memory-tokens": 64}
+    assert cli.main(_argv("eval", {**options, "--out": tmp_path, "--name": "cut"})) == 130
+    payload = json.loads((tmp_path / "cut.json").read_text())
+    assert set(payload["quality"]) == {"32", "48"} and payload["kv_memory"]["tokens"] == 64
+    assert "needle" not in payload and payload["seconds"] > 0
 
 
 def test_demo_writes_json_and_png(offline, tmp_path):

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--residual", type=_ints, default=[0], help="exact recent-token windows to try, e.g. 0,64 (0)")
     ev.add_argument("--needle-lengths", type=_ints, default=[1024, 2048, 4096, 8192])
     ev.add_argument("--needle-depths", type=_floats, default=[round(0.1 * i, 1) for i in range(1, 10)])
+    ev.add_argument("--batch", type=int, default=1, help="windows / needle prompts per forward call (1; 16 on a GPU)")
+    ev.add_argument(
+        "--memory-tokens", type=int, default=8192, help="prefill length of the KV memory check (8192; 0: skip)"
+    )
     ev.add_argument("--no-quality", action="store_true", help="skip the teacher-forced evaluation")
     ev.add_argument("--no-needle", action="store_true", help="skip the needle test")
     ev.add_argument("--name", default="eval", help="file name stem of the results (eval)")
@@ -111,9 +115,16 @@ def _load(args: argparse.Namespace, console) -> tuple[Any, Any, str]:
     return model, tokenizer, str(path)
 
 
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic, so a run killed mid-write still leaves the previous checkpoint readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _save(out: Path, stem: str, payload: dict[str, Any], figure, console) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    _write_json(out / f"{stem}.json", payload)
     figure.savefig(out / f"{stem}.png", dpi=120, bbox_inches="tight")
     console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
 
@@ -292,16 +303,26 @@ def plot_needle(results: dict[str, Any], plt):
     return fig
 
 
+def memory_table(memory: dict[str, Any]):
+    from rich.table import Table
+
+    exact = memory["dynamic_cache"]
+    table = Table(title=f"KV cache after a {memory['tokens']}-token prefill, {memory['layers']} layers (measured)")
+    for col in ("cache", "MiB", "vs DynamicCache", "vs bf16 DynamicCache"):
+        table.add_column(col, justify="right")
+    table.add_row(f"DynamicCache ({exact['dtype']})", f"{exact['bytes'] / 2**20:.2f}", "1.00x", "")
+    for name, row in memory["configs"].items():
+        table.add_row(name, f"{row['bytes'] / 2**20:.2f}", f"{row['ratio']:.2f}x", f"{row['ratio_vs_bf16']:.2f}x")
+    return table
+
+
 def run_eval(args: argparse.Namespace) -> None:
+    """Memory, then quality per context, then needle per length; the JSON is rewritten after each step,
+    so a run cut short by a timeout keeps what it finished."""
     from turboquant_vllm.eval import data
+    from turboquant_vllm.eval.memory import kv_memory
     from turboquant_vllm.eval.provenance import provenance
-    from turboquant_vllm.eval.quality import (
-        evaluate_quality,
-        needle_pass_rate,
-        needle_test,
-        parse_specs,
-        quality_steps,
-    )
+    from turboquant_vllm.eval.quality import evaluate_quality, needle_pass_rate, needle_test, parse_specs, quality_steps
 
     console = _console()
     started = time.perf_counter()
@@ -314,13 +335,30 @@ def run_eval(args: argparse.Namespace) -> None:
     }
     plt = _pyplot()
     out = Path(args.out)
+
+    def checkpoint() -> None:
+        payload["seconds"] = time.perf_counter() - started
+        _write_json(out / f"{args.name}.json", payload)
+
+    max_pos = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 30
+    memory_tokens = min(args.memory_tokens, max_pos)
+    if memory_tokens > 0:
+        tokens = data.austen_token_stream(tokenizer, memory_tokens)
+        with console.status(f"KV memory: {memory_tokens}-token prefill per stored format"):
+            payload["kv_memory"] = kv_memory(model, tokens, args.chunk, specs)
+        console.print(memory_table(payload["kv_memory"]))
+        checkpoint()
     if not args.no_quality:
         tokens = data.austen_token_stream(tokenizer, args.tokens)
+        payload["quality"] = {}
         with _progress(console) as progress:
-            task = progress.add_task("teacher-forced", total=quality_steps(len(tokens), args.context, args.chunk))
-            payload["quality"] = evaluate_quality(
-                model, tokens, args.context, args.chunk, specs, lambda: progress.advance(task)
-            )
+            total = quality_steps(len(tokens), args.context, args.chunk, args.batch)
+            task = progress.add_task("teacher-forced", total=total)
+            for context in args.context:
+                payload["quality"] |= evaluate_quality(
+                    model, tokens, [context], args.chunk, specs, lambda: progress.advance(task), args.batch
+                )
+                checkpoint()
         console.print(
             quality_table(
                 payload["quality"],
@@ -330,20 +368,18 @@ def run_eval(args: argparse.Namespace) -> None:
     if not args.no_needle:
         haystack = data.austen_token_stream(tokenizer, max(args.needle_lengths) + 64)
         total = len(args.needle_lengths) * len(args.needle_depths) * (len(specs) + 1)
+        needle: dict[str, Any] = {}
         with _progress(console) as progress:
             task = progress.add_task("needle", total=total)
-            needle = needle_test(
-                model,
-                tokenizer,
-                haystack,
-                args.needle_lengths,
-                args.needle_depths,
-                args.chunk,
-                specs,
-                step=lambda: progress.advance(task),
-            )
-        payload["needle"] = needle
-        payload["needle_pass_rate"] = needle_pass_rate(needle)
+            for length in args.needle_lengths:
+                found = needle_test(
+                    model, tokenizer, haystack, [length], args.needle_depths, args.chunk, specs,
+                    step=lambda: progress.advance(task), batch=args.batch,
+                )  # fmt: skip
+                for name, by_length in found.items():
+                    needle.setdefault(name, {}).update(by_length)
+                payload["needle"], payload["needle_pass_rate"] = needle, needle_pass_rate(needle)
+                checkpoint()
         console.print(needle_table(needle))
         out.mkdir(parents=True, exist_ok=True)
         plot_needle(needle, plt).savefig(out / f"{args.name}_needle.png", dpi=120, bbox_inches="tight")

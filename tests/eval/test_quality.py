@@ -71,10 +71,11 @@ def test_parse_specs_names_and_options():
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 64])
-def test_chunked_exact_cache_equals_one_forward(model, chunk):
-    ids = torch.randint(1, 64, (1, 40), generator=torch.Generator().manual_seed(chunk))
+@pytest.mark.parametrize("rows", [1, 3])
+def test_chunked_exact_cache_equals_one_forward(model, chunk, rows):
+    ids = torch.randint(1, 64, (rows, 40), generator=torch.Generator().manual_seed(chunk))
     with torch.no_grad():
-        whole = model(input_ids=ids).logits[0]
+        whole = model(input_ids=ids).logits
     torch.testing.assert_close(Q.chunked_logits(model, ids, chunk, DynamicCache()), whole, rtol=0, atol=2e-5)
 
 
@@ -98,6 +99,20 @@ def test_evaluate_quality_baseline_matches_unchunked_logits(model):
     k4, k2 = out["configs"]["k4v4+nc"], out["configs"]["k2v2+nc"]
     assert 0 < k4["kl"] < k2["kl"]
     assert 0 <= k2["top1_agreement"] <= k4["top1_agreement"] <= 1
+
+
+def test_batched_windows_score_like_one_at_a_time(model):
+    tokens = torch.randint(1, 64, (161,), generator=torch.Generator().manual_seed(6)).tolist()
+    specs = Q.parse_specs("3/2", (True, False))
+    one = Q.evaluate_quality(model, tokens, [32], 16, specs)["32"]
+    steps = []
+    batched = Q.evaluate_quality(model, tokens, [32], 16, specs, step=lambda: steps.append(1), batch=3)["32"]
+    assert len(steps) == Q.quality_steps(len(tokens), [32], 16, batch=3) == 2 * 2  # 5 windows: batches of 3 and 2
+    assert batched["windows"] == one["windows"] == 5
+    assert batched["baseline"]["tokens"] == one["baseline"]["tokens"] == 5 * 16
+    for name in ("k3v2+nc", "k3v2"):
+        for key in ("perplexity", "kl", "top1_agreement"):
+            assert batched["configs"][name][key] == pytest.approx(one["configs"][name][key], rel=1e-4, abs=1e-7)
 
 
 def test_context_must_exceed_chunk(model):
@@ -148,6 +163,27 @@ def test_needle_test_runs_every_cache(model):
     cell = res["baseline"]["64"]["0.25"]
     assert cell["prompt_tokens"] == 64 and isinstance(cell["pass"], bool)
     assert set(Q.needle_pass_rate(res)) == {"baseline", "k4v4+nc"}
+
+
+def test_batched_greedy_answers_match_single_rows(model):
+    prompts = torch.randint(2, 64, (3, 37), generator=torch.Generator().manual_seed(2)).tolist()
+    spec = Q.parse_specs("4/4", (True,))[0]
+    singles = [Q.greedy_answers(model, [p], 16, spec.make(model), 6, eos=set())[0] for p in prompts]
+    assert all(len(s) == 6 for s in singles)
+    assert Q.greedy_answers(model, prompts, 16, spec.make(model), 6, eos=set()) == singles
+    word = singles[0][2]  # as eos: answers end before it, rows without it run to max_new_tokens
+    cut = Q.greedy_answers(model, prompts, 16, spec.make(model), 6, eos={word})
+    for got, full in zip(cut, singles, strict=True):
+        assert got == (full[: full.index(word)] if word in full else full)
+    with pytest.raises(ValueError, match="one length"):
+        Q.greedy_answers(model, [prompts[0], prompts[1][:-1]], 16, DynamicCache(), 2, set())
+
+
+def test_needle_batches_depths_like_single_runs(model):
+    tok = WordTokenizer()
+    hay = tok.encode(" ".join(f"w{i}." for i in range(200)))
+    args = (model, tok, hay, [48], [0.2, 0.5, 0.8], 16, Q.parse_specs("2/2", (False,)))
+    assert Q.needle_test(*args, max_new_tokens=3, batch=2) == Q.needle_test(*args, max_new_tokens=3)
 
 
 @pytest.mark.network

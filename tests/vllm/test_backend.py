@@ -100,12 +100,19 @@ def common_metadata(batch) -> CommonAttentionMetadata:
     )
 
 
-def test_builder_splits_only_small_decode_batches():
+def test_builder_routes_decodes_to_the_kernel_and_chunks_to_prefill():
     builder = make_builder(8, 2, 64)
     decode = builder.build(0, common_metadata(make_batch(SCENARIOS["decode"], 8, 2, 64)))
-    assert decode.num_splits > 1 and decode.workspace is builder.workspace
-    prefill = builder.build(0, common_metadata(make_batch(SCENARIOS["mixed"], 8, 2, 64)))
-    assert prefill.num_splits == 1 and prefill.workspace is None
+    assert decode.num_splits > 1 and decode.workspace is builder.workspace and decode.prefill is None
+    assert decode.num_decodes == 4 and decode.num_decode_tokens == 4
+    mixed = builder.build(0, common_metadata(make_batch(SCENARIOS["mixed"], 8, 2, 64)))
+    assert (mixed.num_decodes, mixed.num_decode_tokens, mixed.max_query_len) == (2, 2, 1)
+    plan = mixed.prefill  # requests (0, 40) and (31, 9): 40 + 40 buffer rows, 49 query rows
+    assert plan.q_lo == 2 and plan.num_tokens == 49 and plan.cu_k_host == [0, 40, 80] and plan.has_context
+    assert (plan.slots[:40] == -1).all() and (plan.slots[40:71] >= 0).all() and (plan.slots[71:] == -1).all()
+    assert plan.new_rows.tolist() == list(range(40)) + list(range(71, 80))
+    prefill = builder.build(0, common_metadata(make_batch(SCENARIOS["prefill"], 8, 2, 64)))
+    assert prefill.num_decodes == 0 and not prefill.prefill.has_context
     big = make_batch([(3, 1)] * (tq_backend.MAX_SPLIT_TOKENS + 1), 8, 2, 64)
     assert builder.build(0, common_metadata(big)).num_splits == 1
 
@@ -130,10 +137,11 @@ def test_profiling_run_launches_no_kernel(monkeypatch):
     assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_forward_is_one_kernel_call_on_the_actual_tokens(monkeypatch):
-    attention, store = Recorder(), Recorder()
+def test_forward_sends_decodes_to_the_kernel_and_chunks_to_prefill(monkeypatch):
+    attention, store, prefill = Recorder(), Recorder(), Recorder()
     monkeypatch.setattr(tq_backend, "paged_attention", attention)
     monkeypatch.setattr(tq_backend, "store_kv", store)
+    monkeypatch.setattr(tq_backend, "prefill_attention", prefill)
     batch = make_batch(SCENARIOS["mixed"], 8, 2, 64)
     md = make_builder(8, 2, 64).build(0, common_metadata(batch))
     impl = TQ4AttentionImpl(8, 64, 0.125, 2)
@@ -143,21 +151,28 @@ def test_forward_is_one_kernel_call_on_the_actual_tokens(monkeypatch):
     impl.do_kv_cache_update(None, batch.key, batch.value, cache, batch.slot_mapping)
     impl.forward(None, padded, batch.key, batch.value, cache, md, out)
     assert len(store.calls) == 1 and store.calls[0][0][4] is batch.slot_mapping
-    assert len(attention.calls) == 1
+    assert len(attention.calls) == 1 and len(prefill.calls) == 1
     args, kwargs = attention.calls[0]
-    assert args[1].shape[0] == batch.query.shape[0]  # padding rows are not attended
-    assert kwargs["num_splits"] == 1 and kwargs["max_query_len"] == batch.max_query_len
-    assert kwargs["out"].data_ptr() == out.data_ptr()
+    assert args[1].shape[0] == 2 and kwargs["query_start_loc"].shape[0] == 3  # the two decodes only
+    assert kwargs["max_query_len"] == 1 and kwargs["out"].data_ptr() == out.data_ptr()
+    assert prefill.calls[0][0][1] is md.prefill and prefill.calls[0][0][-1] is out
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "bits"), [(4, 4, (4, 4)), (8, 2, (4, 3)), (5, 1, (2, 2))])
-def test_layer_output_matches_references(scenario, num_heads, num_kv_heads, bits, monkeypatch, device):
-    """Through the real builder, store and attention kernels (interpreted on CPU, compiled on a GPU)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_output_matches_references(scenario, num_heads, num_kv_heads, bits, dtype, monkeypatch, device):
+    """Through the real builder, store, paged kernel and prefill path (interpreted on CPU, compiled on a GPU).
+
+    fp32 checks the arithmetic tightly against paged_attention_ref; bf16 is what vLLM runs, where
+    the prefill path hands bf16 K/V to FlashAttention (the same rounding as vLLM's own bf16 cache,
+    a few percent on these synthetic keys with 8x outlier channels).
+    """
     cfg = TQConfig(k_bits=bits[0], v_bits=bits[1])
     monkeypatch.setattr(tq_backend, "current_tq_config", lambda: cfg)
     head_dim, scale = 64, 64**-0.5
-    batch = make_batch(SCENARIOS[scenario], num_heads, num_kv_heads, head_dim, seed=len(scenario), device=device)
+    batch = make_batch(SCENARIOS[scenario], num_heads, num_kv_heads, head_dim, seed=len(scenario), device=device,
+                       dtype=dtype)  # fmt: skip
     codec = KVCodec(cfg, num_kv_heads, head_dim, device)
     cache = codec.new_cache(batch.num_blocks, batch.block_size)
     for k, v, slots in zip(batch.context_key, batch.context_value, batch.context_slots, strict=True):
@@ -172,7 +187,8 @@ def test_layer_output_matches_references(scenario, num_heads, num_kv_heads, bits
                               batch.seq_lens, batch.query_start_loc, scale)
     exact = exact_attention(batch, scale)
     err_ref = (out.float() - ref.to(out.device)).abs().max().item()
-    assert err_ref < 3e-2 * ref.abs().max().item(), err_ref  # bf16 output rounding
+    tol = {torch.float32: 2e-3, torch.bfloat16: 6e-2}[dtype]
+    assert err_ref < tol * ref.abs().max().item(), err_ref
     cos = torch.nn.functional.cosine_similarity(out.float().flatten(1), exact.to(out.device).flatten(1), dim=-1).cpu()
     # Loose: quantisation error against exact attention (keys here have 8x outlier channels).
     assert cos.mean().item() > {4: 0.98, 3: 0.96, 2: 0.75}[min(bits)], cos

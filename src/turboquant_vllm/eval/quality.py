@@ -7,6 +7,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import takewhile
 from typing import Any
 
 import torch
@@ -111,7 +112,7 @@ class Tally:
 def chunk_logits(
     model: torch.nn.Module, input_ids: torch.Tensor, chunk: int, cache: Cache, **forward: Any
 ) -> Iterator[torch.Tensor]:
-    """Feed input_ids [1, L] through the model chunk tokens at a time, yielding each chunk's logits [n, V].
+    """Feed input_ids [B, L] through the model chunk tokens at a time, yielding each chunk's logits [B, n, V].
 
     Chunk i attends to chunks < i through the cache (compressed, for a CompressedDynamicCache) and
     to itself exactly, as vLLM's chunked prefill does with our backend. `forward` goes to the model
@@ -120,35 +121,42 @@ def chunk_logits(
     kwargs = {**cache_kwargs(model, cache), **forward}
     for start in range(0, input_ids.shape[1], chunk):
         piece = input_ids[:, start : start + chunk].to(model.device)
-        yield model(input_ids=piece, use_cache=True, **kwargs).logits[0].float()
+        yield model(input_ids=piece, use_cache=True, **kwargs).logits.float()
 
 
 def chunked_logits(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int, cache: Cache) -> torch.Tensor:
-    """All of chunk_logits, concatenated: [L, V]."""
-    return torch.cat(list(chunk_logits(model, input_ids, chunk, cache)))
+    """All of chunk_logits, concatenated: [B, L, V]."""
+    return torch.cat(list(chunk_logits(model, input_ids, chunk, cache)), dim=1)
 
 
-def evaluate_window(
-    model: torch.nn.Module, window: Sequence[int], chunk: int, specs: Sequence[CacheSpec], step: Step = None
+def evaluate_windows(
+    model: torch.nn.Module,
+    windows: Sequence[Sequence[int]],
+    chunk: int,
+    specs: Sequence[CacheSpec],
+    step: Step = None,
 ) -> dict[str, Tally]:
-    """Score one window of L + 1 tokens (inputs 0..L-1, targets 1..L) for the baseline and every spec.
+    """Score equal-length windows of L + 1 tokens (inputs 0..L-1, targets 1..L), one batch row each,
+    for the baseline and every spec.
 
+    Batching windows divides the number of forward calls, which bounds GPU run time for a small model.
     All caches advance in lockstep, so only one chunk of baseline logits is alive at a time.
     Positions in the first chunk are not scored: they attend to exact K/V under every cache.
     """
-    ids = torch.tensor(window, dtype=torch.long).unsqueeze(0)
-    targets = ids[0, 1:].to(model.device)
+    ids = torch.tensor([list(w) for w in windows], dtype=torch.long)
+    targets = ids[:, 1:].to(model.device)
     inputs = ids[:, :-1]
     runs = {s.name: chunk_logits(model, inputs, chunk, s.make(model)) for s in specs}
     baseline_run = chunk_logits(model, inputs, chunk, DynamicCache())
     tallies = {BASELINE: Tally(), **{s.name: Tally() for s in specs}}
     for start, base in zip(range(0, inputs.shape[1], chunk), baseline_run, strict=True):
-        tgt = targets[start : start + base.shape[0]]
+        tgt = targets[:, start : start + base.shape[1]].reshape(-1)
+        base = base.flatten(0, 1)
         scored = start > 0
         if scored:
             tallies[BASELINE].add(base, tgt)
         for name, run in runs.items():
-            logits = next(run)
+            logits = next(run).flatten(0, 1)
             if scored:
                 tallies[name].add(logits, tgt, base)
         if step:
@@ -161,9 +169,9 @@ def windows_for(tokens: Sequence[int], context: int) -> list[list[int]]:
     return [list(tokens[s : s + context + 1]) for s in range(0, len(tokens) - context, context)]
 
 
-def quality_steps(num_tokens: int, contexts: Sequence[int], chunk: int) -> int:
-    """How many times evaluate_quality calls step (one per chunk of every window)."""
-    return sum((num_tokens - 1) // c * math.ceil(c / chunk) for c in contexts)
+def quality_steps(num_tokens: int, contexts: Sequence[int], chunk: int, batch: int = 1) -> int:
+    """How many times evaluate_quality calls step (one per chunk of every batch of windows)."""
+    return sum(math.ceil((num_tokens - 1) // c / batch) * math.ceil(c / chunk) for c in contexts)
 
 
 def evaluate_quality(
@@ -173,8 +181,12 @@ def evaluate_quality(
     chunk: int,
     specs: Sequence[CacheSpec],
     step: Step = None,
+    batch: int = 1,
 ) -> dict[str, Any]:
-    """Per context length: baseline perplexity and, per spec, perplexity, % change, mean KL and top-1 agreement."""
+    """Per context length: baseline perplexity and, per spec, perplexity, % change, mean KL and top-1 agreement.
+
+    batch windows share each forward call.
+    """
     results: dict[str, Any] = {}
     for context in contexts:
         if context <= chunk:
@@ -183,8 +195,8 @@ def evaluate_quality(
         if not windows:
             raise ValueError(f"{len(tokens)} tokens hold no window of {context + 1}")
         totals = {BASELINE: Tally(), **{s.name: Tally() for s in specs}}
-        for window in windows:
-            for name, tally in evaluate_window(model, window, chunk, specs, step).items():
+        for first in range(0, len(windows), batch):
+            for name, tally in evaluate_windows(model, windows[first : first + batch], chunk, specs, step).items():
                 totals[name].merge(tally)
         results[str(context)] = {
             "windows": len(windows),
@@ -251,22 +263,36 @@ def needle_prompt(tokenizer: Any, haystack: Sequence[int], length: int, depth: f
 
 
 @torch.no_grad()
-def greedy_answer(
-    model: torch.nn.Module, input_ids: Sequence[int], chunk: int, cache: Cache, max_new_tokens: int, eos: set[int]
-) -> list[int]:
-    """Chunked prefill (later chunks attend to the compressed earlier ones), then greedy decoding."""
-    ids = torch.tensor([list(input_ids)], dtype=torch.long)
+def greedy_answers(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    chunk: int,
+    cache: Cache,
+    max_new_tokens: int,
+    eos: set[int],
+) -> list[list[int]]:
+    """Chunked prefill of equal-length prompts, one batch row each (later chunks attend to the compressed
+    earlier ones), then greedy decoding until every row has produced an eos token; answers stop before it.
+
+    Tokens stay on the device between steps: the only sync per step is the all-rows-done check.
+    """
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError(f"batched prompts need one length, got {sorted({len(p) for p in prompts})}")
+    ids = torch.tensor([list(p) for p in prompts], dtype=torch.long)
     logits = deque(chunk_logits(model, ids, chunk, cache, logits_to_keep=1), maxlen=1)[0]
     kwargs = cache_kwargs(model, cache)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(logits[-1].argmax())
-        if token in eos:
+    stop = torch.tensor(sorted(eos), dtype=torch.long, device=logits.device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=logits.device)
+    tokens = []
+    for i in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1)
+        tokens.append(token)
+        done |= torch.isin(token, stop)
+        if i + 1 == max_new_tokens or bool(done.all()):
             break
-        out.append(token)
-        step_ids = torch.tensor([[token]], device=model.device)
-        logits = model(input_ids=step_ids, use_cache=True, **kwargs).logits[0].float()
-    return out
+        logits = model(input_ids=token[:, None], use_cache=True, **kwargs).logits
+    rows = torch.stack(tokens, dim=1).tolist()
+    return [list(takewhile(lambda t: t not in eos, row)) for row in rows]
 
 
 def eos_ids(tokenizer: Any, model: torch.nn.Module) -> set[int]:
@@ -287,10 +313,12 @@ def needle_test(
     max_new_tokens: int = 16,
     seed: int = 0,
     step: Step = None,
+    batch: int = 1,
 ) -> dict[str, Any]:
     """Pass/fail of the greedy answer per (length, depth) for the baseline and each spec.
 
-    Lengths are capped so prompt plus answer fit the model's max_position_embeddings.
+    Lengths are capped so prompt plus answer fit the model's max_position_embeddings. The prompts of
+    one length have equal token counts, so up to batch depths share each forward call.
     """
     max_pos = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 30
     eos = eos_ids(tokenizer, model)
@@ -298,20 +326,25 @@ def needle_test(
     results: dict[str, Any] = {s.name: {} for s in all_specs}
     for length in lengths:
         used = min(length, max_pos - max_new_tokens)
-        for i, depth in enumerate(depths):
-            word = random.Random(seed * 1_000_003 + length * 101 + i).choice(NEEDLE_WORDS)
-            prompt = needle_prompt(tokenizer, haystack, used, depth, word)
-            for spec in all_specs:
-                answer_ids = greedy_answer(model, prompt.input_ids, chunk, spec.make(model), max_new_tokens, eos)
-                answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-                results[spec.name].setdefault(str(length), {})[f"{depth:.2f}"] = {
-                    "pass": word in answer.lower(),
-                    "answer": answer,
-                    "word": word,
-                    "prompt_tokens": len(prompt.input_ids),
-                }
-                if step:
-                    step()
+        words = [random.Random(seed * 1_000_003 + length * 101 + i).choice(NEEDLE_WORDS) for i in range(len(depths))]
+        prompts = [needle_prompt(tokenizer, haystack, used, d, w) for d, w in zip(depths, words, strict=True)]
+        for spec in all_specs:
+            cells = results[spec.name].setdefault(str(length), {})
+            for first in range(0, len(prompts), batch):
+                group = prompts[first : first + batch]
+                answers = greedy_answers(
+                    model, [p.input_ids for p in group], chunk, spec.make(model), max_new_tokens, eos
+                )
+                for depth, prompt, answer_ids in zip(depths[first : first + batch], group, answers, strict=True):
+                    answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+                    cells[f"{depth:.2f}"] = {
+                        "pass": prompt.word in answer.lower(),
+                        "answer": answer,
+                        "word": prompt.word,
+                        "prompt_tokens": len(prompt.input_ids),
+                    }
+                    if step:
+                        step()
     return results
 
 

@@ -38,6 +38,7 @@ class _Tiles:
     num_warps: int
     num_stages: int = 2  # software pipelining of the context loop's loads
     maxnreg: int | None = None  # register cap (None: the compiler's choice)
+    prefetch: bool = True  # load tile t+1 while computing tile t
 
 
 _TILES = {
@@ -108,12 +109,11 @@ def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _codes(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-    """Codebook indices of one head in each row, int32 [ROWS, BLOCK_D] in coordinate order.
+def _words(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Packed indices of one head in each row as int32 words [ROWS, BLOCK_D // 8], 8 coordinates per word.
 
-    8 coordinates fill exactly BITS bytes, read as one little-endian word per group (int32
-    for 4-bit, uint16 for 2-bit: field offsets keep them aligned; three bytes for 3-bit),
-    then split with one shift per coordinate: one load per 8 coordinates, never one per coordinate.
+    8 coordinates fill exactly BITS bytes, read as one little-endian word (int32 for 4-bit,
+    uint16 for 2-bit: field offsets keep them aligned; three bytes for 3-bit).
     """
     GROUPS: tl.constexpr = BLOCK_D // 8
     grp = tl.arange(0, GROUPS)
@@ -127,9 +127,41 @@ def _codes(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: t
         word = tl.load(ptr, mask=mask, other=0).to(tl.int32)
         word = word | (tl.load(ptr + 1, mask=mask, other=0).to(tl.int32) << 8)
         word = word | (tl.load(ptr + 2, mask=mask, other=0).to(tl.int32) << 16)
+    return word
+
+
+@triton.jit
+def _split_words(word, BITS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """Codebook indices int32 [ROWS, BLOCK_D] in coordinate order: one shift per coordinate."""
     shifts = tl.arange(0, 8) * BITS
     idx = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(idx, (ROWS, BLOCK_D))
+
+
+@triton.jit
+def _codes(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """Codebook indices of one head in each row, int32 [ROWS, BLOCK_D]: one load per 8 coordinates."""
+    return _split_words(_words(row_ptr, live, BITS, HEAD_DIM, BLOCK_D), BITS, BLOCK_D, ROWS)
+
+
+@triton.jit
+def _context_tile(
+    tile, ctx_len, bt_row, cache_ptr, stride_cb, stride_ct, kh,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
+    V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
+):  # fmt: skip
+    """Issue the loads of one BLOCK_N tile of cached tokens: K/V index words and scales (0 past ctx_len)."""
+    pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = pos < ctx_len
+    block = tl.load(bt_row + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+    row_ptr = cache_ptr + block * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ct
+    k_words = _words(row_ptr + K_INDEX_OFFSET + kh * K_INDEX_BYTES, live, K_BITS, HEAD_DIM, BLOCK_D)
+    k_scale = tl.load((row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
+    v_words = _words(row_ptr + V_INDEX_OFFSET + kh * V_INDEX_BYTES, live, V_BITS, HEAD_DIM, BLOCK_D)
+    v_scale = tl.load((row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
+    return live, k_words, k_scale, v_words, v_scale
 
 
 @triton.jit
@@ -160,6 +192,7 @@ def _attention_kernel(
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     OP_DTYPE: tl.constexpr, NEW_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -222,20 +255,32 @@ def _attention_kernel(
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    # Software prefetch: tile t+1's loads are issued before tile t is computed, hiding their latency.
+    if PREFETCH:
+        live, k_words, k_scale, v_words, v_scale = _context_tile(
+            tile_lo, ctx_len, bt_row, cache_ptr, stride_cb, stride_ct, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
+            K_BITS, V_BITS, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+            V_SCALE_OFFSET)  # fmt: skip
     for tile in range(tile_lo, tile_hi):
-        pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        live = pos < ctx_len
-        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
-        row_ptr = cache_ptr + block * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ct
-        k_idx = _codes(row_ptr + K_INDEX_OFFSET + kh * K_INDEX_BYTES, live, K_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
-        k_scale = tl.load((row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
+        if PREFETCH:
+            nxt = _context_tile(
+                tile + 1, tl.minimum(ctx_len, tile_hi * BLOCK_N), bt_row, cache_ptr, stride_cb, stride_ct, kh,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS, K_INDEX_OFFSET, K_INDEX_BYTES,
+                K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
+        else:
+            live, k_words, k_scale, v_words, v_scale = _context_tile(
+                tile, ctx_len, bt_row, cache_ptr, stride_cb, stride_ct, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
+                K_BITS, V_BITS, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+                V_SCALE_OFFSET)  # fmt: skip
+        k_idx = _split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)
         s = tl.dot(q_rot, tl.trans(tl.load(k_cent_ptr + k_idx).to(OP_DTYPE)), input_precision=PREC)
         s = tl.where(live[None, :], s * k_scale[None, :], float("-inf"))
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-        v_idx = _codes(row_ptr + V_INDEX_OFFSET + kh * V_INDEX_BYTES, live, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
-        v_scale = tl.load((row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
+        v_idx = _split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)
         pv = (p * v_scale[None, :]).to(OP_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(pv, tl.load(v_cent_ptr + v_idx).to(OP_DTYPE), input_precision=PREC)
+        if PREFETCH:
+            live, k_words, k_scale, v_words, v_scale = nxt
 
     if FUSED:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -275,7 +320,7 @@ def _attention_meta(
         ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(),
         OP_DTYPE=tl.float32 if exact else tl.float16, NEW_DTYPE=new_dtype, PREC="ieee" if exact else "tf32",
-        FUSED=fused, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        FUSED=fused, PREFETCH=tiles.prefetch, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if tiles.maxnreg:
         meta["maxnreg"] = tiles.maxnreg

@@ -1,7 +1,8 @@
 """TurboQuant attention backend for vLLM: Backend / MetadataBuilder / Impl over packed uint8 pages.
 
-Token path: do_kv_cache_update -> kernels.store.store_kv (new K/V -> packed rows), then
-forward -> kernels.decode.paged_attention (context from pages, this step's tokens exact).
+Token path: do_kv_cache_update -> kernels.store.store_kv (new K/V -> packed rows), then forward:
+decode-sized queries -> kernels.decode.paged_attention (context read from the pages in-kernel, this
+step's tokens exact); prefill/extend chunks -> vllm.prefill (context dequantised once, FlashAttention).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from turboquant_vllm.codec import KVCodec, shared_codec
@@ -27,6 +29,7 @@ from turboquant_vllm.config import TQConfigError, check_head_dim
 from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.layout import PageLayout
+from turboquant_vllm.vllm.prefill import PrefillPlan, plan_prefill, prefill_attention
 from turboquant_vllm.vllm.spec import current_tq_config
 
 # Split-K is for small decode batches; larger batches already fill the GPU with one split.
@@ -105,7 +108,9 @@ class TQ4Metadata:
     """Per-step attention inputs, shared by all layers of the group.
 
     Sequence s owns queries [query_start_loc[s], query_start_loc[s+1]) and seq_lens[s]
-    tokens in all; its first seq_lens[s] - q_len tokens are cached context.
+    tokens in all; its first seq_lens[s] - q_len tokens are cached context. The first
+    num_decodes sequences (num_decode_tokens query rows) go to the paged kernel, the rest
+    (if any) to the dense prefill path described by `prefill`.
     """
 
     num_actual_tokens: int
@@ -114,8 +119,11 @@ class TQ4Metadata:
     seq_lens: torch.Tensor  # int32 [num_reqs]
     block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
     slot_mapping: torch.Tensor  # int64 [num_tokens], -1 = padding
+    num_decodes: int
+    num_decode_tokens: int
     num_splits: int
     workspace: AttentionWorkspace | None
+    prefill: PrefillPlan | None
 
 
 class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
@@ -138,17 +146,28 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TQ4Metadata:
         cam = common_attn_metadata
-        split = cam.num_actual_tokens <= MAX_SPLIT_TOKENS and cam.max_query_len <= self.reorder_batch_threshold
-        num_splits = choose_num_splits(cam.num_reqs, self.num_kv_heads, MAX_SPLITS, self.num_sms) if split else 1
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
+            cam, decode_threshold=self.reorder_batch_threshold
+        )
+        decode_q_len = cam.max_query_len if num_prefills == 0 else self.reorder_batch_threshold
+        split = num_decode_tokens <= MAX_SPLIT_TOKENS and decode_q_len <= self.reorder_batch_threshold
+        num_splits = choose_num_splits(num_decodes, self.num_kv_heads, MAX_SPLITS, self.num_sms) if split else 1
+        prefill = None
+        if num_prefills:
+            prefill = plan_prefill(cam.query_start_loc_cpu, cam.seq_lens, cam.block_table_tensor,
+                                   self.kv_cache_spec.block_size, num_decodes, cam.num_reqs)  # fmt: skip
         return TQ4Metadata(
             num_actual_tokens=cam.num_actual_tokens,
-            max_query_len=cam.max_query_len,
+            max_query_len=min(cam.max_query_len, decode_q_len),
             query_start_loc=cam.query_start_loc,
             seq_lens=cam.seq_lens,
             block_table=cam.block_table_tensor,
             slot_mapping=cam.slot_mapping,
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
             num_splits=num_splits,
             workspace=self.workspace if num_splits > 1 else None,
+            prefill=prefill,
         )
 
 
@@ -223,17 +242,21 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
             raise NotImplementedError("fused output quantisation is not supported by the TurboQuant backend")
         if attn_metadata is None:  # profiling run: no cache bound yet
             return output.fill_(0)
-        n = attn_metadata.num_actual_tokens
-        paged_attention(
-            self.codec(kv_cache.device), query[:n], key[:n], value[:n], kv_cache,
-            block_table=attn_metadata.block_table,
-            seq_lens=attn_metadata.seq_lens,
-            query_start_loc=attn_metadata.query_start_loc,
-            scale=self.scale,
-            out=output[:n],
-            max_query_len=attn_metadata.max_query_len,
-            num_splits=attn_metadata.num_splits,
-            workspace=attn_metadata.workspace,
-        )
+        md = attn_metadata
+        codec = self.codec(kv_cache.device)
+        if md.num_decodes:
+            n = md.num_decode_tokens
+            paged_attention(
+                codec, query[:n], key[:n], value[:n], kv_cache,
+                block_table=md.block_table,
+                seq_lens=md.seq_lens,
+                query_start_loc=md.query_start_loc[: md.num_decodes + 1],
+                scale=self.scale,
+                out=output[:n],
+                max_query_len=md.max_query_len,
+                num_splits=md.num_splits,
+                workspace=md.workspace,
+            )  # fmt: skip
+        if md.prefill is not None:
+            prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output)
         return output
-
