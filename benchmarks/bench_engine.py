@@ -34,14 +34,29 @@ def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_u
 
     model_dir = write_llama_config(Path(tempfile.mkdtemp()) / "llama8b")
     start = time.perf_counter()
-    llm = LLM(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              gpu_memory_utilization=gpu_util, max_model_len=max_model_len, enable_prefix_caching=False,
-              max_num_seqs=16, seed=0, **MODES[mode])
+    llm = LLM(
+        model=str(model_dir),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        gpu_memory_utilization=gpu_util,
+        max_model_len=max_model_len,
+        enable_prefix_caching=False,
+        max_num_seqs=16,
+        seed=0,
+        **MODES[mode],
+    )
     startup_s = time.perf_counter() - start
     cache = llm.llm_engine.vllm_config.cache_config
-    row = {"mode": mode, "engine_kwargs": MODES[mode], "startup_s": startup_s,
-           "num_gpu_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
-           "kv_cache_size_tokens": getattr(cache, "kv_cache_size_tokens", None), "tpot": []}
+    row = {
+        "mode": mode,
+        "engine_kwargs": MODES[mode],
+        "startup_s": startup_s,
+        "num_gpu_blocks": cache.num_gpu_blocks,
+        "block_size": cache.block_size,
+        "kv_cache_size_tokens": getattr(cache, "kv_cache_size_tokens", None),
+        "tpot": [],
+    }
     print(json.dumps({k: v for k, v in row.items() if k != "tpot"}), flush=True)
 
     def timed(prompts, max_tokens: int) -> float:
@@ -85,13 +100,28 @@ def main() -> None:
 
     from turboquant_vllm.eval.provenance import provenance
 
-    result = {"benchmark": "engine", "baseline": "bf16 FLASH_ATTN (FA3) on the same engine settings",
-              "model": "dummy-weight Llama-3.1-8B shape (32 layers, 8 KV heads, head_dim 128)",
-              "max_model_len": args.max_model_len, "gpu_memory_utilization": args.gpu_memory_utilization,
-              **provenance(sys.argv), "modes": []}
+    result = {
+        "benchmark": "engine",
+        "baseline": "bf16 FLASH_ATTN (FA3) on the same engine settings",
+        "model": "dummy-weight Llama-3.1-8B shape (32 layers, 8 KV heads, head_dim 128)",
+        "max_model_len": args.max_model_len,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        **provenance(sys.argv),
+        "modes": [],
+    }
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--child", mode, "--shapes", args.shapes,
-               "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--shapes",
+            args.shapes,
+            "--max-model-len",
+            str(args.max_model_len),
+            "--gpu-memory-utilization",
+            str(args.gpu_memory_utilization),
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

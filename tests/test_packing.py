@@ -35,8 +35,9 @@ def test_round_trip(bits, groups, lead, seed):
 @settings(max_examples=100, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4]), data=st.data())
 def test_matches_little_endian_bit_stream(bits, data):
-    values = data.draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=8, max_size=8 * 12).filter(
-        lambda v: len(v) % 8 == 0))
+    values = data.draw(
+        st.lists(st.integers(0, (1 << bits) - 1), min_size=8, max_size=8 * 12).filter(lambda v: len(v) % 8 == 0)
+    )
     packed = pack_indices(torch.tensor(values), bits)
     assert bytes(packed.tolist()) == python_pack(values, bits)
 

@@ -21,11 +21,18 @@ def main() -> None:
     max_tokens = spec.pop("max_tokens", 24)
     try:
         llm = LLM(model=model, seed=0, gpu_memory_utilization=spec.pop("gpu_memory_utilization", 0.3), **spec)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        outs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+            use_tqdm=False,
+        )
         cache = llm.llm_engine.vllm_config.cache_config
-        result = {"ok": True, "tokens": [list(o.outputs[0].token_ids) for o in outs],
-                  "num_gpu_blocks": cache.num_gpu_blocks, "block_size": cache.block_size}
+        result = {
+            "ok": True,
+            "tokens": [list(o.outputs[0].token_ids) for o in outs],
+            "num_gpu_blocks": cache.num_gpu_blocks,
+            "block_size": cache.block_size,
+        }
     except Exception as err:  # report the start-up error to the test
         result = {"ok": False, "error": f"{type(err).__name__}: {err}"}
     print("PROBE " + json.dumps(result), flush=True)

@@ -14,9 +14,19 @@ from turboquant_vllm.vllm import backend as tq_backend
 from turboquant_vllm.vllm.backend import TQ4AttentionBackend, TQ4AttentionImpl, TQ4MetadataBuilder
 from turboquant_vllm.vllm.spec import TQ4FullAttentionSpec
 
-VALID = dict(head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None, use_mla=False,
-             has_sink=False, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
-             device_capability=None, attn_type="decoder")
+VALID = dict(
+    head_size=128,
+    dtype=torch.bfloat16,
+    kv_cache_dtype="auto",
+    block_size=None,
+    use_mla=False,
+    has_sink=False,
+    use_sparse=False,
+    use_mm_prefix=False,
+    use_per_head_quant_scales=False,
+    device_capability=None,
+    attn_type="decoder",
+)
 
 
 def reasons(**changes) -> list[str]:
@@ -79,10 +89,12 @@ def fake_vllm_config(num_heads: int) -> SimpleNamespace:
     )
 
 
-def make_builder(num_heads: int, num_kv_heads: int, head_dim: int, device: str | torch.device = "cpu",
-                 block_size: int = 16) -> TQ4MetadataBuilder:
-    spec = TQ4FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_dim,
-                                dtype=torch.uint8, bytes_per_token=1)
+def make_builder(
+    num_heads: int, num_kv_heads: int, head_dim: int, device: str | torch.device = "cpu", block_size: int = 16
+) -> TQ4MetadataBuilder:
+    spec = TQ4FullAttentionSpec(
+        block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_dim, dtype=torch.uint8, bytes_per_token=1
+    )
     return TQ4MetadataBuilder(spec, ["layer.0"], fake_vllm_config(num_heads), torch.device(device))
 
 
@@ -183,8 +195,17 @@ def test_layer_output_matches_references(scenario, num_heads, num_kv_heads, bits
     impl.do_kv_cache_update(None, batch.key, batch.value, cache, batch.slot_mapping)
     impl.forward(None, batch.query, batch.key, batch.value, cache, md, out)
 
-    ref = paged_attention_ref(codec, batch.query, batch.key, batch.value, cache, batch.block_table,
-                              batch.seq_lens, batch.query_start_loc, scale)
+    ref = paged_attention_ref(
+        codec,
+        batch.query,
+        batch.key,
+        batch.value,
+        cache,
+        batch.block_table,
+        batch.seq_lens,
+        batch.query_start_loc,
+        scale,
+    )
     exact = exact_attention(batch, scale)
     err_ref = (out.float() - ref.to(out.device)).abs().max().item()
     tol = {torch.float32: 2e-3, torch.bfloat16: 6e-2}[dtype]

@@ -12,14 +12,22 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 PROBE = Path(__file__).with_name("engine_probe.py")
-SMALL = dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-             intermediate_size=2048, vocab_size=32000)
+SMALL = dict(
+    hidden_size=1024,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=128,
+    intermediate_size=2048,
+    vocab_size=32000,
+)
 
 
 def probe(spec: dict, env: dict | None = None, timeout: int = 300) -> dict:
     full_env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
-    proc = subprocess.run([sys.executable, str(PROBE), json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    proc = subprocess.run(
+        [sys.executable, str(PROBE), json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
     if not lines:
         return {"ok": False, "error": proc.stderr[-4000:]}

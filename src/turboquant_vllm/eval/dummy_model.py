@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                head_dim=128, intermediate_size=14336, vocab_size=128256)
+LLAMA_8B = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=14336,
+    vocab_size=128256,
+)
 
 
 def write_llama_config(path: str | Path, max_position_embeddings: int = 131072, **shape: int) -> Path:

@@ -58,8 +58,9 @@ def layer_errors(layer: LayerQKV, k_hat: torch.Tensor, v_hat: torch.Tensor) -> d
     }
 
 
-def model_errors(layers: list[LayerQKV], k_bits: int | None, v_bits: int | None, config: TQConfig,
-                 method: str = "mse") -> dict[str, float]:
+def model_errors(
+    layers: list[LayerQKV], k_bits: int | None, v_bits: int | None, config: TQConfig, method: str = "mse"
+) -> dict[str, float]:
     """Mean of layer_errors over layers; None bits keeps that tensor exact."""
     roundtrip = roundtrip_mse if method == "mse" else roundtrip_prod
     totals: dict[str, float] = {}

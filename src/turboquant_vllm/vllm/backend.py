@@ -87,12 +87,24 @@ class TQ4AttentionBackend(AttentionBackend):
         return False
 
     @classmethod
-    def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink,
-                             use_sparse, use_mm_prefix, device_capability) -> str | None:
+    def supports_combination(
+        cls,
+        head_size,
+        dtype,
+        kv_cache_dtype,
+        block_size,
+        use_mla,
+        has_sink,
+        use_sparse,
+        use_mm_prefix,
+        device_capability,
+    ) -> str | None:
         """Explain refusals in words a user can act on (vLLM adds its generic reasons too)."""
         if kv_cache_dtype not in (None, "auto"):
-            return (f"--kv-cache-dtype {kv_cache_dtype} cannot be combined with the TurboQuant CUSTOM backend, "
-                    "which compresses the cache itself: leave --kv-cache-dtype at auto")
+            return (
+                f"--kv-cache-dtype {kv_cache_dtype} cannot be combined with the TurboQuant CUSTOM backend, "
+                "which compresses the cache itself: leave --kv-cache-dtype at auto"
+            )
         if use_mla:
             return "MLA models (compressed latent KV) are not supported by the TurboQuant CUSTOM backend"
         try:
@@ -143,8 +155,9 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
             MAX_SPLIT_TOKENS, num_heads, kv_cache_spec.head_size, MAX_SPLITS, device
         )
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> TQ4Metadata:
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> TQ4Metadata:
         cam = common_attn_metadata
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
             cam, decode_threshold=self.reorder_batch_threshold
@@ -217,8 +230,14 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
     def codec(self, device: torch.device) -> KVCodec:
         return shared_codec(self.config, self.num_kv_heads, self.head_size, device)
 
-    def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor, value: torch.Tensor,
-                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def do_kv_cache_update(
+        self,
+        layer: AttentionLayer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
         """Quantise this step's K/V into their slots (slot -1 = padding, skipped by the kernel).
 
         Args:
@@ -228,10 +247,18 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         """
         store_kv(self.codec(kv_cache.device), key, value, kv_cache, slot_mapping)
 
-    def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata: TQ4Metadata, output: torch.Tensor,
-                output_scale: torch.Tensor | None = None,
-                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: TQ4Metadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attention for this step's queries; one kernel launch (two with split-K), nothing else.
 
         Args:

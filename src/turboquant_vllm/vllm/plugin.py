@@ -52,8 +52,9 @@ def packed_spec(spec, vllm_config):
     if type(spec) is not FullAttentionSpec or spec.sliding_window is not None:
         raise ValueError(f"the TurboQuant CUSTOM backend serves full attention only, got {type(spec).__name__}")
     if spec.head_size_v != spec.head_size:
-        raise ValueError(f"the TurboQuant CUSTOM backend needs equal K/V head sizes, got {spec.head_size}/"
-                         f"{spec.head_size_v}")
+        raise ValueError(
+            f"the TurboQuant CUSTOM backend needs equal K/V head sizes, got {spec.head_size}/{spec.head_size_v}"
+        )
     layout = PageLayout.from_config(tq_config_from(vllm_config), spec.num_kv_heads, spec.head_size)
     return TQ4FullAttentionSpec(
         block_size=spec.block_size,
