@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run one stage of the GPU-host proof; logs and JSON results go to $RESULTS_DIR (the device's $OUT).
 #   kernels: GPU kernel tests + store/dequant and decode benchmarks (needs only torch + triton)
-#   vllm:    vLLM backend tests (layer level + real engines) and the SmolLM2 quality run (needs the bundle)
+#   vllm:    vLLM backend tests: real engines, then layer level on the GPU (needs the bundle)
+#   quality: SmolLM2 teacher-forced quality through vLLM, MODES of bench_vllm_quality.py (bundle + .assets)
 #   engine:  the engine table (KV capacity, TPOT) for MODES (default: all four)
-#   smoke:   a short first contact: decode profile, backend tests, one engine per backend path, a small quality run
+#   profile: where decode time goes (benchmarks/profile_decode.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
@@ -15,27 +16,30 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || e
 case "$1" in
   kernels)
     nvidia-smi >>"$LOG" 2>&1
-    timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_quantizer.py 2>&1 | tail -40 >>"$LOG"
+    timeout -s INT 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels tests/test_quantizer.py \
+      2>&1 | tail -60 >>"$LOG"
     timeout 120 python3 benchmarks/bench_store_dequant.py --out "$RESULTS_DIR/store_dequant.json" >>"$LOG" 2>&1
     timeout 200 python3 benchmarks/bench_decode.py --out "$RESULTS_DIR/decode.json" >>"$LOG" 2>&1
     ;;
   vllm)
+    # SIGINT on timeout: pytest still prints its summary of what ran.
+    export VLLM_ENABLE_V1_MULTIPROCESSING=0
+    timeout -s INT 330 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/vllm/test_engine.py \
+      2>&1 | tail -150 >>"$LOG"
+    timeout -s INT 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/vllm/test_backend.py \
+      2>&1 | tail -60 >>"$LOG"
+    ;;
+  quality)
     export TURBOQUANT_VLLM_CACHE=$PWD/.assets
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/vllm -x 2>&1 | tail -40 >>"$LOG"
-    timeout 300 python3 benchmarks/bench_vllm_quality.py --out "$RESULTS_DIR/vllm_quality.json" \
+    timeout 560 python3 benchmarks/bench_vllm_quality.py --out "$RESULTS_DIR/vllm_quality.json" --timeout 110 \
       --modes "${MODES:-bf16_ref,bf16_chunk512,ours_4_4,native_turboquant_4bit_nc,ours_4_3,ours_3_3}" >>"$LOG" 2>&1
     ;;
   engine)
     timeout 570 python3 benchmarks/bench_engine.py --out "$RESULTS_DIR/engine.json" \
       --modes "${MODES:-bf16,fp8,tq_native,ours}" --timeout "${MODE_TIMEOUT:-280}" >>"$LOG" 2>&1
     ;;
-  smoke)
-    export TURBOQUANT_VLLM_CACHE=$PWD/.assets VLLM_ENABLE_V1_MULTIPROCESSING=0
-    timeout 90 python3 benchmarks/profile_decode.py --out "$RESULTS_DIR/profile_decode.json" >>"$LOG" 2>&1
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/vllm/test_backend.py \
-      "tests/vllm/test_engine.py::test_custom_backend_generates" 2>&1 | tail -60 >>"$LOG"
-    timeout 150 python3 benchmarks/bench_vllm_quality.py --out "$RESULTS_DIR/vllm_quality.json" \
-      --windows 6 --timeout 70 --modes bf16_ref,ours_4_4 >>"$LOG" 2>&1
+  profile)
+    timeout 120 python3 benchmarks/profile_decode.py --out "$RESULTS_DIR/profile_decode.json" >>"$LOG" 2>&1
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

@@ -23,7 +23,7 @@ SMALL = dict(
 )
 
 
-def probe(spec: dict, env: dict | None = None, timeout: int = 300) -> dict:
+def probe(spec: dict, env: dict | None = None, timeout: int = 150) -> dict:
     full_env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
     proc = subprocess.run(
         [sys.executable, str(PROBE), json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=full_env
