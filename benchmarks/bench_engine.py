@@ -1,7 +1,9 @@
 """vLLM engine table: KV capacity and TPOT for bf16, fp8, vLLM's turboquant_4bit_nc and ours (CUSTOM).
 
 Dummy-weight Llama-3.1-8B shape, CUDA graphs on, prefix caching off.
-TPOT = (time to generate 129 tokens - time to generate 1) / 128, per batch of `seqs` prompts of `context` tokens.
+TPOT per batch of `seqs` prompts of `context` tokens, 129 tokens each. Default (--tpot metrics): one run, vLLM's
+per-request timestamps, mean over requests of (last token - first token) / 128, i.e. the decode steps only.
+--tpot two-runs: (time to generate 129 tokens - time to generate 1) / 128, which prefills every prompt twice.
 Each mode runs in its own process (a fresh GPU); results go to benchmarks/results/engine_<date>.json.
 """
 
@@ -27,7 +29,7 @@ SHAPES = "4096x1,4096x16,32768x1,32768x16"
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_util: float) -> dict:
+def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_util: float, tpot: str) -> dict:
     from vllm import LLM, SamplingParams
 
     from turboquant_vllm.eval.dummy_model import write_llama_config
@@ -44,6 +46,7 @@ def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_u
         enable_prefix_caching=False,
         max_num_seqs=16,
         seed=0,
+        disable_log_stats=False,  # keeps per-request timestamps in RequestOutput.metrics
         **MODES[mode],
     )
     startup_s = time.perf_counter() - start
@@ -59,13 +62,16 @@ def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_u
     }
     print(json.dumps({k: v for k, v in row.items() if k != "tpot"}), flush=True)
 
-    def timed(prompts, max_tokens: int) -> float:
+    def timed(prompts, max_tokens: int) -> tuple[float, float | None]:
+        """Wall seconds, and the mean per-request decode seconds per token from vLLM's timestamps."""
         params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
         t0 = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
         assert all(len(o.outputs[0].token_ids) == max_tokens for o in out)
-        return elapsed
+        spans = [(o.metrics.last_token_ts - o.metrics.first_token_ts) / (max_tokens - 1)
+                 for o in out if o.metrics is not None and max_tokens > 1]  # fmt: skip
+        return elapsed, (sum(spans) / len(spans) if spans and len(spans) == len(out) else None)
 
     import random
 
@@ -73,11 +79,15 @@ def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_u
     timed([[rng.randrange(1000, 100000) for _ in range(256)]], 8)  # warm-up
     for context, seqs in shapes:
         prompts = [[rng.randrange(1000, 100000) for _ in range(context)] for _ in range(seqs)]
-        t1 = timed(prompts, 1)
-        t129 = timed(prompts, 129)
-        tpot_ms = (t129 - t1) / 128 * 1e3
-        row["tpot"].append({"context": context, "seqs": seqs, "t1_s": t1, "t129_s": t129, "tpot_ms": tpot_ms})
-        print(json.dumps(row["tpot"][-1]), flush=True)
+        t129, per_token = timed(prompts, 129)
+        entry = {"context": context, "seqs": seqs, "t129_s": t129}
+        if tpot == "two-runs" or per_token is None:
+            t1, _ = timed(prompts, 1)
+            entry.update(t1_s=t1, tpot_ms=(t129 - t1) / 128 * 1e3, tpot_method="two-runs")
+        else:
+            entry.update(tpot_ms=per_token * 1e3, tpot_method="metrics")
+        row["tpot"].append(entry)
+        print(json.dumps(entry), flush=True)
     return row
 
 
@@ -88,13 +98,14 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=33024)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--timeout", type=int, default=420, help="seconds per mode")
+    parser.add_argument("--tpot", choices=("metrics", "two-runs"), default="metrics")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
 
     if args.child:
-        row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization)
+        row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot)
         print("RESULT " + json.dumps(row), flush=True)
         return
 
@@ -121,6 +132,8 @@ def main() -> None:
             str(args.max_model_len),
             "--gpu-memory-utilization",
             str(args.gpu_memory_utilization),
+            "--tpot",
+            args.tpot,
         ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ)

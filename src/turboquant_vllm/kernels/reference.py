@@ -35,9 +35,10 @@ def encode_rows_ref(codec: KVCodec, key: torch.Tensor, value: torch.Tensor) -> t
     fields = _row_fields(codec)
     rows = torch.zeros(key.shape[0], codec.layout.bytes_per_token, dtype=torch.uint8)
     for name, quantizer, x in (("k", codec.key, key), ("v", codec.value, value)):
-        q = quantizer.quantize(x.cpu())
-        packed = pack_indices(q.indices, quantizer.bits)  # [T, H, nbytes]
-        scale_bytes = q.scales.to(torch.float32).contiguous().view(torch.uint8).reshape(*q.scales.shape, 4)
+        q = quantizer.quantize(x.to(quantizer.rotation.device))
+        packed = pack_indices(q.indices.cpu(), quantizer.bits)  # [T, H, nbytes]
+        scales = q.scales.to(torch.float32).cpu().contiguous()
+        scale_bytes = scales.view(torch.uint8).reshape(*scales.shape, 4)
         for h in range(codec.num_kv_heads):
             start, nbytes, _ = fields[f"{name}_idx"]
             rows[:, start + h * nbytes : start + (h + 1) * nbytes] = packed[:, h]
