@@ -5,6 +5,9 @@
 #   quality: SmolLM2 teacher-forced quality through vLLM, MODES of bench_vllm_quality.py (bundle + .assets)
 #   engine:  the engine table (KV capacity, TPOT) for MODES (default: all four)
 #   profile: where decode time goes (benchmarks/profile_decode.py)
+#   hf:      HF path (issue 5): GPU tests of the HF cache and eval, then the full `turboquant-vllm eval` on CUDA
+#            (KV memory at 8K; 50K tokens x contexts 512/2048/8192 x 5 bit pairs x norm correction on/off;
+#            needle 1K-8K x 9 depths); JSON rewritten after each context/length, PNGs at the end
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
@@ -40,6 +43,18 @@ case "$1" in
     ;;
   profile)
     timeout 120 python3 benchmarks/profile_decode.py --out "$RESULTS_DIR/profile_decode.json" >>"$LOG" 2>&1
+    ;;
+  hf)
+    export TURBOQUANT_VLLM_CACHE=${TURBOQUANT_VLLM_CACHE:-$PWD/.assets}
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >>"$LOG" 2>&1
+    python3 -c "import matplotlib" 2>/dev/null || echo "no matplotlib: JSON only; turboquant-vllm plot renders PNGs" >>"$LOG"
+    timeout 100 python3 scripts/fetch_assets.py >>"$LOG" 2>&1
+    timeout -s INT 80 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -m gpu tests/hf tests/eval \
+      2>&1 | tail -40 >>"$LOG"
+    timeout 270 python3 -m turboquant_vllm.cli eval --device cuda --batch 16 --memory-tokens 8192 \
+      --tokens 50000 --context 512,2048,8192 --bits 4/4,4/3,3/3,4/2,2/2 --norm-correction both \
+      --needle-lengths 1024,2048,4096,8192 --out "$RESULTS_DIR" --name hf_eval >>"$LOG" 2>&1
+    echo "eval exit $?" >>"$LOG"
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

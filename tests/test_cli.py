@@ -38,7 +38,9 @@ def test_command_is_required_and_bad_choices_fail(capsys):
         cli.build_parser().parse_args(["eval", "--norm-correction", "maybe"])
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["eval", "--help"], ["layout", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["demo", "--help"], ["eval", "--help"], ["plot", "--help"], ["layout", "--help"]]
+)
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
@@ -126,6 +128,20 @@ def test_eval_checkpoints_survive_an_interrupted_run(offline, tmp_path, monkeypa
     payload = json.loads((tmp_path / "cut.json").read_text())
     assert set(payload["quality"]) == {"32", "48"} and payload["kv_memory"]["tokens"] == 64
     assert "needle" not in payload and payload["seconds"] > 0
+
+
+def test_eval_without_matplotlib_writes_json_and_plot_renders_it_later(offline, tmp_path, monkeypatch):
+    def no_matplotlib():
+        raise ImportError("No module named 'matplotlib'")
+
+    options = {"--tokens": 65, "--context": 32, "--chunk": 16, "--bits": "3/3", "--memory-tokens": 48}
+    options |= {"--needle-lengths": 48, "--needle-depths": "0.3,0.6", "--batch": 2}
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "_pyplot", no_matplotlib)
+        assert cli.main(_argv("eval", {**options, "--out": tmp_path, "--name": "bare"})) == 0
+    assert (tmp_path / "bare.json").exists() and not list(tmp_path.glob("*.png"))
+    assert cli.main(["plot", str(tmp_path / "bare.json"), "--out", str(tmp_path / "png")]) == 0
+    assert {p.name for p in (tmp_path / "png").iterdir()} == {"bare.png", "bare_needle.png"}
 
 
 def test_demo_writes_json_and_png(offline, tmp_path):

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-needle", action="store_true", help="skip the needle test")
     ev.add_argument("--name", default="eval", help="file name stem of the results (eval)")
 
+    plot = sub.add_parser("plot", help="render the PNGs of an eval JSON (for results from a host without matplotlib)")
+    plot.add_argument("json", help="an eval JSON")
+    plot.add_argument("--out", help="folder for the PNGs (default: the JSON's folder)")
+
     lay = sub.add_parser("layout", help="bytes per token and compression of a packed cache row")
     lay.add_argument("--heads", type=int, default=8, help="KV heads (8)")
     lay.add_argument("--head-dim", type=int, default=128, help="head_dim (128)")
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"demo": run_demo, "eval": run_eval, "layout": run_layout}[args.command]
+    handler = {"demo": run_demo, "eval": run_eval, "plot": run_plot, "layout": run_layout}[args.command]
     try:
         handler(args)
     except KeyboardInterrupt:
@@ -316,6 +320,43 @@ def memory_table(memory: dict[str, Any]):
     return table
 
 
+def plot_memory(memory: dict[str, Any], ax) -> None:
+    names = list(memory["configs"])
+    ax.bar(names, [memory["configs"][n]["ratio_vs_bf16"] for n in names])
+    ax.axhline(3.0, color="gray", linestyle=":")
+    ax.set(ylabel="bf16 DynamicCache bytes / ours", title=f"KV memory at {memory['tokens']} tokens (measured)")
+    ax.tick_params(axis="x", labelsize=7)
+
+
+def write_eval_pngs(out: Path, stem: str, payload: dict[str, Any], console) -> None:
+    """stem.png (quality curves, memory) and stem_needle.png; without matplotlib only a hint, the JSON being
+    the result: `turboquant-vllm plot` renders them later."""
+    try:
+        plt = _pyplot()
+    except ImportError:
+        console.print(f"matplotlib missing, no PNG: run `turboquant-vllm plot {out / stem}.json` where it is installed")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    panels = 3 * ("quality" in payload) + ("kv_memory" in payload)
+    if panels:
+        fig, axes = plt.subplots(1, panels, figsize=(4.7 * panels, 3.8), squeeze=False)
+        if "quality" in payload:
+            plot_quality(payload["quality"], axes[0][:3])
+        if "kv_memory" in payload:
+            plot_memory(payload["kv_memory"], axes[0][-1])
+        fig.savefig(out / f"{stem}.png", dpi=120, bbox_inches="tight")
+        console.print(f"wrote {out / (stem + '.png')}")
+    if payload.get("needle"):
+        plot_needle(payload["needle"], plt).savefig(out / f"{stem}_needle.png", dpi=120, bbox_inches="tight")
+        console.print(f"wrote {out / (stem + '_needle.png')}")
+    plt.close("all")
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    path = Path(args.json)
+    write_eval_pngs(Path(args.out) if args.out else path.parent, path.stem, json.loads(path.read_text()), _console())
+
+
 def run_eval(args: argparse.Namespace) -> None:
     """Memory, then quality per context, then needle per length; the JSON is rewritten after each step,
     so a run cut short by a timeout keeps what it finished."""
@@ -333,7 +374,6 @@ def run_eval(args: argparse.Namespace) -> None:
         "model": path,
         "settings": {k: v for k, v in vars(args).items() if k != "command"},
     }
-    plt = _pyplot()
     out = Path(args.out)
 
     def checkpoint() -> None:
@@ -381,14 +421,9 @@ def run_eval(args: argparse.Namespace) -> None:
                 payload["needle"], payload["needle_pass_rate"] = needle, needle_pass_rate(needle)
                 checkpoint()
         console.print(needle_table(needle))
-        out.mkdir(parents=True, exist_ok=True)
-        plot_needle(needle, plt).savefig(out / f"{args.name}_needle.png", dpi=120, bbox_inches="tight")
-        console.print(f"wrote {out / (args.name + '_needle.png')}")
-    payload["seconds"] = time.perf_counter() - started
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    if "quality" in payload:
-        plot_quality(payload["quality"], axes)
-    _save(out, args.name, payload, fig, console)
+    checkpoint()
+    console.print(f"wrote {out / (args.name + '.json')}")
+    write_eval_pngs(out, args.name, payload, console)
 
 
 # ---- layout ----

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -50,3 +52,13 @@ def test_kv_memory_matches_layout_bytes(model, dtype, exact_bytes):
         assert row["ratio_vs_bf16"] == pytest.approx(2 * 64 * 2 * 2 / per_token) and row["ratio_vs_bf16"] >= 3.5
         window = res["configs"][f"k{bits[0]}v{bits[1]}+R8"]["bytes"] - row["bytes"]
         assert window == 2 * 2 * 8 * 2 * 64 * exact_bytes  # exact K and V of the 8 newest tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kv_memory_on_cuda_counts_device_tensors(model):
+    tokens = [1 + i % 63 for i in range(64)]
+    specs = Q.parse_specs("3/3", (True,))
+    want = M.kv_memory(model, tokens, 16, specs)
+    got = M.kv_memory(copy.deepcopy(model).cuda(), tokens, 16, specs)
+    assert got == want

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -196,3 +197,22 @@ def test_smollm2_short_window_quality():
     assert res["baseline"]["perplexity"] < 60
     assert res["configs"]["k4v4+nc"]["kl"] < 0.05
     assert res["configs"]["k4v4+nc"]["top1_agreement"] > 0.85
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_quality_and_needle_on_cuda_match_cpu(model):
+    cuda_model = copy.deepcopy(model).cuda()
+    tokens = torch.randint(1, 64, (161,), generator=torch.Generator().manual_seed(8)).tolist()
+    specs = Q.parse_specs("4/3", (True, False))
+    want = Q.evaluate_quality(model, tokens, [32], 16, specs)["32"]
+    got = Q.evaluate_quality(cuda_model, tokens, [32], 16, specs, batch=4)["32"]
+    assert got["baseline"]["perplexity"] == pytest.approx(want["baseline"]["perplexity"], rel=1e-4)
+    for name, row in want["configs"].items():
+        assert got["configs"][name]["perplexity"] == pytest.approx(row["perplexity"], rel=1e-3)
+        assert got["configs"][name]["kl"] == pytest.approx(row["kl"], rel=0.05, abs=1e-6)
+        assert got["configs"][name]["top1_agreement"] == pytest.approx(row["top1_agreement"], abs=0.05)
+    tok = WordTokenizer()
+    hay = tok.encode(" ".join(f"w{i}." for i in range(200)))
+    res = Q.needle_test(cuda_model, tok, hay, [48], [0.25, 0.5, 0.75], 16, specs, max_new_tokens=3, batch=2)
+    assert set(res) == {"baseline", "k4v3+nc", "k4v3"} and len(res["k4v3"]["48"]) == 3
