@@ -247,14 +247,12 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
     default = decode._TILES[key]
     variants = [
         {},
-        {"prefetch": False},
-        {"num_stages": 1},
+        {"swap_ab": True},
+        {"swap_ab": True, "block_n": 64},
+        {"swap_ab": True, "block_n": 64, "num_stages": 2},
         {"block_n": 64},
-        {"num_warps": 4},
-        {"num_warps": 4, "prefetch": False},
-        {"num_warps": 4, "block_n": 64},
-        {"num_warps": 4, "num_stages": 1},
-        {"num_warps": 4, "block_n": 16},
+        {"num_warps": 8},
+        {"prefetch": False},
     ]
     for batch, caches in caches_by_batch.items():
         shape = Shape(batch, ctx, args.num_q_heads, args.num_kv_heads, args.head_dim, args.block_size)
@@ -265,7 +263,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
             rows.append({"batch": batch, "context": ctx, "tiles": dataclasses.asdict(decode._TILES[key]), **res})
             print(f"sweep B={batch} ctx={ctx} {change or 'default'}: {fmt(res)}", flush=True)
         decode._TILES[key] = default
-        for splits in (1, 2, 4, 8, 16, 32):
+        for splits in (2, 4, 8, 16, 32):
             res = guarded(bench_ours, caches, shape, table, args.rep, num_splits=splits)
             rows.append({"batch": batch, "context": ctx, "forced_splits": splits, **res})
             print(f"sweep B={batch} ctx={ctx} splits={splits}: {fmt(res)}", flush=True)

@@ -57,7 +57,7 @@ def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_u
         "startup_s": startup_s,
         "num_gpu_blocks": cache.num_gpu_blocks,
         "block_size": cache.block_size,
-        "kv_cache_size_tokens": getattr(cache, "kv_cache_size_tokens", None),
+        "kv_capacity_tokens": cache.num_gpu_blocks * cache.block_size,
         "tpot": [],
     }
     print(json.dumps({k: v for k, v in row.items() if k != "tpot"}), flush=True)
@@ -70,7 +70,7 @@ def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_u
         elapsed = time.perf_counter() - t0
         assert all(len(o.outputs[0].token_ids) == max_tokens for o in out)
         spans = [(o.metrics.last_token_ts - o.metrics.first_token_ts) / (max_tokens - 1)
-                 for o in out if o.metrics is not None and max_tokens > 1]  # fmt: skip
+                 for o in out if o.metrics is not None and o.metrics.first_token_ts > 0 and max_tokens > 1]  # fmt: skip
         return elapsed, (sum(spans) / len(spans) if spans and len(spans) == len(out) else None)
 
     import random
