@@ -15,7 +15,8 @@ mkdir -p "$RESULTS_DIR"
 LOG="$RESULTS_DIR/$1.log"
 [ -f /tmp/gpu-bundle/env.sh ] && source /tmp/gpu-bundle/env.sh
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || echo "pip install failed" >>"$LOG"
+python3 -c "import turboquant_vllm" 2>/dev/null ||
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || echo "pip install failed" >>"$LOG"
 case "$1" in
   kernels)
     nvidia-smi >>"$LOG" 2>&1
@@ -34,8 +35,9 @@ case "$1" in
     ;;
   quality)
     export TURBOQUANT_VLLM_CACHE=$PWD/.assets
-    timeout 560 python3 benchmarks/bench_vllm_quality.py --out "$RESULTS_DIR/vllm_quality.json" --timeout 110 \
-      --modes "${MODES:-bf16_ref,bf16_chunk512,ours_4_4,native_turboquant_4bit_nc,ours_4_3,ours_3_3}" >>"$LOG" 2>&1
+    timeout "${STAGE_TIMEOUT:-560}" python3 benchmarks/bench_vllm_quality.py --out "$RESULTS_DIR/vllm_quality.json" \
+      --timeout 110 --modes "${MODES:-bf16_ref,ours_4_4,bf16_chunk512,native_turboquant_4bit_nc,\
+native_turboquant_k8v4,ours_4_3,ours_3_3}" >>"$LOG" 2>&1
     ;;
   engine)
     timeout 570 python3 benchmarks/bench_engine.py --out "$RESULTS_DIR/engine.json" \

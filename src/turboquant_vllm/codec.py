@@ -30,6 +30,8 @@ class KVCodec:
         self.key = MSEQuantizer(head_dim, config.k_bits, config, device)
         self.value = MSEQuantizer(head_dim, config.v_bits, config, device)
         self.rotation = self.key.rotation  # fp32 [d, d]: rotated = x @ R.T
+        # The attention kernel's 16-bit operands: the tables pre-rounded, so no per-element conversion.
+        self.centroids_fp16 = (self.key.centroids.half(), self.value.centroids.half())
 
     @property
     def num_kv_heads(self) -> int:

@@ -346,7 +346,8 @@ def _attention_meta(
         ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(),
         OP_DTYPE=tl.float32 if exact else tl.float16, NEW_DTYPE=new_dtype, PREC="ieee" if exact else "tf32",
-        FUSED=fused, PREFETCH=tiles.prefetch, SWAP_AB=tiles.swap_ab, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        FUSED=fused, PREFETCH=tiles.prefetch, SWAP_AB=tiles.swap_ab,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if tiles.maxnreg:
         meta["maxnreg"] = tiles.maxnreg
@@ -443,9 +444,11 @@ def paged_attention(
 
     meta = _attention_meta(lay, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused)
     grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits)
+    exact = query.dtype == torch.float32
+    centroids = (codec.key.centroids, codec.value.centroids) if exact else codec.centroids_fp16
     _attention_kernel[grid](
         query, key, value, cache, block_table, seq_lens, query_start_loc,
-        rot, codec.key.centroids, codec.value.centroids, out, acc_buf, max_buf, sum_buf,
+        rot, *centroids, out, acc_buf, max_buf, sum_buf,
         num_seqs, num_splits, float(scale) * LOG2E,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         cache.stride(0), cache.stride(1), block_table.stride(0),
