@@ -112,6 +112,7 @@ class Caches:
 
 def bench_ours(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, num_splits: int | None = None) -> dict:
     codec, b = caches.codec, shape.batch
+    torch.manual_seed(0)  # the same q/k/v for every call, so sweep variants can be compared for equality
     q = torch.randn(b, shape.hq, shape.d, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(b, shape.hkv, shape.d, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
@@ -128,7 +129,7 @@ def bench_ours(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, num_
 
     ms, timer = time_ms(run, rep)
     read = b * (shape.context - 1) * codec.layout.bytes_per_token
-    return {"ms": ms, "timer": timer, "num_splits": splits, "bytes_read": read, "gbps": gbps(read, ms)}
+    return {"ms": ms, "timer": timer, "num_splits": splits, "bytes_read": read, "gbps": gbps(read, ms), "_out": out}
 
 
 def bench_fa3(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, fp8: bool) -> dict:
@@ -259,14 +260,20 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
     for batch, caches in caches_by_batch.items():
         shape = Shape(batch, ctx, args.num_q_heads, args.num_kv_heads, args.head_dim, args.block_size)
         table = caches.table(shape)
+        ref = None
         for change in variants:
             decode._TILES[key] = dataclasses.replace(default, **change)
             res = guarded(bench_ours, caches, shape, table, args.rep)
+            out = res.pop("_out", None)
+            if out is not None:  # every variant must compute what the default computes
+                ref = out.float() if ref is None else ref
+                res["max_rel_diff_vs_default"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
             rows.append({"batch": batch, "context": ctx, "tiles": dataclasses.asdict(decode._TILES[key]), **res})
             print(f"sweep B={batch} ctx={ctx} {change or 'default'}: {fmt(res)}", flush=True)
         decode._TILES[key] = default
         for splits in (2, 4, 8, 16, 32):
             res = guarded(bench_ours, caches, shape, table, args.rep, num_splits=splits)
+            res.pop("_out", None)
             rows.append({"batch": batch, "context": ctx, "forced_splits": splits, **res})
             print(f"sweep B={batch} ctx={ctx} splits={splits}: {fmt(res)}", flush=True)
     return rows
@@ -275,7 +282,8 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
 def fmt(res: dict) -> str:
     if "error" in res:
         return f"ERROR {res['error'][:120]}"
-    return f"{res['ms'] * 1e3:9.1f} us {res['gbps']:7.0f} GB/s ({res['timer']})"
+    diff = f" diff {res['max_rel_diff_vs_default']:.1e}" if "max_rel_diff_vs_default" in res else ""
+    return f"{res['ms'] * 1e3:9.1f} us {res['gbps']:7.0f} GB/s ({res['timer']}){diff}"
 
 
 def plot(rows: list[dict], copy: dict, path: Path) -> None:
@@ -334,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         for ctx in args.contexts:
             shape = Shape(batch, ctx, args.num_q_heads, args.num_kv_heads, args.head_dim, args.block_size)
             table = caches.table(shape)
-            row = {"batch": batch, "context": ctx, "ours_tq4": guarded(bench_ours, caches, shape, table, args.rep)}
+            ours = guarded(bench_ours, caches, shape, table, args.rep)
+            ours.pop("_out", None)
+            row = {"batch": batch, "context": ctx, "ours_tq4": ours}
             if vllm_version is not None:
                 row["fa3_bf16"] = guarded(bench_fa3, caches, shape, table, args.rep, fp8=False)
                 row["fa3_fp8"] = guarded(bench_fa3, caches, shape, table, args.rep, fp8=True)

@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"B={batch} {stage:8s} n={block_n} w={warps}: {res['ms'] * 1e3:8.1f} us "
                           f"{res['gbps']:6.0f} GB/s", flush=True)  # fmt: skip
         res = bench_ours(caches, shape, table, args.rep)
+        res.pop("_out")
         rows.append({"batch": batch, "stage": "attention", **res})
         print(f"B={batch} attention: {res['ms'] * 1e3:8.1f} us {res['gbps']:6.0f} GB/s", flush=True)
         del caches
