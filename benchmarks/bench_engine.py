@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -109,6 +107,7 @@ def main() -> None:
         print("RESULT " + json.dumps(row), flush=True)
         return
 
+    from turboquant_vllm.eval.child import run_child
     from turboquant_vllm.eval.provenance import provenance
 
     result = {
@@ -135,17 +134,15 @@ def main() -> None:
             "--tpot",
             args.tpot,
         ]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if lines:
-                result["modes"].append(json.loads(lines[-1][7:]))
-            else:
-                result["modes"].append({"mode": mode, "error": (proc.stderr or proc.stdout)[-3000:]})
-        except subprocess.TimeoutExpired as err:
-            partial = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        child = run_child(cmd, args.timeout)
+        lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
+        if lines:
+            result["modes"].append(json.loads(lines[-1][7:]))
+        elif child.timed_out:
             timeout = f"timeout after {args.timeout}s"
-            result["modes"].append({"mode": mode, "error": timeout, "partial": partial[-3000:]})
+            result["modes"].append({"mode": mode, "error": timeout, "partial": child.stdout[-3000:]})
+        else:
+            result["modes"].append({"mode": mode, "error": (child.stderr or child.stdout)[-3000:]})
         print(json.dumps(result["modes"][-1])[:2000], flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

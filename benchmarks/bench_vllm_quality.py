@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -131,6 +129,7 @@ def main() -> None:
         print("RESULT " + json.dumps(row), flush=True)
         return
 
+    from turboquant_vllm.eval.child import run_child
     from turboquant_vllm.eval.provenance import provenance
 
     rows = []
@@ -145,12 +144,13 @@ def main() -> None:
             "--window-len",
             str(args.window_len),
         ] + (["--cuda-graphs"] if args.cuda_graphs else [])
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            rows.append(json.loads(lines[-1][7:]) if lines else {"mode": mode, "error": proc.stderr[-3000:]})
-        except subprocess.TimeoutExpired:
-            rows.append({"mode": mode, "error": f"timeout after {args.timeout}s"})
+        child = run_child(cmd, args.timeout)
+        lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
+        if lines:
+            rows.append(json.loads(lines[-1][7:]))
+        else:
+            error = f"timeout after {args.timeout}s" if child.timed_out else child.stderr[-3000:]
+            rows.append({"mode": mode, "error": error})
         summary = summarise(rows)
         print(json.dumps(summary[-1])[:1500], flush=True)
         result = {
