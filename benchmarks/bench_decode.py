@@ -248,12 +248,8 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
     default = decode._TILES[key]
     variants = [
         {},
-        {"swap_ab": True},
-        {"swap_ab": True, "block_n": 64},
-        {"swap_ab": True, "block_n": 64, "num_stages": 2},
-        {"swap_ab": True, "block_n": 64, "num_warps": 8},
-        {"swap_ab": True, "block_n": 128, "num_warps": 8},
         {"block_n": 64},
+        {"num_stages": 2},
         {"num_warps": 8},
         {"prefetch": False},
     ]

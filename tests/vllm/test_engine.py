@@ -70,6 +70,6 @@ def test_custom_backend_generates(head_dim, heads, kv_heads, enforce_eager):
     ],
 )
 def test_bad_settings_fail_at_start_up(extra, needle):
-    spec = dict(shape=SMALL, attention_backend="CUSTOM", max_model_len=2048, enforce_eager=True, **extra)
+    spec = {**dict(shape=SMALL, attention_backend="CUSTOM", max_model_len=2048, enforce_eager=True), **extra}
     result = probe(spec)
     assert not result["ok"] and needle in result["error"], result["error"][-2000:]

@@ -39,7 +39,6 @@ class _Tiles:
     num_stages: int = 2  # software pipelining of the context loop's loads
     maxnreg: int | None = None  # register cap (None: the compiler's choice)
     prefetch: bool = True  # load tile t+1 while computing tile t
-    swap_ab: bool = False  # tokens as the MMA's M dimension (scores computed transposed)
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
@@ -182,16 +181,6 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
-def _softmax_step_t(s_t, m_i, l_i):
-    """_softmax_step for transposed scores s_t [N, M]: returns p_t [N, M], alpha and the new (max, sum)."""
-    m_new = tl.maximum(m_i, tl.max(s_t, 0))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_ref)
-    p_t = tl.exp2(s_t - m_ref[None, :])
-    return p_t, alpha, m_new, l_i * alpha + tl.sum(p_t, 0)
-
-
-@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     rot_ptr, k_cent_ptr, v_cent_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr,
@@ -205,7 +194,7 @@ def _attention_kernel(
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     OP_DTYPE: tl.constexpr, NEW_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
-    PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -269,9 +258,6 @@ def _attention_kernel(
     tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     # Software prefetch: tile t+1's loads are issued before tile t is computed, hiding their latency.
-    if SWAP_AB:
-        q_t = tl.trans(q_rot)
-        acc_t = tl.trans(acc)
     if PREFETCH:
         live, k_words, k_scale, v_words, v_scale = _context_tile(
             tile_lo, ctx_len, bt_row, cache_ptr, stride_cb, stride_ct, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
@@ -290,24 +276,14 @@ def _attention_kernel(
                 V_SCALE_OFFSET)  # fmt: skip
         k = tl.load(k_cent_ptr + _split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
         v = tl.load(v_cent_ptr + _split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
-        if SWAP_AB:
-            # Tokens on the MMA's M side: the dequantised tiles are the register operand, q and p the small one.
-            s_t = tl.dot(k, q_t, input_precision=PREC)  # [BLOCK_N, BLOCK_M]
-            s_t = tl.where(live[:, None], s_t * k_scale[:, None], float("-inf"))
-            p_t, alpha, m_i, l_i = _softmax_step_t(s_t, m_i, l_i)
-            pv_t = (p_t * v_scale[:, None]).to(OP_DTYPE)
-            acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), pv_t, input_precision=PREC)
-        else:
-            s = tl.dot(q_rot, tl.trans(k), input_precision=PREC)
-            s = tl.where(live[None, :], s * k_scale[None, :], float("-inf"))
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-            pv = (p * v_scale[None, :]).to(OP_DTYPE)
-            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PREC)
+        s = tl.dot(q_rot, tl.trans(k), input_precision=PREC)
+        s = tl.where(live[None, :], s * k_scale[None, :], float("-inf"))
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        pv = (p * v_scale[None, :]).to(OP_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PREC)
         if PREFETCH:
             live, k_words, k_scale, v_words, v_scale = nxt
 
-    if SWAP_AB:
-        acc = tl.trans(acc_t)
     if FUSED:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, row_ok, stride_od, o, rot_ptr, stride_r0,
@@ -346,7 +322,7 @@ def _attention_meta(
         ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(),
         OP_DTYPE=tl.float32 if exact else tl.float16, NEW_DTYPE=new_dtype, PREC="ieee" if exact else "tf32",
-        FUSED=fused, PREFETCH=tiles.prefetch, SWAP_AB=tiles.swap_ab,
+        FUSED=fused, PREFETCH=tiles.prefetch,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if tiles.maxnreg:

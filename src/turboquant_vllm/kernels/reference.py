@@ -85,11 +85,12 @@ def dequantize_ref(
 
     With rotated=True the vectors stay in the rotated basis (what attention over pages uses).
     """
-    rows = cache.reshape(-1, cache.shape[-1])[slots.long()].cpu()
-    k, v = decode_rows_ref(codec, rows)
+    rows = cache.reshape(-1, cache.shape[-1])[slots.long().to(cache.device)].cpu()
+    device = codec.rotation.device  # the codec's tables may live on a GPU; the reference answers on the CPU
+    k, v = (QuantizedVectors(x.indices.to(device), x.scales.to(device)) for x in decode_rows_ref(codec, rows))
     if rotated:
-        return codec.key.dequantize_rotated(k), codec.value.dequantize_rotated(v)
-    return codec.key.dequantize(k), codec.value.dequantize(v)
+        return codec.key.dequantize_rotated(k).cpu(), codec.value.dequantize_rotated(v).cpu()
+    return codec.key.dequantize(k).cpu(), codec.value.dequantize(v).cpu()
 
 
 def sequence_slots(block_table_row: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
