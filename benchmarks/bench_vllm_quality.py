@@ -130,8 +130,10 @@ def main() -> None:
         return
 
     from turboquant_vllm.eval.child import run_child
+    from turboquant_vllm.eval.data import smollm2_hf_dir
     from turboquant_vllm.eval.provenance import provenance
 
+    smollm2_hf_dir()  # convert the GGUF once here, not inside the first mode's time budget
     rows = []
     for mode in args.modes.split(","):
         cmd = [
