@@ -162,8 +162,9 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
             cam, decode_threshold=self.reorder_batch_threshold
         )
+        # Every decode-part query is at most reorder_batch_threshold long; big decode batches need no splits.
         decode_q_len = cam.max_query_len if num_prefills == 0 else self.reorder_batch_threshold
-        split = num_decode_tokens <= MAX_SPLIT_TOKENS and decode_q_len <= self.reorder_batch_threshold
+        split = num_decode_tokens <= MAX_SPLIT_TOKENS
         num_splits = choose_num_splits(num_decodes, self.num_kv_heads, MAX_SPLITS, self.num_sms) if split else 1
         prefill = None
         if num_prefills:
@@ -259,7 +260,8 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention for this step's queries; one kernel launch (two with split-K), nothing else.
+        """Attention for this step's queries: decodes in one paged-kernel launch (two with split-K),
+        prefill/extend chunks through vllm.prefill (dequantise context, one FlashAttention call).
 
         Args:
             query: [num_tokens, num_heads, head_size]; key/value: [num_tokens, num_kv_heads, head_size].
