@@ -14,7 +14,6 @@ from turboquant_vllm.kernels.decode_reduce import (
     REDUCE_BLOCK_R,
     REDUCE_NUM_WARPS,
     _reduce_splits_kernel,
-    _rotate_regs,
     _rotate_rows,
     _store_unrotated,
     reduce_grid,
@@ -24,7 +23,6 @@ from turboquant_vllm.layout import PageLayout
 LOG2E = 1.4426950408889634
 QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,6 @@ class _Tiles:
     """Launch shape for one padded head_dim; nothing here depends on sequence lengths."""
 
     block_n: int  # cached context tokens per inner step
-    block_new: int  # this step's exact tokens per inner step
     decode_m: int  # (query token x group) rows per program when every q_len fits one tile
     varlen_m: int  # rows per program once a prefill chunk is in the batch
     num_warps: int
@@ -44,11 +41,11 @@ class _Tiles:
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
 # 16 x 32K decode time against 8 warps / 2 stages, and several small programs per SM beat one large one.
 _TILES = {
-    32: _Tiles(64, 16, 16, 64, 4, num_stages=1),
-    64: _Tiles(64, 16, 16, 64, 4, num_stages=1),
-    128: _Tiles(32, 16, 16, 64, 4, num_stages=1),
-    256: _Tiles(16, 16, 16, 32, 8, num_stages=1),
-    512: _Tiles(16, 16, 16, 16, 8, num_stages=1),
+    32: _Tiles(64, 16, 64, 4, num_stages=1),
+    64: _Tiles(64, 16, 64, 4, num_stages=1),
+    128: _Tiles(32, 16, 64, 4, num_stages=1),
+    256: _Tiles(16, 16, 32, 8, num_stages=1),
+    512: _Tiles(16, 16, 16, 8, num_stages=1),
 }
 ROT_CHUNK = 16  # columns of R per rotation step: keeps R slices small in registers
 INTERPRETER_ROT_CHUNK = 32  # fewer steps under the CPU interpreter, still several per head
@@ -167,6 +164,22 @@ def _context_tile(
 
 
 @triton.jit
+def _rotate_vector(x_ptr, stride_d, rot_ptr, stride_r0, stride_r1,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """R @ x for one vector in memory, fp32 [BLOCK_D]: CHUNK columns of R at a time, never the whole matrix."""
+    n = tl.arange(0, BLOCK_D)
+    y = tl.zeros([BLOCK_D], tl.float32)
+    for c0 in range(0, HEAD_DIM, CHUNK):
+        k = c0 + tl.arange(0, CHUNK)
+        k_ok = k < HEAD_DIM
+        x = tl.load(x_ptr + k * stride_d, mask=k_ok, other=0.0).to(tl.float32)
+        r = tl.load(rot_ptr + n[:, None] * stride_r0 + k[None, :] * stride_r1,
+                    mask=(n < HEAD_DIM)[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        y += tl.sum(r * x[None, :], 1)
+    return y
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i):
     """One online-softmax update in log2 units: scores s [M, N] against running max m_i and sum l_i [M].
 
@@ -189,11 +202,11 @@ def _attention_kernel(
     stride_ot, stride_oh, stride_od, stride_cb, stride_ct, stride_bt,
     stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ms, stride_r0, stride_r1,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NEW: tl.constexpr, ROT_CHUNK: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, ROT_CHUNK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
-    OP_DTYPE: tl.constexpr, NEW_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
+    OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
@@ -225,28 +238,6 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    # This step's tokens (last split only), exact and causal: new token j is visible to query i iff j <= i.
-    # They are attended in the original basis; the accumulator is rotated once afterwards.
-    if split == num_splits - 1:
-        q = tl.load(q_ptr + q_off[:, None] + dim[None, :] * stride_qd,
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(NEW_DTYPE)  # fmt: skip
-        new_hi = tl.minimum(q_len, q0 + BLOCK_Q)
-        for j0 in range(0, new_hi, BLOCK_NEW):
-            j = j0 + tl.arange(0, BLOCK_NEW)
-            j_ok = (j < new_hi)[:, None] & dim_ok[None, :]
-            kv_tok = (q_start + j).to(tl.int64)
-            k_new = tl.load(k_ptr + (kv_tok * stride_kt + kh * stride_kh)[:, None] + dim[None, :] * stride_kd,
-                            mask=j_ok, other=0.0).to(NEW_DTYPE)  # fmt: skip
-            s = tl.dot(q, tl.trans(k_new), input_precision=PREC) * qk_scale
-            s = tl.where(row_ok[:, None] & (j[None, :] <= qi[:, None]), s, float("-inf"))
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-            v_new = tl.load(v_ptr + (kv_tok * stride_vt + kh * stride_vh)[:, None] + dim[None, :] * stride_vd,
-                            mask=j_ok, other=0.0).to(NEW_DTYPE)  # fmt: skip
-            acc = acc * alpha[:, None] + tl.dot(p.to(NEW_DTYPE), v_new, input_precision=PREC)
-        norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
-        acc = norm * _rotate_regs(acc / norm, rot_ptr, stride_r0, stride_r1,
-                                  HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
 
     # Cached context: this split's contiguous share of the BLOCK_N tiles, scored in the rotated basis.
     q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
@@ -284,6 +275,27 @@ def _attention_kernel(
         if PREFETCH:
             live, k_words, k_scale, v_words, v_scale = nxt
 
+    # This step's tokens (last split only), exact and causal: new token j is visible to query i iff j <= i.
+    # One token at a time with fp32 vector math: scores in the original basis (q.k = Rq.Rk), V rotated by a
+    # chunked mat-vec, so the accumulator stays in the rotated basis and no d x d tile ever sits in registers.
+    if split == num_splits - 1:
+        q = tl.load(q_ptr + q_off[:, None] + dim[None, :] * stride_qd,
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        for j in range(0, tl.minimum(q_len, q0 + BLOCK_Q)):
+            kv_tok = (q_start + j).to(tl.int64)
+            k_new = tl.load(k_ptr + kv_tok * stride_kt + kh * stride_kh + dim * stride_kd, mask=dim_ok, other=0.0)
+            s_new = tl.sum(q * k_new.to(tl.float32)[None, :], 1) * qk_scale
+            s_new = tl.where(row_ok & (j <= qi), s_new, float("-inf"))
+            m_new = tl.maximum(m_i, s_new)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p_new = tl.exp2(s_new - m_ref)
+            l_i = l_i * alpha + p_new
+            m_i = m_new
+            v_rot = _rotate_vector(v_ptr + kv_tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
+                                   stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
+            acc = acc * alpha[:, None] + p_new[:, None] * v_rot[None, :]
+
     if FUSED:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, row_ok, stride_od, o, rot_ptr, stride_r0,
@@ -314,14 +326,12 @@ def _attention_meta(
     if max_query_len > block_m // group:  # a prefill chunk: taller q tiles re-read the pages less often
         block_m = max(tiles.varlen_m, triton.next_power_of_2(group))
     exact = query_dtype == torch.float32
-    # Exact new tokens meet q in its own 16-bit dtype on GPUs; Triton's CPU interpreter has no bf16 dot.
-    new_dtype = _TL_DTYPES[query_dtype] if on_gpu or query_dtype == torch.float16 else tl.float32
     meta = dict(
         GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
-        BLOCK_N=tiles.block_n, BLOCK_NEW=tiles.block_new, BLOCK_SIZE=block_size,
+        BLOCK_N=tiles.block_n, BLOCK_SIZE=block_size,
         ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(),
-        OP_DTYPE=tl.float32 if exact else tl.float16, NEW_DTYPE=new_dtype, PREC="ieee" if exact else "tf32",
+        OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
         FUSED=fused, PREFETCH=tiles.prefetch,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip

@@ -41,40 +41,6 @@ def _rotate_rows(
 
 
 @triton.jit
-def _rotate_regs(
-    x,  # fp32 [ROWS, BLOCK_D] in registers, original basis, |x| of order 1 (0 past HEAD_DIM)
-    rot_ptr,
-    stride_r0,
-    stride_r1,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CHUNK: tl.constexpr,
-    OP_DTYPE: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """x @ R.T for a register tensor, CHUNK contraction columns at a time, with OP_DTYPE operands.
-
-    Register tensors cannot be sliced, so each chunk of x is picked out by a dot with a 0/1
-    selection matrix (exact: one nonzero product per output) before meeting its rows of R.T.
-    """
-    dim = tl.arange(0, BLOCK_D)
-    x_op = x.to(OP_DTYPE)
-    y = tl.zeros(x.shape, dtype=tl.float32)
-    for c0 in range(0, HEAD_DIM, CHUNK):
-        k = c0 + tl.arange(0, CHUNK)
-        k_ok = k < HEAD_DIM
-        pick = tl.where(dim[:, None] == k[None, :], 1.0, 0.0).to(OP_DTYPE)  # [BLOCK_D, CHUNK]
-        x_c = tl.dot(x_op, pick, input_precision=PREC)
-        r_t = tl.load(  # r_t[k, n] = R[n, k]
-            rot_ptr + dim[None, :] * stride_r0 + k[:, None] * stride_r1,
-            mask=k_ok[:, None] & (dim < HEAD_DIM)[None, :],
-            other=0.0,
-        )
-        y += tl.dot(x_c.to(OP_DTYPE), r_t.to(OP_DTYPE), input_precision=PREC)
-    return y
-
-
-@triton.jit
 def _store_unrotated(
     out_ptr,
     row_off,  # int64 [ROWS]
