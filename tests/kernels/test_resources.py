@@ -1,0 +1,27 @@
+"""The decode kernel's register budget on Hopper, checked by compiling it (no GPU needed: Triton ships ptxas).
+
+Decode attention is latency-bound: each SM hides memory latency with the programs it can keep resident.
+At 4 warps, <= 168 registers per thread keeps three programs per SM; the version that rotated the
+accumulator in registers needed 244 and ran two.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_resources.py"
+
+
+def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real, not interpret
+    out = tmp_path / "resources.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], env=env, check=True, capture_output=True)
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["head_dim"] == 128 and r["tiles"]["maxnreg"] is None]
+    defaults = [r for r in rows if r["tiles"]["num_warps"] == 4 and r["tiles"]["num_stages"] == 1
+                and r["tiles"]["block_n"] == 32]  # fmt: skip
+    assert len(defaults) == 2  # split-K and fused launches
+    for r in defaults:
+        assert r["registers"] <= 168 and r["programs_per_sm_by_registers"] >= 3, r
+    assert next(r for r in defaults if r["split_k"])["spill_store_bytes"] == 0
