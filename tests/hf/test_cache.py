@@ -87,7 +87,7 @@ def ref_greedy(model, ids: torch.Tensor, steps: int, cache: Cache, prefill_chunk
 def test_generate_matches_paged_reference_step_by_step(model, k_bits, v_bits):
     config = TQConfig(k_bits=k_bits, v_bits=v_bits)
     ids = torch.randint(1, 96, (1, 24), generator=torch.Generator().manual_seed(k_bits))
-    cache = CompressedDynamicCache(config, model.config)
+    cache = CompressedDynamicCache(config, model.config, residual_tokens=0)  # the vLLM backend's semantics
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False,
         return_dict_in_generate=True, output_logits=True, **cache_kwargs(model, cache),
@@ -102,7 +102,8 @@ def test_generate_matches_paged_reference_step_by_step(model, k_bits, v_bits):
 def test_chunked_prefill_matches_paged_reference(model):
     config = TQConfig(k_bits=3, v_bits=3)
     ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(7))
-    got_tokens, got = ref_greedy(model, ids, 4, CompressedDynamicCache(config, model.config), prefill_chunk=16)
+    cache = CompressedDynamicCache(config, model.config, residual_tokens=0)
+    got_tokens, got = ref_greedy(model, ids, 4, cache, prefill_chunk=16)
     want_tokens, want = ref_greedy(model, ids, 4, ref_cache(config, 2), prefill_chunk=16)
     assert got_tokens == want_tokens
     torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=0, atol=2e-5)
@@ -116,7 +117,7 @@ def test_update_returns_dequantised_context_and_exact_new_tokens(k_bits, v_bits,
     config = TQConfig(k_bits=k_bits, v_bits=v_bits, norm_correction=norm_correction)
     gen = torch.Generator().manual_seed(k_bits * 10 + v_bits)
     k1, v1, k2, v2 = (torch.randn(2, KV_HEADS, n, HEAD_DIM, generator=gen) * 3 for n in (5, 5, 3, 3))
-    layer = CompressedLayer(config)
+    layer = CompressedLayer(config, residual_tokens=0)
     k_out, v_out = layer.update(k1, v1)
     assert k_out is k1 and v_out is v1
     k_out, v_out = layer.update(k2, v2)
@@ -145,7 +146,7 @@ def test_residual_window_returns_newest_context_exact():
     config = TQConfig(k_bits=2, v_bits=2)
     gen = torch.Generator().manual_seed(8)
     k1, k2, k3 = (torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=gen) for n in (5, 3, 2))
-    layer, plain = CompressedLayer(config, residual_tokens=4), CompressedLayer(config)
+    layer, plain = CompressedLayer(config, residual_tokens=4), CompressedLayer(config, residual_tokens=0)
     for x in (k1, k2):
         layer.update(x, -x)
         plain.update(x, -x)
@@ -177,16 +178,23 @@ def test_update_keeps_dtype_and_device_of_inputs():
 def test_memory_at_8k_tokens_vs_dynamic_cache(bits, bytes_per_head):
     tokens, layers = 8192, 2
     gen = torch.Generator().manual_seed(bits)
-    compressed, exact = CompressedDynamicCache(TQConfig(k_bits=bits, v_bits=bits)), DynamicCache()
+    config = TQConfig(k_bits=bits, v_bits=bits)
+    packed_only, default, exact = (
+        CompressedDynamicCache(config, residual_tokens=0),
+        CompressedDynamicCache(config),
+        DynamicCache(),
+    )
     for layer_idx in range(layers):
         k, v = (torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=gen).to(torch.bfloat16) for _ in range(2))
-        compressed.update(k, v, layer_idx)
-        exact.update(k, v, layer_idx)
-    assert compressed.memory_bytes() == layers * 2 * KV_HEADS * tokens * bytes_per_head
+        for cache in (packed_only, default, exact):
+            cache.update(k, v, layer_idx)
+    assert packed_only.memory_bytes() == layers * 2 * KV_HEADS * tokens * bytes_per_head
+    window = layers * 2 * KV_HEADS * kv_cache.DEFAULT_RESIDUAL_TOKENS * HEAD_DIM * 2  # bf16 recent K and V
+    assert default.memory_bytes() == packed_only.memory_bytes() + window
     assert dynamic_cache_bytes(exact) == layers * 2 * KV_HEADS * tokens * HEAD_DIM * 2
-    ratio = dynamic_cache_bytes(exact) / compressed.memory_bytes()
+    ratio = dynamic_cache_bytes(exact) / packed_only.memory_bytes()
     assert ratio == pytest.approx(2 * HEAD_DIM / bytes_per_head)
-    assert ratio >= 3.5
+    assert ratio >= 3.5 and dynamic_cache_bytes(exact) / default.memory_bytes() >= 3.4
 
 
 def test_crop_reorder_and_batch_ops_are_exact():
