@@ -13,3 +13,20 @@ if not torch.cuda.is_available():
 def device() -> torch.device:
     """The device kernels run on; CPU means TRITON_INTERPRET=1."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """Factory of a 2-layer random Llama (head_dim 64, vocab 64): the real HF code path at test speed."""
+
+    def make(num_key_value_heads: int = 1, seed: int = 0):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=num_key_value_heads, head_dim=64, max_position_embeddings=256, pad_token_id=0,
+        )  # fmt: skip
+        return LlamaForCausalLM(config).eval()
+
+    return make

@@ -78,19 +78,13 @@ class _Tokenizer:
 
 
 @pytest.fixture
-def offline(monkeypatch):
+def offline(monkeypatch, tiny_llama):
     """Swap the real model and Austen for a tiny random Llama and random ids."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from turboquant_vllm.eval import data
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=64, max_position_embeddings=256, pad_token_id=0,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(num_key_value_heads=1, seed=0)
     monkeypatch.setattr(cli, "_load", lambda args, console: (model, _Tokenizer(), "tiny-llama"))
     ids = torch.randint(2, 64, (4096,), generator=torch.Generator().manual_seed(1)).tolist()
     monkeypatch.setattr(data, "austen_token_stream", lambda tokenizer, n, **kw: ids[:n])

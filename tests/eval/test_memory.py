@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from turboquant_vllm.eval import memory as M
 from turboquant_vllm.eval import quality as Q
@@ -14,13 +14,8 @@ from turboquant_vllm.layout import PageLayout
 
 
 @pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=64, max_position_embeddings=256, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+def model(tiny_llama) -> LlamaForCausalLM:
+    return tiny_llama(num_key_value_heads=2, seed=3)
 
 
 def test_memory_specs_drop_norm_correction_only():

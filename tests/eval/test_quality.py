@@ -7,20 +7,15 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
 from turboquant_vllm.config import TQConfig
 from turboquant_vllm.eval import quality as Q
 
 
 @pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=64, max_position_embeddings=256, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+def model(tiny_llama) -> LlamaForCausalLM:
+    return tiny_llama(num_key_value_heads=1, seed=1)
 
 
 def test_token_nll_by_hand():
