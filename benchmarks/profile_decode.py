@@ -4,7 +4,7 @@ Each stage kernel walks the same packed pages through the same block table with 
 kernels.decode, and does a growing share of the real inner loop:
 
     read     K and V index words + scales of every context token (the bytes the real kernel must read)
-    unpack   + split the words into codebook indices (kernels.decode._codes, incl. its reshape)
+    unpack   + split the words into codebook indices (kernels.decode._split_words, incl. its reshape)
     planar   + split the words with one shift per 4-bit plane and no reshape (an alternative unpack)
     gather   + look every index up in the codebook and scale it (what the tensor cores then consume)
     attention  the production kernel (dots, online softmax, split-K reduce, rotations)
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from turboquant_vllm.kernels.decode import _codes, choose_num_splits
+from turboquant_vllm.kernels.decode import _context_tile, _split_words, choose_num_splits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import MAX_SPLITS, Caches, Shape, bench_ours, copy_bandwidth, gbps, time_ms  # noqa: E402
@@ -50,32 +50,23 @@ def _stage_kernel(
     per_split = tl.cdiv(n_tiles, num_splits)
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
-    GROUPS: tl.constexpr = BLOCK_D // 8
-    grp = tl.arange(0, GROUPS)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     acc = tl.zeros([BLOCK_N], tl.float32)
     for tile in range(tile_lo, tile_hi):
-        pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        live = pos < ctx_len
-        block = tl.load(bt_ptr + seq.to(tl.int64) * stride_bt + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
-        row_ptr = cache_ptr + block * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ct
-        k_scale = tl.load((row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
-        v_scale = tl.load((row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
-        k_row = row_ptr + K_INDEX_OFFSET + kh * K_INDEX_BYTES
-        v_row = row_ptr + V_INDEX_OFFSET + kh * V_INDEX_BYTES
-        if STAGE == 0 or STAGE == 2:  # 4-bit words, one int32 per 8 coordinates
-            mask = live[:, None]
-            kw = tl.load((k_row[:, None] + grp[None, :] * 4).to(tl.pointer_type(tl.int32)), mask=mask, other=0)
-            vw = tl.load((v_row[:, None] + grp[None, :] * 4).to(tl.pointer_type(tl.int32)), mask=mask, other=0)
-            if STAGE == 0:
-                acc += tl.sum((kw ^ vw).to(tl.float32), 1) + k_scale + v_scale
-            else:
-                for plane in tl.static_range(8):
-                    kc = tl.load(k_cent_ptr + ((kw >> (4 * plane)) & 15))
-                    vc = tl.load(v_cent_ptr + ((vw >> (4 * plane)) & 15))
-                    acc += tl.sum(kc, 1) * k_scale + tl.sum(vc, 1) * v_scale
+        live, kw, k_scale, vw, v_scale = _context_tile(  # the attention kernel's own loads
+            tile, ctx_len, bt_row, cache_ptr, stride_cb, stride_ct, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
+            K_BITS, V_BITS, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+            V_SCALE_OFFSET)  # fmt: skip
+        if STAGE == 0:
+            acc += tl.sum((kw ^ vw).to(tl.float32), 1) + k_scale + v_scale
+        elif STAGE == 2:
+            for plane in tl.static_range(8):
+                kc = tl.load(k_cent_ptr + ((kw >> (4 * plane)) & 15))
+                vc = tl.load(v_cent_ptr + ((vw >> (4 * plane)) & 15))
+                acc += tl.sum(kc, 1) * k_scale + tl.sum(vc, 1) * v_scale
         else:
-            k_idx = _codes(k_row, live, K_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
-            v_idx = _codes(v_row, live, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
+            k_idx = _split_words(kw, K_BITS, BLOCK_D, BLOCK_N)
+            v_idx = _split_words(vw, V_BITS, BLOCK_D, BLOCK_N)
             if STAGE == 1:
                 acc += tl.sum((k_idx ^ v_idx).to(tl.float32), 1) + k_scale + v_scale
             else:

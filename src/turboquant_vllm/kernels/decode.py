@@ -138,12 +138,6 @@ def _split_words(word, BITS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.const
 
 
 @triton.jit
-def _codes(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-    """Codebook indices of one head in each row, int32 [ROWS, BLOCK_D]: one load per 8 coordinates."""
-    return _split_words(_words(row_ptr, live, BITS, HEAD_DIM, BLOCK_D), BITS, BLOCK_D, ROWS)
-
-
-@triton.jit
 def _context_tile(
     tile, ctx_len, bt_row, cache_ptr, stride_cb, stride_ct, kh,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -248,16 +242,18 @@ def _attention_kernel(
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
-    # Software prefetch: tile t+1's loads are issued before tile t is computed, hiding their latency.
+    # Software prefetch: tile t+1's loads are issued before tile t is computed, hiding their latency;
+    # the tile after this split's last one reads nothing (positions past ctx_hi are masked).
+    ctx_hi = tl.minimum(ctx_len, tile_hi * BLOCK_N)
     if PREFETCH:
         live, k_words, k_scale, v_words, v_scale = _context_tile(
-            tile_lo, ctx_len, bt_row, cache_ptr, stride_cb, stride_ct, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
+            tile_lo, ctx_hi, bt_row, cache_ptr, stride_cb, stride_ct, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
             K_BITS, V_BITS, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
             V_SCALE_OFFSET)  # fmt: skip
     for tile in range(tile_lo, tile_hi):
         if PREFETCH:
             nxt = _context_tile(
-                tile + 1, tl.minimum(ctx_len, tile_hi * BLOCK_N), bt_row, cache_ptr, stride_cb, stride_ct, kh,
+                tile + 1, ctx_hi, bt_row, cache_ptr, stride_cb, stride_ct, kh,
                 BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS, K_INDEX_OFFSET, K_INDEX_BYTES,
                 K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
         else:
@@ -286,15 +282,10 @@ def _attention_kernel(
             k_new = tl.load(k_ptr + kv_tok * stride_kt + kh * stride_kh + dim * stride_kd, mask=dim_ok, other=0.0)
             s_new = tl.sum(q * k_new.to(tl.float32)[None, :], 1) * qk_scale
             s_new = tl.where(row_ok & (j <= qi), s_new, float("-inf"))
-            m_new = tl.maximum(m_i, s_new)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p_new = tl.exp2(s_new - m_ref)
-            l_i = l_i * alpha + p_new
-            m_i = m_new
+            p_new, alpha, m_i, l_i = _softmax_step(s_new[:, None], m_i, l_i)  # a one-column score tile
             v_rot = _rotate_vector(v_ptr + kv_tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
                                    stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
-            acc = acc * alpha[:, None] + p_new[:, None] * v_rot[None, :]
+            acc = acc * alpha[:, None] + p_new * v_rot[None, :]
 
     if FUSED:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
