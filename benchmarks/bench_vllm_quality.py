@@ -46,7 +46,7 @@ def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool) -> d
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = austen_token_stream(tokenizer, windows * window_len)
     prompts = [ids[i * window_len : (i + 1) * window_len] for i in range(windows)]
-    kwargs = dict(max_num_batched_tokens=256, **MODES[mode])
+    kwargs = {"max_num_batched_tokens": 256, **MODES[mode]}
     llm = LLM(
         model=model_dir,
         dtype="bfloat16",
