@@ -1,9 +1,15 @@
 """vLLM engine table: KV capacity and TPOT for bf16, fp8, vLLM's turboquant_4bit_nc and ours (CUSTOM).
 
 Dummy-weight Llama-3.1-8B shape, CUDA graphs on, prefix caching off.
-TPOT per batch of `seqs` prompts of `context` tokens, 129 tokens each. Default (--tpot metrics): one run, vLLM's
-per-request timestamps, mean over requests of (last token - first token) / 128, i.e. the decode steps only.
---tpot two-runs: (time to generate 129 tokens - time to generate 1) / 128, which prefills every prompt twice.
+TPOT per batch of `seqs` prompts of `context` tokens, 129 tokens each. Default (--tpot two-runs, the issue's
+definition): (time to generate 129 tokens - time to generate 1) / 128, which prefills every prompt twice.
+--tpot metrics: one run, vLLM's per-request timestamps, mean over requests of (last token - first token) / 128;
+cheaper, but when 16 prompts arrive together the early requests' decode steps also carry the later requests'
+prefill chunks, so at 16 sequences it reads high (bf16 4K x 16: 11.3 ms on 2026-11-30; the issue's two-run
+figure is 7.22).
+Before timing, a warm-up batch runs chunked prefill over cached context, mixed and pure decode batches of every
+size up to max_num_seqs, so no kernel is compiled inside a timed run.
+--profile CONTEXTxSEQS prints the GPU kernels of one decode-heavy run (torch.profiler, engine in-process).
 Each mode runs in its own process (a fresh GPU); results go to benchmarks/results/engine_<date>.json.
 """
 
@@ -27,7 +33,22 @@ SHAPES = "4096x1,4096x16,32768x1,32768x16"
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_util: float, tpot: str) -> dict:
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    return [(int(c), int(n)) for c, n in (s.split("x") for s in text.split(",") if s)]
+
+
+def run_mode(
+    mode: str,
+    shapes: list[tuple[int, int]],
+    max_model_len: int,
+    gpu_util: float,
+    tpot: str,
+    profile: tuple[int, int] | None = None,
+) -> dict:
+    import os
+
+    if profile:  # the profiler must see the engine's kernels: keep the engine core in this process
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
     from turboquant_vllm.eval.dummy_model import write_llama_config
@@ -74,9 +95,16 @@ def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_u
     import random
 
     rng = random.Random(0)
-    timed([[rng.randrange(1000, 100000) for _ in range(256)]], 8)  # warm-up
+
+    def prompts_of(context: int, seqs: int) -> list[list[int]]:
+        return [[rng.randrange(1000, 100000) for _ in range(context)] for _ in range(seqs)]
+
+    # Warm-up: 16 x 2000 tokens overflow one step's token budget, so prompts are split across steps (prefill
+    # over cached context), decodes run next to prefills, and the decode batch grows through every size.
+    timed(prompts_of(2000, 16), 8)
+    row["warmup_s"] = time.perf_counter() - start - startup_s
     for context, seqs in shapes:
-        prompts = [[rng.randrange(1000, 100000) for _ in range(context)] for _ in range(seqs)]
+        prompts = prompts_of(context, seqs)
         t129, per_token = timed(prompts, 129)
         entry = {"context": context, "seqs": seqs, "t129_s": t129}
         if tpot == "two-runs" or per_token is None:
@@ -86,7 +114,23 @@ def run_mode(mode: str, shapes: list[tuple[int, int]], max_model_len: int, gpu_u
             entry.update(tpot_ms=per_token * 1e3, tpot_method="metrics")
         row["tpot"].append(entry)
         print(json.dumps(entry), flush=True)
+    if profile:
+        row["profile"] = profile_kernels(lambda: timed(prompts_of(*profile), 33))
     return row
+
+
+def profile_kernels(run, top: int = 15) -> list[dict]:
+    """GPU kernels of one run, by total time: where a slow decode step goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+    stats = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:top]
+    rows = [{"name": e.key[:120], "calls": e.count, "device_ms": e.device_time_total / 1e3} for e in stats]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -96,14 +140,16 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=33024)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--timeout", type=int, default=420, help="seconds per mode")
-    parser.add_argument("--tpot", choices=("metrics", "two-runs"), default="metrics")
+    parser.add_argument("--tpot", choices=("metrics", "two-runs"), default="two-runs")
+    parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, profile one run of 33 tokens")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    shapes = parse_shapes(args.shapes)
+    profile = parse_shapes(args.profile)[0] if args.profile else None
 
     if args.child:
-        row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot)
+        row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot, profile)
         print("RESULT " + json.dumps(row), flush=True)
         return
 
@@ -133,7 +179,7 @@ def main() -> None:
             str(args.gpu_memory_utilization),
             "--tpot",
             args.tpot,
-        ]
+        ] + (["--profile", args.profile] if args.profile else [])
         child = run_child(cmd, args.timeout)
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
         if lines:

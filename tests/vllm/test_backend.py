@@ -129,6 +129,17 @@ def test_builder_routes_decodes_to_the_kernel_and_chunks_to_prefill():
     assert builder.build(0, common_metadata(big)).num_splits == 1
 
 
+def test_prefill_plan_reads_vllms_host_seq_lens_when_given():
+    """vLLM's host copy of seq_lens is used, so a mixed step plans its prefills without a device sync."""
+    builder = make_builder(8, 2, 64)
+    cam = common_metadata(make_batch(SCENARIOS["mixed"], 8, 2, 64))
+    expected = builder.build(0, cam).prefill
+    host = cam.seq_lens.cpu().clone()
+    poisoned = cam.replace(seq_lens=torch.full_like(cam.seq_lens, 10**6), seq_lens_cpu_upper_bound=host)
+    plan = builder.build(0, poisoned).prefill
+    assert plan.cu_k_host == expected.cu_k_host and torch.equal(plan.slots, expected.slots)
+
+
 class Recorder:
     def __init__(self):
         self.calls = []

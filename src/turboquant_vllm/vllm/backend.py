@@ -168,8 +168,11 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         num_splits = choose_num_splits(num_decodes, self.num_kv_heads, MAX_SPLITS, self.num_sms) if split else 1
         prefill = None
         if num_prefills:
-            prefill = plan_prefill(cam.query_start_loc_cpu, cam.seq_lens, cam.block_table_tensor,
-                                   self.kv_cache_spec.block_size, num_decodes, cam.num_reqs)  # fmt: skip
+            # vLLM's host copy is exact for prefill rows; without it (older vLLM) read the device tensor.
+            seq_lens_host = getattr(cam, "seq_lens_cpu_upper_bound", None)
+            prefill = plan_prefill(cam.query_start_loc_cpu, cam.seq_lens if seq_lens_host is None else seq_lens_host,
+                                   cam.block_table_tensor, self.kv_cache_spec.block_size, num_decodes,
+                                   cam.num_reqs)  # fmt: skip
         return TQ4Metadata(
             num_actual_tokens=cam.num_actual_tokens,
             max_query_len=min(cam.max_query_len, decode_q_len),

@@ -47,7 +47,10 @@ def plan_prefill(
     first: int,
     num_reqs: int,
 ) -> PrefillPlan:
-    """Plan requests [first, num_reqs) of a step (vLLM orders decodes first). Reads seq_lens on the host."""
+    """Plan requests [first, num_reqs) of a step (vLLM orders decodes first).
+
+    seq_lens may live on the host (no sync) or the device (one sync); only rows [first, num_reqs) are read.
+    """
     qsl = query_start_loc_cpu[first : num_reqs + 1].numpy().astype(np.int64)
     q_lens = np.diff(qsl)
     ctx = seq_lens[first:num_reqs].cpu().numpy().astype(np.int64) - q_lens
