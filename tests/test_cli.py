@@ -25,10 +25,12 @@ def test_subcommands_parse_with_defaults():
 def test_eval_lists_and_flags():
     args = cli.build_parser().parse_args(
         ["eval", "--tokens", "2000", "--context", "512,1024", "--needle-depths", "0.5", "--no-needle",
-         "--norm-correction", "on", "--dtype", "bfloat16"]
+         "--norm-correction", "on", "--center-keys", "both", "--dtype", "bfloat16"]
     )  # fmt: skip
     assert args.context == [512, 1024] and args.needle_depths == [0.5] and args.no_needle and not args.no_quality
-    assert cli.NORM_CORRECTION[args.norm_correction] == (True,) and args.dtype == "bfloat16"
+    assert cli.ON_OFF[args.norm_correction] == (True,) and args.dtype == "bfloat16"
+    assert cli.ON_OFF[args.center_keys] == (True, False)
+    assert cli.build_parser().parse_args(["eval"]).center_keys == "off"  # the vLLM backend's format by default
 
 
 def test_command_is_required_and_bad_choices_fail(capsys):

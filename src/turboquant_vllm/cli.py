@@ -13,7 +13,7 @@ from typing import Any
 DEFAULT_OUT = "benchmarks/results"
 DEMO_OUT = "demo_results"
 DEFAULT_BITS = "4/4,4/3,3/3,4/2,2/2"
-NORM_CORRECTION = {"both": (True, False), "on": (True,), "off": (False,)}
+ON_OFF = {"both": (True, False), "on": (True,), "off": (False,)}
 
 
 def _ints(text: str) -> list[int]:
@@ -51,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tokens", type=int, default=50000, help="Austen tokens scored per context length (50000)")
     ev.add_argument("--context", type=_ints, default=[512, 2048, 8192], help="window lengths (512,2048,8192)")
     ev.add_argument("--bits", default=DEFAULT_BITS, help=f"K/V bit pairs ({DEFAULT_BITS})")
-    ev.add_argument("--norm-correction", default="both", choices=tuple(NORM_CORRECTION))
+    ev.add_argument("--norm-correction", default="both", choices=tuple(ON_OFF))
     ev.add_argument("--residual", type=_ints, default=[0], help="exact recent-token windows to try, e.g. 0,64 (0)")
+    ev.add_argument(
+        "--center-keys", default="off", choices=tuple(ON_OFF),
+        help="also store keys relative to their sequence's common component (off: the vLLM backend's format)",
+    )  # fmt: skip
     ev.add_argument("--needle-lengths", type=_ints, default=[1024, 2048, 4096, 8192])
     ev.add_argument("--needle-depths", type=_floats, default=[round(0.1 * i, 1) for i in range(1, 10)])
     ev.add_argument("--batch", type=int, default=1, help="windows / needle prompts per forward call (1; 16 on a GPU)")
@@ -367,7 +371,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
     console = _console()
     started = time.perf_counter()
-    specs = parse_specs(args.bits, NORM_CORRECTION[args.norm_correction], args.residual, rotation=args.rotation)
+    specs = parse_specs(args.bits, ON_OFF[args.norm_correction], args.residual,
+                        ON_OFF[args.center_keys], rotation=args.rotation)  # fmt: skip
     model, tokenizer, path = _load(args, console)
     payload: dict[str, Any] = {
         "provenance": provenance(sys.argv),

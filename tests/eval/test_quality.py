@@ -64,6 +64,8 @@ def test_parse_specs_names_and_options():
     assert specs[3].config == TQConfig(k_bits=3, v_bits=2, norm_correction=False, rotation="hadamard")
     with_window = Q.parse_specs("3/3", (True,), residual=(0, 64))
     assert [(s.name, s.residual_tokens) for s in with_window] == [("k3v3+nc", 0), ("k3v3+nc+R64", 64)]
+    centered = Q.parse_specs("4/4", (True,), center_keys=(False, True))
+    assert [(s.name, s.center_keys) for s in centered] == [("k4v4+nc", False), ("k4v4+nc+kc", True)]
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 64])

@@ -87,7 +87,7 @@ def ref_greedy(model, ids: torch.Tensor, steps: int, cache: Cache, prefill_chunk
 def test_generate_matches_paged_reference_step_by_step(model, k_bits, v_bits):
     config = TQConfig(k_bits=k_bits, v_bits=v_bits)
     ids = torch.randint(1, 96, (1, 24), generator=torch.Generator().manual_seed(k_bits))
-    cache = CompressedDynamicCache(config, model.config, residual_tokens=0)  # the vLLM backend's semantics
+    cache = CompressedDynamicCache(config, model.config, residual_tokens=0, center_keys=False)  # vLLM's format
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False,
         return_dict_in_generate=True, output_logits=True, **cache_kwargs(model, cache),
@@ -102,7 +102,7 @@ def test_generate_matches_paged_reference_step_by_step(model, k_bits, v_bits):
 def test_chunked_prefill_matches_paged_reference(model):
     config = TQConfig(k_bits=3, v_bits=3)
     ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(7))
-    cache = CompressedDynamicCache(config, model.config, residual_tokens=0)
+    cache = CompressedDynamicCache(config, model.config, residual_tokens=0, center_keys=False)
     got_tokens, got = ref_greedy(model, ids, 4, cache, prefill_chunk=16)
     want_tokens, want = ref_greedy(model, ids, 4, ref_cache(config, 2), prefill_chunk=16)
     assert got_tokens == want_tokens
@@ -117,7 +117,7 @@ def test_update_returns_dequantised_context_and_exact_new_tokens(k_bits, v_bits,
     config = TQConfig(k_bits=k_bits, v_bits=v_bits, norm_correction=norm_correction)
     gen = torch.Generator().manual_seed(k_bits * 10 + v_bits)
     k1, v1, k2, v2 = (torch.randn(2, KV_HEADS, n, HEAD_DIM, generator=gen) * 3 for n in (5, 5, 3, 3))
-    layer = CompressedLayer(config, residual_tokens=0)
+    layer = CompressedLayer(config, residual_tokens=0, center_keys=False)
     k_out, v_out = layer.update(k1, v1)
     assert k_out is k1 and v_out is v1
     k_out, v_out = layer.update(k2, v2)
@@ -166,6 +166,42 @@ def test_residual_window_returns_newest_context_exact():
         CompressedDynamicCache(config, residual_tokens=-1)
 
 
+def shifted_keys(gen: torch.Generator, tokens: int, shift: float = 4.0) -> torch.Tensor:
+    """Keys sharing one large component, plus an attention-sink-like first token pointing the other way."""
+    common = torch.randn(1, KV_HEADS, 1, HEAD_DIM, generator=gen) * shift / HEAD_DIM**0.5
+    k = torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=gen) / HEAD_DIM**0.5 + common
+    k[:, :, 0] = -3 * common[:, :, 0]
+    return k
+
+
+def test_key_offset_matches_torch_math():
+    config = TQConfig(k_bits=3, v_bits=3)
+    gen = torch.Generator().manual_seed(11)
+    k1, k2 = shifted_keys(gen, 12), shifted_keys(gen, 3)
+    layer = CompressedLayer(config, residual_tokens=0)
+    layer.update(k1, k1)
+    keys, _ = layer.update(k2, k2)
+    mu = k1[:, :, kv_cache.KEY_OFFSET_SKIP :].mean(dim=-2, keepdim=True)
+    quant = MSEQuantizer(HEAD_DIM, 3, config)
+    use = ((k1 - mu).norm(dim=-1) < k1.norm(dim=-1)).unsqueeze(-1)
+    want = torch.where(use, quant.dequantize(quant.quantize(k1 - mu)) + mu, quant.dequantize(quant.quantize(k1)))
+    torch.testing.assert_close(keys[:, :, :12], want, rtol=0, atol=1e-5)
+    assert torch.equal(keys[:, :, 12:], k2)
+    stored_centered = torch.signbit(layer.k_scales)
+    assert not stored_centered[:, :, 0].any() and stored_centered[:, :, 1:12].all()  # the sink is stored as is
+
+
+def test_key_offset_shrinks_the_error_of_keys_with_a_common_component():
+    gen = torch.Generator().manual_seed(12)
+    k = shifted_keys(gen, 64)
+    errors = {}
+    for center in (False, True):
+        layer = CompressedLayer(TQConfig(), residual_tokens=0, center_keys=center)
+        layer.update(k, k)
+        errors[center] = ((layer.dequantize()[0] - k).norm() / k.norm()).item()
+    assert errors[True] < 0.5 * errors[False], errors
+
+
 def test_update_keeps_dtype_and_device_of_inputs():
     layer = CompressedLayer(TQConfig())
     x = torch.randn(1, KV_HEADS, 4, HEAD_DIM, dtype=torch.bfloat16)
@@ -180,7 +216,7 @@ def test_memory_at_8k_tokens_vs_dynamic_cache(bits, bytes_per_head):
     gen = torch.Generator().manual_seed(bits)
     config = TQConfig(k_bits=bits, v_bits=bits)
     packed_only, default, exact = (
-        CompressedDynamicCache(config, residual_tokens=0),
+        CompressedDynamicCache(config, residual_tokens=0, center_keys=False),
         CompressedDynamicCache(config),
         DynamicCache(),
     )
@@ -190,7 +226,8 @@ def test_memory_at_8k_tokens_vs_dynamic_cache(bits, bytes_per_head):
             cache.update(k, v, layer_idx)
     assert packed_only.memory_bytes() == layers * 2 * KV_HEADS * tokens * bytes_per_head
     window = layers * 2 * KV_HEADS * kv_cache.DEFAULT_RESIDUAL_TOKENS * HEAD_DIM * 2  # bf16 recent K and V
-    assert default.memory_bytes() == packed_only.memory_bytes() + window
+    offsets = layers * KV_HEADS * HEAD_DIM * 4  # one fp32 key offset per layer and head
+    assert default.memory_bytes() == packed_only.memory_bytes() + window + offsets
     assert dynamic_cache_bytes(exact) == layers * 2 * KV_HEADS * tokens * HEAD_DIM * 2
     ratio = dynamic_cache_bytes(exact) / packed_only.memory_bytes()
     assert ratio == pytest.approx(2 * HEAD_DIM / bytes_per_head)

@@ -27,28 +27,34 @@ class CacheSpec:
     name: str
     config: TQConfig | None
     residual_tokens: int = 0
+    center_keys: bool = False  # False with residual_tokens=0: what the vLLM backend stores
 
     def make(self, model: torch.nn.Module) -> Cache:
         if self.config is None:
             return DynamicCache()
-        return CompressedDynamicCache(self.config, model.config, self.residual_tokens)
+        return CompressedDynamicCache(self.config, model.config, self.residual_tokens, self.center_keys)
 
 
-def spec_name(config: TQConfig, residual_tokens: int = 0) -> str:
+def spec_name(config: TQConfig, residual_tokens: int = 0, center_keys: bool = False) -> str:
     name = f"k{config.k_bits}v{config.v_bits}" + ("+nc" if config.norm_correction else "")
-    return name + (f"+R{residual_tokens}" if residual_tokens else "")
+    return name + (f"+R{residual_tokens}" if residual_tokens else "") + ("+kc" if center_keys else "")
 
 
 def parse_specs(
-    bits: str, norm_correction: Sequence[bool] = (True, False), residual: Sequence[int] = (0,), **options: Any
+    bits: str,
+    norm_correction: Sequence[bool] = (True, False),
+    residual: Sequence[int] = (0,),
+    center_keys: Sequence[bool] = (False,),
+    **options: Any,
 ) -> list[CacheSpec]:
-    """Bit pairs "4/4,3/3" x norm_correction x residual windows -> specs named "k4v4+nc", "k4v4", "k4v4+nc+R64"."""
+    """Bit pairs "4/4,3/3" x norm_correction x residual windows x key centering -> specs named "k4v4+nc",
+    "k4v4", "k4v4+nc+R64", "k4v4+nc+kc"."""
     specs = []
     for pair in (p.strip() for p in bits.split(",") if p.strip()):
         k_bits, _, v_bits = pair.partition("/")
         for nc in norm_correction:
             cfg = TQConfig(k_bits=int(k_bits), v_bits=int(v_bits or k_bits), norm_correction=nc, **options)
-            specs.extend(CacheSpec(spec_name(cfg, r), cfg, r) for r in residual)
+            specs.extend(CacheSpec(spec_name(cfg, r, c), cfg, r, c) for r in residual for c in center_keys)
     return specs
 
 

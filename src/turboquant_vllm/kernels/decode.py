@@ -187,7 +187,9 @@ def _softmax_step(s, m_i, l_i):
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
-@triton.jit
+# Counts that change from step to step are not specialised on (Triton would compile a variant for 1, for
+# multiples of 16 and for the rest): a batch size first seen while serving then never stalls on a compile.
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     rot_ptr, k_cent_ptr, v_cent_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr,

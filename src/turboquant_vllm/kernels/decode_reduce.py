@@ -75,7 +75,7 @@ def _store_unrotated(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_rows", "num_splits"])
 def _reduce_splits_kernel(
     ws_acc_ptr,  # fp32 [max_tokens, num_heads, max_splits, HEAD_DIM], rotated basis, unnormalised
     ws_max_ptr,  # fp32 [max_tokens, num_heads, max_splits], running max (log2 units)

@@ -83,7 +83,7 @@ def _dequant_head(
     tl.store(out_ptr + dim[None, :], y.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & dim_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def _dequant_kv_kernel(
     cache_ptr,  # uint8 [num_blocks * block_size, BYTES_PER_TOKEN]
     slot_ptr,  # int32/int64 [num_slots]; negative = zeros

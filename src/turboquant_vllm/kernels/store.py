@@ -52,7 +52,7 @@ def _store_indices(
         tl.store(byte_off[:, :, None] + b[None, None, :], data, mask=mask[:, :, None] & (b < BITS)[None, None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _store_kv_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, HEAD_DIM] fp16/bf16/fp32, last dim contiguous
     value_ptr,  # [num_tokens, num_kv_heads, HEAD_DIM]
