@@ -133,6 +133,36 @@ def profile_kernels(run, top: int = 15) -> list[dict]:
     return rows
 
 
+def plot(result: dict, path: Path) -> None:
+    """TPOT against context, one panel per sequence count, one line per mode (skipped without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no matplotlib: no {path.name}; run `python {Path(__file__).name} --plot JSON` where it is installed")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(m["mode"], t) for m in result["modes"] for t in m.get("tpot", [])]
+    seqs = sorted({t["seqs"] for _, t in rows})
+    if not seqs:
+        return
+    fig, axes = plt.subplots(1, len(seqs), figsize=(6 * len(seqs), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], seqs, strict=True):
+        for mode in dict.fromkeys(m for m, _ in rows):
+            pts = sorted((t["context"], t["tpot_ms"]) for m, t in rows if m == mode and t["seqs"] == n)
+            ax.plot([c for c, _ in pts], [ms for _, ms in pts], marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context tokens per sequence")
+        ax.set_ylabel("TPOT (ms)")
+        ax.set_title(f"{n} sequence(s), {result.get('gpu') or 'GPU'}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--modes", default=",".join(MODES))
@@ -143,8 +173,12 @@ def main() -> None:
     parser.add_argument("--tpot", choices=("metrics", "two-runs"), default="two-runs")
     parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, profile one run of 33 tokens")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
+    parser.add_argument("--plot", type=Path, help="only redraw the PNG of an existing result JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
     shapes = parse_shapes(args.shapes)
     profile = parse_shapes(args.profile)[0] if args.profile else None
 
@@ -193,6 +227,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
+    plot(result, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
