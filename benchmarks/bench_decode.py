@@ -249,6 +249,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
     variants = [
         {},
         {"block_n": 64},
+        {"wide_block_n": None},  # no wide tiles for heavily split launches
         {"num_stages": 2},
         {"num_warps": 8},
         {"prefetch": False},

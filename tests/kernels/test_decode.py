@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.kernels import decode
 from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
 from turboquant_vllm.kernels.reference import paged_attention_ref, store_ref
+from turboquant_vllm.layout import PageLayout
 
 POISON = 0xFF  # bytes of pages the kernel must never read: their fp32 scales are NaN
 TOL_FP32 = 1e-4  # max |err| / max |ref| with fp32 inputs (only summation order differs)
@@ -237,6 +239,16 @@ def test_rejects_bad_inputs(device):
     with pytest.raises(AssertionError, match="key must be"):
         paged_attention(b.codec, b.query, b.key[:, :1], b.value, b.cache, b.block_table, b.seq_lens,
                         b.query_start_loc, b.scale, b.query.clone(), max_query_len=1, num_splits=1)  # fmt: skip
+
+
+def test_wide_tiles_only_for_heavily_split_launches(device):
+    lay = PageLayout(2, 128, 4, 4)
+    tiles = decode._TILES[128]
+    narrow = decode._attention_meta(lay, 8, torch.bfloat16, True, 1, 16, False, decode.WIDE_MIN_SPLITS - 1)
+    wide = decode._attention_meta(lay, 8, torch.bfloat16, True, 1, 16, False, decode.WIDE_MIN_SPLITS)
+    assert narrow["BLOCK_N"] == tiles.block_n and wide["BLOCK_N"] == tiles.wide_block_n > tiles.block_n
+    b = make_batch(device, [300, 77], [1, 1], num_heads=8, num_kv_heads=2, head_dim=128, seed=21)
+    assert_matches(b.run(num_splits=decode.WIDE_MIN_SPLITS), b.expected(), TOL_FP32)
 
 
 def test_choose_num_splits():

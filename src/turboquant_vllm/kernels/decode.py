@@ -36,14 +36,19 @@ class _Tiles:
     num_stages: int = 2  # software pipelining of the context loop's loads
     maxnreg: int | None = None  # register cap (None: the compiler's choice)
     prefetch: bool = True  # load tile t+1 while computing tile t
+    wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
 # 16 x 32K decode time against 8 warps / 2 stages, and several small programs per SM beat one large one.
+# A launch split WIDE_MIN_SPLITS ways is a batch of one or two sequences: ~2 programs per SM whatever their
+# registers, so a wider tile (more bytes in flight) wins. H200, d=128, 1 x 32K (decode_h200_2026-11-30.json sweep):
+# 106 us with 64-token tiles against 142 us with 32; at 16 x 32K (3 splits) 64 was 9% slower, hence the switch.
+WIDE_MIN_SPLITS = 32
 _TILES = {
     32: _Tiles(64, 16, 64, 4, num_stages=1),
     64: _Tiles(64, 16, 64, 4, num_stages=1),
-    128: _Tiles(32, 16, 64, 4, num_stages=1),
+    128: _Tiles(32, 16, 64, 4, num_stages=1, wide_block_n=64),
     256: _Tiles(16, 16, 32, 8, num_stages=1),
     512: _Tiles(16, 16, 16, 8, num_stages=1),
 }
@@ -310,18 +315,20 @@ def _attention_meta(
     max_query_len: int,
     block_size: int,
     fused: bool,
+    num_splits: int = 1,
 ) -> dict[str, Any]:
     """Compile-time parameters and launch options of _attention_kernel (shared with compile checks)."""
     group = num_heads // lay.num_kv_heads
     block_d = triton.next_power_of_2(lay.head_dim)
     tiles = _TILES[block_d]
+    block_n = tiles.wide_block_n if tiles.wide_block_n and num_splits >= WIDE_MIN_SPLITS else tiles.block_n
     block_m = max(tiles.decode_m, triton.next_power_of_2(group))
     if max_query_len > block_m // group:  # a prefill chunk: taller q tiles re-read the pages less often
         block_m = max(tiles.varlen_m, triton.next_power_of_2(group))
     exact = query_dtype == torch.float32
     meta = dict(
         GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
-        BLOCK_N=tiles.block_n, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, BLOCK_SIZE=block_size,
         ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
@@ -421,7 +428,8 @@ def paged_attention(
         acc_strides = acc_buf.stride()[:3]
         stat_strides = max_buf.stride()
 
-    meta = _attention_meta(lay, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused)
+    meta = _attention_meta(lay, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
+                           num_splits)  # fmt: skip
     grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits)
     exact = query.dtype == torch.float32
     centroids = (codec.key.centroids, codec.value.centroids) if exact else codec.centroids_fp16
