@@ -239,7 +239,7 @@ def run_demo(args: argparse.Namespace) -> None:
     del layers
     console.print(table)
 
-    specs = parse_specs(args.bits, (True,), rotation=args.rotation)
+    specs = parse_specs(args.bits, (True,), center_keys=(False, True), rotation=args.rotation)
     with _progress(console) as progress:
         task = progress.add_task("teacher-forced quality", total=quality_steps(args.tokens, [args.context], args.chunk))
         quality = evaluate_quality(
