@@ -268,7 +268,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
             rows.append({"batch": batch, "context": ctx, "tiles": dataclasses.asdict(decode._TILES[key]), **res})
             print(f"sweep B={batch} ctx={ctx} {change or 'default'}: {fmt(res)}", flush=True)
         decode._TILES[key] = default
-        for splits in (2, 4, 8, 16, 32):
+        for splits in (2, 4, 8, 16, 32, 64):  # >= WIDE_MIN_SPLITS take the wide tiles
             res = guarded(bench_ours, caches, shape, table, args.rep, num_splits=splits)
             res.pop("_out", None)
             rows.append({"batch": batch, "context": ctx, "forced_splits": splits, **res})
