@@ -11,6 +11,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from turboquant_vllm.codec import KVCodec, shared_codec
 from turboquant_vllm.config import TQConfig, TQConfigError
+from turboquant_vllm.key_offset import mean_key, use_offset
 from turboquant_vllm.packing import pack_indices, unpack_indices
 from turboquant_vllm.quantizer import MSEQuantizer, QuantizedVectors
 
@@ -31,7 +32,7 @@ def compress_offset(quant: MSEQuantizer, x: torch.Tensor, offset: torch.Tensor) 
     offset: fp32 [B, H, 1, d].
     """
     offset = offset.to(x.dtype)
-    use = (x - offset).norm(dim=-1) < x.norm(dim=-1)
+    use = use_offset(x, offset)
     packed, scales = compress(quant, x - use.unsqueeze(-1) * offset)
     return packed, torch.where(use, -scales, scales)
 
@@ -73,16 +74,6 @@ def expand(
     return out
 
 
-def key_offset(key_states: torch.Tensor) -> torch.Tensor:
-    """A sequence's common key component, from its first chunk: fp32 [B, H, 1, d].
-
-    The first KEY_OFFSET_SKIP tokens (attention sinks, far from the rest) stay out of the mean.
-    """
-    tokens = key_states.shape[-2]
-    ref = key_states[:, :, KEY_OFFSET_SKIP:] if tokens > 2 * KEY_OFFSET_SKIP else key_states
-    return ref.float().mean(dim=-2, keepdim=True)
-
-
 def check_model_config(model_config: Any, config: TQConfig) -> None:
     """Raise TQConfigError for a model this cache cannot serve faithfully.
 
@@ -117,8 +108,7 @@ def check_model_config(model_config: Any, config: TQConfig) -> None:
 # instead of k shrinks the codebook error; attention sees the same keys because the offset is added back. A key
 # farther from the offset than from 0 (the attention sink is one) is stored as is. SmolLM2 at 4/4, 256-token chunks,
 # 12,544 Austen tokens on CPU (hf_eval_key_offset_cpu_2026-11-30.json): top-1 95.9% -> 96.5%, perplexity change
-# +0.35% -> +0.27%, KL 0.0056 -> 0.0036 (docs/key-offset.md).
-KEY_OFFSET_SKIP = 4
+# +0.35% -> +0.27%, KL 0.0056 -> 0.0036 (docs/key-offset.md). The offset is the mean of the first chunk's keys.
 
 # generate() decodes one token at a time, so without a window every token attends to its recent
 # neighbours only through the codebook. SmolLM2 at 4/4 in 16-token chunks (hf_eval_chunk16_window_cpu_2026-11-28.json):
@@ -135,7 +125,7 @@ class CompressedLayer(CacheLayerMixin):
 
     residual_tokens > 0 also keeps exact copies of the newest that many tokens (recent_k/recent_v)
     and returns them in place of their dequantised values (see DEFAULT_RESIDUAL_TOKENS).
-    center_keys stores keys relative to the sequence's common key component (see KEY_OFFSET_SKIP);
+    center_keys stores keys relative to the common key component of the first chunk (key_offset.py);
     False matches the vLLM backend, which does not do this yet.
     """
 
@@ -173,7 +163,7 @@ class CompressedLayer(CacheLayerMixin):
         self.v_packed, self.v_scales = empty(lay.v_index_bytes, dtype=torch.uint8), empty(dtype=torch.float32)
         if self.residual_tokens:
             self.recent_k, self.recent_v = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
-        self.k_offset = key_offset(key_states) if self.center_keys else None
+        self.k_offset = mean_key(key_states) if self.center_keys else None
         self.is_initialized = True
 
     def update(

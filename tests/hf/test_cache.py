@@ -11,6 +11,7 @@ from turboquant_vllm import kv_cache
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.config import TQConfig, TQConfigError
 from turboquant_vllm.kernels.reference import dequantize_ref, store_ref
+from turboquant_vllm.key_offset import KEY_OFFSET_SKIP
 from turboquant_vllm.kv_cache import CompressedDynamicCache, CompressedLayer, cache_kwargs, dynamic_cache_bytes
 from turboquant_vllm.quantizer import MSEQuantizer
 
@@ -181,7 +182,7 @@ def test_key_offset_matches_torch_math():
     layer = CompressedLayer(config, residual_tokens=0)
     layer.update(k1, k1)
     keys, _ = layer.update(k2, k2)
-    mu = k1[:, :, kv_cache.KEY_OFFSET_SKIP :].mean(dim=-2, keepdim=True)
+    mu = k1[:, :, KEY_OFFSET_SKIP:].mean(dim=-2, keepdim=True)
     quant = MSEQuantizer(HEAD_DIM, 3, config)
     use = ((k1 - mu).norm(dim=-1) < k1.norm(dim=-1)).unsqueeze(-1)
     want = torch.where(use, quant.dequantize(quant.quantize(k1 - mu)) + mu, quant.dequantize(quant.quantize(k1)))

@@ -15,7 +15,8 @@ from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode
 from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
-from turboquant_vllm.kernels.reference import paged_attention_ref, store_ref
+from turboquant_vllm.kernels.reference import paged_attention_ref, sequence_slots, store_ref
+from turboquant_vllm.key_offset import KeyOffset
 from turboquant_vllm.layout import PageLayout
 
 POISON = 0xFF  # bytes of pages the kernel must never read: their fp32 scales are NaN
@@ -251,6 +252,29 @@ def test_wide_tiles_only_for_heavily_split_launches(device):
     assert_matches(b.run(num_splits=decode.WIDE_MIN_SPLITS), b.expected(), TOL_FP32)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_key_offset_scores_match_reference(device, num_splits):
+    g = torch.Generator().manual_seed(31)
+    num_kv_heads, head_dim, block_size = 2, 64, 16
+    offset = torch.randn(num_kv_heads, head_dim, generator=g) * 1.5
+    b = make_batch(device, [70, 41], [1, 3], num_heads=4, num_kv_heads=num_kv_heads, head_dim=head_dim, seed=32)
+    # Rewrite the context pages with keys around the offset, stored relative to it where that shortens them.
+    for s, (seq_len, q_len) in enumerate(((70, 1), (41, 3))):
+        slots = sequence_slots(b.block_table[s].cpu(), seq_len - q_len, block_size)
+        key = torch.randn(len(slots), num_kv_heads, head_dim, generator=g) + offset
+        key[0] = -offset
+        cache = b.cache.cpu()
+        store_ref(b.ref_codec, key, torch.randn(key.shape, generator=g), cache, slots, offset)
+        b.cache.copy_(cache)
+    want = paged_attention_ref(b.ref_codec, b.query.cpu(), b.key.cpu(), b.value.cpu(), b.cache.cpu(),
+                               b.block_table.cpu(), b.seq_lens.cpu(), b.query_start_loc.cpu(), b.scale,
+                               offset)  # fmt: skip
+    got = b.run(num_splits=num_splits, key_offset=KeyOffset.build(offset, b.codec.rotation))
+    assert_matches(got, want, TOL_FP32)
+    ignored = b.run(num_splits=num_splits)  # reading the same pages without the offset scores other keys
+    assert (ignored.cpu() - want).abs().max() > 10 * TOL_FP32 * want.abs().max()
+
+
 def test_choose_num_splits():
     assert choose_num_splits(1, 8, 32, 132) == 32  # 8 programs: split up to the cap
     assert choose_num_splits(1, 8, 16, 132) == 16
@@ -277,10 +301,11 @@ def build(fn, ptrs, meta, options):
     sig = {n: ptrs.get(n, "constexpr" if n in meta else "i32") for n in fn.arg_names}
     assert compile(ASTSource(fn, sig, meta), target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
-meta = decode._attention_meta(PageLayout(8, 128, 4, 3), 32, torch.bfloat16, True, 1, 16, False)
+meta = decode._attention_meta(PageLayout(8, 128, 4, 3), 32, torch.bfloat16, True, 1, 16, False, 1, True)
 options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
 ptrs = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*bf16")
-ptrs |= dict.fromkeys(("rot_ptr", "k_cent_ptr", "v_cent_ptr", "ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr"), "*fp32")
+ptrs |= dict.fromkeys(("rot_ptr", "k_cent_ptr", "v_cent_ptr", "koff_ptr"), "*fp32")
+ptrs |= dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr"), "*fp32")
 ptrs |= {"cache_ptr": "*u8", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "qk_scale": "fp32"}
 build(decode._attention_kernel, ptrs, meta, options)
 meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=decode_reduce.REDUCE_BLOCK_R,
@@ -293,7 +318,7 @@ print("compiled")
 
 
 def test_kernels_compile_for_hopper():
-    """bf16 split-K decode and the split reduce lower to sm_90 cubins on the host, GPU or not.
+    """bf16 split-K decode (with a key offset) and the split reduce lower to sm_90 cubins on the host, GPU or not.
 
     The interpreter never exercises GPU lowering (nor the bf16 new-token dots, which run on GPUs
     only), so compile in a fresh process without TRITON_INTERPRET.

@@ -9,6 +9,7 @@ from turboquant_vllm.kernels import dequant as dequant_module
 from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.kernels.reference import dequantize_ref, store_ref
 from turboquant_vllm.kernels.store import store_kv
+from turboquant_vllm.key_offset import KeyOffset
 
 
 def filled_cache(config: TQConfig, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int, seed=0):
@@ -52,6 +53,28 @@ def test_dequant_matches_reference(device, k_bits, v_bits, head_dim, num_kv_head
     torch.testing.assert_close(k.cpu(), want_k, **tol)
     torch.testing.assert_close(v.cpu(), want_v, **tol)
     assert not k[0].any()
+
+
+@pytest.mark.parametrize("rotated", [True, False], ids=["rotated", "original"])
+def test_dequant_adds_the_key_offset_back(device, rotated):
+    config, num_kv_heads, head_dim = TQConfig(k_bits=4, v_bits=3), 2, 64
+    ref = KVCodec(config, num_kv_heads, head_dim)
+    g = torch.Generator().manual_seed(6)
+    offset = torch.randn(num_kv_heads, head_dim, generator=g) * 2
+    key = torch.randn(24, num_kv_heads, head_dim, generator=g) + offset
+    key[0] = -offset  # stored as is: the offset would lengthen it
+    value = torch.randn(24, num_kv_heads, head_dim, generator=g)
+    cache = ref.new_cache(3, 8)
+    store_ref(ref, key, value, cache, torch.arange(24), offset)
+    slots = random_slots(19, 24, seed=7)
+    codec = KVCodec(config, num_kv_heads, head_dim, device)
+    k, v = dequantize_kv(codec, cache.to(device), slots.to(device), torch.float32, rotated,
+                         key_offset=KeyOffset.build(offset, codec.rotation))  # fmt: skip
+    want_k, want_v = dequantize_ref(ref, cache, slots, rotated, offset)
+    torch.testing.assert_close(k.cpu(), want_k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v.cpu(), want_v, rtol=1e-5, atol=1e-5)
+    exact = key[slots] if not rotated else key[slots] @ ref.rotation.T
+    assert ((k.cpu() - exact).norm() / exact.norm()) < 0.2  # the offset really is added back
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])

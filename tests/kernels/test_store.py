@@ -8,7 +8,8 @@ from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import store as store_module
 from turboquant_vllm.kernels.reference import decode_rows_ref, store_ref
 from turboquant_vllm.kernels.store import store_kv
-from turboquant_vllm.quantizer import TINY_NORM, MSEQuantizer
+from turboquant_vllm.key_offset import KeyOffset, use_offset
+from turboquant_vllm.quantizer import TINY_NORM, MSEQuantizer, QuantizedVectors
 
 BOUNDARY_EPS = 1e-5  # kernel and torch round the rotation differently; only this close to a boundary may differ
 MAX_FLIP_RATE = 1e-3
@@ -171,3 +172,37 @@ def test_store_several_heads_per_program(device, monkeypatch):
     slots = torch.randperm(48, generator=torch.Generator().manual_seed(8))[:20]
     slots[4] = -1
     run_store(codec, key, value, slots.to(device), 3, 16)
+
+
+def offset_keys(num_tokens: int, num_kv_heads: int, head_dim: int, seed: int):
+    """Keys around a shared component, the first token pointing the other way, and their offset."""
+    g = torch.Generator().manual_seed(seed)
+    offset = torch.randn(num_kv_heads, head_dim, generator=g) * 2
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g) + offset
+    key[0] = -offset
+    return key, offset
+
+
+@pytest.mark.parametrize(("k_bits", "dtype"), [(4, torch.bfloat16), (3, torch.float32)])
+def test_store_with_key_offset_matches_reference(device, k_bits, dtype):
+    num_kv_heads, head_dim, num_blocks, block_size = 2, 64, 3, 8
+    codec = KVCodec(TQConfig(k_bits=k_bits, v_bits=2), num_kv_heads, head_dim, device)
+    ref = KVCodec(codec.config, num_kv_heads, head_dim)
+    key, offset = offset_keys(17, num_kv_heads, head_dim, seed=k_bits)
+    key = key.to(dtype)
+    value = torch.randn(17, num_kv_heads, head_dim, generator=torch.Generator().manual_seed(9)).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(5))[:17]
+    cache = codec.new_cache(num_blocks, block_size)
+    store_kv(codec, key.to(device), value.to(device), cache, slots.to(device), KeyOffset.build(offset, codec.rotation))
+    want = ref.new_cache(num_blocks, block_size)
+    store_ref(ref, key, value, want, slots, offset)
+
+    rows = cache.cpu().view(-1, cache.shape[-1])[slots]
+    (gk, gv), (wk, wv) = decode_rows_ref(ref, rows), decode_rows_ref(ref, want.view(-1, want.shape[-1])[slots])
+    key32 = key.float()
+    shifted = use_offset(key32, offset)
+    assert not shifted[0].any() and shifted[1:].all()  # the opposite token keeps its own vector
+    assert torch.equal(torch.signbit(gk.scales), shifted) and torch.equal(torch.signbit(wk.scales), shifted)
+    stored = torch.where(shifted.unsqueeze(-1), key32 - offset, key32)
+    check_tensor(ref.key, stored, *(QuantizedVectors(x.indices, x.scales.abs()) for x in (gk, wk)))
+    check_tensor(ref.value, value, gv, wv)

@@ -18,6 +18,7 @@ from turboquant_vllm.kernels.decode_reduce import (
     _store_unrotated,
     reduce_grid,
 )
+from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 from turboquant_vllm.layout import PageLayout
 
 LOG2E = 1.4426950408889634
@@ -197,7 +198,7 @@ def _softmax_step(s, m_i, l_i):
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
-    rot_ptr, k_cent_ptr, v_cent_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr,
+    rot_ptr, k_cent_ptr, v_cent_ptr, koff_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr,
     num_seqs, num_splits, qk_scale,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od, stride_cb, stride_ct, stride_bt,
@@ -208,12 +209,14 @@ def _attention_kernel(
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
     Context K/V stay in the rotated basis (scores = (q R^T) . c[k_idx] * k_scale); this step's
     exact tokens are handled by the last split: scores against q itself, V rotated on the fly.
+    With HAS_KEY_OFFSET, a key stored relative to the layer's offset (negative scale) scores
+    |k_scale| * (q R^T) . c[k_idx] + (q R^T) . (R offset), koff_ptr holding R offset per KV head.
     """
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -243,7 +246,10 @@ def _attention_kernel(
     # Cached context: this split's contiguous share of the BLOCK_N tiles, scored in the rotated basis.
     q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
                          HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
-    q_rot = (q_rot * qk_scale).to(OP_DTYPE)  # log2 units: softmax uses exp2
+    q_rot = q_rot * qk_scale  # log2 units: softmax uses exp2
+    if HAS_KEY_OFFSET:
+        q_dot_off = tl.sum(q_rot * tl.load(koff_ptr + kh * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :], 1)
+    q_rot = q_rot.to(OP_DTYPE)
     n_tiles = tl.cdiv(ctx_len, BLOCK_N)
     per_split = tl.cdiv(n_tiles, num_splits)
     tile_lo = split * per_split
@@ -271,7 +277,12 @@ def _attention_kernel(
         k = tl.load(k_cent_ptr + _split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
         v = tl.load(v_cent_ptr + _split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
         s = tl.dot(q_rot, tl.trans(k), input_precision=PREC)
-        s = tl.where(live[None, :], s * k_scale[None, :], float("-inf"))
+        if HAS_KEY_OFFSET:
+            shift = (k_scale < 0).to(tl.float32)
+            s = s * tl.abs(k_scale)[None, :] + q_dot_off[:, None] * shift[None, :]
+        else:
+            s = s * k_scale[None, :]
+        s = tl.where(live[None, :], s, float("-inf"))
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         pv = (p * v_scale[None, :]).to(OP_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PREC)
@@ -316,6 +327,7 @@ def _attention_meta(
     block_size: int,
     fused: bool,
     num_splits: int = 1,
+    key_offset: bool = False,
 ) -> dict[str, Any]:
     """Compile-time parameters and launch options of _attention_kernel (shared with compile checks)."""
     group = num_heads // lay.num_kv_heads
@@ -332,7 +344,7 @@ def _attention_meta(
         ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
-        FUSED=fused, PREFETCH=tiles.prefetch,
+        FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if tiles.maxnreg:
@@ -362,6 +374,7 @@ def paged_attention(
     max_query_len: int,
     num_splits: int,
     workspace: AttentionWorkspace | None = None,
+    key_offset: KeyOffset | None = None,
 ) -> None:
     """Causal attention of each sequence's new tokens over its packed context plus themselves.
 
@@ -380,6 +393,7 @@ def paged_attention(
         max_query_len: host-side bound on q_len; only picks the tile shape, never the result.
         num_splits: split-K factor over the context (see choose_num_splits); 1 fuses everything.
         workspace: preallocated split-K buffers; required for allocation-free (graph) launches.
+        key_offset: the layer's key offset if its keys were stored with one (key_offset.py).
     """
     lay = codec.layout
     num_tokens, num_heads, head_dim = query.shape
@@ -408,6 +422,7 @@ def paged_attention(
     rot = codec.rotation
     devices = {t.device for t in (query, key, value, cache, block_table, seq_lens, query_start_loc, out, rot)}
     assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
+    offset = check_key_offset(key_offset, num_kv_heads, head_dim, cache.device, rotated=True)
     if num_tokens == 0 or num_seqs <= 0:
         return
 
@@ -429,13 +444,13 @@ def paged_attention(
         stat_strides = max_buf.stride()
 
     meta = _attention_meta(lay, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
-                           num_splits)  # fmt: skip
+                           num_splits, offset is not None)  # fmt: skip
     grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits)
     exact = query.dtype == torch.float32
     centroids = (codec.key.centroids, codec.value.centroids) if exact else codec.centroids_fp16
     _attention_kernel[grid](
         query, key, value, cache, block_table, seq_lens, query_start_loc,
-        rot, *centroids, out, acc_buf, max_buf, sum_buf,
+        rot, *centroids, rot if offset is None else offset, out, acc_buf, max_buf, sum_buf,
         num_seqs, num_splits, float(scale) * LOG2E,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         cache.stride(0), cache.stride(1), block_table.stride(0),

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
 OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DOT_PRECISION = "ieee"  # full fp32 inverse rotation, like the torch reference
@@ -53,6 +54,7 @@ def _dequant_head(
     in_range,  # bool [BLOCK_T]
     cent_ptr,  # fp32 [2^BITS]
     rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM]
+    off_ptr,  # fp32 [HEAD_DIM], this head's offset in the output basis (read only if HAS_OFFSET)
     stride_rot_0,
     stride_rot_1,
     BITS: tl.constexpr,
@@ -62,11 +64,16 @@ def _dequant_head(
     BLOCK_K: tl.constexpr,
     ROTATED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
 ):
-    """Write centroids[idx] * scale, or that times R accumulated over BLOCK_K-row slices of R."""
+    """Write centroids[idx] * scale, or that times R accumulated over BLOCK_K-row slices of R;
+    with HAS_OFFSET, |scale| and the offset added where the scale is negative (key_offset.py)."""
     dim = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dim < HEAD_DIM
     scale = tl.load(scale_ptr, mask=live, other=0.0)[:, None]
+    if HAS_OFFSET:
+        shift = (scale < 0).to(tl.float32)
+        scale = tl.abs(scale)
     if ROTATED:
         y = _centroids(head_ptr, live, cent_ptr, 0, BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD) * scale
     else:
@@ -80,6 +87,8 @@ def _dequant_head(
                 other=0.0,
             )
             y = tl.dot(part, rot, y, input_precision=DOT_PRECISION)
+    if HAS_OFFSET:
+        y += shift * tl.load(off_ptr + dim, mask=dim_ok, other=0.0)[None, :]
     tl.store(out_ptr + dim[None, :], y.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & dim_ok[None, :])
 
 
@@ -90,6 +99,7 @@ def _dequant_kv_kernel(
     rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM], any strides: x = rotated @ R
     k_cent_ptr,  # fp32 [2^K_BITS]
     v_cent_ptr,  # fp32 [2^V_BITS]
+    koff_ptr,  # fp32 [num_kv_heads, HEAD_DIM] key offset in the output basis (read only if HAS_KEY_OFFSET)
     out_k_ptr,  # [num_slots, num_kv_heads, HEAD_DIM], last dim contiguous
     out_v_ptr,  # [num_slots, num_kv_heads, HEAD_DIM], last dim contiguous
     num_slots,
@@ -115,6 +125,7 @@ def _dequant_kv_kernel(
     V_SCALE_OFFSET: tl.constexpr,
     ROTATED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_KEY_OFFSET: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tok < num_slots
@@ -127,15 +138,15 @@ def _dequant_kv_kernel(
             out_k_ptr + tok[:, None] * stride_out_k_t + head * stride_out_k_h,
             row_ptr + K_INDEX_OFFSET + head * K_INDEX_BYTES,
             (row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head,
-            live, in_range, k_cent_ptr, rot_ptr, stride_rot_0, stride_rot_1,
-            K_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, ROTATED, DOT_PRECISION,
+            live, in_range, k_cent_ptr, rot_ptr, koff_ptr + head * HEAD_DIM, stride_rot_0, stride_rot_1,
+            K_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, ROTATED, DOT_PRECISION, HAS_KEY_OFFSET,
         )  # fmt: skip
         _dequant_head(
             out_v_ptr + tok[:, None] * stride_out_v_t + head * stride_out_v_h,
             row_ptr + V_INDEX_OFFSET + head * V_INDEX_BYTES,
             (row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head,
-            live, in_range, v_cent_ptr, rot_ptr, stride_rot_0, stride_rot_1,
-            V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, ROTATED, DOT_PRECISION,
+            live, in_range, v_cent_ptr, rot_ptr, koff_ptr, stride_rot_0, stride_rot_1,
+            V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, ROTATED, DOT_PRECISION, False,
         )  # fmt: skip
 
 
@@ -167,6 +178,7 @@ def dequantize_kv(
     rotated: bool = True,
     out_k: torch.Tensor | None = None,
     out_v: torch.Tensor | None = None,
+    key_offset: KeyOffset | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense K and V [len(slots), num_kv_heads, head_dim] of the given cache slots.
 
@@ -176,6 +188,7 @@ def dequantize_kv(
         out_dtype: dtype of freshly allocated outputs (ignored for a given out_k/out_v, whose dtype wins).
         rotated: keep the rotated basis (what attention over pages uses); False multiplies back by R.
         out_k, out_v: optional preallocated outputs (e.g. under CUDA graphs), last dim contiguous.
+        key_offset: the layer's key offset if its keys were stored with one (added back where recorded).
     """
     lay = codec.layout
     assert cache.dtype == torch.uint8 and cache.dim() == 3 and cache.shape[2] == lay.bytes_per_token, (
@@ -188,6 +201,7 @@ def dequantize_kv(
     assert out_dtype in OUTPUT_DTYPES, f"out_dtype must be fp16/bf16/fp32, got {out_dtype}"
     devices = {t.device for t in (cache, slots, codec.rotation)}
     assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
+    offset = check_key_offset(key_offset, lay.num_kv_heads, lay.head_dim, cache.device, rotated)
     num_slots = slots.shape[0]
     shape = (num_slots, lay.num_kv_heads, lay.head_dim)
     out_k = _output("out_k", out_k, shape, out_dtype, cache.device)
@@ -205,6 +219,7 @@ def dequantize_kv(
         codec.rotation,
         codec.key.centroids,
         codec.value.centroids,
+        codec.rotation if offset is None else offset,  # any fp32 pointer when there is no offset
         out_k,
         out_v,
         num_slots,
@@ -222,6 +237,7 @@ def dequantize_kv(
         **lay.kernel_constants(),
         ROTATED=rotated,
         DOT_PRECISION=DOT_PRECISION,
+        HAS_KEY_OFFSET=offset is not None,
         num_warps=num_warps,
     )
     return out_k, out_v

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.key_offset import use_offset
 from turboquant_vllm.packing import pack_indices, unpack_indices
 from turboquant_vllm.quantizer import QuantizedVectors
 
@@ -24,20 +25,31 @@ def _row_fields(codec: KVCodec) -> dict[str, tuple[int, int, int]]:
     }
 
 
-def encode_rows_ref(codec: KVCodec, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def encode_rows_ref(
+    codec: KVCodec, key: torch.Tensor, value: torch.Tensor, key_offset: torch.Tensor | None = None
+) -> torch.Tensor:
     """Quantise tokens into packed rows.
 
     Args:
         key, value: [num_tokens, num_kv_heads, head_dim].
+        key_offset: optional fp32 [num_kv_heads, head_dim]: keys it shortens are stored relative to it,
+            with their scale negated (turboquant_vllm.key_offset).
     Returns:
         uint8 [num_tokens, bytes_per_token].
     """
     fields = _row_fields(codec)
     rows = torch.zeros(key.shape[0], codec.layout.bytes_per_token, dtype=torch.uint8)
     for name, quantizer, x in (("k", codec.key, key), ("v", codec.value, value)):
-        q = quantizer.quantize(x.to(quantizer.rotation.device))
+        x = x.to(quantizer.rotation.device, torch.float32)
+        use = None
+        if name == "k" and key_offset is not None:
+            offset = key_offset.to(x.device, torch.float32)
+            use = use_offset(x, offset)
+            x = torch.where(use.unsqueeze(-1), x - offset, x)
+        q = quantizer.quantize(x)
         packed = pack_indices(q.indices.cpu(), quantizer.bits)  # [T, H, nbytes]
-        scales = q.scales.to(torch.float32).cpu().contiguous()
+        scales = q.scales.to(torch.float32)
+        scales = (scales if use is None else torch.where(use, -scales, scales)).cpu().contiguous()
         scale_bytes = scales.view(torch.uint8).reshape(*scales.shape, 4)
         for h in range(codec.num_kv_heads):
             start, nbytes, _ = fields[f"{name}_idx"]
@@ -62,7 +74,12 @@ def decode_rows_ref(codec: KVCodec, rows: torch.Tensor) -> tuple[QuantizedVector
 
 
 def store_ref(
-    codec: KVCodec, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor
+    codec: KVCodec,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    key_offset: torch.Tensor | None = None,
 ) -> None:
     """Write tokens to the paged cache; slot = block * block_size + offset, negative slots skipped.
 
@@ -70,8 +87,9 @@ def store_ref(
         key, value: [num_tokens, num_kv_heads, head_dim].
         cache: uint8 [num_blocks, block_size, bytes_per_token], written in place.
         slot_mapping: int [num_tokens].
+        key_offset: as in encode_rows_ref.
     """
-    rows = encode_rows_ref(codec, key, value).to(cache.device)
+    rows = encode_rows_ref(codec, key, value, key_offset).to(cache.device)
     flat = cache.view(-1, cache.shape[-1])
     for t, slot in enumerate(slot_mapping.tolist()):
         if slot >= 0:
@@ -79,18 +97,30 @@ def store_ref(
 
 
 def dequantize_ref(
-    codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor, rotated: bool = True
+    codec: KVCodec,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    rotated: bool = True,
+    key_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 K and V [len(slots), num_kv_heads, head_dim] of the given cache slots.
 
     With rotated=True the vectors stay in the rotated basis (what attention over pages uses).
+    key_offset (original basis, as stored) is added back to the keys with a negative scale.
     """
     rows = cache.reshape(-1, cache.shape[-1])[slots.long().to(cache.device)].cpu()
     device = codec.rotation.device  # the codec's tables may live on a GPU; the reference answers on the CPU
     k, v = (QuantizedVectors(x.indices.to(device), x.scales.to(device)) for x in decode_rows_ref(codec, rows))
+    shifted = torch.signbit(k.scales)
+    k = QuantizedVectors(k.indices, k.scales.abs())
     if rotated:
-        return codec.key.dequantize_rotated(k).cpu(), codec.value.dequantize_rotated(v).cpu()
-    return codec.key.dequantize(k).cpu(), codec.value.dequantize(v).cpu()
+        keys, values = codec.key.dequantize_rotated(k), codec.value.dequantize_rotated(v)
+    else:
+        keys, values = codec.key.dequantize(k), codec.value.dequantize(v)
+    if key_offset is not None:
+        offset = key_offset.to(device, torch.float32)
+        keys = keys + shifted.unsqueeze(-1) * (offset @ codec.rotation.T if rotated else offset)
+    return keys.cpu(), values.cpu()
 
 
 def sequence_slots(block_table_row: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
@@ -109,6 +139,7 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    key_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its compressed context plus themselves.
 
@@ -123,6 +154,7 @@ def paged_attention_ref(
         block_table: int [num_seqs, max_blocks].
         seq_lens: int [num_seqs], context plus new tokens.
         query_start_loc: int [num_seqs + 1].
+        key_offset: the layer's key offset, if its keys were stored with one.
     Returns:
         fp32 [num_tokens, num_heads, head_dim] in the original basis.
     """
@@ -137,7 +169,7 @@ def paged_attention_ref(
             continue
         context_len = seq_len - q_len
         slots = sequence_slots(block_table[s], context_len, cache.shape[1])
-        k_ctx, v_ctx = dequantize_ref(codec, cache, slots, rotated=False)  # [context_len, Hkv, d]
+        k_ctx, v_ctx = dequantize_ref(codec, cache, slots, False, key_offset)  # [context_len, Hkv, d]
         k = torch.cat([k_ctx, key[lo:hi].cpu().to(torch.float32)]).repeat_interleave(group, dim=1)
         v = torch.cat([v_ctx, value[lo:hi].cpu().to(torch.float32)]).repeat_interleave(group, dim=1)
         q = query[lo:hi].cpu().to(torch.float32)

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 from turboquant_vllm.quantizer import TINY_NORM
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -63,6 +64,7 @@ def _store_kv_kernel(
     k_cent_ptr,  # fp32 [2^K_BITS]
     v_bnd_ptr,  # fp32 [2^V_BITS - 1]
     v_cent_ptr,  # fp32 [2^V_BITS]
+    koff_ptr,  # fp32 [num_kv_heads, HEAD_DIM] key offset, original basis (read only if HAS_KEY_OFFSET)
     num_tokens,
     stride_key_t,
     stride_key_h,
@@ -87,6 +89,7 @@ def _store_kv_kernel(
     NORM_CORRECTION: tl.constexpr,
     TINY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_KEY_OFFSET: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tok < num_tokens
@@ -104,6 +107,13 @@ def _store_kv_kernel(
         v = tl.load(v_ptr + dim[None, :], mask=x_mask, other=0.0).to(tl.float32)
         k_norm = tl.sqrt_rn(tl.sum(k * k, axis=1))
         v_norm = tl.sqrt_rn(tl.sum(v * v, axis=1))
+        shift = tl.zeros([BLOCK_T], tl.float32)  # 1.0 where the key is stored relative to the offset
+        if HAS_KEY_OFFSET:
+            off = tl.load(koff_ptr + head * HEAD_DIM + dim, mask=dim_ok, other=0.0)
+            shifted = k - off[None, :]
+            shifted_norm = tl.sqrt_rn(tl.sum(shifted * shifted, axis=1))
+            shift = (shifted_norm < k_norm).to(tl.float32)
+            k_norm = tl.where(shift > 0, shifted_norm, k_norm)
         k_den = tl.maximum(k_norm, TINY)[:, None]
         v_den = tl.maximum(v_norm, TINY)[:, None]
 
@@ -116,6 +126,8 @@ def _store_kv_kernel(
             kd_ok = kd < HEAD_DIM
             chunk_mask = live[:, None] & kd_ok[None, :]
             k_unit = tl.load(k_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
+            if HAS_KEY_OFFSET:
+                k_unit -= shift[:, None] * tl.load(koff_ptr + head * HEAD_DIM + kd, mask=kd_ok, other=0.0)[None, :]
             v_unit = tl.load(v_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
             # rot_t[i, j] = R[j, k0 + i]
             rot_t = tl.load(
@@ -140,6 +152,8 @@ def _store_kv_kernel(
         else:
             k_scale = k_norm
             v_scale = v_norm
+        if HAS_KEY_OFFSET:
+            k_scale = tl.where(shift > 0, -k_scale, k_scale)  # the sign records the shift
         tl.store((row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head, k_scale, mask=live)
         tl.store((row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head, v_scale, mask=live)
 
@@ -163,7 +177,12 @@ def _check_input(name: str, x: torch.Tensor, num_tokens: int, num_kv_heads: int,
 
 
 def store_kv(
-    codec: KVCodec, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor
+    codec: KVCodec,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    key_offset: KeyOffset | None = None,
 ) -> None:
     """Quantise K and V of new tokens and write their packed rows to `cache` in one launch.
 
@@ -173,6 +192,7 @@ def store_kv(
         cache: uint8 [num_blocks, block_size, bytes_per_token], contiguous, written in place.
         slot_mapping: int32/int64 [num_tokens]; slot = block * block_size + offset, negative = skip.
             Its length is the token count: key/value rows beyond it (CUDA-graph padding) are ignored.
+        key_offset: store keys relative to this layer's offset where that shortens them (key_offset.py).
     """
     lay = codec.layout
     num_tokens = slot_mapping.shape[0]
@@ -187,6 +207,7 @@ def store_kv(
     assert cache.is_contiguous(), "cache must be contiguous"
     devices = {t.device for t in (key, value, cache, slot_mapping, codec.rotation)}
     assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
+    offset = check_key_offset(key_offset, lay.num_kv_heads, lay.head_dim, cache.device)
     if num_tokens == 0:
         return
 
@@ -204,6 +225,7 @@ def store_kv(
         codec.key.centroids,
         codec.value.boundaries,
         codec.value.centroids,
+        codec.rotation if offset is None else offset,  # any fp32 pointer when there is no offset
         num_tokens,
         key.stride(0),
         key.stride(1),
@@ -220,5 +242,6 @@ def store_kv(
         NORM_CORRECTION=codec.config.norm_correction,
         TINY=TINY_NORM,
         DOT_PRECISION=DOT_PRECISION,
+        HAS_KEY_OFFSET=offset is not None,
         num_warps=num_warps,
     )
