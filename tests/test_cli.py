@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -90,6 +91,7 @@ def offline(monkeypatch, tiny_llama):
     monkeypatch.setattr(cli, "_load", lambda args, console: (model, _Tokenizer(), "tiny-llama"))
     ids = torch.randint(2, 64, (4096,), generator=torch.Generator().manual_seed(1)).tolist()
     monkeypatch.setattr(data, "austen_token_stream", lambda tokenizer, n, **kw: ids[:n])
+    return SimpleNamespace(model=model, tokens=ids)
 
 
 def _argv(command: str, options: dict[str, object]) -> list[str]:
@@ -150,3 +152,27 @@ def test_demo_writes_json_and_png(offline, tmp_path):
     assert payload["kv_errors"]["2"]["k_rel_mse"] > payload["kv_errors"]["4"]["k_rel_mse"]
     assert "k4v4+nc" in payload["quality"]["32"]["configs"]
     assert (tmp_path / "demo.png").stat().st_size > 0
+
+
+def test_calibrate_writes_offsets_that_vllm_accepts(offline, tmp_path):
+    import torch
+
+    from turboquant_vllm.config import TQConfig
+    from turboquant_vllm.eval.calibration import key_offsets
+    from turboquant_vllm.eval.kv_capture import capture_qkv
+    from turboquant_vllm.key_offset import KEY_OFFSET_SKIP
+
+    out = tmp_path / "offsets.pt"
+    assert cli.main(["calibrate", "--tokens", "40", "--skip", "8", "--out", str(out)]) == 0
+    payload = torch.load(out, weights_only=True)
+    offsets = payload["key_offset"]
+    assert payload["tokens"] == 40 and payload["skip"] == 8 and offsets.dtype == torch.float32
+    TQConfig(key_offsets=str(out))  # the file vLLM would be given passes the start-up check
+    model, tokens = offline.model, offline.tokens[8:48]
+    records = capture_qkv(model, torch.tensor([tokens]))
+    want = torch.stack([r.key[0, :, KEY_OFFSET_SKIP:].mean(1) for r in records])  # [layers, kv_heads, d]
+    torch.testing.assert_close(offsets, want)
+    two_windows = key_offsets(model, tokens, window=20)  # the mean of each window's own mean
+    halves = [capture_qkv(model, torch.tensor([tokens[i : i + 20]])) for i in (0, 20)]
+    means = [torch.stack([r.key[0, :, KEY_OFFSET_SKIP:].mean(1) for r in h]) for h in halves]
+    torch.testing.assert_close(two_windows, (means[0] + means[1]) / 2)

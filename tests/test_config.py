@@ -48,3 +48,28 @@ def test_rejects_bad_rotation_and_seed():
         TQConfig(rotation="qr")
     with pytest.raises(TQConfigError, match="seed"):
         TQConfig(seed=-1)
+
+
+def test_key_offsets_file_is_checked_at_construction(tmp_path):
+    import torch
+
+    from turboquant_vllm.key_offset import layer_key_offset, save_key_offsets
+
+    with pytest.raises(TQConfigError, match="cannot read key offsets"):
+        TQConfig(key_offsets=str(tmp_path / "missing.pt"))
+    torch.save({"something": 1}, tmp_path / "bad.pt")
+    with pytest.raises(TQConfigError, match="not a key-offset file"):
+        TQConfig.from_dict({"key_offsets": str(tmp_path / "bad.pt")})
+    with pytest.raises(TQConfigError, match="file path"):
+        TQConfig(key_offsets=3)
+    good = tmp_path / "good.pt"
+    offsets = torch.randn(2, 3, 64)
+    save_key_offsets(good, offsets, model="tiny")
+    cfg = TQConfig.from_dict({"key_offsets": str(good)})
+    assert torch.equal(layer_key_offset(cfg.key_offsets, "model.layers.1.self_attn.attn", 3, 64), offsets[1])
+    with pytest.raises(TQConfigError, match="calibrate for this model"):
+        layer_key_offset(cfg.key_offsets, "model.layers.2.self_attn.attn", 3, 64)
+    with pytest.raises(TQConfigError, match="calibrate for this model"):
+        layer_key_offset(cfg.key_offsets, "model.layers.0.self_attn.attn", 2, 64)
+    with pytest.raises(TQConfigError, match="layer index"):
+        layer_key_offset(cfg.key_offsets, "encoder.attn", 3, 64)

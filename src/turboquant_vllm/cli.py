@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-needle", action="store_true", help="skip the needle test")
     ev.add_argument("--name", default="eval", help="file name stem of the results (eval)")
 
+    cal = sub.add_parser("calibrate", help="key offsets for the vLLM backend (additional_config key_offsets)")
+    _common(cal)
+    cal.set_defaults(out="key_offsets.pt")
+    cal.add_argument("--tokens", type=int, default=8192, help="Austen tokens to average over (8192)")
+    cal.add_argument("--skip", type=int, default=0, help="Austen tokens to skip first, e.g. those you evaluate on")
+
     plot = sub.add_parser("plot", help="render the PNGs of an eval JSON (for results from a host without matplotlib)")
     plot.add_argument("json", help="an eval JSON")
     plot.add_argument("--out", help="folder for the PNGs (default: the JSON's folder)")
@@ -79,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"demo": run_demo, "eval": run_eval, "plot": run_plot, "layout": run_layout}[args.command]
+    handlers = {"demo": run_demo, "eval": run_eval, "calibrate": run_calibrate, "plot": run_plot, "layout": run_layout}
+    handler = handlers[args.command]
     try:
         handler(args)
     except KeyboardInterrupt:
@@ -359,6 +366,23 @@ def write_eval_pngs(out: Path, stem: str, payload: dict[str, Any], console) -> N
 def run_plot(args: argparse.Namespace) -> None:
     path = Path(args.json)
     write_eval_pngs(Path(args.out) if args.out else path.parent, path.stem, json.loads(path.read_text()), _console())
+
+
+def run_calibrate(args: argparse.Namespace) -> None:
+    """Write the key-offset file (--out, default key_offsets.pt) that vLLM reads through key_offsets."""
+    from turboquant_vllm.eval import data
+    from turboquant_vllm.eval.calibration import key_offsets
+    from turboquant_vllm.eval.provenance import provenance
+    from turboquant_vllm.key_offset import save_key_offsets
+
+    console = _console()
+    model, tokenizer, path = _load(args, console)
+    tokens = data.austen_token_stream(tokenizer, args.skip + args.tokens)[args.skip :]
+    with console.status(f"averaging keys over {len(tokens)} Austen tokens"):
+        offsets = key_offsets(model, tokens)
+    save_key_offsets(args.out, offsets, model=path, tokens=len(tokens), skip=args.skip, **provenance(sys.argv))
+    console.print(f"wrote {args.out}: key offsets {tuple(offsets.shape)} (layers, KV heads, head_dim)")
+    console.print(f'vLLM: additional_config={{"turboquant": {{"key_offsets": "{Path(args.out).resolve()}"}}}}')
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -46,6 +46,8 @@ class TQConfig:
         norm_correction: store ||x|| / ||dequantised unit vector|| instead of ||x||,
             so reconstructions have the right length.
         seed: seeds the rotation; all processes and ranks derive the same matrix from it.
+        key_offsets: vLLM only: a file from `turboquant-vllm calibrate` for this model; keys are then
+            stored relative to their layer's calibrated offset where that shortens them (docs/key-offset.md).
     """
 
     k_bits: int = 4
@@ -53,6 +55,7 @@ class TQConfig:
     rotation: Literal["haar", "hadamard"] = "haar"
     norm_correction: bool = True
     seed: int = DEFAULT_SEED
+    key_offsets: str | None = None
 
     def __post_init__(self) -> None:
         check_bits("k_bits", self.k_bits)
@@ -63,6 +66,12 @@ class TQConfig:
             raise TQConfigError(f"norm_correction must be a bool, got {self.norm_correction!r}.")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise TQConfigError(f"seed must be a non-negative int, got {self.seed!r}.")
+        if self.key_offsets is not None:
+            from turboquant_vllm.key_offset import load_key_offsets
+
+            if not isinstance(self.key_offsets, str):
+                raise TQConfigError(f"key_offsets must be a file path, got {self.key_offsets!r}.")
+            load_key_offsets(self.key_offsets)  # a missing or malformed file fails here, at start-up
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise TQConfigError if this config cannot serve heads of `head_dim`."""

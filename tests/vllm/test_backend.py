@@ -178,7 +178,8 @@ def test_forward_sends_decodes_to_the_kernel_and_chunks_to_prefill(monkeypatch):
     args, kwargs = attention.calls[0]
     assert args[1].shape[0] == 2 and kwargs["query_start_loc"].shape[0] == 3  # the two decodes only
     assert kwargs["max_query_len"] == 1 and kwargs["out"].data_ptr() == out.data_ptr()
-    assert prefill.calls[0][0][1] is md.prefill and prefill.calls[0][0][-1] is out
+    args = prefill.calls[0][0]
+    assert args[1] is md.prefill and args[7] is out and args[8] is None  # no key offset configured
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
@@ -224,3 +225,32 @@ def test_layer_output_matches_references(scenario, num_heads, num_kv_heads, bits
     cos = torch.nn.functional.cosine_similarity(out.float().flatten(1), exact.to(out.device).flatten(1), dim=-1).cpu()
     # Loose: quantisation error against exact attention (keys here have 8x outlier channels).
     assert cos.mean().item() > {4: 0.98, 3: 0.96, 2: 0.75}[min(bits)], cos
+
+
+@pytest.mark.parametrize("scenario", ["decode", "mixed", "chunked"])
+def test_layer_with_calibrated_key_offsets_matches_reference(scenario, monkeypatch, tmp_path, device):
+    """config.key_offsets reaches the store, decode and prefill paths: fp32 output against the torch twin."""
+    from turboquant_vllm.key_offset import save_key_offsets
+
+    num_heads, num_kv_heads, head_dim, scale = 8, 2, 64, 64**-0.5
+    offsets = torch.randn(3, num_kv_heads, head_dim, generator=torch.Generator().manual_seed(40)) * 2
+    save_key_offsets(tmp_path / "offsets.pt", offsets)
+    cfg = TQConfig(k_bits=4, v_bits=3, key_offsets=str(tmp_path / "offsets.pt"))
+    monkeypatch.setattr(tq_backend, "current_tq_config", lambda: cfg)
+    layer = SimpleNamespace(layer_name="model.layers.2.self_attn.attn")
+    batch = make_batch(SCENARIOS[scenario], num_heads, num_kv_heads, head_dim, seed=41, device=device,
+                       dtype=torch.float32)  # fmt: skip
+    codec = KVCodec(cfg, num_kv_heads, head_dim, device)
+    cache = codec.new_cache(batch.num_blocks, batch.block_size)
+    for k, v, slots in zip(batch.context_key, batch.context_value, batch.context_slots, strict=True):
+        store_ref(codec, k + offsets[2], v, cache, slots, offsets[2])  # keys around the offset, as in a model
+    impl = TQ4AttentionImpl(num_heads, head_dim, scale, num_kv_heads)
+    md = make_builder(num_heads, num_kv_heads, head_dim, device).build(0, common_metadata(batch))
+    out = torch.zeros(batch.query.shape, dtype=batch.query.dtype, device=device)
+    impl.do_kv_cache_update(layer, batch.key, batch.value, cache, batch.slot_mapping)
+    impl.forward(layer, batch.query, batch.key, batch.value, cache, md, out)
+    args = (batch.query, batch.key, batch.value, cache, batch.block_table, batch.seq_lens, batch.query_start_loc)
+    ref = paged_attention_ref(codec, *args, scale, offsets[2])
+    assert (out.float().cpu() - ref).abs().max() < 2e-3 * ref.abs().max()
+    assert torch.signbit(cache.view(-1, cache.shape[-1])[:, codec.layout.k_scale_offset :][:, :4].contiguous()
+                         .view(torch.float32)).any()  # fmt: skip

@@ -28,6 +28,7 @@ from turboquant_vllm.codec import KVCodec, shared_codec
 from turboquant_vllm.config import TQConfigError, check_head_dim
 from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
 from turboquant_vllm.kernels.store import store_kv
+from turboquant_vllm.key_offset import KeyOffset, layer_key_offset
 from turboquant_vllm.layout import PageLayout
 from turboquant_vllm.vllm.prefill import PrefillPlan, plan_prefill, prefill_attention
 from turboquant_vllm.vllm.spec import current_tq_config
@@ -230,9 +231,26 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
             raise TQConfigError(f"num_heads={num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
+        self._key_offset: KeyOffset | None = None
 
     def codec(self, device: torch.device) -> KVCodec:
         return shared_codec(self.config, self.num_kv_heads, self.head_size, device)
+
+    def key_offset(self, layer: AttentionLayer, codec: KVCodec) -> KeyOffset | None:
+        """This layer's calibrated key offset on the device (config.key_offsets), built on first use.
+
+        The first use is an uncaptured step (vLLM warms up before capturing CUDA graphs); building it
+        inside a capture would record a host-to-device copy, so that is refused.
+        """
+        if self.config.key_offsets is None:
+            return None
+        if self._key_offset is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("TurboQuant key offsets must be loaded before CUDA graph capture")
+            name = getattr(layer, "layer_name", None) or ""
+            offset = layer_key_offset(self.config.key_offsets, name, self.num_kv_heads, self.head_size)
+            self._key_offset = KeyOffset.build(offset, codec.rotation)
+        return self._key_offset
 
     def do_kv_cache_update(
         self,
@@ -249,7 +267,8 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
             kv_cache: uint8 [num_blocks, block_size, bytes_per_token].
             slot_mapping: int64 [num_tokens].
         """
-        store_kv(self.codec(kv_cache.device), key, value, kv_cache, slot_mapping)
+        codec = self.codec(kv_cache.device)
+        store_kv(codec, key, value, kv_cache, slot_mapping, self.key_offset(layer, codec))
 
     def forward(
         self,
@@ -276,6 +295,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
             return output.fill_(0)
         md = attn_metadata
         codec = self.codec(kv_cache.device)
+        key_offset = self.key_offset(layer, codec)
         if md.num_decodes:
             n = md.num_decode_tokens
             paged_attention(
@@ -288,7 +308,8 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
                 max_query_len=md.max_query_len,
                 num_splits=md.num_splits,
                 workspace=md.workspace,
+                key_offset=key_offset,
             )  # fmt: skip
         if md.prefill is not None:
-            prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output)
+            prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output, key_offset)
         return output

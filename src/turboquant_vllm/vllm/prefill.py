@@ -15,6 +15,7 @@ import torch
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.dequant import dequantize_kv
+from turboquant_vllm.key_offset import KeyOffset
 
 
 @dataclass
@@ -123,6 +124,7 @@ def prefill_attention(
     cache: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    key_offset: KeyOffset | None = None,
 ) -> None:
     """Causal attention of the planned prefill rows of query/key/value; writes the same rows of out."""
     rows = slice(plan.q_lo, plan.q_lo + plan.num_tokens)
@@ -130,7 +132,7 @@ def prefill_attention(
     if plan.has_context:
         k = torch.empty(plan.total_k, *k_new.shape[1:], dtype=query.dtype, device=query.device)
         v = torch.empty_like(k)
-        dequantize_kv(codec, cache, plan.slots, rotated=False, out_k=k, out_v=v)
+        dequantize_kv(codec, cache, plan.slots, rotated=False, out_k=k, out_v=v, key_offset=key_offset)
         k.index_copy_(0, plan.new_rows, k_new.to(k.dtype))
         v.index_copy_(0, plan.new_rows, v_new.to(v.dtype))
     else:
