@@ -24,6 +24,7 @@ MODES = {
     "ours_4_4_no_norm_corr": dict(
         attention_backend="CUSTOM", additional_config={"turboquant": {"norm_correction": False}}
     ),
+    "ours_4_4_kc": dict(attention_backend="CUSTOM"),  # + key_offsets calibrated on other Austen tokens
     "native_turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),
     "native_turboquant_k8v4": dict(kv_cache_dtype="turboquant_k8v4"),
 }
@@ -36,7 +37,7 @@ GREEDY_PROMPTS = [
 ]
 
 
-def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool) -> dict:
+def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool, key_offsets: str | None) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -47,6 +48,8 @@ def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool) -> d
     ids = austen_token_stream(tokenizer, windows * window_len)
     prompts = [ids[i * window_len : (i + 1) * window_len] for i in range(windows)]
     kwargs = {"max_num_batched_tokens": 256, **MODES[mode]}
+    if mode.endswith("_kc"):
+        kwargs["additional_config"] = {"turboquant": {"key_offsets": key_offsets}}
     llm = LLM(
         model=model_dir,
         dtype="bfloat16",
@@ -89,6 +92,21 @@ def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool) -> d
     }
 
 
+def calibrate(skip: int, tokens: int, out: Path) -> str:
+    """Key offsets from the Austen tokens right after the scored ones (on the CPU: the GPU stays free for vLLM)."""
+    from turboquant_vllm.eval.calibration import key_offsets
+    from turboquant_vllm.eval.data import austen_token_stream, smollm2_hf_dir
+    from turboquant_vllm.eval.quality import load_model
+    from turboquant_vllm.key_offset import save_key_offsets
+
+    model, tokenizer = load_model(smollm2_hf_dir(), "cpu")
+    ids = austen_token_stream(tokenizer, skip + tokens)[skip:]
+    path = out.with_name(out.stem + "_key_offsets.pt")
+    save_key_offsets(path, key_offsets(model, ids), tokens=len(ids), skip=skip)
+    print(f"key offsets from {len(ids)} tokens after the first {skip}: {path}", flush=True)
+    return str(path)
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     ref = next((r for r in rows if r["mode"] == "bf16_ref" and "top1" in r), None)
     table = []
@@ -121,11 +139,13 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="default: enforce_eager (faster start-up)")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per mode")
     parser.add_argument("--out", type=Path, default=RESULTS / f"vllm_quality_{date.today()}.json")
+    parser.add_argument("--calibration-tokens", type=int, default=8192, help="for the _kc modes' key offsets")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--key-offsets", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        row = run_mode(args.child, args.windows, args.window_len, not args.cuda_graphs)
+        row = run_mode(args.child, args.windows, args.window_len, not args.cuda_graphs, args.key_offsets)
         print("RESULT " + json.dumps(row), flush=True)
         return
 
@@ -134,18 +154,25 @@ def main() -> None:
     from turboquant_vllm.eval.provenance import provenance
 
     smollm2_hf_dir()  # convert the GGUF once here, not inside the first mode's time budget
+    offsets_path = None
+    if any(m.endswith("_kc") for m in args.modes.split(",")):
+        offsets_path = calibrate(args.windows * args.window_len, args.calibration_tokens, args.out)
     rows = []
     for mode in args.modes.split(","):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            mode,
-            "--windows",
-            str(args.windows),
-            "--window-len",
-            str(args.window_len),
-        ] + (["--cuda-graphs"] if args.cuda_graphs else [])
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--windows",
+                str(args.windows),
+                "--window-len",
+                str(args.window_len),
+            ]
+            + (["--cuda-graphs"] if args.cuda_graphs else [])
+            + (["--key-offsets", offsets_path] if offsets_path else [])
+        )
         child = run_child(cmd, args.timeout)
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
         if lines:

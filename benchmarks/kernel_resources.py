@@ -49,14 +49,16 @@ def ptxas_report(ptx: str, arch: str) -> dict[str, int]:
     return {"registers": int(regs.group(1)) if regs else -1, "spill_store_bytes": int(spills.group(1)) if spills else 0}
 
 
-def compile_attention(head_dim: int, num_heads: int, num_kv_heads: int, split: bool, change: dict) -> dict:
+def compile_attention(
+    head_dim: int, num_heads: int, num_kv_heads: int, split: bool, change: dict, key_offset: bool = False
+) -> dict:
     """Compile _attention_kernel as paged_attention would launch it for a bf16 decode batch."""
     key = triton.next_power_of_2(head_dim)
     default = decode._TILES[key]
     decode._TILES[key] = dataclasses.replace(default, **change)
     try:
         lay = PageLayout(num_kv_heads, head_dim, 4, 4)
-        meta = decode._attention_meta(lay, num_heads, torch.bfloat16, True, 1, 16, fused=not split)
+        meta = decode._attention_meta(lay, num_heads, torch.bfloat16, True, 1, 16, not split, key_offset=key_offset)
         launch = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
         names = decode._attention_kernel.arg_names
         signature = {n: "constexpr" if n in meta else POINTERS.get(n, "i32") for n in names}
@@ -69,6 +71,7 @@ def compile_attention(head_dim: int, num_heads: int, num_kv_heads: int, split: b
     by_regs = REGISTERS_PER_SM // max(1, report["registers"] * 32 * warps)
     return {
         "head_dim": head_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "split_k": split,
+        "key_offset": key_offset,
         "tiles": dataclasses.asdict(dataclasses.replace(default, **change)), **report,
         "shared_bytes": kernel.metadata.shared,
         "programs_per_sm_by_registers": min(by_regs, MAX_WARPS_PER_SM // warps),
@@ -83,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cases = [(128, 32, 8, True, {}), (128, 32, 8, False, {}), (64, 9, 3, True, {}), (256, 8, 1, True, {})]
     cases += [(128, 32, 8, True, c) for c in ({"num_warps": 8}, {"num_stages": 2}, {"block_n": 64}, {"maxnreg": 128})]
+    cases += [(128, 32, 8, True, {}, True), (128, 32, 8, False, {}, True)]  # with calibrated key offsets
     rows = []
     for case in cases:
         rows.append(compile_attention(*case))
         r = rows[-1]
-        print(f"d={r['head_dim']} split={r['split_k']} {case[4] or 'default'}: {r['registers']} regs, "
+        label = (case[4] or "default") if not r["key_offset"] else "key offset"
+        print(f"d={r['head_dim']} split={r['split_k']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}", flush=True)  # fmt: skip
     if args.out:

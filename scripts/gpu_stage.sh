@@ -38,7 +38,7 @@ case "$1" in
   quality)
     export TURBOQUANT_VLLM_CACHE=$PWD/.assets
     timeout "${STAGE_TIMEOUT:-560}" python3 benchmarks/bench_vllm_quality.py --out "$RESULTS_DIR/vllm_quality.json" \
-      --timeout "${MODE_TIMEOUT:-200}" --modes "${MODES:-bf16_ref,ours_4_4,bf16_chunk512,native_turboquant_4bit_nc,\
+      --timeout "${MODE_TIMEOUT:-200}" --modes "${MODES:-bf16_ref,ours_4_4,ours_4_4_kc,bf16_chunk512,native_turboquant_4bit_nc,\
 native_turboquant_k8v4,ours_4_3,ours_3_3}" >>"$LOG" 2>&1
     ;;
   engine)

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--center-keys", default="off", choices=tuple(ON_OFF),
         help="also store keys relative to their sequence's common component (off: the vLLM backend's format)",
     )  # fmt: skip
+    ev.add_argument("--key-offsets", help="also evaluate with this `calibrate` file's fixed offsets (vLLM's rule)")
     ev.add_argument("--needle-lengths", type=_ints, default=[1024, 2048, 4096, 8192])
     ev.add_argument("--needle-depths", type=_floats, default=[round(0.1 * i, 1) for i in range(1, 10)])
     ev.add_argument("--batch", type=int, default=1, help="windows / needle prompts per forward call (1; 16 on a GPU)")
@@ -395,8 +396,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
     console = _console()
     started = time.perf_counter()
-    specs = parse_specs(args.bits, ON_OFF[args.norm_correction], args.residual,
-                        ON_OFF[args.center_keys], rotation=args.rotation)  # fmt: skip
+    centering = ON_OFF[args.center_keys] + ((args.key_offsets,) if args.key_offsets else ())
+    specs = parse_specs(args.bits, ON_OFF[args.norm_correction], args.residual, centering, rotation=args.rotation)
     model, tokenizer, path = _load(args, console)
     payload: dict[str, Any] = {
         "provenance": provenance(sys.argv),

@@ -64,6 +64,7 @@ def check_key_offset(
 
 def save_key_offsets(path: str | Path, offsets: torch.Tensor, **info: object) -> None:
     """Write a calibration file: fp32 [num_layers, num_kv_heads, head_dim] plus provenance."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"key_offset": offsets.float().cpu().contiguous(), **info}, Path(path))
 
 

@@ -107,8 +107,9 @@ def check_model_config(model_config: Any, config: TQConfig) -> None:
 # The keys of one sequence share a large common component (SmolLM2: ~40% of their energy). Quantising k - offset
 # instead of k shrinks the codebook error; attention sees the same keys because the offset is added back. A key
 # farther from the offset than from 0 (the attention sink is one) is stored as is. SmolLM2 at 4/4, 256-token chunks,
-# 12,544 Austen tokens on CPU (hf_eval_key_offset_cpu_2026-11-30.json): top-1 95.9% -> 96.5%, perplexity change
-# +0.35% -> +0.27%, KL 0.0056 -> 0.0036 (docs/key-offset.md). The offset is the mean of the first chunk's keys.
+# 12,544 Austen tokens on CPU (hf_eval_key_offsets_cpu_2026-11-30.json): top-1 95.9% -> 96.5%, perplexity change
+# +0.35% -> +0.27%, KL 0.0056 -> 0.0036 (docs/key-offset.md). The offset is the mean of the first chunk's keys,
+# or a calibrated per-layer offset (key_offsets=, what the vLLM backend uses).
 
 # generate() decodes one token at a time, so without a window every token attends to its recent
 # neighbours only through the codebook. SmolLM2 at 4/4 in 16-token chunks (hf_eval_chunk16_window_cpu_2026-11-28.json):
@@ -134,12 +135,17 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(
-        self, config: TQConfig, residual_tokens: int = DEFAULT_RESIDUAL_TOKENS, center_keys: bool = True
+        self,
+        config: TQConfig,
+        residual_tokens: int = DEFAULT_RESIDUAL_TOKENS,
+        center_keys: bool = True,
+        key_offset: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if residual_tokens < 0:
             raise TQConfigError(f"residual_tokens must be >= 0, got {residual_tokens}")
         self.config, self.residual_tokens, self.center_keys = config, residual_tokens, center_keys
+        self.fixed_offset = key_offset  # [Hkv, d], calibrated: the vLLM backend's rule instead of the first chunk
         self.codec: KVCodec | None = None
         self.k_packed = self.k_scales = self.v_packed = self.v_scales = None
         self.recent_k = self.recent_v = self.k_offset = None
@@ -163,7 +169,13 @@ class CompressedLayer(CacheLayerMixin):
         self.v_packed, self.v_scales = empty(lay.v_index_bytes, dtype=torch.uint8), empty(dtype=torch.float32)
         if self.residual_tokens:
             self.recent_k, self.recent_v = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
-        self.k_offset = mean_key(key_states) if self.center_keys else None
+        if self.fixed_offset is not None:
+            if self.fixed_offset.shape != (heads, head_dim):
+                raise TQConfigError(f"key offset {tuple(self.fixed_offset.shape)} does not fit {heads} x {head_dim}")
+            offset = self.fixed_offset.to(self.device, torch.float32)[None, :, None, :]
+            self.k_offset = offset.expand(batch, -1, -1, -1).contiguous()
+        else:
+            self.k_offset = mean_key(key_states) if self.center_keys else None
         self.is_initialized = True
 
     def update(
@@ -305,7 +317,10 @@ class CompressedDynamicCache(Cache):
         residual_tokens: also keep the newest this many tokens exact (see CompressedLayer); 0 matches
             the vLLM backend, which has no such window yet.
         center_keys: store keys relative to each sequence's common key component (see CompressedLayer);
-            False matches the vLLM backend.
+            False matches the vLLM backend without key offsets.
+        key_offsets: fp32 [num_layers, num_kv_heads, head_dim] from `turboquant-vllm calibrate`: layers use
+            these fixed offsets instead of their first chunk's mean, which is what the vLLM backend does with
+            key_offsets (needs model_config).
     """
 
     def __init__(
@@ -314,16 +329,22 @@ class CompressedDynamicCache(Cache):
         model_config: Any = None,
         residual_tokens: int = DEFAULT_RESIDUAL_TOKENS,
         center_keys: bool = True,
+        key_offsets: torch.Tensor | None = None,
     ) -> None:
         self.tq_config = config or TQConfig()
         make_layer = partial(CompressedLayer, self.tq_config, residual_tokens, center_keys)
+        if key_offsets is not None and model_config is None:
+            raise TQConfigError("key_offsets needs model_config, to build one layer per row")
         if model_config is None:
             make_layer()  # validates residual_tokens now rather than at the first update
             super().__init__(layer_class_to_replicate=make_layer)
             return
         check_model_config(model_config, self.tq_config)
         text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
-        super().__init__(layers=[make_layer() for _ in range(text.num_hidden_layers)])
+        if key_offsets is not None and key_offsets.shape[0] != text.num_hidden_layers:
+            raise TQConfigError(f"key_offsets has {key_offsets.shape[0]} layers, the model {text.num_hidden_layers}")
+        offsets = [None] * text.num_hidden_layers if key_offsets is None else list(key_offsets)
+        super().__init__(layers=[make_layer(key_offset=offsets[i]) for i in range(text.num_hidden_layers)])
 
     def memory_bytes(self) -> int:
         """Bytes of packed indices and scales held by all layers."""

@@ -10,6 +10,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from turboquant_vllm import kv_cache
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.config import TQConfig, TQConfigError
+from turboquant_vllm.eval.calibration import key_offsets
 from turboquant_vllm.kernels.reference import dequantize_ref, store_ref
 from turboquant_vllm.key_offset import KEY_OFFSET_SKIP
 from turboquant_vllm.kv_cache import CompressedDynamicCache, CompressedLayer, cache_kwargs, dynamic_cache_bytes
@@ -36,9 +37,9 @@ def model() -> LlamaForCausalLM:
 class PagedRefLayer(CacheLayerMixin):
     """Batch-1 reference: rows in a paged cache via store_ref, context read back via dequantize_ref."""
 
-    def __init__(self, config: TQConfig) -> None:
+    def __init__(self, config: TQConfig, key_offset: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.config, self.length = config, 0
+        self.config, self.length, self.key_offset = config, 0, key_offset
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.codec = KVCodec(self.config, key_states.shape[1], key_states.shape[-1])
@@ -50,8 +51,8 @@ class PagedRefLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         past, new = self.length, key_states.shape[-2]
         k_new, v_new = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)  # [q, H, d]
-        k_ctx, v_ctx = dequantize_ref(self.codec, self.pages, torch.arange(past), rotated=False)
-        store_ref(self.codec, k_new, v_new, self.pages, torch.arange(past, past + new))
+        k_ctx, v_ctx = dequantize_ref(self.codec, self.pages, torch.arange(past), False, self.key_offset)
+        store_ref(self.codec, k_new, v_new, self.pages, torch.arange(past, past + new), self.key_offset)
         self.length += new
         k = torch.cat([k_ctx.to(key_states.dtype), k_new]).transpose(0, 1).unsqueeze(0)
         v = torch.cat([v_ctx.to(value_states.dtype), v_new]).transpose(0, 1).unsqueeze(0)
@@ -67,8 +68,9 @@ class PagedRefLayer(CacheLayerMixin):
         return -1
 
 
-def ref_cache(config: TQConfig, num_layers: int) -> Cache:
-    return Cache(layers=[PagedRefLayer(config) for _ in range(num_layers)])
+def ref_cache(config: TQConfig, num_layers: int, key_offsets: torch.Tensor | None = None) -> Cache:
+    offsets = [None] * num_layers if key_offsets is None else list(key_offsets)
+    return Cache(layers=[PagedRefLayer(config, offsets[i]) for i in range(num_layers)])
 
 
 @torch.no_grad()
@@ -110,6 +112,22 @@ def test_chunked_prefill_matches_paged_reference(model):
     torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=0, atol=2e-5)
     exact_tokens, exact = ref_greedy(model, ids, 4, DynamicCache(), prefill_chunk=16)
     assert not torch.allclose(torch.stack(got), torch.stack(exact), atol=1e-4)  # compression is really in the loop
+
+
+def test_calibrated_key_offsets_match_the_paged_reference(model):
+    """key_offsets gives the vLLM backend's semantics (fixed per-layer offsets), checked chunk by chunk."""
+    config = TQConfig(k_bits=4, v_bits=3)
+    ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(17))
+    offsets = key_offsets(model, ids[0].tolist())  # calibrated on the same text: most keys take the shift
+    cache = CompressedDynamicCache(config, model.config, residual_tokens=0, key_offsets=offsets)
+    got_tokens, got = ref_greedy(model, ids, 4, cache, prefill_chunk=16)
+    want_tokens, want = ref_greedy(model, ids, 4, ref_cache(config, 2, offsets), prefill_chunk=16)
+    assert got_tokens == want_tokens
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=0, atol=2e-5)
+    assert torch.equal(cache.layers[1].k_offset[0, :, 0], offsets[1])
+    assert torch.signbit(cache.layers[1].k_scales).float().mean() > 0.5
+    with pytest.raises(TQConfigError, match="3 layers"):
+        CompressedDynamicCache(config, model.config, key_offsets=torch.zeros(3, KV_HEADS, HEAD_DIM))
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(2, 2), (2, 4), (3, 2), (4, 3), (3, 3), (4, 4)])

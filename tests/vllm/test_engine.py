@@ -73,3 +73,20 @@ def test_bad_settings_fail_at_start_up(extra, needle):
     spec = {**dict(shape=SMALL, attention_backend="CUSTOM", max_model_len=2048, enforce_eager=True), **extra}
     result = probe(spec)
     assert not result["ok"] and needle in result["error"], result["error"][-2000:]
+
+
+def test_custom_backend_with_key_offsets_under_cuda_graphs(tmp_path):
+    """A calibrated key-offset file is accepted at start-up and read by every layer, CUDA graphs on."""
+    from turboquant_vllm.key_offset import save_key_offsets
+
+    path = tmp_path / "offsets.pt"
+    save_key_offsets(path, torch.randn(SMALL["num_hidden_layers"], SMALL["num_key_value_heads"], SMALL["head_dim"]))
+    spec = dict(shape=SMALL, attention_backend="CUSTOM", max_model_len=2048, enforce_eager=False,
+                additional_config={"turboquant": {"key_offsets": str(path)}})  # fmt: skip
+    result = probe(spec)
+    assert result["ok"], result.get("error")
+    assert all(len(t) == 24 for t in result["tokens"])
+    wrong = tmp_path / "wrong.pt"
+    save_key_offsets(wrong, torch.zeros(1, SMALL["num_key_value_heads"], SMALL["head_dim"]))  # one layer only
+    bad = probe({**spec, "additional_config": {"turboquant": {"key_offsets": str(wrong)}}})
+    assert not bad["ok"] and "calibrate for this model" in bad["error"], bad["error"][-2000:]

@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from turboquant_vllm.config import TQConfig
+from turboquant_vllm.key_offset import load_key_offsets
 from turboquant_vllm.kv_cache import CompressedDynamicCache, cache_kwargs
 
 BASELINE = "baseline"
@@ -27,28 +28,34 @@ class CacheSpec:
     name: str
     config: TQConfig | None
     residual_tokens: int = 0
-    center_keys: bool = False  # False with residual_tokens=0: what the vLLM backend stores
+    # False: keys as the vLLM backend stores them by default; True: per-sequence offset (HF default);
+    # a path: offsets from `turboquant-vllm calibrate`, as the vLLM backend uses them with key_offsets.
+    center_keys: bool | str = False
 
     def make(self, model: torch.nn.Module) -> Cache:
         if self.config is None:
             return DynamicCache()
+        if isinstance(self.center_keys, str):
+            offsets = load_key_offsets(self.center_keys)
+            return CompressedDynamicCache(self.config, model.config, self.residual_tokens, key_offsets=offsets)
         return CompressedDynamicCache(self.config, model.config, self.residual_tokens, self.center_keys)
 
 
-def spec_name(config: TQConfig, residual_tokens: int = 0, center_keys: bool = False) -> str:
+def spec_name(config: TQConfig, residual_tokens: int = 0, center_keys: bool | str = False) -> str:
     name = f"k{config.k_bits}v{config.v_bits}" + ("+nc" if config.norm_correction else "")
-    return name + (f"+R{residual_tokens}" if residual_tokens else "") + ("+kc" if center_keys else "")
+    name += f"+R{residual_tokens}" if residual_tokens else ""
+    return name + ("+ko" if isinstance(center_keys, str) else "+kc" if center_keys else "")
 
 
 def parse_specs(
     bits: str,
     norm_correction: Sequence[bool] = (True, False),
     residual: Sequence[int] = (0,),
-    center_keys: Sequence[bool] = (False,),
+    center_keys: Sequence[bool | str] = (False,),
     **options: Any,
 ) -> list[CacheSpec]:
-    """Bit pairs "4/4,3/3" x norm_correction x residual windows x key centering -> specs named "k4v4+nc",
-    "k4v4", "k4v4+nc+R64", "k4v4+nc+kc"."""
+    """Bit pairs "4/4,3/3" x norm_correction x residual windows x key offsets (off, per sequence, or a
+    calibration file) -> specs named "k4v4+nc", "k4v4", "k4v4+nc+R64", "k4v4+nc+kc", "k4v4+nc+ko"."""
     specs = []
     for pair in (p.strip() for p in bits.split(",") if p.strip()):
         k_bits, _, v_bits = pair.partition("/")
