@@ -9,7 +9,8 @@
 #   profile: where decode time goes (benchmarks/profile_decode.py)
 #   hf:      HF path (issue 5): GPU tests of the HF cache and eval, then the full `turboquant-vllm eval` on CUDA
 #            (KV memory at 8K; 50K tokens x contexts 512/2048/8192 x 5 bit pairs x norm correction on/off;
-#            needle 1K-8K x 9 depths); JSON rewritten after each context/length, PNGs at the end
+#            needle 1K-8K x 9 depths); JSON rewritten after each context/length, PNGs at the end;
+#            HF_SET=defaults evaluates the HF cache's defaults (key offsets, exact window) instead
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
@@ -55,9 +56,16 @@ native_turboquant_k8v4,ours_4_3,ours_3_3}" >>"$LOG" 2>&1
     timeout 100 python3 scripts/fetch_assets.py >>"$LOG" 2>&1
     timeout -s INT 80 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -m gpu tests/hf tests/eval \
       2>&1 | tail -40 >>"$LOG"
+    # HF_SET=bits (default): every bit pair with and without norm correction, the vLLM backend's format;
+    # HF_SET=defaults: what the HF cache does by default (key offsets, 32 exact recent tokens) against that format.
+    if [ "${HF_SET:-bits}" = defaults ]; then
+      set_args=(--bits 4/4,3/3,2/2 --norm-correction on --center-keys both --residual 0,32)
+    else
+      set_args=(--bits 4/4,4/3,3/3,4/2,2/2 --norm-correction both)
+    fi
     timeout 270 python3 -m turboquant_vllm.cli eval --device cuda --batch 16 --memory-tokens 8192 \
-      --tokens 50000 --context 512,2048,8192 --bits 4/4,4/3,3/3,4/2,2/2 --norm-correction both \
-      --needle-lengths 1024,2048,4096,8192 --out "$RESULTS_DIR" --name hf_eval >>"$LOG" 2>&1
+      --tokens 50000 --context 512,2048,8192 "${set_args[@]}" \
+      --needle-lengths 1024,2048,4096,8192 --out "$RESULTS_DIR" --name "hf_eval_${HF_SET:-bits}" >>"$LOG" 2>&1
     echo "eval exit $?" >>"$LOG"
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
