@@ -104,7 +104,7 @@ def check_model_config(model_config: Any, config: TQConfig) -> None:
         )
 
 
-# The keys of one sequence share a large common component (SmolLM2: ~40% of their energy). Quantising k - offset
+# Keys of one sequence share a large common component (SmolLM2, scratch: ~40% of their energy). Quantising k - offset
 # instead of k shrinks the codebook error; attention sees the same keys because the offset is added back. A key
 # farther from the offset than from 0 (the attention sink is one) is stored as is. SmolLM2 at 4/4, 256-token chunks,
 # 12,544 Austen tokens on CPU (hf_eval_key_offsets_cpu_2026-11-30.json): top-1 95.9% -> 96.5%, perplexity change
