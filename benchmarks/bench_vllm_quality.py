@@ -191,8 +191,12 @@ def main() -> None:
             "windows": args.windows,
             "window_len": args.window_len,
             "max_num_batched_tokens": 256,
-            "key_offsets": offsets_path and {"file": offsets_path, "calibration_tokens": args.calibration_tokens,
-                                             "after_the_first": args.windows * args.window_len},  # fmt: skip
+            "key_offsets": offsets_path
+            and {
+                "file": offsets_path,
+                "calibration_tokens": args.calibration_tokens,
+                "after_the_first": args.windows * args.window_len,
+            },  # fmt: skip
             **provenance(sys.argv),
             "summary": summary,
         }
