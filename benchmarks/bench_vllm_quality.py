@@ -154,9 +154,11 @@ def main() -> None:
     from turboquant_vllm.eval.provenance import provenance
 
     smollm2_hf_dir()  # convert the GGUF once here, not inside the first mode's time budget
-    offsets_path = None
+    offsets_path = calibration = None
     if any(m.endswith("_kc") for m in args.modes.split(",")):
-        offsets_path = calibrate(args.windows * args.window_len, args.calibration_tokens, args.out)
+        skip = args.windows * args.window_len
+        offsets_path = calibrate(skip, args.calibration_tokens, args.out)
+        calibration = {"file": offsets_path, "tokens": args.calibration_tokens, "after_the_first": skip}
     rows = []
     for mode in args.modes.split(","):
         cmd = (
@@ -191,12 +193,7 @@ def main() -> None:
             "windows": args.windows,
             "window_len": args.window_len,
             "max_num_batched_tokens": 256,
-            "key_offsets": offsets_path
-            and {
-                "file": offsets_path,
-                "calibration_tokens": args.calibration_tokens,
-                "after_the_first": args.windows * args.window_len,
-            },  # fmt: skip
+            "key_offsets": calibration,
             **provenance(sys.argv),
             "summary": summary,
         }
