@@ -252,12 +252,13 @@ def test_wide_tiles_only_for_heavily_split_launches(device):
     assert_matches(b.run(num_splits=decode.WIDE_MIN_SPLITS), b.expected(), TOL_FP32)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_key_offset_scores_match_reference(device, num_splits):
+@pytest.mark.parametrize(("num_splits", "k_bits"), [(1, 4), (3, 4), (2, 2), (1, 3)])
+def test_key_offset_scores_match_reference(device, num_splits, k_bits):
     g = torch.Generator().manual_seed(31)
     num_kv_heads, head_dim, block_size = 2, 64, 16
     offset = torch.randn(num_kv_heads, head_dim, generator=g) * 1.5
-    b = make_batch(device, [70, 41], [1, 3], num_heads=4, num_kv_heads=num_kv_heads, head_dim=head_dim, seed=32)
+    b = make_batch(device, [70, 41], [1, 3], num_heads=4, num_kv_heads=num_kv_heads, head_dim=head_dim, seed=32,
+                   k_bits=k_bits)  # fmt: skip
     # Rewrite the context pages with keys around the offset, stored relative to it where that shortens them.
     for s, (seq_len, q_len) in enumerate(((70, 1), (41, 3))):
         slots = sequence_slots(b.block_table[s].cpu(), seq_len - q_len, block_size)
