@@ -127,7 +127,8 @@ class CompressedLayer(CacheLayerMixin):
     residual_tokens > 0 also keeps exact copies of the newest that many tokens (recent_k/recent_v)
     and returns them in place of their dequantised values (see DEFAULT_RESIDUAL_TOKENS).
     center_keys stores keys relative to the common key component of the first chunk (key_offset.py);
-    False matches the vLLM backend, which does not do this yet.
+    a key_offset row (calibrated, what the vLLM backend does with key_offsets) replaces that mean.
+    center_keys=False without key_offset is the vLLM backend's default format.
     """
 
     is_sliding = False
