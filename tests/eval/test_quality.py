@@ -66,6 +66,8 @@ def test_parse_specs_names_and_options():
     assert [(s.name, s.residual_tokens) for s in with_window] == [("k3v3+nc", 0), ("k3v3+nc+R64", 64)]
     centered = Q.parse_specs("4/4", (True,), center_keys=(False, True))
     assert [(s.name, s.center_keys) for s in centered] == [("k4v4+nc", False), ("k4v4+nc+kc", True)]
+    calibrated = Q.parse_specs("4/4", (True,), center_keys=("offsets.pt",))
+    assert [(s.name, s.center_keys) for s in calibrated] == [("k4v4+nc+ko", "offsets.pt")]
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 64])
