@@ -94,16 +94,16 @@ def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool, key_
 
 def calibrate(skip: int, tokens: int, out: Path) -> str:
     """Key offsets from the Austen tokens right after the scored ones (on the CPU: the GPU stays free for vLLM)."""
-    from turboquant_vllm.eval.calibration import key_offsets
-    from turboquant_vllm.eval.data import austen_token_stream, smollm2_hf_dir
+    from turboquant_vllm.eval.calibration import austen_key_offsets
+    from turboquant_vllm.eval.data import smollm2_hf_dir
     from turboquant_vllm.eval.quality import load_model
     from turboquant_vllm.key_offset import save_key_offsets
 
     model, tokenizer = load_model(smollm2_hf_dir(), "cpu")
-    ids = austen_token_stream(tokenizer, skip + tokens)[skip:]
+    offsets, count = austen_key_offsets(model, tokenizer, tokens, skip)
     path = out.with_name(out.stem + "_key_offsets.pt")
-    save_key_offsets(path, key_offsets(model, ids), tokens=len(ids), skip=skip)
-    print(f"key offsets from {len(ids)} tokens after the first {skip}: {path}", flush=True)
+    save_key_offsets(path, offsets, tokens=count, skip=skip)
+    print(f"key offsets from {count} tokens after the first {skip}: {path}", flush=True)
     return str(path)
 
 

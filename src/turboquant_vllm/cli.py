@@ -371,17 +371,15 @@ def run_plot(args: argparse.Namespace) -> None:
 
 def run_calibrate(args: argparse.Namespace) -> None:
     """Write the key-offset file (--out, default key_offsets.pt) that vLLM reads through key_offsets."""
-    from turboquant_vllm.eval import data
-    from turboquant_vllm.eval.calibration import key_offsets
+    from turboquant_vllm.eval.calibration import austen_key_offsets
     from turboquant_vllm.eval.provenance import provenance
     from turboquant_vllm.key_offset import save_key_offsets
 
     console = _console()
     model, tokenizer, path = _load(args, console)
-    tokens = data.austen_token_stream(tokenizer, args.skip + args.tokens)[args.skip :]
-    with console.status(f"averaging keys over {len(tokens)} Austen tokens"):
-        offsets = key_offsets(model, tokens)
-    save_key_offsets(args.out, offsets, model=path, tokens=len(tokens), skip=args.skip, **provenance(sys.argv))
+    with console.status(f"averaging keys over {args.tokens} Austen tokens"):
+        offsets, tokens = austen_key_offsets(model, tokenizer, args.tokens, args.skip)
+    save_key_offsets(args.out, offsets, model=path, tokens=tokens, skip=args.skip, **provenance(sys.argv))
     console.print(f"wrote {args.out}: key offsets {tuple(offsets.shape)} (layers, KV heads, head_dim)")
     console.print(f'vLLM: additional_config={{"turboquant": {{"key_offsets": "{Path(args.out).resolve()}"}}}}')
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from turboquant_vllm.eval import data
 from turboquant_vllm.eval.kv_capture import capture_qkv
 from turboquant_vllm.key_offset import mean_key
 
@@ -25,3 +26,10 @@ def key_offsets(model: torch.nn.Module, tokens: Sequence[int], window: int = 204
     if sums is None:
         raise ValueError("no calibration tokens")
     return sums / count
+
+
+def austen_key_offsets(model: torch.nn.Module, tokenizer, tokens: int, skip: int = 0) -> tuple[torch.Tensor, int]:
+    """key_offsets over `tokens` Austen tokens after the first `skip` (e.g. the ones an evaluation scores),
+    and how many tokens that was."""
+    ids = data.austen_token_stream(tokenizer, skip + tokens)[skip:]
+    return key_offsets(model, ids), len(ids)
