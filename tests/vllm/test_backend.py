@@ -235,6 +235,7 @@ def test_layer_with_calibrated_key_offsets_matches_reference(scenario, monkeypat
     num_heads, num_kv_heads, head_dim, scale = 8, 2, 64, 64**-0.5
     offsets = torch.randn(3, num_kv_heads, head_dim, generator=torch.Generator().manual_seed(40)) * 2
     save_key_offsets(tmp_path / "offsets.pt", offsets)
+    offsets = offsets.to(device)
     cfg = TQConfig(k_bits=4, v_bits=3, key_offsets=str(tmp_path / "offsets.pt"))
     monkeypatch.setattr(tq_backend, "current_tq_config", lambda: cfg)
     layer = SimpleNamespace(layer_name="model.layers.2.self_attn.attn")
