@@ -100,7 +100,7 @@ def _argv(command: str, options: dict[str, object]) -> list[str]:
 
 def test_eval_writes_json_and_png(offline, tmp_path):
     options = {"--tokens": 97, "--context": 48, "--chunk": 16, "--bits": "4/4", "--norm-correction": "on"}
-    options |= {"--needle-lengths": 48, "--needle-depths": 0.5, "--out": tmp_path, "--name": "t", "--batch": 2}
+    options |= {"--needle-lengths": 96, "--needle-depths": 0.5, "--out": tmp_path, "--name": "t", "--batch": 2}
     argv = _argv("eval", options)
     assert cli.main(argv) == 0
     payload = json.loads((tmp_path / "t.json").read_text())
@@ -133,7 +133,7 @@ def test_eval_without_matplotlib_writes_json_and_plot_renders_it_later(offline, 
         raise ImportError("No module named 'matplotlib'")
 
     options = {"--tokens": 65, "--context": 32, "--chunk": 16, "--bits": "3/3", "--memory-tokens": 48}
-    options |= {"--needle-lengths": 48, "--needle-depths": "0.3,0.6", "--batch": 2}
+    options |= {"--needle-lengths": 96, "--needle-depths": "0.3,0.6", "--batch": 2}
     with monkeypatch.context() as patch:
         patch.setattr(cli, "_pyplot", no_matplotlib)
         assert cli.main(_argv("eval", {**options, "--out": tmp_path, "--name": "bare"})) == 0

@@ -288,7 +288,7 @@ def needle_table(results: dict[str, Any]):
 
     names = list(results)
     first = results[names[0]]
-    table = Table(title="Needle in a haystack (✓ = code word found)")
+    table = Table(title="Needle in a haystack (✓ = pass key found)")
     table.add_column("cache")
     cols = [(length, depth) for length in first for depth in first[length]]
     for length in first:

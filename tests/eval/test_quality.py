@@ -146,22 +146,24 @@ def test_needle_prompt_length_and_placement():
     tok = WordTokenizer()
     hay = tok.encode(" ".join(f"word{i}." if i % 5 == 4 else f"word{i}" for i in range(300)))
     for depth in (0.1, 0.5, 0.9):
-        prompt = Q.needle_prompt(tok, hay, 200, depth, "pelican")
-        assert len(prompt.input_ids) == 200
+        prompt = Q.needle_prompt(tok, hay, 200, depth, "48213")
+        assert len(prompt.input_ids) == 200 and prompt.key == "48213"
+        needle = tok.encode(Q.NEEDLE.format(key="48213"))
+        assert prompt.input_ids[prompt.needle_at : prompt.needle_at + len(needle)] == needle
         before = tok.decode(prompt.input_ids[prompt.needle_at - 1 : prompt.needle_at])
         assert before.endswith(".")
     with pytest.raises(ValueError):
-        Q.needle_prompt(tok, hay[:50], 200, 0.5, "pelican")
+        Q.needle_prompt(tok, hay[:50], 200, 0.5, "48213")
 
 
 def test_needle_test_runs_every_cache(model):
     tok = WordTokenizer()
     hay = tok.encode(" ".join(f"w{i}." for i in range(200)))
-    res = Q.needle_test(model, tok, hay, [48, 64], [0.25, 0.75], 16, Q.parse_specs("4/4", (True,)), max_new_tokens=2)
+    res = Q.needle_test(model, tok, hay, [80, 96], [0.25, 0.75], 16, Q.parse_specs("4/4", (True,)), max_new_tokens=2)
     assert set(res) == {"baseline", "k4v4+nc"}
-    assert set(res["k4v4+nc"]) == {"48", "64"} and set(res["k4v4+nc"]["48"]) == {"0.25", "0.75"}
-    cell = res["baseline"]["64"]["0.25"]
-    assert cell["prompt_tokens"] == 64 and isinstance(cell["pass"], bool)
+    assert set(res["k4v4+nc"]) == {"80", "96"} and set(res["k4v4+nc"]["80"]) == {"0.25", "0.75"}
+    cell = res["baseline"]["96"]["0.25"]
+    assert cell["prompt_tokens"] == 96 and isinstance(cell["pass"], bool)
     assert set(Q.needle_pass_rate(res)) == {"baseline", "k4v4+nc"}
 
 
@@ -182,7 +184,7 @@ def test_batched_greedy_answers_match_single_rows(model):
 def test_needle_batches_depths_like_single_runs(model):
     tok = WordTokenizer()
     hay = tok.encode(" ".join(f"w{i}." for i in range(200)))
-    args = (model, tok, hay, [48], [0.2, 0.5, 0.8], 16, Q.parse_specs("2/2", (False,)))
+    args = (model, tok, hay, [80], [0.2, 0.5, 0.8], 16, Q.parse_specs("2/2", (False,)))
     assert Q.needle_test(*args, max_new_tokens=3, batch=2) == Q.needle_test(*args, max_new_tokens=3)
 
 
@@ -213,5 +215,19 @@ def test_batched_quality_and_needle_on_cuda_match_cpu(model):
         assert got["configs"][name]["top1_agreement"] == pytest.approx(row["top1_agreement"], abs=0.05)
     tok = WordTokenizer()
     hay = tok.encode(" ".join(f"w{i}." for i in range(200)))
-    res = Q.needle_test(cuda_model, tok, hay, [48], [0.25, 0.5, 0.75], 16, specs, max_new_tokens=3, batch=2)
-    assert set(res) == {"baseline", "k4v3+nc", "k4v3"} and len(res["k4v3"]["48"]) == 3
+    res = Q.needle_test(cuda_model, tok, hay, [96], [0.25, 0.5, 0.75], 16, specs, max_new_tokens=3, batch=2)
+    assert set(res) == {"baseline", "k4v3+nc", "k4v3"} and len(res["k4v3"]["96"]) == 3
+
+
+@pytest.mark.network
+def test_smollm2_finds_the_pass_key_with_and_without_compression():
+    """The needle format is one the real model solves, so the compressed caches are compared against a pass."""
+    from turboquant_vllm.eval import data
+
+    model, tokenizer = Q.load_model(data.smollm2_hf_dir())
+    haystack = data.austen_token_stream(tokenizer, 1100)
+    specs = Q.parse_specs("4/4", (True,))
+    res = Q.needle_test(model, tokenizer, haystack, [1024], [0.3, 0.7], 256, specs, batch=2)
+    for name in ("baseline", "k4v4+nc"):
+        for cell in res[name]["1024"].values():
+            assert cell["pass"], (name, cell)

@@ -221,27 +221,33 @@ def evaluate_quality(
 
 # ---- needle in a haystack ----
 
-NEEDLE_WORDS = (
-    "pelican", "sapphire", "lantern", "walrus", "cinnamon", "glacier", "trombone", "avocado", "meteor",
-    "origami", "zeppelin", "marmalade", "cactus", "harpoon", "nebula", "quartz", "tangerine", "velvet",
-)  # fmt: skip
-QUESTION = "What is the secret code word in the text above? Answer with the code word only."
-# Started for the model, so a small model's answer is the word itself rather than a paraphrase of the task.
-ANSWER_PREFIX = "The secret code word is"
+# The pass-key retrieval prompt of Mohtashami & Jaggi (2023, "Landmark Attention"): an instruction, the key
+# stated twice inside the haystack, and the question. SmolLM2-135M finds a single "code word" sentence in only
+# about a third of 1K prompts without compression, which leaves nothing to compare against; it finds this key
+# in all nine 1K placements.
+INSTRUCTION = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key?"
+# Started for the model, so a small model's answer is the key itself rather than a paraphrase of the task.
+ANSWER_PREFIX = "The pass key is"
 CHATML = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def pass_key(seed: int) -> str:
+    """A five-digit key: digits carry no meaning the text could suggest, so only retrieval finds them."""
+    return str(random.Random(seed).randint(10_000, 99_999))
 
 
 @dataclass
 class NeedlePrompt:
     input_ids: list[int]
-    word: str
+    key: str
     needle_at: int = 0  # token index where the needle starts
 
 
 def _chat_parts(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """Token ids before and after the user message in the chat template (ChatML if the tokenizer has none).
-
-    The ids after end with the start of the assistant's answer (ANSWER_PREFIX).
+    """Token ids before and after the haystack: the chat template (ChatML if the tokenizer has none) around
+    INSTRUCTION + haystack + QUESTION, ending with the start of the assistant's answer (ANSWER_PREFIX).
     """
     marker = "\x00MESSAGE\x00"
     if getattr(tokenizer, "chat_template", None):
@@ -252,17 +258,17 @@ def _chat_parts(tokenizer: Any) -> tuple[list[int], list[int]]:
         text = CHATML.format(content=marker)
     before, after = text.split(marker)
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)
-    return enc(before), enc("\n\n" + QUESTION + after + ANSWER_PREFIX)
+    return enc(before + INSTRUCTION), enc("\n\n" + QUESTION + after + ANSWER_PREFIX)
 
 
-def needle_prompt(tokenizer: Any, haystack: Sequence[int], length: int, depth: float, word: str) -> NeedlePrompt:
-    """A chat prompt of exactly `length` tokens: Austen with "The secret code word is <word>." at `depth`.
+def needle_prompt(tokenizer: Any, haystack: Sequence[int], length: int, depth: float, key: str) -> NeedlePrompt:
+    """A chat prompt of exactly `length` tokens: Austen with the pass-key NEEDLE at `depth`.
 
     The needle goes right after the first sentence end at or past depth * haystack, so it reads as a
     sentence of its own.
     """
     before, after = _chat_parts(tokenizer)
-    needle = tokenizer.encode(f" The secret code word is {word}.", add_special_tokens=False)
+    needle = tokenizer.encode(NEEDLE.format(key=key), add_special_tokens=False)
     budget = length - len(before) - len(after) - len(needle)
     if budget <= 0 or budget > len(haystack):
         raise ValueError(f"cannot build a {length}-token prompt from {len(haystack)} haystack tokens")
@@ -272,7 +278,7 @@ def needle_prompt(tokenizer: Any, haystack: Sequence[int], length: int, depth: f
         at += 1
     at = min(at, budget)
     ids = before + hay[:at] + needle + hay[at:] + after
-    return NeedlePrompt(ids, word, len(before) + at)
+    return NeedlePrompt(ids, key, len(before) + at)
 
 
 @torch.no_grad()
@@ -339,8 +345,8 @@ def needle_test(
     results: dict[str, Any] = {s.name: {} for s in all_specs}
     for length in lengths:
         used = min(length, max_pos - max_new_tokens)
-        words = [random.Random(seed * 1_000_003 + length * 101 + i).choice(NEEDLE_WORDS) for i in range(len(depths))]
-        prompts = [needle_prompt(tokenizer, haystack, used, d, w) for d, w in zip(depths, words, strict=True)]
+        keys = [pass_key(seed * 1_000_003 + length * 101 + i) for i in range(len(depths))]
+        prompts = [needle_prompt(tokenizer, haystack, used, d, k) for d, k in zip(depths, keys, strict=True)]
         for spec in all_specs:
             cells = results[spec.name].setdefault(str(length), {})
             for first in range(0, len(prompts), batch):
@@ -351,9 +357,9 @@ def needle_test(
                 for depth, prompt, answer_ids in zip(depths[first : first + batch], group, answers, strict=True):
                     answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
                     cells[f"{depth:.2f}"] = {
-                        "pass": prompt.word in answer.lower(),
+                        "pass": prompt.key in answer,
                         "answer": answer,
-                        "word": prompt.word,
+                        "key": prompt.key,
                         "prompt_tokens": len(prompt.input_ids),
                     }
                     if step:
