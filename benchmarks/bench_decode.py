@@ -97,10 +97,11 @@ class Caches:
         self.codec = KVCodec(TQConfig(k_bits=4, v_bits=4), hkv, d, "cuda")
         lay = self.codec.layout
         self.ours = torch.randint(0, 256, (self.num_blocks, bs, lay.bytes_per_token), dtype=torch.uint8, device="cuda")
-        rows = self.ours.view(-1, lay.bytes_per_token)
-        for off in (lay.k_scale_offset, lay.v_scale_offset):  # finite scales, so softmax sees real numbers
-            scales = torch.rand(rows.shape[0], hkv, device="cuda") + 0.5
-            rows[:, off : off + 4 * hkv] = scales.view(torch.uint8).view(rows.shape[0], 4 * hkv)
+        runs = self.ours.view(self.num_blocks, hkv, -1)
+        fields = lay.fields(bs)
+        for off in (fields.k_scale, fields.v_scale):  # finite scales, so softmax sees real numbers
+            scales = torch.rand(self.num_blocks, hkv, bs, device="cuda") + 0.5
+            runs[:, :, off : off + 4 * bs] = scales.view(torch.uint8).view(self.num_blocks, hkv, 4 * bs)
         self.kv_bf16 = torch.randn(2, self.num_blocks, bs, hkv, d, dtype=torch.bfloat16, device="cuda")
         self.kv_fp8 = self.kv_bf16.to(torch.float8_e4m3fn)
         self.vllm_tq = None

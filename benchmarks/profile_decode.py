@@ -36,11 +36,12 @@ STAGES = {"read": 0, "unpack": 1, "planar": 2, "gather": 3}
 @triton.jit
 def _stage_kernel(
     cache_ptr, bt_ptr, seq_lens_ptr, k_cent_ptr, v_cent_ptr, sink_ptr, num_splits,
-    stride_cb, stride_ct, stride_bt,
+    stride_bt,
     STAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
+    HEAD_DIM: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr,
+    RUN_BYTES: tl.constexpr, K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
+    INDEX_ALIGN: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kh = tl.program_id(1).to(tl.int64)
@@ -54,9 +55,9 @@ def _stage_kernel(
     acc = tl.zeros([BLOCK_N], tl.float32)
     for tile in range(tile_lo, tile_hi):
         live, kw, k_scale, vw, v_scale = _context_tile(  # the attention kernel's own loads
-            tile, ctx_len, bt_row, cache_ptr, stride_cb, stride_ct, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
-            K_BITS, V_BITS, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-            V_SCALE_OFFSET)  # fmt: skip
+            tile, ctx_len, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
+            PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+            V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
         if STAGE == 0:
             acc += tl.sum((kw ^ vw).to(tl.float32), 1) + k_scale + v_scale
         elif STAGE == 2:
@@ -90,9 +91,9 @@ def bench_stage(caches: Caches, shape: Shape, table: torch.Tensor, stage: str, r
     def run() -> None:
         _stage_kernel[(b, shape.hkv, splits)](
             cache, table, seq_lens, codec.key.centroids, codec.value.centroids, sink, splits,
-            cache.stride(0), cache.stride(1), table.stride(0),
-            STAGE=STAGES[stage], BLOCK_N=block_n, BLOCK_SIZE=shape.block_size,
-            BLOCK_D=triton.next_power_of_2(shape.d), **lay.kernel_constants(), num_warps=num_warps,
+            table.stride(0), STAGE=STAGES[stage], BLOCK_N=block_n,
+            BLOCK_D=triton.next_power_of_2(shape.d), **lay.kernel_constants(shape.block_size),
+            INDEX_ALIGN=lay.index_alignment(shape.block_size), num_warps=num_warps,
         )  # fmt: skip
 
     ms, timer = time_ms(run, rep)

@@ -15,13 +15,29 @@ def test_llama8b_4_4_is_68_bytes_per_head_per_tensor():
     assert round(lay.compression_vs(2), 2) == 3.76
 
 
-def test_offsets_are_contiguous_regions():
-    lay = PageLayout(num_kv_heads=3, head_dim=64, k_bits=4, v_bits=2)
-    assert lay.k_index_offset == 0
-    assert lay.k_scale_offset == 3 * 32
-    assert lay.v_index_offset == 3 * 32 + 12
-    assert lay.v_scale_offset == 3 * 32 + 12 + 3 * 16
-    assert lay.bytes_per_token == 3 * 32 + 12 + 3 * 16 + 12
+def test_page_is_head_runs_of_field_runs():
+    lay = PageLayout(num_kv_heads=3, head_dim=64, k_bits=4, v_bits=2)  # 32 + 16 index bytes per head
+    f = lay.fields(16)
+    assert (f.k_index, f.k_scale, f.v_index, f.v_scale) == (0, 16 * 32, 16 * 36, 16 * 36 + 16 * 16)
+    assert f.run_bytes == 16 * (32 + 4 + 16 + 4) and 3 * f.run_bytes == lay.page_bytes(16)
+    consts = lay.kernel_constants(16)
+    assert consts["PAGE_BYTES"] == lay.page_bytes(16) and consts["RUN_BYTES"] == f.run_bytes
+    assert consts["BLOCK_SIZE"] == 16 and consts["V_INDEX_BYTES"] == 16
+
+
+def test_block_size_must_keep_fields_aligned():
+    lay = PageLayout(num_kv_heads=1, head_dim=40, k_bits=3, v_bits=3)  # 15 index bytes
+    with pytest.raises(ValueError, match="multiple of 4"):
+        lay.fields(6)
+    for heads in (1, 2, 3, 8):
+        for d in (32, 40, 64, 96, 128, 256):
+            for kb in (2, 3, 4):
+                for vb in (2, 3, 4):
+                    lay = PageLayout(heads, d, kb, vb)
+                    for block_size in (4, 16, 32):
+                        f = lay.fields(block_size)
+                        assert f.k_scale % 4 == 0 and f.v_index % 4 == 0 and f.v_scale % 4 == 0
+                        assert f.run_bytes % 4 == 0 and heads * f.run_bytes == lay.page_bytes(block_size)
 
 
 def test_three_bit_is_really_smaller_than_four():
@@ -31,19 +47,11 @@ def test_three_bit_is_really_smaller_than_four():
     assert (four, three, two) == (1088, 8 * (48 + 4) * 2, 8 * (32 + 4) * 2)
 
 
-def test_scales_are_4_byte_aligned_with_padding_only_when_needed():
-    lay = PageLayout(num_kv_heads=1, head_dim=40, k_bits=3, v_bits=3)  # 15 index bytes
-    assert lay.k_scale_offset == 16 and lay.v_scale_offset % 4 == 0
-    assert lay.bytes_per_token == 16 + 4 + 16 + 4
-    for heads in (1, 2, 3, 8):
-        for d in (32, 64, 96, 128, 256):
-            for kb in (2, 3, 4):
-                for vb in (2, 3, 4):
-                    lay = PageLayout(heads, d, kb, vb)
-                    assert lay.k_scale_offset % 4 == 0 and lay.v_scale_offset % 4 == 0
-                    assert lay.bytes_per_token % 4 == 0
-                    exact = heads * (d * kb // 8 + d * vb // 8 + 8)
-                    assert exact <= lay.bytes_per_token <= exact + 6
+def test_no_padding_bytes():
+    for heads in (1, 3, 8):
+        for d in (40, 64, 128):
+            lay = PageLayout(heads, d, 3, 2)
+            assert lay.bytes_per_token == heads * (d * 3 // 8 + d * 2 // 8 + 8)
 
 
 def test_page_bytes_and_from_config():

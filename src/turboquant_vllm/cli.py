@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("json", help="an eval JSON")
     plot.add_argument("--out", help="folder for the PNGs (default: the JSON's folder)")
 
-    lay = sub.add_parser("layout", help="bytes per token and compression of a packed cache row")
+    lay = sub.add_parser("layout", help="bytes per token and compression of the packed cache")
     lay.add_argument("--heads", type=int, default=8, help="KV heads (8)")
     lay.add_argument("--head-dim", type=int, default=128, help="head_dim (128)")
     return parser
@@ -462,7 +462,7 @@ def run_layout(args: argparse.Namespace) -> None:
 
     from turboquant_vllm.layout import PageLayout
 
-    table = Table(title=f"Packed cache row: {args.heads} KV heads x head_dim {args.head_dim}, one layer")
+    table = Table(title=f"Packed cache, per token: {args.heads} KV heads x head_dim {args.head_dim}, one layer")
     for col in ("K/V bits", "bytes/token", "bytes/token/head", "vs bf16", "vs fp8"):
         table.add_column(col, justify="right")
     table.add_row("bf16", str(4 * args.heads * args.head_dim), str(4 * args.head_dim), "1.00x", "0.50x")

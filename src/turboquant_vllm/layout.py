@@ -1,13 +1,17 @@
-"""The one definition of a packed TurboQuant cache row: bytes, offsets and packing widths.
+"""The one definition of the packed TurboQuant cache: bytes per token, and where each byte sits in a page.
 
-A cache row holds one token for all KV heads of one layer:
+vLLM allocates one page per block of `block_size` tokens and layer, shaped (block_size, bytes_per_token).
+Inside a page the bytes are grouped by KV head, then by field, then by token:
 
-    [K indices, head 0..H-1 | pad | K scales (fp32) x H | V indices x H | pad | V scales (fp32) x H]
+    page   = [run of head 0 | run of head 1 | ... | run of head H-1]
+    run    = [K indices x block_size | K scales x block_size | V indices x block_size | V scales x block_size]
 
-Indices are a little-endian bit stream: coordinate j of a head sits at bits [j*b, (j+1)*b),
-so 8 indices of b bits fill exactly b bytes (3-bit: 8 indices in 3 bytes). Pads only round
-each index region up to 4 bytes so the fp32 scales are aligned; for the usual head dims
-(multiples of 32 with 4-bit, of 16 with 2-bit, ...) they are zero.
+so a kernel that serves one KV head reads one contiguous run per page: its index bytes, then its scales,
+with no byte of another head in any sector it touches. Token t's field f lies at
+`run + f_offset + t * f_width`. Indices are a little-endian bit stream: coordinate j of a vector sits at
+bits [j*b, (j+1)*b), so 8 indices of b bits fill exactly b bytes (3-bit: 8 indices in 3 bytes); scales
+are fp32. Block sizes are multiples of 4, which keeps every field 4-byte aligned (16-byte aligned for the
+multiples of 16 that vLLM uses).
 """
 
 from __future__ import annotations
@@ -17,11 +21,7 @@ from dataclasses import dataclass
 from turboquant_vllm.config import TQConfig, check_bits, check_head_dim
 
 SCALE_BYTES = 4  # one fp32 per token per head per tensor
-ALIGN = 4
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
+BLOCK_SIZE_MULTIPLE = 4
 
 
 def index_bytes(head_dim: int, bits: int) -> int:
@@ -29,9 +29,25 @@ def index_bytes(head_dim: int, bits: int) -> int:
     return head_dim * bits // 8
 
 
+def check_block_size(block_size: int) -> None:
+    if block_size < 1 or block_size % BLOCK_SIZE_MULTIPLE:
+        raise ValueError(f"block_size must be a positive multiple of {BLOCK_SIZE_MULTIPLE}, got {block_size}")
+
+
+@dataclass(frozen=True)
+class PageFields:
+    """Byte offsets of the four fields inside one head's run of a page, and the run's length."""
+
+    k_index: int
+    k_scale: int
+    v_index: int
+    v_scale: int
+    run_bytes: int
+
+
 @dataclass(frozen=True)
 class PageLayout:
-    """Byte layout of one token row for (num_kv_heads, head_dim, k_bits, v_bits)."""
+    """Byte layout of the cache for (num_kv_heads, head_dim, k_bits, v_bits)."""
 
     num_kv_heads: int
     head_dim: int
@@ -51,7 +67,7 @@ class PageLayout:
 
     @property
     def k_index_bytes(self) -> int:
-        """Packed K index bytes of one head."""
+        """Packed K index bytes of one head vector."""
         return index_bytes(self.head_dim, self.k_bits)
 
     @property
@@ -59,37 +75,46 @@ class PageLayout:
         return index_bytes(self.head_dim, self.v_bits)
 
     @property
-    def k_index_offset(self) -> int:
-        return 0
-
-    @property
-    def k_scale_offset(self) -> int:
-        return _round_up(self.num_kv_heads * self.k_index_bytes, ALIGN)
-
-    @property
-    def v_index_offset(self) -> int:
-        return self.k_scale_offset + self.num_kv_heads * SCALE_BYTES
-
-    @property
-    def v_scale_offset(self) -> int:
-        return self.v_index_offset + _round_up(self.num_kv_heads * self.v_index_bytes, ALIGN)
+    def head_bytes_per_token(self) -> int:
+        """Bytes one token costs one KV head: K and V indices plus their two scales."""
+        return self.k_index_bytes + self.v_index_bytes + 2 * SCALE_BYTES
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes of one cache row: one token, all KV heads, K and V."""
-        return self.v_scale_offset + self.num_kv_heads * SCALE_BYTES
+        """Bytes of one token for all KV heads, K and V: a page holds block_size of these."""
+        return self.num_kv_heads * self.head_bytes_per_token
 
     @property
     def bytes_per_token_per_head(self) -> float:
         return self.bytes_per_token / self.num_kv_heads
 
-    def kernel_constants(self) -> dict[str, int]:
-        """The row geometry as the Triton kernels' constexpr keyword arguments."""
+    def fields(self, block_size: int) -> PageFields:
+        """Where each field of one head starts inside that head's run of a `block_size`-token page."""
+        check_block_size(block_size)
+        k_scale = block_size * self.k_index_bytes
+        v_index = k_scale + block_size * SCALE_BYTES
+        v_scale = v_index + block_size * self.v_index_bytes
+        return PageFields(0, k_scale, v_index, v_scale, block_size * self.head_bytes_per_token)
+
+    def kernel_constants(self, block_size: int) -> dict[str, int]:
+        """The page geometry as the Triton kernels' constexpr keyword arguments (kernels/page.py)."""
+        f = self.fields(block_size)
         return dict(
-            HEAD_DIM=self.head_dim, K_BITS=self.k_bits, V_BITS=self.v_bits,
-            K_INDEX_OFFSET=self.k_index_offset, K_INDEX_BYTES=self.k_index_bytes, K_SCALE_OFFSET=self.k_scale_offset,
-            V_INDEX_OFFSET=self.v_index_offset, V_INDEX_BYTES=self.v_index_bytes, V_SCALE_OFFSET=self.v_scale_offset,
+            HEAD_DIM=self.head_dim, K_BITS=self.k_bits, V_BITS=self.v_bits, BLOCK_SIZE=block_size,
+            PAGE_BYTES=self.page_bytes(block_size), RUN_BYTES=f.run_bytes,
+            K_INDEX_OFFSET=f.k_index, K_INDEX_BYTES=self.k_index_bytes, K_SCALE_OFFSET=f.k_scale,
+            V_INDEX_OFFSET=f.v_index, V_INDEX_BYTES=self.v_index_bytes, V_SCALE_OFFSET=f.v_scale,
         )  # fmt: skip
+
+    def index_alignment(self, block_size: int, max_align: int = 16) -> int:
+        """Bytes (a power of two up to max_align) that every token's index words start on, for pages at
+        max_align-aligned addresses: lets the attention kernel read them with vector loads."""
+        f = self.fields(block_size)
+        starts = (self.page_bytes(block_size), f.run_bytes, f.v_index, self.k_index_bytes, self.v_index_bytes)
+        align = max_align
+        while any(x % align for x in starts):
+            align //= 2
+        return align
 
     def page_bytes(self, block_size: int) -> int:
         """Bytes of one vLLM block (page) of `block_size` tokens for one layer."""

@@ -7,7 +7,7 @@ from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import dequant as dequant_module
 from turboquant_vllm.kernels.dequant import dequantize_kv
-from turboquant_vllm.kernels.reference import dequantize_ref, store_ref
+from turboquant_vllm.kernels.reference import dequantize_ref, gather_rows_ref, scatter_rows_ref, store_ref
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.key_offset import KeyOffset
 
@@ -178,7 +178,7 @@ def test_dequant_gpu_int64_addressing(cuda):
     cache = torch.zeros(num_blocks, block_size, ref.layout.bytes_per_token, dtype=torch.uint8, device=cuda)
     total = num_blocks * block_size
     slots = torch.tensor([total - 1, 0, total - 8, total // 2 + 3, total - 100, total - 2, 1, total - 77])
-    cache.view(-1, cache.shape[-1])[slots.to(cuda)] = small[0].to(cuda)
+    scatter_rows_ref(ref, cache, slots, gather_rows_ref(ref, small, torch.arange(8)))
     k, v = dequantize_kv(KVCodec(config, 8, 128, cuda), cache, slots.to(cuda), torch.float32)
     want_k, want_v = dequantize_ref(ref, small, torch.arange(8))
     torch.testing.assert_close(k.cpu(), want_k, rtol=0, atol=0)

@@ -6,7 +6,7 @@ import torch
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import store as store_module
-from turboquant_vllm.kernels.reference import decode_rows_ref, store_ref
+from turboquant_vllm.kernels.reference import decode_rows_ref, gather_rows_ref, store_ref
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.key_offset import KeyOffset, use_offset
 from turboquant_vllm.quantizer import TINY_NORM, MSEQuantizer, QuantizedVectors
@@ -61,13 +61,16 @@ def run_store(codec: KVCodec, key, value, slots, num_blocks: int, block_size: in
     n = slots.shape[0]
     store_ref(ref, key[:n].cpu(), value[:n].cpu(), want, slots.cpu())
 
-    flat = cache.cpu().view(-1, cache.shape[-1])
-    written = torch.zeros(flat.shape[0], dtype=torch.bool)
+    every = torch.arange(num_blocks * block_size)
+    written = torch.zeros(every.shape[0], dtype=torch.bool)
     live = slots.cpu()[slots.cpu() >= 0].long()
     written[live] = True
-    assert torch.equal(flat[~written], before.view(-1, cache.shape[-1])[~written]), "untouched rows changed"
+    untouched = every[~written]
+    got_untouched = gather_rows_ref(ref, cache.cpu(), untouched)
+    assert torch.equal(got_untouched, gather_rows_ref(ref, before, untouched)), "untouched tokens changed"
 
-    (gk, gv), (wk, wv) = decode_rows_ref(ref, flat[live]), decode_rows_ref(ref, want.view(-1, flat.shape[1])[live])
+    got, wanted = gather_rows_ref(ref, cache.cpu(), live), gather_rows_ref(ref, want, live)
+    (gk, gv), (wk, wv) = decode_rows_ref(ref, got), decode_rows_ref(ref, wanted)
     token = torch.nonzero(slots.cpu() >= 0).squeeze(1)
     check_tensor(ref.key, key[token], gk, wk)
     check_tensor(ref.value, value[token], gv, wv)
@@ -153,15 +156,16 @@ def test_store_gpu_int64_addressing(cuda):
     key, value = fused_kv(slots.shape[0], 8, 128, torch.float16, cuda, seed=6)
     store_kv(codec, key, value, cache, slots)
     live = slots[slots >= 0]
-    rows = cache.view(-1, cache.shape[-1])[live].cpu()
     ref = KVCodec(codec.config, 8, 128)
-    want = ref.new_cache(1, live.shape[0])
+    rows = gather_rows_ref(ref, cache, live)
+    want = ref.new_cache(1, 8)
     token = torch.nonzero(slots >= 0).squeeze(1).cpu()
     store_ref(ref, key[token].cpu(), value[token].cpu(), want, torch.arange(live.shape[0]))
-    (gk, gv), (wk, wv) = decode_rows_ref(ref, rows), decode_rows_ref(ref, want[0])
+    (gk, gv), (wk, wv) = decode_rows_ref(ref, rows), decode_rows_ref(ref, gather_rows_ref(ref, want, torch.arange(5)))
     check_tensor(ref.key, key[token], gk, wk)
     check_tensor(ref.value, value[token], gv, wv)
-    assert int(cache.view(-1, cache.shape[-1]).count_nonzero(-1).gt(0).sum()) == live.shape[0]
+    assert int(cache.count_nonzero()) <= live.shape[0] * codec.layout.bytes_per_token
+    assert int(cache.view(num_blocks, -1).count_nonzero(-1).gt(0).sum()) == 4  # the pages of the 5 live tokens
 
 
 def test_store_several_heads_per_program(device, monkeypatch):
@@ -197,8 +201,8 @@ def test_store_with_key_offset_matches_reference(device, k_bits, dtype):
     want = ref.new_cache(num_blocks, block_size)
     store_ref(ref, key, value, want, slots, offset)
 
-    rows = cache.cpu().view(-1, cache.shape[-1])[slots]
-    (gk, gv), (wk, wv) = decode_rows_ref(ref, rows), decode_rows_ref(ref, want.view(-1, want.shape[-1])[slots])
+    rows = gather_rows_ref(ref, cache.cpu(), slots)
+    (gk, gv), (wk, wv) = decode_rows_ref(ref, rows), decode_rows_ref(ref, gather_rows_ref(ref, want, slots))
     key32 = key.float()
     shifted = use_offset(key32, offset)
     assert not shifted[0].any() and shifted[1:].all()  # the opposite token keeps its own vector

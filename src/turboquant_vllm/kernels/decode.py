@@ -18,6 +18,7 @@ from turboquant_vllm.kernels.decode_reduce import (
     _store_unrotated,
     reduce_grid,
 )
+from turboquant_vllm.kernels.page import token_fields
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 from turboquant_vllm.layout import PageLayout
 
@@ -114,21 +115,26 @@ def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _words(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _words(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+           ALIGN: tl.constexpr):  # fmt: skip
     """Packed indices of one head in each row as int32 words [ROWS, BLOCK_D // 8], 8 coordinates per word.
 
     8 coordinates fill exactly BITS bytes, read as one little-endian word (int32 for 4-bit,
-    uint16 for 2-bit: field offsets keep them aligned; three bytes for 3-bit).
+    uint16 for 2-bit: field offsets keep them aligned; three bytes for 3-bit). Rows start on ALIGN
+    bytes (PageLayout.index_alignment) and their words are contiguous, so 4- and 2-bit rows are read
+    with vector loads; the mask is per row unless head_dim is padded, which keeps that possible.
     """
     GROUPS: tl.constexpr = BLOCK_D // 8
     grp = tl.arange(0, GROUPS)
-    mask = live[:, None] & (grp < HEAD_DIM // 8)[None, :]
-    ptr = row_ptr[:, None] + (grp * BITS)[None, :]
+    mask = live[:, None] if HEAD_DIM == BLOCK_D else live[:, None] & (grp < HEAD_DIM // 8)[None, :]
     if BITS == 4:
-        word = tl.load(ptr.to(tl.pointer_type(tl.int32)), mask=mask, other=0)
+        base = tl.multiple_of(row_ptr.to(tl.pointer_type(tl.int32)), ALIGN)
+        word = tl.load(base[:, None] + grp[None, :], mask=mask, other=0)
     elif BITS == 2:
-        word = tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
+        base = tl.multiple_of(row_ptr.to(tl.pointer_type(tl.uint16)), ALIGN)
+        word = tl.load(base[:, None] + grp[None, :], mask=mask, other=0).to(tl.int32)
     else:
+        ptr = row_ptr[:, None] + (grp * BITS)[None, :]
         word = tl.load(ptr, mask=mask, other=0).to(tl.int32)
         word = word | (tl.load(ptr + 1, mask=mask, other=0).to(tl.int32) << 8)
         word = word | (tl.load(ptr + 2, mask=mask, other=0).to(tl.int32) << 16)
@@ -145,21 +151,27 @@ def _split_words(word, BITS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.const
 
 @triton.jit
 def _context_tile(
-    tile, ctx_len, bt_row, cache_ptr, stride_cb, stride_ct, kh,
+    tile, ctx_len, bt_row, cache_ptr, kh,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
+    INDEX_ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """Issue the loads of one BLOCK_N tile of cached tokens: K/V index words and scales (0 past ctx_len)."""
+    """Issue the loads of one BLOCK_N tile of cached tokens: K/V index words and scales (0 past ctx_len).
+
+    Within a page this KV head's tokens are contiguous per field, so the tile reads whole runs.
+    """
     pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     live = pos < ctx_len
     block = tl.load(bt_row + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
-    row_ptr = cache_ptr + block * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ct
-    k_words = _words(row_ptr + K_INDEX_OFFSET + kh * K_INDEX_BYTES, live, K_BITS, HEAD_DIM, BLOCK_D)
-    k_scale = tl.load((row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
-    v_words = _words(row_ptr + V_INDEX_OFFSET + kh * V_INDEX_BYTES, live, V_BITS, HEAD_DIM, BLOCK_D)
-    v_scale = tl.load((row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + kh, mask=live, other=0.0)
+    k_index, k_scale_ptr, v_index, v_scale_ptr = token_fields(
+        cache_ptr, block, (pos % BLOCK_SIZE).to(tl.int64), kh, PAGE_BYTES, RUN_BYTES,
+        K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
+    k_words = _words(k_index, live, K_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
+    k_scale = tl.load(k_scale_ptr, mask=live, other=0.0)
+    v_words = _words(v_index, live, V_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
+    v_scale = tl.load(v_scale_ptr, mask=live, other=0.0)
     return live, k_words, k_scale, v_words, v_scale
 
 
@@ -201,14 +213,15 @@ def _attention_kernel(
     rot_ptr, k_cent_ptr, v_cent_ptr, koff_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr,
     num_seqs, num_splits, qk_scale,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-    stride_ot, stride_oh, stride_od, stride_cb, stride_ct, stride_bt,
+    stride_ot, stride_oh, stride_od, stride_bt,
     stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ms, stride_r0, stride_r1,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, ROT_CHUNK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
-    OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
+    INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
     PREFETCH: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
@@ -260,20 +273,20 @@ def _attention_kernel(
     ctx_hi = tl.minimum(ctx_len, tile_hi * BLOCK_N)
     if PREFETCH:
         live, k_words, k_scale, v_words, v_scale = _context_tile(
-            tile_lo, ctx_hi, bt_row, cache_ptr, stride_cb, stride_ct, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
-            K_BITS, V_BITS, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-            V_SCALE_OFFSET)  # fmt: skip
+            tile_lo, ctx_hi, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
+            PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+            V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
     for tile in range(tile_lo, tile_hi):
         if PREFETCH:
             nxt = _context_tile(
-                tile + 1, ctx_hi, bt_row, cache_ptr, stride_cb, stride_ct, kh,
-                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS, K_INDEX_OFFSET, K_INDEX_BYTES,
-                K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
+                tile + 1, ctx_hi, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
+                PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+                V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
         else:
             live, k_words, k_scale, v_words, v_scale = _context_tile(
-                tile, ctx_len, bt_row, cache_ptr, stride_cb, stride_ct, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
-                K_BITS, V_BITS, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-                V_SCALE_OFFSET)  # fmt: skip
+                tile, ctx_len, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
+                PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+                V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
         k = tl.load(k_cent_ptr + _split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
         v = tl.load(v_cent_ptr + _split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
         s = tl.dot(q_rot, tl.trans(k), input_precision=PREC)
@@ -340,9 +353,8 @@ def _attention_meta(
     exact = query_dtype == torch.float32
     meta = dict(
         GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
-        BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
-        **lay.kernel_constants(),
+        BLOCK_N=block_n, ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
+        **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -385,7 +397,7 @@ def paged_attention(
     Args:
         query: [T, num_heads, head_dim] fp16/bf16/fp32, original basis; any strides.
         key, value: [>= T, num_kv_heads, head_dim], this step's exact K/V; any strides.
-        cache: uint8 [num_blocks, block_size, bytes_per_token], rows laid out by codec.layout.
+        cache: uint8 [num_blocks, block_size, bytes_per_token], contiguous, pages laid out by codec.layout.
         block_table: int32/int64 [>= num_seqs, max_blocks]; seq_lens: [>= num_seqs];
             query_start_loc: [num_seqs + 1], all on the device (never read on the host).
         out: [T, num_heads, head_dim], written in its own dtype; rows outside
@@ -410,8 +422,8 @@ def paged_attention(
     assert cache.dtype == torch.uint8 and cache.dim() == 3 and cache.shape[2] == lay.bytes_per_token, (
         f"cache must be uint8 [num_blocks, block_size, {lay.bytes_per_token}], got {cache.dtype} {tuple(cache.shape)}"
     )
-    assert cache.stride(2) == 1 and cache.stride(1) % 4 == 0 and cache.stride(0) % 4 == 0, (
-        f"cache rows must be contiguous and 4-byte aligned, got strides {cache.stride()}"
+    assert cache.is_contiguous() and cache.data_ptr() % 16 == 0, (
+        f"cache pages must be contiguous and 16-byte aligned, got strides {cache.stride()} at {cache.data_ptr():#x}"
     )
     num_seqs = query_start_loc.shape[0] - 1
     for name, t in (("block_table", block_table), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
@@ -453,7 +465,7 @@ def paged_attention(
         rot, *centroids, rot if offset is None else offset, out, acc_buf, max_buf, sum_buf,
         num_seqs, num_splits, float(scale) * LOG2E,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-        cache.stride(0), cache.stride(1), block_table.stride(0),
+        block_table.stride(0),
         *acc_strides, *stat_strides, rot.stride(0), rot.stride(1),
         **meta,
     )  # fmt: skip

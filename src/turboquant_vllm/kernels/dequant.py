@@ -1,4 +1,4 @@
-"""Triton kernel that gathers packed cache rows and dequantises them to dense K/V."""
+"""Triton kernel that gathers tokens from the packed pages and dequantises them to dense K/V."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.kernels.page import token_fields
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
 OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -15,7 +16,7 @@ DOT_PRECISION = "ieee"  # full fp32 inverse rotation, like the torch reference
 
 @triton.jit
 def _centroids(
-    head_ptr,  # [BLOCK_T] pointers to this head's packed indices in each row
+    head_ptr,  # [BLOCK_T] pointers to this head's packed indices of each token
     live,  # bool [BLOCK_T]
     cent_ptr,  # fp32 [2^BITS]
     col0,
@@ -48,8 +49,8 @@ def _centroids(
 @triton.jit
 def _dequant_head(
     out_ptr,  # [BLOCK_T, 1] pointers to this head's output rows
-    head_ptr,  # [BLOCK_T] pointers to this head's packed indices in each row
-    scale_ptr,  # [BLOCK_T] fp32 pointers to this head's scale in each row
+    head_ptr,  # [BLOCK_T] pointers to this head's packed indices of each token
+    scale_ptr,  # [BLOCK_T] fp32 pointers to this head's scale of each token
     live,  # bool [BLOCK_T]
     in_range,  # bool [BLOCK_T]
     cent_ptr,  # fp32 [2^BITS]
@@ -94,7 +95,7 @@ def _dequant_head(
 
 @triton.jit(do_not_specialize=["num_slots"])
 def _dequant_kv_kernel(
-    cache_ptr,  # uint8 [num_blocks * block_size, BYTES_PER_TOKEN]
+    cache_ptr,  # uint8 pages [num_blocks, PAGE_BYTES], laid out as layout.py says
     slot_ptr,  # int32/int64 [num_slots]; negative = zeros
     rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM], any strides: x = rotated @ R
     k_cent_ptr,  # fp32 [2^K_BITS]
@@ -116,7 +117,9 @@ def _dequant_kv_kernel(
     HEADS_PER_PROGRAM: tl.constexpr,
     K_BITS: tl.constexpr,
     V_BITS: tl.constexpr,
-    BYTES_PER_TOKEN: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    PAGE_BYTES: tl.constexpr,
+    RUN_BYTES: tl.constexpr,
     K_INDEX_OFFSET: tl.constexpr,
     K_INDEX_BYTES: tl.constexpr,
     K_SCALE_OFFSET: tl.constexpr,
@@ -131,21 +134,22 @@ def _dequant_kv_kernel(
     in_range = tok < num_slots
     slot = tl.load(slot_ptr + tok, mask=in_range, other=-1).to(tl.int64)
     live = in_range & (slot >= 0)
-    row_ptr = cache_ptr + slot * BYTES_PER_TOKEN  # [BLOCK_T]
+    block = slot // BLOCK_SIZE
+    t = slot % BLOCK_SIZE
     for hh in range(HEADS_PER_PROGRAM):
         head = tl.program_id(1).to(tl.int64) * HEADS_PER_PROGRAM + hh
+        k_index, k_scale, v_index, v_scale = token_fields(
+            cache_ptr, block, t, head, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET,
+            V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
         _dequant_head(
             out_k_ptr + tok[:, None] * stride_out_k_t + head * stride_out_k_h,
-            row_ptr + K_INDEX_OFFSET + head * K_INDEX_BYTES,
-            (row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head,
-            live, in_range, k_cent_ptr, rot_ptr, koff_ptr + head * HEAD_DIM, stride_rot_0, stride_rot_1,
+            k_index, k_scale, live, in_range, k_cent_ptr, rot_ptr, koff_ptr + head * HEAD_DIM,
+            stride_rot_0, stride_rot_1,
             K_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, ROTATED, DOT_PRECISION, HAS_KEY_OFFSET,
         )  # fmt: skip
         _dequant_head(
             out_v_ptr + tok[:, None] * stride_out_v_t + head * stride_out_v_h,
-            row_ptr + V_INDEX_OFFSET + head * V_INDEX_BYTES,
-            (row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head,
-            live, in_range, v_cent_ptr, rot_ptr, koff_ptr, stride_rot_0, stride_rot_1,
+            v_index, v_scale, live, in_range, v_cent_ptr, rot_ptr, koff_ptr, stride_rot_0, stride_rot_1,
             V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, ROTATED, DOT_PRECISION, False,
         )  # fmt: skip
 
@@ -183,7 +187,7 @@ def dequantize_kv(
     """Dense K and V [len(slots), num_kv_heads, head_dim] of the given cache slots.
 
     Args:
-        cache: uint8 [num_blocks, block_size, bytes_per_token], contiguous; only rows in `slots` are read.
+        cache: uint8 [num_blocks, block_size, bytes_per_token], contiguous; only tokens in `slots` are read.
         slots: int32/int64 [num_slots], slot = block * block_size + offset; negative slots give zeros.
         out_dtype: dtype of freshly allocated outputs (ignored for a given out_k/out_v, whose dtype wins).
         rotated: keep the rotated basis (what attention over pages uses); False multiplies back by R.
@@ -233,8 +237,7 @@ def dequantize_kv(
         BLOCK_T=block_t,
         BLOCK_K=block_k,
         HEADS_PER_PROGRAM=heads,
-        BYTES_PER_TOKEN=lay.bytes_per_token,
-        **lay.kernel_constants(),
+        **lay.kernel_constants(cache.shape[1]),
         ROTATED=rotated,
         DOT_PRECISION=DOT_PRECISION,
         HAS_KEY_OFFSET=offset is not None,

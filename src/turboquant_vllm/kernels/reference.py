@@ -14,21 +14,52 @@ from turboquant_vllm.packing import pack_indices, unpack_indices
 from turboquant_vllm.quantizer import QuantizedVectors
 
 
-def _row_fields(codec: KVCodec) -> dict[str, tuple[int, int, int]]:
-    """(start, bytes per head, bits) of each field of a row, from the layout."""
+def _record_fields(codec: KVCodec) -> dict[str, tuple[int, int, int]]:
+    """(start, bytes, bits) of each field in one head's record of a token row: K idx, K scale, V idx, V scale."""
     lay = codec.layout
+    kib, vib = lay.k_index_bytes, lay.v_index_bytes
     return {
-        "k_idx": (lay.k_index_offset, lay.k_index_bytes, lay.k_bits),
-        "k_scale": (lay.k_scale_offset, 4, 0),
-        "v_idx": (lay.v_index_offset, lay.v_index_bytes, lay.v_bits),
-        "v_scale": (lay.v_scale_offset, 4, 0),
+        "k_idx": (0, kib, lay.k_bits),
+        "k_scale": (kib, 4, 0),
+        "v_idx": (kib + 4, vib, lay.v_bits),
+        "v_scale": (kib + 4 + vib, 4, 0),
     }
+
+
+def _page_views(codec: KVCodec, cache: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each field of every page as a view [num_blocks, num_kv_heads, block_size, bytes] (layout.py's order)."""
+    num_blocks, block_size, _ = cache.shape
+    fields = codec.layout.fields(block_size)
+    runs = cache.view(num_blocks, codec.num_kv_heads, fields.run_bytes)
+    starts = {"k_idx": fields.k_index, "k_scale": fields.k_scale, "v_idx": fields.v_index, "v_scale": fields.v_scale}
+    return {
+        name: runs[:, :, start : start + block_size * width].unflatten(-1, (block_size, width))
+        for name, start, width in ((n, starts[n], _record_fields(codec)[n][1]) for n in starts)
+    }
+
+
+def gather_rows_ref(codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The tokens at `slots` as rows uint8 [N, bytes_per_token]: per head, K idx | K scale | V idx | V scale."""
+    slots = slots.long().to(cache.device)
+    block, t = slots // cache.shape[1], slots % cache.shape[1]
+    parts = [view[block, :, t] for view in _page_views(codec, cache).values()]  # each [N, H, bytes]
+    return torch.cat(parts, -1).flatten(1).cpu()
+
+
+def scatter_rows_ref(codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write rows [N, bytes_per_token] (gather_rows_ref's format) to the tokens at `slots`, in place."""
+    slots = slots.long().to(cache.device)
+    block, t = slots // cache.shape[1], slots % cache.shape[1]
+    records = rows.to(cache.device).view(rows.shape[0], codec.num_kv_heads, codec.layout.head_bytes_per_token)
+    for name, view in _page_views(codec, cache).items():
+        start, nbytes, _ = _record_fields(codec)[name]
+        view[block, :, t] = records[:, :, start : start + nbytes]
 
 
 def encode_rows_ref(
     codec: KVCodec, key: torch.Tensor, value: torch.Tensor, key_offset: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Quantise tokens into packed rows.
+    """Quantise tokens into rows (gather_rows_ref's format).
 
     Args:
         key, value: [num_tokens, num_kv_heads, head_dim].
@@ -37,8 +68,8 @@ def encode_rows_ref(
     Returns:
         uint8 [num_tokens, bytes_per_token].
     """
-    fields = _row_fields(codec)
-    rows = torch.zeros(key.shape[0], codec.layout.bytes_per_token, dtype=torch.uint8)
+    fields = _record_fields(codec)
+    records = torch.zeros(key.shape[0], codec.num_kv_heads, codec.layout.head_bytes_per_token, dtype=torch.uint8)
     for name, quantizer, x in (("k", codec.key, key), ("v", codec.value, value)):
         x = x.to(quantizer.rotation.device, torch.float32)
         use = None
@@ -50,26 +81,23 @@ def encode_rows_ref(
         packed = pack_indices(q.indices.cpu(), quantizer.bits)  # [T, H, nbytes]
         scales = q.scales.to(torch.float32)
         scales = (scales if use is None else torch.where(use, -scales, scales)).cpu().contiguous()
-        scale_bytes = scales.view(torch.uint8).reshape(*scales.shape, 4)
-        for h in range(codec.num_kv_heads):
-            start, nbytes, _ = fields[f"{name}_idx"]
-            rows[:, start + h * nbytes : start + (h + 1) * nbytes] = packed[:, h]
-            start, nbytes, _ = fields[f"{name}_scale"]
-            rows[:, start + h * nbytes : start + (h + 1) * nbytes] = scale_bytes[:, h]
-    return rows
+        start, nbytes, _ = fields[f"{name}_idx"]
+        records[:, :, start : start + nbytes] = packed
+        start, nbytes, _ = fields[f"{name}_scale"]
+        records[:, :, start : start + nbytes] = scales.view(torch.uint8).reshape(*scales.shape, 4)
+    return records.flatten(1)
 
 
 def decode_rows_ref(codec: KVCodec, rows: torch.Tensor) -> tuple[QuantizedVectors, QuantizedVectors]:
-    """Split packed rows [N, bytes_per_token] back into K and V (indices [N, H, d], scales [N, H])."""
-    fields = _row_fields(codec)
+    """Split rows [N, bytes_per_token] back into K and V (indices [N, H, d], scales [N, H])."""
+    records = rows.reshape(rows.shape[0], codec.num_kv_heads, codec.layout.head_bytes_per_token)
     out = []
     for name in ("k", "v"):
-        start, nbytes, bits = fields[f"{name}_idx"]
-        heads_idx = [rows[:, start + h * nbytes : start + (h + 1) * nbytes] for h in range(codec.num_kv_heads)]
-        indices = unpack_indices(torch.stack(heads_idx, 1), bits, codec.head_dim)
-        start, _, _ = fields[f"{name}_scale"]
-        scale_bytes = rows[:, start : start + 4 * codec.num_kv_heads].contiguous()
-        out.append(QuantizedVectors(indices, scale_bytes.view(torch.float32).reshape(-1, codec.num_kv_heads)))
+        start, nbytes, bits = _record_fields(codec)[f"{name}_idx"]
+        indices = unpack_indices(records[:, :, start : start + nbytes], bits, codec.head_dim)
+        start, _, _ = _record_fields(codec)[f"{name}_scale"]
+        scales = records[:, :, start : start + 4].contiguous().view(torch.float32).squeeze(-1)
+        out.append(QuantizedVectors(indices, scales))
     return out[0], out[1]
 
 
@@ -89,11 +117,9 @@ def store_ref(
         slot_mapping: int [num_tokens].
         key_offset: as in encode_rows_ref.
     """
-    rows = encode_rows_ref(codec, key, value, key_offset).to(cache.device)
-    flat = cache.view(-1, cache.shape[-1])
-    for t, slot in enumerate(slot_mapping.tolist()):
-        if slot >= 0:
-            flat[slot] = rows[t]
+    rows = encode_rows_ref(codec, key, value, key_offset)
+    keep = slot_mapping.cpu() >= 0
+    scatter_rows_ref(codec, cache, slot_mapping.cpu()[keep], rows[keep])
 
 
 def dequantize_ref(
@@ -108,7 +134,7 @@ def dequantize_ref(
     With rotated=True the vectors stay in the rotated basis (what attention over pages uses).
     key_offset (original basis, as stored) is added back to the keys with a negative scale.
     """
-    rows = cache.reshape(-1, cache.shape[-1])[slots.long().to(cache.device)].cpu()
+    rows = gather_rows_ref(codec, cache, slots)
     device = codec.rotation.device  # the codec's tables may live on a GPU; the reference answers on the CPU
     k, v = (QuantizedVectors(x.indices.to(device), x.scales.to(device)) for x in decode_rows_ref(codec, rows))
     shifted = torch.signbit(k.scales)

@@ -1,4 +1,4 @@
-"""Triton kernel that quantises new K/V tokens and scatter-writes packed rows into the paged cache."""
+"""Triton kernel that quantises new K/V tokens and scatter-writes them into the packed pages."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.kernels.page import token_fields
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 from turboquant_vllm.quantizer import TINY_NORM
 
@@ -28,7 +29,7 @@ def _bucketize(y, bnd_ptr, cent_ptr, BITS: tl.constexpr):
 
 @triton.jit
 def _store_indices(
-    head_ptr,  # [BLOCK_T] pointers to this head's packed indices in each row
+    head_ptr,  # [BLOCK_T] pointers to this head's packed indices of each token
     idx,  # int32 [BLOCK_T, HEAD_DIM_PAD]
     live,  # bool [BLOCK_T]
     BITS: tl.constexpr,
@@ -57,7 +58,7 @@ def _store_indices(
 def _store_kv_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, HEAD_DIM] fp16/bf16/fp32, last dim contiguous
     value_ptr,  # [num_tokens, num_kv_heads, HEAD_DIM]
-    cache_ptr,  # uint8 [num_blocks * block_size, BYTES_PER_TOKEN]
+    cache_ptr,  # uint8 pages [num_blocks, PAGE_BYTES], laid out as layout.py says
     slot_ptr,  # int32/int64 [num_tokens]; negative = skip
     rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM], any strides: rotated = x @ R.T
     k_bnd_ptr,  # fp32 [2^K_BITS - 1]
@@ -79,7 +80,9 @@ def _store_kv_kernel(
     HEADS_PER_PROGRAM: tl.constexpr,
     K_BITS: tl.constexpr,
     V_BITS: tl.constexpr,
-    BYTES_PER_TOKEN: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    PAGE_BYTES: tl.constexpr,
+    RUN_BYTES: tl.constexpr,
     K_INDEX_OFFSET: tl.constexpr,
     K_INDEX_BYTES: tl.constexpr,
     K_SCALE_OFFSET: tl.constexpr,
@@ -95,7 +98,8 @@ def _store_kv_kernel(
     in_range = tok < num_tokens
     slot = tl.load(slot_ptr + tok, mask=in_range, other=-1).to(tl.int64)
     live = in_range & (slot >= 0)
-    row_ptr = cache_ptr + slot * BYTES_PER_TOKEN  # [BLOCK_T]
+    block = slot // BLOCK_SIZE
+    t = slot % BLOCK_SIZE
     dim = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dim < HEAD_DIM
     x_mask = live[:, None] & dim_ok[None, :]
@@ -140,8 +144,9 @@ def _store_kv_kernel(
 
         k_idx, k_cent = _bucketize(k_rot, k_bnd_ptr, k_cent_ptr, K_BITS)
         v_idx, v_cent = _bucketize(v_rot, v_bnd_ptr, v_cent_ptr, V_BITS)
-        k_head_ptr = row_ptr + K_INDEX_OFFSET + head * K_INDEX_BYTES
-        v_head_ptr = row_ptr + V_INDEX_OFFSET + head * V_INDEX_BYTES
+        k_head_ptr, k_scale_ptr, v_head_ptr, v_scale_ptr = token_fields(
+            cache_ptr, block, t, head, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET,
+            V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
         _store_indices(k_head_ptr, k_idx, live, K_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
         _store_indices(v_head_ptr, v_idx, live, V_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
         if NORM_CORRECTION:
@@ -154,8 +159,8 @@ def _store_kv_kernel(
             v_scale = v_norm
         if HAS_KEY_OFFSET:
             k_scale = tl.where(shift > 0, -k_scale, k_scale)  # the sign records the shift
-        tl.store((row_ptr + K_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head, k_scale, mask=live)
-        tl.store((row_ptr + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + head, v_scale, mask=live)
+        tl.store(k_scale_ptr, k_scale, mask=live)
+        tl.store(v_scale_ptr, v_scale, mask=live)
 
 
 def _launch_params(num_tokens: int, num_kv_heads: int) -> tuple[int, int, int, int]:
@@ -184,7 +189,7 @@ def store_kv(
     slot_mapping: torch.Tensor,
     key_offset: KeyOffset | None = None,
 ) -> None:
-    """Quantise K and V of new tokens and write their packed rows to `cache` in one launch.
+    """Quantise K and V of new tokens and write them into their pages of `cache` in one launch.
 
     Args:
         key, value: [>= num_tokens, num_kv_heads, head_dim], fp16/bf16/fp32; may be strided views
@@ -237,8 +242,7 @@ def store_kv(
         BLOCK_T=block_t,
         BLOCK_K=block_k,
         HEADS_PER_PROGRAM=heads,
-        BYTES_PER_TOKEN=lay.bytes_per_token,
-        **lay.kernel_constants(),
+        **lay.kernel_constants(cache.shape[1]),
         NORM_CORRECTION=codec.config.norm_correction,
         TINY=TINY_NORM,
         DOT_PRECISION=DOT_PRECISION,

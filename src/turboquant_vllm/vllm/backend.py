@@ -1,6 +1,6 @@
 """TurboQuant attention backend for vLLM: Backend / MetadataBuilder / Impl over packed uint8 pages.
 
-Token path: do_kv_cache_update -> kernels.store.store_kv (new K/V -> packed rows), then forward:
+Token path: do_kv_cache_update -> kernels.store.store_kv (new K/V -> packed pages), then forward:
 decode-sized queries -> kernels.decode.paged_attention (context read from the pages in-kernel, this
 step's tokens exact); prefill/extend chunks -> vllm.prefill (context dequantised once, FlashAttention).
 """
@@ -66,7 +66,7 @@ class TQ4AttentionBackend(AttentionBackend):
     def get_kv_cache_shape(
         num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, cache_dtype_str: str = "auto"
     ) -> tuple[int, ...]:
-        """(num_blocks, block_size, bytes_per_token): one packed row per token, see layout.py."""
+        """(num_blocks, block_size, bytes_per_token): block_size tokens per page, laid out by layout.py."""
         config = current_tq_config()
         return (num_blocks, block_size, PageLayout.from_config(config, num_kv_heads, head_size).bytes_per_token)
 
