@@ -32,10 +32,11 @@ def _page_views(codec: KVCodec, cache: torch.Tensor) -> dict[str, torch.Tensor]:
     fields = codec.layout.fields(block_size)
     runs = cache.view(num_blocks, codec.num_kv_heads, fields.run_bytes)
     starts = {"k_idx": fields.k_index, "k_scale": fields.k_scale, "v_idx": fields.v_index, "v_scale": fields.v_scale}
-    return {
-        name: runs[:, :, start : start + block_size * width].unflatten(-1, (block_size, width))
-        for name, start, width in ((n, starts[n], _record_fields(codec)[n][1]) for n in starts)
-    }
+    views = {}
+    for name, (_, width, _) in _record_fields(codec).items():
+        start = starts[name]
+        views[name] = runs[:, :, start : start + block_size * width].unflatten(-1, (block_size, width))
+    return views
 
 
 def gather_rows_ref(codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
