@@ -222,9 +222,9 @@ def evaluate_quality(
 # ---- needle in a haystack ----
 
 # The pass-key retrieval prompt of Mohtashami & Jaggi (2023, "Landmark Attention"): an instruction, the key
-# stated twice inside the haystack, and the question. SmolLM2-135M finds a single "code word" sentence in only
-# about a third of 1K prompts without compression, which leaves nothing to compare against; it finds this key
-# in all nine 1K placements.
+# stated twice inside the haystack, and the question. Without compression SmolLM2-135M found a single "code word"
+# sentence in 6 of 18 prompts of 1K and 2K tokens, which leaves little to compare against; it finds this key in
+# all 18 (benchmarks/results/hf_needle_passkey_cpu_2026-11-30.json).
 INSTRUCTION = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key?"
