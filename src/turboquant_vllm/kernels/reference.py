@@ -39,21 +39,26 @@ def _page_views(codec: KVCodec, cache: torch.Tensor) -> dict[str, torch.Tensor]:
     return views
 
 
+def _page_and_token(cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(page, token in page) of each slot = page * block_size + token."""
+    slots = slots.long().to(cache.device)
+    return slots // cache.shape[1], slots % cache.shape[1]
+
+
 def gather_rows_ref(codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The tokens at `slots` as rows uint8 [N, bytes_per_token]: per head, K idx | K scale | V idx | V scale."""
-    slots = slots.long().to(cache.device)
-    block, t = slots // cache.shape[1], slots % cache.shape[1]
+    block, t = _page_and_token(cache, slots)
     parts = [view[block, :, t] for view in _page_views(codec, cache).values()]  # each [N, H, bytes]
     return torch.cat(parts, -1).flatten(1).cpu()
 
 
 def scatter_rows_ref(codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
     """Write rows [N, bytes_per_token] (gather_rows_ref's format) to the tokens at `slots`, in place."""
-    slots = slots.long().to(cache.device)
-    block, t = slots // cache.shape[1], slots % cache.shape[1]
+    block, t = _page_and_token(cache, slots)
     records = rows.to(cache.device).view(rows.shape[0], codec.num_kv_heads, codec.layout.head_bytes_per_token)
+    fields = _record_fields(codec)
     for name, view in _page_views(codec, cache).items():
-        start, nbytes, _ = _record_fields(codec)[name]
+        start, nbytes, _ = fields[name]
         view[block, :, t] = records[:, :, start : start + nbytes]
 
 
@@ -92,11 +97,12 @@ def encode_rows_ref(
 def decode_rows_ref(codec: KVCodec, rows: torch.Tensor) -> tuple[QuantizedVectors, QuantizedVectors]:
     """Split rows [N, bytes_per_token] back into K and V (indices [N, H, d], scales [N, H])."""
     records = rows.reshape(rows.shape[0], codec.num_kv_heads, codec.layout.head_bytes_per_token)
+    fields = _record_fields(codec)
     out = []
     for name in ("k", "v"):
-        start, nbytes, bits = _record_fields(codec)[f"{name}_idx"]
+        start, nbytes, bits = fields[f"{name}_idx"]
         indices = unpack_indices(records[:, :, start : start + nbytes], bits, codec.head_dim)
-        start, _, _ = _record_fields(codec)[f"{name}_scale"]
+        start, _, _ = fields[f"{name}_scale"]
         scales = records[:, :, start : start + 4].contiguous().view(torch.float32).squeeze(-1)
         out.append(QuantizedVectors(indices, scales))
     return out[0], out[1]
