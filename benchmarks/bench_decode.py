@@ -121,7 +121,7 @@ def bench_ours(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, num_
     seq_lens = torch.full((b,), shape.context, dtype=torch.int32, device="cuda")
     qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda")
     props = torch.cuda.get_device_properties(0)
-    splits = num_splits or choose_num_splits(b, shape.hkv, MAX_SPLITS, props.multi_processor_count)
+    splits = num_splits or choose_num_splits(b, shape.hkv, MAX_SPLITS, props.multi_processor_count, shape.d)
     ws = AttentionWorkspace.allocate(b, shape.hq, shape.d, max(splits, 2), "cuda")
 
     def run() -> None:
@@ -249,10 +249,15 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
     default = decode._TILES[key]
     variants = [
         {},
+        {"lut": False},  # codebook gathers from memory instead of byte permutes in registers
+        {"block_n": 16},
         {"block_n": 64},
+        {"num_warps": 2},
+        {"num_warps": 2, "block_n": 16},
+        {"num_warps": 1, "block_n": 16},
+        {"num_warps": 1, "block_n": 32},
         {"wide_block_n": None},  # no wide tiles for heavily split launches
         {"num_stages": 2},
-        {"num_warps": 8},
         {"prefetch": False},
     ]
     for batch, caches in caches_by_batch.items():

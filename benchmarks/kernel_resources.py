@@ -24,14 +24,15 @@ import triton.backends.nvidia as nvidia_backend
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from turboquant_vllm import TQConfig
+from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode
-from turboquant_vllm.layout import PageLayout
 
 POINTERS = {
     "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
     "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "rot_ptr": "*fp32", "k_cent_ptr": "*fp16", "v_cent_ptr": "*fp16",
     "out_ptr": "*bf16", "ws_acc_ptr": "*fp32", "ws_max_ptr": "*fp32", "ws_sum_ptr": "*fp32", "qk_scale": "fp32",
-    "koff_ptr": "*fp32",
+    "koff_ptr": "*fp32", "lut_ptr": "*i32",
 }  # fmt: skip
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
@@ -57,8 +58,8 @@ def compile_attention(
     default = decode._TILES[key]
     decode._TILES[key] = dataclasses.replace(default, **change)
     try:
-        lay = PageLayout(num_kv_heads, head_dim, 4, 4)
-        meta = decode._attention_meta(lay, num_heads, torch.bfloat16, True, 1, 16, not split, key_offset=key_offset)
+        codec = KVCodec(TQConfig(), num_kv_heads, head_dim)
+        meta = decode._attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, key_offset=key_offset)
         launch = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
         names = decode._attention_kernel.arg_names
         signature = {n: "constexpr" if n in meta else POINTERS.get(n, "i32") for n in names}

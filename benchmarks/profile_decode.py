@@ -83,7 +83,7 @@ def bench_stage(caches: Caches, shape: Shape, table: torch.Tensor, stage: str, r
     codec, b = caches.codec, shape.batch
     lay = codec.layout
     props = torch.cuda.get_device_properties(0)
-    splits = choose_num_splits(b, shape.hkv, MAX_SPLITS, props.multi_processor_count)
+    splits = choose_num_splits(b, shape.hkv, MAX_SPLITS, props.multi_processor_count, shape.d)
     seq_lens = torch.full((b,), shape.context, dtype=torch.int32, device="cuda")
     sink = torch.empty(b * shape.hkv * splits, dtype=torch.float32, device="cuda")
     cache = caches.ours

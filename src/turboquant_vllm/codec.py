@@ -7,6 +7,7 @@ from functools import lru_cache
 import torch
 
 from turboquant_vllm.config import TQConfig
+from turboquant_vllm.kernels.lut import LUT_BITS, lut_tables
 from turboquant_vllm.layout import PageLayout
 from turboquant_vllm.quantizer import MSEQuantizer
 
@@ -32,6 +33,10 @@ class KVCodec:
         self.rotation = self.key.rotation  # fp32 [d, d]: rotated = x @ R.T
         # The attention kernel's 16-bit operands: the tables pre-rounded, so no per-element conversion.
         self.centroids_fp16 = (self.key.centroids.half(), self.value.centroids.half())
+        # Register tables for 4-bit lookups by byte permute (kernels/lut.py): K's then V's, int32 [8].
+        tables = [lut_tables(q.centroids) if q.bits == LUT_BITS else None for q in (self.key, self.value)]
+        self.lut_usable = tuple(t is not None for t in tables)
+        self.lut = torch.cat([t if t is not None else torch.zeros(4, dtype=torch.int32) for t in tables]).to(device)
 
     @property
     def num_kv_heads(self) -> int:

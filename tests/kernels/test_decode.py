@@ -17,7 +17,6 @@ from turboquant_vllm.kernels import decode
 from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
 from turboquant_vllm.kernels.reference import paged_attention_ref, sequence_slots, store_ref
 from turboquant_vllm.key_offset import KeyOffset
-from turboquant_vllm.layout import PageLayout
 
 POISON = 0xFF  # bytes of pages the kernel must never read: their fp32 scales are NaN
 TOL_FP32 = 1e-4  # max |err| / max |ref| with fp32 inputs (only summation order differs)
@@ -243,10 +242,10 @@ def test_rejects_bad_inputs(device):
 
 
 def test_wide_tiles_only_for_heavily_split_launches(device):
-    lay = PageLayout(2, 128, 4, 4)
+    codec = KVCodec(TQConfig(), 2, 128)
     tiles = decode._TILES[128]
-    narrow = decode._attention_meta(lay, 8, torch.bfloat16, True, 1, 16, False, decode.WIDE_MIN_SPLITS - 1)
-    wide = decode._attention_meta(lay, 8, torch.bfloat16, True, 1, 16, False, decode.WIDE_MIN_SPLITS)
+    narrow = decode._attention_meta(codec, 8, torch.bfloat16, True, 1, 16, False, decode.WIDE_MIN_SPLITS - 1)
+    wide = decode._attention_meta(codec, 8, torch.bfloat16, True, 1, 16, False, decode.WIDE_MIN_SPLITS)
     assert narrow["BLOCK_N"] == tiles.block_n and wide["BLOCK_N"] == tiles.wide_block_n > tiles.block_n
     b = make_batch(device, [300, 77], [1, 1], num_heads=8, num_kv_heads=2, head_dim=128, seed=21)
     assert_matches(b.run(num_splits=decode.WIDE_MIN_SPLITS), b.expected(), TOL_FP32)
@@ -296,18 +295,22 @@ import torch, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from turboquant_vllm.kernels import decode, decode_reduce
-from turboquant_vllm.layout import PageLayout
+from turboquant_vllm import TQConfig
+from turboquant_vllm.codec import KVCodec
 
 def build(fn, ptrs, meta, options):
     sig = {n: ptrs.get(n, "constexpr" if n in meta else "i32") for n in fn.arg_names}
     assert compile(ASTSource(fn, sig, meta), target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
-meta = decode._attention_meta(PageLayout(8, 128, 4, 3), 32, torch.bfloat16, True, 1, 16, False, 1, True)
+codec = KVCodec(TQConfig(k_bits=4, v_bits=3), 8, 128)
+meta = decode._attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, 1, True)
+assert meta["K_LUT"] and not meta["V_LUT"]  # the byte-permute lookups (PTX) compile for 4-bit keys
 options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
 ptrs = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*bf16")
 ptrs |= dict.fromkeys(("rot_ptr", "k_cent_ptr", "v_cent_ptr", "koff_ptr"), "*fp32")
 ptrs |= dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr"), "*fp32")
-ptrs |= {"cache_ptr": "*u8", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "qk_scale": "fp32"}
+ptrs |= {"cache_ptr": "*u8", "lut_ptr": "*i32", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32"}
+ptrs |= {"qk_scale": "fp32"}
 build(decode._attention_kernel, ptrs, meta, options)
 meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=decode_reduce.REDUCE_BLOCK_R,
             ROT_CHUNK=decode.ROT_CHUNK, OP_DTYPE=tl.float16, PREC="tf32")

@@ -18,9 +18,9 @@ from turboquant_vllm.kernels.decode_reduce import (
     _store_unrotated,
     reduce_grid,
 )
+from turboquant_vllm.kernels.lut import lut_decode_words
 from turboquant_vllm.kernels.page import token_fields
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
-from turboquant_vllm.layout import PageLayout
 
 LOG2E = 1.4426950408889634
 QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -39,6 +39,7 @@ class _Tiles:
     maxnreg: int | None = None  # register cap (None: the compiler's choice)
     prefetch: bool = True  # load tile t+1 while computing tile t
     wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
+    lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
@@ -87,17 +88,18 @@ class AttentionWorkspace:
         return self.acc.shape[2]
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int) -> int:
-    """Splits per sequence so a decode batch launches about two waves of programs.
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int, head_dim: int = 128) -> int:
+    """Splits per sequence so a decode batch launches about two waves of 4-warp programs' worth of warps.
 
-    One split when (sequence, KV head) programs alone already cover every SM: splitting
-    then only adds workspace traffic. Sequence lengths are deliberately ignored so the
-    choice is made on the host without reading device tensors.
+    One split when (sequence, KV head) programs alone already fill the SMs that way: splitting then
+    only adds workspace traffic. Sequence lengths are deliberately ignored so the choice is made on
+    the host without reading device tensors.
     """
+    per_sm = max(1, 4 // _TILES[triton.next_power_of_2(head_dim)].num_warps)  # narrower programs: more of them
     programs = max(1, num_seqs) * max(1, num_kv_heads)
-    if programs >= num_sms or max_splits <= 1:
+    if programs >= num_sms * per_sm or max_splits <= 1:
         return 1
-    return max(1, min(max_splits, triton.cdiv(2 * num_sms, programs)))
+    return max(1, min(max_splits, triton.cdiv(2 * num_sms * per_sm, programs)))
 
 
 @triton.jit
@@ -210,7 +212,7 @@ def _softmax_step(s, m_i, l_i):
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
-    rot_ptr, k_cent_ptr, v_cent_ptr, koff_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr,
+    rot_ptr, k_cent_ptr, v_cent_ptr, lut_ptr, koff_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr,
     num_seqs, num_splits, qk_scale,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od, stride_bt,
@@ -222,7 +224,7 @@ def _attention_kernel(
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
-    PREFETCH: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
+    PREFETCH: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -287,8 +289,14 @@ def _attention_kernel(
                 tile, ctx_len, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
                 PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
                 V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
-        k = tl.load(k_cent_ptr + _split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
-        v = tl.load(v_cent_ptr + _split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
+        if K_LUT:
+            k = lut_decode_words(k_words, lut_ptr, BLOCK_N, BLOCK_D)
+        else:
+            k = tl.load(k_cent_ptr + _split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
+        if V_LUT:
+            v = lut_decode_words(v_words, lut_ptr + 4, BLOCK_N, BLOCK_D)
+        else:
+            v = tl.load(v_cent_ptr + _split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
         s = tl.dot(q_rot, tl.trans(k), input_precision=PREC)
         if HAS_KEY_OFFSET:
             shift = (k_scale < 0).to(tl.float32)
@@ -332,7 +340,7 @@ def _attention_kernel(
 
 
 def _attention_meta(
-    lay: PageLayout,
+    codec: KVCodec,
     num_heads: int,
     query_dtype: torch.dtype,
     on_gpu: bool,
@@ -343,6 +351,7 @@ def _attention_meta(
     key_offset: bool = False,
 ) -> dict[str, Any]:
     """Compile-time parameters and launch options of _attention_kernel (shared with compile checks)."""
+    lay = codec.layout
     group = num_heads // lay.num_kv_heads
     block_d = triton.next_power_of_2(lay.head_dim)
     tiles = _TILES[block_d]
@@ -351,12 +360,14 @@ def _attention_meta(
     if max_query_len > block_m // group:  # a prefill chunk: taller q tiles re-read the pages less often
         block_m = max(tiles.varlen_m, triton.next_power_of_2(group))
     exact = query_dtype == torch.float32
+    lut = tiles.lut and on_gpu and not exact  # PTX: not for the CPU interpreter; fp16 tables only
     meta = dict(
         GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
         BLOCK_N=block_n, ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
+        K_LUT=lut and codec.lut_usable[0], V_LUT=lut and codec.lut_usable[1],
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if tiles.maxnreg:
@@ -455,14 +466,14 @@ def paged_attention(
         acc_strides = acc_buf.stride()[:3]
         stat_strides = max_buf.stride()
 
-    meta = _attention_meta(lay, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
+    meta = _attention_meta(codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
                            num_splits, offset is not None)  # fmt: skip
     grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits)
     exact = query.dtype == torch.float32
     centroids = (codec.key.centroids, codec.value.centroids) if exact else codec.centroids_fp16
     _attention_kernel[grid](
         query, key, value, cache, block_table, seq_lens, query_start_loc,
-        rot, *centroids, rot if offset is None else offset, out, acc_buf, max_buf, sum_buf,
+        rot, *centroids, codec.lut, rot if offset is None else offset, out, acc_buf, max_buf, sum_buf,
         num_seqs, num_splits, float(scale) * LOG2E,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         block_table.stride(0),

@@ -166,7 +166,9 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         # Every decode-part query is at most reorder_batch_threshold long; big decode batches need no splits.
         decode_q_len = cam.max_query_len if num_prefills == 0 else self.reorder_batch_threshold
         split = num_decode_tokens <= MAX_SPLIT_TOKENS
-        num_splits = choose_num_splits(num_decodes, self.num_kv_heads, MAX_SPLITS, self.num_sms) if split else 1
+        num_splits = (
+            choose_num_splits(num_decodes, self.num_kv_heads, MAX_SPLITS, self.num_sms, self.head_size) if split else 1
+        )
         prefill = None
         if num_prefills:
             # vLLM's host copy is exact for prefill rows; without it (older vLLM) read the device tensor.
