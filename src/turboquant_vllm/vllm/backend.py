@@ -150,6 +150,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.num_kv_heads = kv_cache_spec.num_kv_heads
+        self.head_size = kv_cache_spec.head_size
         on_gpu = device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else CPU_NUM_SMS
         self.workspace = AttentionWorkspace.allocate(
