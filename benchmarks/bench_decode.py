@@ -250,8 +250,8 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
     variants = [
         {},
         {"lut": False},  # codebook gathers from memory instead of byte permutes in registers
-        {"block_n": 16},
-        {"block_n": 64},
+        {"block_n": 32},
+        {"block_n": 128},
         {"num_warps": 2},
         {"num_warps": 2, "block_n": 16},
         {"num_warps": 1, "block_n": 16},

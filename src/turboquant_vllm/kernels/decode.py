@@ -51,7 +51,7 @@ WIDE_MIN_SPLITS = 32
 _TILES = {
     32: _Tiles(64, 16, 64, 4, num_stages=1),
     64: _Tiles(64, 16, 64, 4, num_stages=1),
-    128: _Tiles(64, 16, 64, 4, num_stages=1),
+    128: _Tiles(64, 16, 64, 4, num_stages=1, wide_block_n=128),
     256: _Tiles(16, 16, 32, 8, num_stages=1),
     512: _Tiles(16, 16, 16, 8, num_stages=1),
 }
