@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -288,6 +289,15 @@ def test_choose_num_splits():
         n = choose_num_splits(seqs, 2, 16, 108)
         assert 1 <= n <= 16 and (n == 1) == (seqs * 2 >= 108)
         assert n in (1, 16) or seqs * 2 * n >= 2 * 108
+
+
+def test_narrower_programs_get_more_splits(monkeypatch):
+    """2-warp programs: the same warps per SM take twice the programs before splitting stops."""
+    monkeypatch.setitem(decode._TILES, 128, dataclasses.replace(decode._TILES[128], num_warps=2))
+    assert choose_num_splits(16, 8, 32, 132) == 5  # cdiv(2 * 132 * 2, 128)
+    assert choose_num_splits(17, 8, 32, 132) == 4  # 136 programs no longer fill the SMs
+    assert choose_num_splits(33, 8, 32, 132) == 1
+    assert choose_num_splits(16, 8, 32, 132, head_dim=64) == 3  # other head dims keep their own tiles
 
 
 _HOPPER_COMPILE = """

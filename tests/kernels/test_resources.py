@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from turboquant_vllm.kernels import decode
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_resources.py"
 
 
@@ -19,9 +21,12 @@ def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(tmp_path):
     out = tmp_path / "resources.json"
     subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], env=env, check=True, capture_output=True)
     rows = [r for r in json.loads(out.read_text())["rows"] if r["head_dim"] == 128 and r["tiles"]["maxnreg"] is None]
-    defaults = [r for r in rows if r["tiles"]["num_warps"] == 4 and r["tiles"]["num_stages"] == 1
-                and r["tiles"]["block_n"] == 32]  # fmt: skip
+    tiles = decode._TILES[128]
+    defaults = [r for r in rows if r["tiles"]["num_warps"] == tiles.num_warps and r["tiles"]["num_stages"] == 1
+                and r["tiles"]["block_n"] == tiles.block_n]  # fmt: skip
     assert len(defaults) == 4  # split-K and fused launches, without and with key offsets
     for r in defaults:
         assert r["registers"] <= 168 and r["programs_per_sm_by_registers"] >= 3, r
     assert next(r for r in defaults if r["split_k"])["spill_store_bytes"] == 0
+    wide = next(r for r in rows if r["tiles"]["block_n"] == tiles.wide_block_n)  # one sequence, 32 splits
+    assert wide["spill_store_bytes"] == 0, wide
