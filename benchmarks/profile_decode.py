@@ -7,6 +7,7 @@ kernels.decode, and does a growing share of the real inner loop:
     unpack   + split the words into codebook indices (kernels.decode._split_words, incl. its reshape)
     planar   + split the words with one shift per 4-bit plane and no reshape (an alternative unpack)
     gather   + look every index up in the codebook and scale it (what the tensor cores then consume)
+    lookup   the same values from the byte-permute lookups in registers (kernels/lut.py), as the kernel does
     attention  the production kernel (dots, online softmax, split-K reduce, rotations)
 
 The gap between two rows is what that step costs. Bandwidth is context bytes / time, next to a copy.
@@ -26,16 +27,17 @@ import triton
 import triton.language as tl
 
 from turboquant_vllm.kernels.decode import _context_tile, _split_words, choose_num_splits
+from turboquant_vllm.kernels.lut import lut_decode_words
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import MAX_SPLITS, Caches, Shape, bench_ours, copy_bandwidth, gbps, time_ms  # noqa: E402
 
-STAGES = {"read": 0, "unpack": 1, "planar": 2, "gather": 3}
+STAGES = {"read": 0, "unpack": 1, "planar": 2, "gather": 3, "lookup": 4}
 
 
 @triton.jit
 def _stage_kernel(
-    cache_ptr, bt_ptr, seq_lens_ptr, k_cent_ptr, v_cent_ptr, sink_ptr, num_splits,
+    cache_ptr, bt_ptr, seq_lens_ptr, k_cent_ptr, v_cent_ptr, lut_ptr, sink_ptr, num_splits,
     stride_bt,
     STAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr,
@@ -60,6 +62,10 @@ def _stage_kernel(
             V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
         if STAGE == 0:
             acc += tl.sum((kw ^ vw).to(tl.float32), 1) + k_scale + v_scale
+        elif STAGE == 4:
+            kc = lut_decode_words(kw, lut_ptr, BLOCK_N, BLOCK_D).to(tl.float32) * k_scale[:, None]
+            vc = lut_decode_words(vw, lut_ptr + 4, BLOCK_N, BLOCK_D).to(tl.float32) * v_scale[:, None]
+            acc += tl.sum(kc + vc, 1)
         elif STAGE == 2:
             for plane in tl.static_range(8):
                 kc = tl.load(k_cent_ptr + ((kw >> (4 * plane)) & 15))
@@ -90,7 +96,7 @@ def bench_stage(caches: Caches, shape: Shape, table: torch.Tensor, stage: str, r
 
     def run() -> None:
         _stage_kernel[(b, shape.hkv, splits)](
-            cache, table, seq_lens, codec.key.centroids, codec.value.centroids, sink, splits,
+            cache, table, seq_lens, codec.key.centroids, codec.value.centroids, codec.lut, sink, splits,
             table.stride(0), STAGE=STAGES[stage], BLOCK_N=block_n,
             BLOCK_D=triton.next_power_of_2(shape.d), **lay.kernel_constants(shape.block_size),
             INDEX_ALIGN=lay.index_alignment(shape.block_size), num_warps=num_warps,
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = Shape(batch, args.context, 32, 8, 128, 16)
         table = caches.table(shape)
         for stage in STAGES:
-            for block_n in (32, 64):
+            for block_n in (64, 128):
                 for warps in (4, 8):
                     res = bench_stage(caches, shape, table, stage, args.rep, block_n, warps)
                     rows.append({"batch": batch, "stage": stage, "block_n": block_n, "num_warps": warps, **res})
