@@ -44,9 +44,10 @@ class _Tiles:
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
 # 16 x 32K decode time against 8 warps / 2 stages, and several small programs per SM beat one large one.
-# A launch split WIDE_MIN_SPLITS ways is a batch of one or two sequences: ~2 programs per SM whatever their
-# registers, so a wider tile (more bytes in flight) wins. H200, d=128, 1 x 32K (decode_h200_2026-11-30.json sweep):
-# 106 us with 64-token tiles against 142 us with 32; at 16 x 32K (3 splits) 64 was 9% slower, hence the switch.
+# d=128 with the register lookups (decode_sweep_h200_2026-11-30e.json): 64-token tiles 553 us at 16 x 32K against
+# 699 us with 32 and 597 us with 128; 1 or 2 warps per program were slower. A launch split WIDE_MIN_SPLITS ways is
+# a batch of one or two sequences with ~2 programs per SM, where a wider tile (more bytes in flight) wins:
+# 62 us at 1 x 32K with 128-token tiles against 77 us with 64.
 WIDE_MIN_SPLITS = 32
 _TILES = {
     32: _Tiles(64, 16, 64, 4, num_stages=1),
