@@ -63,10 +63,8 @@ def lut_tables(centroids: torch.Tensor) -> torch.Tensor | None:
     c = centroids.detach().to("cpu", torch.float16)
     if c.numel() != 2**LUT_BITS or not torch.equal(c.flip(0), -c):
         return None
-    mags = c[8:].view(torch.int16).to(torch.int32) & 0xFFFF  # rank r = centroid 8 + r, all >= 0
-    lo, hi = mags & 0xFF, mags >> 8
-    words = [int(sum(int(t[4 * w + b]) << (8 * b) for b in range(4))) for t in (lo, hi) for w in (0, 1)]
-    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+    mags = c[8:].view(torch.uint8).view(8, 2)  # rank r = centroid 8 + r; little-endian (low, high) bytes
+    return torch.cat([mags[:, 0], mags[:, 1]]).view(torch.int32)  # byte b of word w = rank 4w + b
 
 
 @triton.jit
