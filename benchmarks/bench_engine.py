@@ -9,7 +9,8 @@ prefill chunks, so at 16 sequences it reads high (bf16 4K x 16: 11.3 ms on 2026-
 figure is 7.22).
 Before timing, a warm-up batch runs chunked prefill over cached context, mixed and pure decode batches of every
 size up to max_num_seqs, so no kernel is compiled inside a timed run.
---profile CONTEXTxSEQS prints the GPU kernels of one decode-heavy run (torch.profiler, engine in-process).
+--profile CONTEXTxSEQS times pure decode steps of that batch (every prompt past its prefill) and lists their GPU
+kernels per step (torch.profiler, engine in-process): where a decode step's time goes.
 Each mode runs in its own process (a fresh GPU); results go to benchmarks/results/engine_<date>.json.
 """
 
@@ -115,22 +116,56 @@ def run_mode(
         row["tpot"].append(entry)
         print(json.dumps(entry), flush=True)
     if profile:
-        row["profile"] = profile_kernels(lambda: timed(prompts_of(*profile), 33))
+        row["profile"] = profile_decode_steps(llm, prompts_of(*profile))
+        print(json.dumps(row["profile"]), flush=True)
     return row
 
 
-def profile_kernels(run, top: int = 15) -> list[dict]:
-    """GPU kernels of one run, by total time: where a slow decode step goes."""
+def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: int = 15) -> dict:
+    """Pure decode steps of one batch: wall ms per step, then its GPU kernels per step (torch.profiler).
+
+    Requests are stepped by hand until each has its first token, so every timed step decodes the whole
+    batch and no prefill chunk rides along. The kernels' summed device time against the wall time says
+    whether a step waits on the GPU or on the host.
+    """
+    import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+    from vllm import SamplingParams
 
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run()
-    stats = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:top]
-    rows = [{"name": e.key[:120], "calls": e.count, "device_ms": e.device_time_total / 1e3} for e in stats]
-    for r in rows:
-        print(json.dumps(r), flush=True)
-    return rows
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=2 * steps + 16, min_tokens=2 * steps + 16, ignore_eos=True, temperature=0.0)
+    ids = [f"profile-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts, strict=True):
+        engine.add_request(rid, {"prompt_token_ids": p}, params)
+    produced: dict[str, int] = {}
+    while len(produced) < len(ids) or min(produced.values()) < 2:
+        produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in engine.step())
+
+    def run_steps() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / steps * 1e3
+
+    step_ms = run_steps()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        profiled_step_ms = run_steps()
+    while engine.has_unfinished_requests():
+        engine.step()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kernels = [{"name": e.key[:120], "calls_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
+               for e in sorted(events, key=lambda e: e.device_time_total, reverse=True)]  # fmt: skip
+    return {
+        "context": len(prompts[0]),
+        "seqs": len(prompts),
+        "step_ms": step_ms,
+        "profiled_step_ms": profiled_step_ms,
+        "kernel_ms_per_step": sum(k["us_per_step"] for k in kernels) / 1e3,
+        "kernels": kernels[:top],
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -171,7 +206,7 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--timeout", type=int, default=420, help="seconds per mode")
     parser.add_argument("--tpot", choices=("metrics", "two-runs"), default="two-runs")
-    parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, profile one run of 33 tokens")
+    parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, time and profile pure decode steps of that batch")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
     parser.add_argument("--plot", type=Path, help="only redraw the PNG of an existing result JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
