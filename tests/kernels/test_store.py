@@ -168,9 +168,13 @@ def test_store_gpu_int64_addressing(cuda):
     assert int(cache.view(num_blocks, -1).count_nonzero(-1).gt(0).sum()) == 4  # the pages of the 5 live tokens
 
 
-def test_store_several_heads_per_program(device, monkeypatch):
-    """The large-batch launch shape (all heads of a token tile in one program) on a small input."""
-    monkeypatch.setattr(store_module, "_launch_params", lambda num_tokens, num_kv_heads: (16, 32, num_kv_heads, 4))
+@pytest.mark.parametrize("shape", [(1, 32, 1), (4, 8, 1), (16, 32, 1), (16, 32, 0)], ids=str)
+def test_store_launch_shapes(device, monkeypatch, shape):
+    """Every (tokens, R columns, heads per program; 0 = all heads) launch shape on one small input."""
+    block_t, block_k, heads = shape
+    monkeypatch.setattr(
+        store_module, "_launch_params", lambda num_tokens, num_kv_heads: (block_t, block_k, heads or num_kv_heads, 4)
+    )
     codec = KVCodec(TQConfig(k_bits=3, v_bits=4), 4, 96, device)
     key, value = fused_kv(20, 4, 96, torch.bfloat16, device, seed=7)
     slots = torch.randperm(48, generator=torch.Generator().manual_seed(8))[:20]

@@ -28,6 +28,14 @@ def _bucketize(y, bnd_ptr, cent_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _rotate_step(unit, rot_t, acc, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + unit @ rot_t in fp32; below tl.dot's 16 rows as a broadcast multiply-sum (same FMAs)."""
+    if BLOCK_T >= 16:
+        return tl.dot(unit, rot_t, acc, input_precision=DOT_PRECISION)
+    return acc + tl.sum(unit[:, :, None] * rot_t[None, :, :], axis=1)
+
+
+@triton.jit
 def _store_indices(
     head_ptr,  # [BLOCK_T] pointers to this head's packed indices of each token
     idx,  # int32 [BLOCK_T, HEAD_DIM_PAD]
@@ -139,8 +147,8 @@ def _store_kv_kernel(
                 mask=kd_ok[:, None] & dim_ok[None, :],
                 other=0.0,
             )
-            k_rot = tl.dot(tl.math.div_rn(k_unit, k_den), rot_t, k_rot, input_precision=DOT_PRECISION)
-            v_rot = tl.dot(tl.math.div_rn(v_unit, v_den), rot_t, v_rot, input_precision=DOT_PRECISION)
+            k_rot = _rotate_step(tl.math.div_rn(k_unit, k_den), rot_t, k_rot, BLOCK_T, DOT_PRECISION)
+            v_rot = _rotate_step(tl.math.div_rn(v_unit, v_den), rot_t, v_rot, BLOCK_T, DOT_PRECISION)
 
         k_idx, k_cent = _bucketize(k_rot, k_bnd_ptr, k_cent_ptr, K_BITS)
         v_idx, v_cent = _bucketize(v_rot, v_bnd_ptr, v_cent_ptr, V_BITS)
@@ -163,12 +171,23 @@ def _store_kv_kernel(
         tl.store(v_scale_ptr, v_scale, mask=live)
 
 
+SMALL_BATCH_TOKENS = 32  # up to here one token per program; below LARGE_BATCH_TOKENS four
+LARGE_BATCH_TOKENS = 256
+
+
 def _launch_params(num_tokens: int, num_kv_heads: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_K, HEADS_PER_PROGRAM, num_warps), tuned on H200 (d=128, 256 to 32K tokens).
 
     The fp32 FMA dot, not reading R, bounds this kernel: several heads per program (fewer R
-    reads) measured slower at every batch size, so each program takes one head.
+    reads) measured slower at every batch size, so each program takes one head. A decode step
+    has few tokens: 16-token tiles would leave most SMs idle (16 x 8 heads = 8 programs, 26 us a
+    layer in the engine profile engine_profile_h200_2026-11-30h.json), so small batches take one
+    or four tokens per program; BLOCK_T * BLOCK_K stays at 32 to bound the broadcast product.
     """
+    if num_tokens <= SMALL_BATCH_TOKENS:
+        return 1, 32, 1, 4
+    if num_tokens < LARGE_BATCH_TOKENS:
+        return 4, 8, 1, 4
     return 16, 32, 1, 4
 
 

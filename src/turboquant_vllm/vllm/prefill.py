@@ -121,7 +121,7 @@ def _sdpa(q, k, v, plan: PrefillPlan, scale: float, out: torch.Tensor) -> None:
         out[q0:q1] = o.transpose(0, 1).to(out.dtype)
 
 
-def _dequantize_context(
+def dequantize_context(
     codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor, key_offset: KeyOffset | None,
     out_k: torch.Tensor, out_v: torch.Tensor,
 ) -> None:  # fmt: skip
@@ -152,7 +152,7 @@ def prefill_attention(
     if plan.has_context:
         k = torch.empty(plan.total_k, *k_new.shape[1:], dtype=query.dtype, device=query.device)
         v = torch.empty_like(k)
-        _dequantize_context(codec, cache, plan.slots, key_offset, k, v)
+        dequantize_context(codec, cache, plan.slots, key_offset, k, v)
         k.index_copy_(0, plan.new_rows, k_new.to(k.dtype))
         v.index_copy_(0, plan.new_rows, v_new.to(v.dtype))
     else:
