@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--timeout", type=int, default=420, help="seconds per mode")
     parser.add_argument("--tpot", choices=("metrics", "two-runs"), default="two-runs")
-    parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, time and profile pure decode steps of that batch")
+    parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, time and profile its pure decode steps")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
     parser.add_argument("--plot", type=Path, help="only redraw the PNG of an existing result JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
