@@ -103,6 +103,7 @@ def run_mode(
     # Warm-up: 16 x 2000 tokens overflow one step's token budget, so prompts are split across steps (prefill
     # over cached context), decodes run next to prefills, and the decode batch grows through every size.
     timed(prompts_of(2000, 16), 8)
+    timed(prompts_of(100, 1), 2)  # a step of 33-255 tokens: the store kernel's mid-size launch shape
     row["warmup_s"] = time.perf_counter() - start - startup_s
     for context, seqs in shapes:
         prompts = prompts_of(context, seqs)
@@ -168,6 +169,30 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
     }
 
 
+def printed_rows(stdout: str) -> list[dict]:
+    """The TPOT rows a mode printed (one JSON object per line), e.g. before it timed out."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"context"')]
+
+
+def merge_results(results: list[dict], paths: list[Path]) -> dict:
+    """One result holding every mode of several runs (e.g. a mode given its own call), each run's provenance kept.
+
+    A mode that timed out keeps its error and the rows it had printed (recovered from its output tail).
+    """
+    merged = {k: v for k, v in results[0].items() if k not in ("modes", "command", "date")}
+    merged["runs"] = [{"file": p.name, "command": r.get("command"), "date": r.get("date")} for p, r in
+                      zip(paths, results, strict=True)]  # fmt: skip
+    merged["modes"] = []
+    for path, result in zip(paths, results, strict=True):
+        for mode in result["modes"]:
+            if not mode.get("tpot") and "partial" in mode:
+                mode = {**mode, "tpot": printed_rows(mode["partial"])}
+            if any(m["mode"] == mode["mode"] for m in merged["modes"]):  # a rerun: its own line in the plot
+                mode = {**mode, "label": f"{mode['mode']} ({path.stem})"}
+            merged["modes"].append(mode)
+    return merged
+
+
 def plot(result: dict, path: Path) -> None:
     """TPOT against context, one panel per sequence count, one line per mode (skipped without matplotlib)."""
     try:
@@ -178,7 +203,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(m["mode"], t) for m in result["modes"] for t in m.get("tpot", [])]
+    rows = [(m.get("label", m["mode"]), t) for m in result["modes"] for t in m.get("tpot", [])]
     seqs = sorted({t["seqs"] for _, t in rows})
     if not seqs:
         return
@@ -208,11 +233,14 @@ def main() -> None:
     parser.add_argument("--tpot", choices=("metrics", "two-runs"), default="two-runs")
     parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, time and profile its pure decode steps")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
-    parser.add_argument("--plot", type=Path, help="only redraw the PNG of an existing result JSON")
+    parser.add_argument("--plot", type=Path, nargs="+",
+                        help="only draw: merge the modes of these result JSONs into --out (JSON + PNG)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plot:
-        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        merged = merge_results([json.loads(path.read_text()) for path in args.plot], args.plot)
+        args.out.write_text(json.dumps(merged, indent=1))
+        plot(merged, args.out.with_suffix(".png"))
         return
     shapes = parse_shapes(args.shapes)
     profile = parse_shapes(args.profile)[0] if args.profile else None
@@ -250,12 +278,16 @@ def main() -> None:
             args.tpot,
         ] + (["--profile", args.profile] if args.profile else [])
         child = run_child(cmd, args.timeout)
+        log = args.out.with_name(f"{args.out.stem}_{mode}.log")  # the engine's own log, e.g. JIT warnings
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(child.stdout + child.stderr)
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
         if lines:
             result["modes"].append(json.loads(lines[-1][7:]))
         elif child.timed_out:
             timeout = f"timeout after {args.timeout}s"
-            result["modes"].append({"mode": mode, "error": timeout, "partial": child.stdout[-3000:]})
+            rows = printed_rows(child.stdout)  # the shapes it finished before the timeout
+            result["modes"].append({"mode": mode, "error": timeout, "tpot": rows, "partial": child.stdout[-3000:]})
         else:
             result["modes"].append({"mode": mode, "error": (child.stderr or child.stdout)[-3000:]})
         print(json.dumps(result["modes"][-1])[:2000], flush=True)
