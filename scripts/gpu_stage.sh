@@ -5,7 +5,8 @@
 #   quality: SmolLM2 teacher-forced quality through vLLM, MODES of bench_vllm_quality.py (bundle + .assets);
 #            vLLM's native modes needed > 110 s on a cold host, ~40 s once warm
 #   engine:  the engine table (KV capacity, TPOT) for MODES (default ours,bf16; then MODES=fp8,tq_native:
-#            each mode needs ~95 s of start-up plus its shapes, two modes fit one 10-minute call)
+#            each mode needs ~95 s of start-up plus its shapes, two modes fit one 10-minute call);
+#            SHAPES, MAX_MODEL_LEN and PROFILE (CONTEXTxSEQS, pure decode steps) pass through to bench_engine.py
 #   profile: where decode time goes (benchmarks/profile_decode.py)
 #   hf:      HF path (issue 5): GPU tests of the HF cache and eval, then the full `turboquant-vllm eval` on CUDA
 #            (KV memory at 8K; 50K tokens x contexts 512/2048/8192 x 5 bit pairs x norm correction on/off;
