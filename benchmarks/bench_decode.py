@@ -259,6 +259,9 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"wide_block_n": None},  # no wide tiles for heavily split launches
         {"num_stages": 2},
         {"prefetch": False},
+        {"swap_ab": True},  # tokens on the MMA's M side: wgmma, 23% fewer inner-loop instructions, 184 registers
+        {"swap_ab": True, "maxnreg": 168},  # the same at 3 programs per SM (8 bytes spilled outside the loop)
+        {"swap_ab": True, "block_n": 128, "wide_block_n": None},
     ]
     for batch, caches in caches_by_batch.items():
         shape = Shape(batch, ctx, args.num_q_heads, args.num_kv_heads, args.head_dim, args.block_size)

@@ -88,7 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     cases = [(128, 32, 8, True, {}), (128, 32, 8, False, {}), (64, 9, 3, True, {}), (256, 8, 1, True, {})]
     cases += [
         (128, 32, 8, True, c)
-        for c in ({"num_warps": 8}, {"num_stages": 2}, {"block_n": 32}, {"block_n": 128}, {"maxnreg": 128})
+        for c in (
+            {"num_warps": 8},
+            {"num_stages": 2},
+            {"block_n": 32},
+            {"block_n": 128},
+            {"maxnreg": 128},
+            {"swap_ab": True},
+            {"swap_ab": True, "maxnreg": 168},
+        )  # fmt: skip
     ]
     cases += [(128, 32, 8, True, {}, True), (128, 32, 8, False, {}, True)]  # with calibrated key offsets
     rows = []

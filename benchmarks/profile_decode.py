@@ -4,7 +4,7 @@ Each stage kernel walks the same packed pages through the same block table with 
 kernels.decode, and does a growing share of the real inner loop:
 
     read     K and V index words + scales of every context token (the bytes the real kernel must read)
-    unpack   + split the words into codebook indices (kernels.decode._split_words, incl. its reshape)
+    unpack   + split the words into codebook indices (kernels.page.split_words, incl. its reshape)
     planar   + split the words with one shift per 4-bit plane and no reshape (an alternative unpack)
     gather   + look every index up in the codebook and scale it (what the tensor cores then consume)
     lookup   the same values from the byte-permute lookups in registers (kernels/lut.py), as the kernel does
@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from turboquant_vllm.kernels.decode import _context_tile, _split_words, choose_num_splits
+from turboquant_vllm.kernels.decode import choose_num_splits
 from turboquant_vllm.kernels.lut import lut_decode_words
+from turboquant_vllm.kernels.page import context_tile, split_words
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import MAX_SPLITS, Caches, Shape, bench_ours, copy_bandwidth, gbps, time_ms  # noqa: E402
@@ -56,7 +57,7 @@ def _stage_kernel(
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     acc = tl.zeros([BLOCK_N], tl.float32)
     for tile in range(tile_lo, tile_hi):
-        live, kw, k_scale, vw, v_scale = _context_tile(  # the attention kernel's own loads
+        live, kw, k_scale, vw, v_scale = context_tile(  # the attention kernel's own loads
             tile, ctx_len, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
             PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
             V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
@@ -72,8 +73,8 @@ def _stage_kernel(
                 vc = tl.load(v_cent_ptr + ((vw >> (4 * plane)) & 15))
                 acc += tl.sum(kc, 1) * k_scale + tl.sum(vc, 1) * v_scale
         else:
-            k_idx = _split_words(kw, K_BITS, BLOCK_D, BLOCK_N)
-            v_idx = _split_words(vw, V_BITS, BLOCK_D, BLOCK_N)
+            k_idx = split_words(kw, K_BITS, BLOCK_D, BLOCK_N)
+            v_idx = split_words(vw, V_BITS, BLOCK_D, BLOCK_N)
             if STAGE == 1:
                 acc += tl.sum((k_idx ^ v_idx).to(tl.float32), 1) + k_scale + v_scale
             else:

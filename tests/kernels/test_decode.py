@@ -186,6 +186,15 @@ def test_splits_and_tiles_agree(device):
         torch.testing.assert_close(got, base, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_swapped_mma_operands_agree(device, monkeypatch, num_splits):
+    """swap_ab (K.q^T and V^T.p^T: the tile's tokens on the MMA's M side) computes the same attention,
+    for decodes and a prefill chunk (key offsets: test_key_offset_scores_match_reference)."""
+    monkeypatch.setitem(decode._TILES, 64, dataclasses.replace(decode._TILES[64], swap_ab=True))
+    b = make_batch(device, [3, 300, 133], [1, 1, 5], seed=8)  # several 64-token tiles a split
+    assert_matches(b.run(num_splits=num_splits), b.expected(), TOL_FP32)
+
+
 def test_workspace_padding_and_untouched_rows(device):
     """Oversized, NaN-filled workspace; padded token rows past query_start_loc[-1] keep their contents."""
     b = make_batch(device, [40, 9], [1, 2], extra_tokens=3, seed=8)
@@ -252,8 +261,12 @@ def test_wide_tiles_only_for_heavily_split_launches(device):
     assert_matches(b.run(num_splits=decode.WIDE_MIN_SPLITS), b.expected(), TOL_FP32)
 
 
-@pytest.mark.parametrize(("num_splits", "k_bits"), [(1, 4), (3, 4), (2, 2), (1, 3)])
-def test_key_offset_scores_match_reference(device, num_splits, k_bits):
+@pytest.mark.parametrize(
+    ("num_splits", "k_bits", "swap_ab"),
+    [(1, 4, False), (3, 4, False), (2, 2, False), (1, 3, False), (1, 4, True), (3, 3, True)],
+)
+def test_key_offset_scores_match_reference(device, monkeypatch, num_splits, k_bits, swap_ab):
+    monkeypatch.setitem(decode._TILES, 64, dataclasses.replace(decode._TILES[64], swap_ab=swap_ab))
     g = torch.Generator().manual_seed(31)
     num_kv_heads, head_dim, block_size = 2, 64, 16
     offset = torch.randn(num_kv_heads, head_dim, generator=g) * 1.5

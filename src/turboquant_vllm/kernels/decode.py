@@ -19,7 +19,7 @@ from turboquant_vllm.kernels.decode_reduce import (
     reduce_grid,
 )
 from turboquant_vllm.kernels.lut import lut_decode_words
-from turboquant_vllm.kernels.page import token_fields
+from turboquant_vllm.kernels.page import context_tile, split_words
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
 LOG2E = 1.4426950408889634
@@ -40,6 +40,7 @@ class _Tiles:
     prefetch: bool = True  # load tile t+1 while computing tile t
     wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
+    swap_ab: bool = False  # K.q^T and V^T.p^T: the tile's tokens (not padded query rows) fill the MMA's M side
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
@@ -118,67 +119,6 @@ def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _words(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-           ALIGN: tl.constexpr):  # fmt: skip
-    """Packed indices of one head in each row as int32 words [ROWS, BLOCK_D // 8], 8 coordinates per word.
-
-    8 coordinates fill exactly BITS bytes, read as one little-endian word (int32 for 4-bit,
-    uint16 for 2-bit: field offsets keep them aligned; three bytes for 3-bit). Rows start on ALIGN
-    bytes (PageLayout.index_alignment) and their words are contiguous, so 4- and 2-bit rows are read
-    with vector loads; the mask is per row unless head_dim is padded, which keeps that possible.
-    """
-    GROUPS: tl.constexpr = BLOCK_D // 8
-    grp = tl.arange(0, GROUPS)
-    mask = live[:, None] if HEAD_DIM == BLOCK_D else live[:, None] & (grp < HEAD_DIM // 8)[None, :]
-    if BITS == 4:
-        base = tl.multiple_of(row_ptr.to(tl.pointer_type(tl.int32)), ALIGN)
-        word = tl.load(base[:, None] + grp[None, :], mask=mask, other=0)
-    elif BITS == 2:
-        base = tl.multiple_of(row_ptr.to(tl.pointer_type(tl.uint16)), ALIGN)
-        word = tl.load(base[:, None] + grp[None, :], mask=mask, other=0).to(tl.int32)
-    else:
-        ptr = row_ptr[:, None] + (grp * BITS)[None, :]
-        word = tl.load(ptr, mask=mask, other=0).to(tl.int32)
-        word = word | (tl.load(ptr + 1, mask=mask, other=0).to(tl.int32) << 8)
-        word = word | (tl.load(ptr + 2, mask=mask, other=0).to(tl.int32) << 16)
-    return word
-
-
-@triton.jit
-def _split_words(word, BITS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-    """Codebook indices int32 [ROWS, BLOCK_D] in coordinate order: one shift per coordinate."""
-    shifts = tl.arange(0, 8) * BITS
-    idx = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(idx, (ROWS, BLOCK_D))
-
-
-@triton.jit
-def _context_tile(
-    tile, ctx_len, bt_row, cache_ptr, kh,
-    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
-    K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
-    V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
-    INDEX_ALIGN: tl.constexpr,
-):  # fmt: skip
-    """Issue the loads of one BLOCK_N tile of cached tokens: K/V index words and scales (0 past ctx_len).
-
-    Within a page this KV head's tokens are contiguous per field, so the tile reads whole runs.
-    """
-    pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    live = pos < ctx_len
-    block = tl.load(bt_row + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
-    k_index, k_scale_ptr, v_index, v_scale_ptr = token_fields(
-        cache_ptr, block, (pos % BLOCK_SIZE).to(tl.int64), kh, PAGE_BYTES, RUN_BYTES,
-        K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
-    k_words = _words(k_index, live, K_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
-    k_scale = tl.load(k_scale_ptr, mask=live, other=0.0)
-    v_words = _words(v_index, live, V_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
-    v_scale = tl.load(v_scale_ptr, mask=live, other=0.0)
-    return live, k_words, k_scale, v_words, v_scale
-
-
-@triton.jit
 def _rotate_vector(x_ptr, stride_d, rot_ptr, stride_r0, stride_r1,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
     """R @ x for one vector in memory, fp32 [BLOCK_D]: CHUNK columns of R at a time, never the whole matrix."""
@@ -195,17 +135,18 @@ def _rotate_vector(x_ptr, stride_d, rot_ptr, stride_r0, stride_r1,
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i):
-    """One online-softmax update in log2 units: scores s [M, N] against running max m_i and sum l_i [M].
+def _softmax_step(s, m_i, l_i, TOK_AXIS: tl.constexpr = 1):
+    """One online-softmax update in log2 units: scores s [M, N] (tokens on TOK_AXIS) against running max m_i
+    and sum l_i [M].
 
     Returns the tile's probabilities p, the factor alpha that rescales earlier accumulators, and the
     new (max, sum). Rows that have seen only -inf keep a reference of 0 so exp2 never sees inf - inf.
     """
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, TOK_AXIS))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(s - m_ref[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+    p = tl.exp2(s - tl.expand_dims(m_ref, TOK_AXIS))
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, TOK_AXIS)
 
 
 # Counts that change from step to step are not specialised on (Triton would compile a variant for 1, for
@@ -226,6 +167,7 @@ def _attention_kernel(
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
     PREFETCH: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -266,6 +208,11 @@ def _attention_kernel(
     if HAS_KEY_OFFSET:
         q_dot_off = tl.sum(q_rot * tl.load(koff_ptr + kh * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :], 1)
     q_rot = q_rot.to(OP_DTYPE)
+    TOK_AXIS: tl.constexpr = 0 if SWAP_AB else 1  # the axis of a score tile that holds its tokens
+    ROW_AXIS: tl.constexpr = 1 - TOK_AXIS
+    if SWAP_AB:  # scores and output transposed: the tile's tokens and head dims fill the MMA's M side
+        q_rot_t = tl.trans(q_rot)
+        acc_t = tl.trans(acc)
     n_tiles = tl.cdiv(ctx_len, BLOCK_N)
     per_split = tl.cdiv(n_tiles, num_splits)
     tile_lo = split * per_split
@@ -275,41 +222,49 @@ def _attention_kernel(
     # the tile after this split's last one reads nothing (positions past ctx_hi are masked).
     ctx_hi = tl.minimum(ctx_len, tile_hi * BLOCK_N)
     if PREFETCH:
-        live, k_words, k_scale, v_words, v_scale = _context_tile(
+        live, k_words, k_scale, v_words, v_scale = context_tile(
             tile_lo, ctx_hi, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
             PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
             V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
     for tile in range(tile_lo, tile_hi):
         if PREFETCH:
-            nxt = _context_tile(
+            nxt = context_tile(
                 tile + 1, ctx_hi, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
                 PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
                 V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
         else:
-            live, k_words, k_scale, v_words, v_scale = _context_tile(
+            live, k_words, k_scale, v_words, v_scale = context_tile(
                 tile, ctx_len, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
                 PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
                 V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
         if K_LUT:
             k = lut_decode_words(k_words, lut_ptr, BLOCK_N, BLOCK_D)
         else:
-            k = tl.load(k_cent_ptr + _split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
+            k = tl.load(k_cent_ptr + split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
         if V_LUT:
             v = lut_decode_words(v_words, lut_ptr + 4, BLOCK_N, BLOCK_D)
         else:
-            v = tl.load(v_cent_ptr + _split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
-        s = tl.dot(q_rot, tl.trans(k), input_precision=PREC)
+            v = tl.load(v_cent_ptr + split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
+        # [BLOCK_N, BLOCK_M] swapped, else [BLOCK_M, BLOCK_N]
+        s = tl.dot(k, q_rot_t, input_precision=PREC) if SWAP_AB else tl.dot(q_rot, tl.trans(k), input_precision=PREC)
         if HAS_KEY_OFFSET:
             shift = (k_scale < 0).to(tl.float32)
-            s = s * tl.abs(k_scale)[None, :] + q_dot_off[:, None] * shift[None, :]
+            s = s * tl.expand_dims(tl.abs(k_scale), ROW_AXIS) + (
+                tl.expand_dims(q_dot_off, TOK_AXIS) * tl.expand_dims(shift, ROW_AXIS))  # fmt: skip
         else:
-            s = s * k_scale[None, :]
-        s = tl.where(live[None, :], s, float("-inf"))
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-        pv = (p * v_scale[None, :]).to(OP_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PREC)
+            s = s * tl.expand_dims(k_scale, ROW_AXIS)
+        s = tl.where(tl.expand_dims(live, ROW_AXIS), s, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, TOK_AXIS)
+        pv = (p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE)
+        if SWAP_AB:
+            acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), pv, input_precision=PREC)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PREC)
         if PREFETCH:
             live, k_words, k_scale, v_words, v_scale = nxt
+
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
 
     # This step's tokens (last split only), exact and causal: new token j is visible to query i iff j <= i.
     # One token at a time with fp32 vector math: scores in the original basis (q.k = Rq.Rk), V rotated by a
@@ -367,7 +322,7 @@ def _attention_meta(
         BLOCK_N=block_n, ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
-        FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
+        FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset, SWAP_AB=tiles.swap_ab,
         K_LUT=lut and codec.lut_usable[0], V_LUT=lut and codec.lut_usable[1],
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Addresses inside a packed page, shared by the store, dequantise and attention kernels (layout.py)."""
+"""Addresses inside a packed page (layout.py), shared by the store, dequantise and attention kernels, and the
+attention kernel's reads of a tile of cached tokens."""
 
 from __future__ import annotations
 
@@ -23,3 +24,64 @@ def token_fields(
     v_index = run + V_INDEX_OFFSET + t * V_INDEX_BYTES
     v_scale = (run + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + t
     return k_index, k_scale, v_index, v_scale
+
+
+@triton.jit
+def index_words(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+           ALIGN: tl.constexpr):  # fmt: skip
+    """Packed indices of one head in each row as int32 words [ROWS, BLOCK_D // 8], 8 coordinates per word.
+
+    8 coordinates fill exactly BITS bytes, read as one little-endian word (int32 for 4-bit,
+    uint16 for 2-bit: field offsets keep them aligned; three bytes for 3-bit). Rows start on ALIGN
+    bytes (PageLayout.index_alignment) and their words are contiguous, so 4- and 2-bit rows are read
+    with vector loads; the mask is per row unless head_dim is padded, which keeps that possible.
+    """
+    GROUPS: tl.constexpr = BLOCK_D // 8
+    grp = tl.arange(0, GROUPS)
+    mask = live[:, None] if HEAD_DIM == BLOCK_D else live[:, None] & (grp < HEAD_DIM // 8)[None, :]
+    if BITS == 4:
+        base = tl.multiple_of(row_ptr.to(tl.pointer_type(tl.int32)), ALIGN)
+        word = tl.load(base[:, None] + grp[None, :], mask=mask, other=0)
+    elif BITS == 2:
+        base = tl.multiple_of(row_ptr.to(tl.pointer_type(tl.uint16)), ALIGN)
+        word = tl.load(base[:, None] + grp[None, :], mask=mask, other=0).to(tl.int32)
+    else:
+        ptr = row_ptr[:, None] + (grp * BITS)[None, :]
+        word = tl.load(ptr, mask=mask, other=0).to(tl.int32)
+        word = word | (tl.load(ptr + 1, mask=mask, other=0).to(tl.int32) << 8)
+        word = word | (tl.load(ptr + 2, mask=mask, other=0).to(tl.int32) << 16)
+    return word
+
+
+@triton.jit
+def split_words(word, BITS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """Codebook indices int32 [ROWS, BLOCK_D] in coordinate order: one shift per coordinate."""
+    shifts = tl.arange(0, 8) * BITS
+    idx = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(idx, (ROWS, BLOCK_D))
+
+
+@triton.jit
+def context_tile(
+    tile, ctx_len, bt_row, cache_ptr, kh,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
+    K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
+    V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
+    INDEX_ALIGN: tl.constexpr,
+):  # fmt: skip
+    """Issue the loads of one BLOCK_N tile of cached tokens: K/V index words and scales (0 past ctx_len).
+
+    Within a page this KV head's tokens are contiguous per field, so the tile reads whole runs.
+    """
+    pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = pos < ctx_len
+    block = tl.load(bt_row + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+    k_index, k_scale_ptr, v_index, v_scale_ptr = token_fields(
+        cache_ptr, block, (pos % BLOCK_SIZE).to(tl.int64), kh, PAGE_BYTES, RUN_BYTES,
+        K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
+    k_words = index_words(k_index, live, K_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
+    k_scale = tl.load(k_scale_ptr, mask=live, other=0.0)
+    v_words = index_words(v_index, live, V_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
+    v_scale = tl.load(v_scale_ptr, mask=live, other=0.0)
+    return live, k_words, k_scale, v_words, v_scale
