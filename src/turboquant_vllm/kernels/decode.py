@@ -202,6 +202,20 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # Cached context: this split's contiguous share of the BLOCK_N tiles, scored in the rotated basis.
+    n_tiles = tl.cdiv(ctx_len, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, num_splits)
+    tile_lo = split * per_split
+    tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    # Software prefetch: tile t+1's loads are issued before tile t is computed, hiding their latency;
+    # the tile after this split's last one reads nothing (positions past ctx_hi are masked). The first
+    # tile's loads go out before the query rotation, whose R reads from L2 would otherwise delay them.
+    ctx_hi = tl.minimum(ctx_len, tile_hi * BLOCK_N)
+    if PREFETCH:
+        live, k_words, k_scale, v_words, v_scale = context_tile(
+            tile_lo, ctx_hi, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
+            PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+            V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
     q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
                          HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
     q_rot = q_rot * qk_scale  # log2 units: softmax uses exp2
@@ -213,19 +227,6 @@ def _attention_kernel(
     if SWAP_AB:  # scores and output transposed: the tile's tokens and head dims fill the MMA's M side
         q_rot_t = tl.trans(q_rot)
         acc_t = tl.trans(acc)
-    n_tiles = tl.cdiv(ctx_len, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, num_splits)
-    tile_lo = split * per_split
-    tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
-    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
-    # Software prefetch: tile t+1's loads are issued before tile t is computed, hiding their latency;
-    # the tile after this split's last one reads nothing (positions past ctx_hi are masked).
-    ctx_hi = tl.minimum(ctx_len, tile_hi * BLOCK_N)
-    if PREFETCH:
-        live, k_words, k_scale, v_words, v_scale = context_tile(
-            tile_lo, ctx_hi, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
-            PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-            V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
     for tile in range(tile_lo, tile_hi):
         if PREFETCH:
             nxt = context_tile(
