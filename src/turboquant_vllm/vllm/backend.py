@@ -32,6 +32,7 @@ from turboquant_vllm.key_offset import KeyOffset, layer_key_offset
 from turboquant_vllm.layout import PageLayout
 from turboquant_vllm.vllm.prefill import PrefillPlan, plan_prefill, prefill_attention
 from turboquant_vllm.vllm.spec import current_tq_config
+from turboquant_vllm.vllm.warmup import warm_up_kernels
 
 # Split-K is for small decode batches; larger batches already fill the GPU with one split.
 MAX_SPLITS = 32
@@ -156,6 +157,11 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         self.workspace = AttentionWorkspace.allocate(
             MAX_SPLIT_TOKENS, num_heads, kv_cache_spec.head_size, MAX_SPLITS, device
         )
+        if on_gpu:  # compile now rather than inside a request (the CPU interpreter has nothing to compile)
+            config = current_tq_config()
+            codec = shared_codec(config, self.num_kv_heads, self.head_size, device)
+            warm_up_kernels(codec, num_heads, vllm_config.model_config.dtype, kv_cache_spec.block_size,
+                            config.key_offsets is not None, self.workspace)  # fmt: skip
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False

@@ -1,0 +1,54 @@
+"""Compile the backend's Triton launch shapes while vLLM starts, not when a request first needs them.
+
+CUDA-graph capture compiles the decode launches, but a batch of 33-255 new tokens (the store kernel's
+middle launch shape) and the first prefill chunk over cached context (the rotated dequantisation) used to
+compile inside a running request: vLLM's JIT monitor logged both during the H200 engine benchmark
+(engine_h200_2026-11-30j_ours.log), a stall of about a second each.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.kernels.decode import WIDE_MIN_SPLITS, AttentionWorkspace, paged_attention
+from turboquant_vllm.kernels.store import LARGE_BATCH_TOKENS, SMALL_BATCH_TOKENS, store_kv
+from turboquant_vllm.key_offset import KeyOffset
+from turboquant_vllm.vllm.prefill import dequantize_context
+
+STORE_TOKENS = (1, SMALL_BATCH_TOKENS + 1, LARGE_BATCH_TOKENS)  # one batch per launch shape of store_kv
+DECODE_SPLITS = (1, 2, WIDE_MIN_SPLITS)  # fused, split-K, split-K with the wide tiles
+
+
+def warm_up_kernels(
+    codec: KVCodec,
+    num_heads: int,
+    dtype: torch.dtype,
+    block_size: int,
+    key_offset: bool,
+    workspace: AttentionWorkspace,
+) -> None:
+    """Run every launch shape once on a small scratch cache (zeros in, results discarded)."""
+    device = codec.rotation.device
+    num_kv_heads, head_dim = codec.num_kv_heads, codec.head_dim
+    tokens = max(STORE_TOKENS)
+    num_blocks = triton.cdiv(tokens + 1, block_size)
+    cache = codec.new_cache(num_blocks, block_size)
+    kv = torch.zeros(tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+    offset = None
+    if key_offset:
+        offset = KeyOffset.build(torch.zeros(num_kv_heads, head_dim), codec.rotation)
+    slots = torch.arange(tokens, device=device)
+    for n in STORE_TOKENS:
+        store_kv(codec, kv[:n], kv[:n], cache, slots[:n], offset)
+    dequantize_context(codec, cache, slots[:block_size], offset, torch.empty_like(kv[:block_size]),
+                       torch.empty_like(kv[:block_size]))  # fmt: skip
+    query = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
+    block_table = torch.arange(num_blocks, dtype=torch.int32, device=device).view(1, -1)
+    seq_lens = torch.tensor([tokens + 1], dtype=torch.int32, device=device)
+    query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    out = torch.empty_like(query)
+    for num_splits in DECODE_SPLITS:
+        paged_attention(codec, query, kv[:1], kv[:1], cache, block_table, seq_lens, query_start_loc, 1.0, out,
+                        max_query_len=1, num_splits=num_splits, workspace=workspace, key_offset=offset)  # fmt: skip
