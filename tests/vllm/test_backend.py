@@ -82,7 +82,7 @@ def test_impl_refuses_unsupported_features(kwargs, needle):
 
 def fake_vllm_config(num_heads: int) -> SimpleNamespace:
     return SimpleNamespace(
-        model_config=SimpleNamespace(get_num_attention_heads=lambda parallel_config: num_heads),
+        model_config=SimpleNamespace(get_num_attention_heads=lambda parallel_config: num_heads, dtype=torch.bfloat16),
         parallel_config=SimpleNamespace(decode_context_parallel_size=1),
         speculative_config=None,
         additional_config={},
