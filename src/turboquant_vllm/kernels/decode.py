@@ -136,8 +136,8 @@ def _rotate_vector(x_ptr, stride_d, rot_ptr, stride_r0, stride_r1,
 
 @triton.jit
 def _softmax_step(s, m_i, l_i, TOK_AXIS: tl.constexpr = 1):
-    """One online-softmax update in log2 units: scores s [M, N] (tokens on TOK_AXIS) against running max m_i
-    and sum l_i [M].
+    """One online-softmax update in log2 units: a score tile s (tokens on TOK_AXIS, query rows on the
+    other) against each row's running max m_i and sum l_i.
 
     Returns the tile's probabilities p, the factor alpha that rescales earlier accumulators, and the
     new (max, sum). Rows that have seen only -inf keep a reference of 0 so exp2 never sees inf - inf.
