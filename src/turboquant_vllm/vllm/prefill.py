@@ -21,7 +21,7 @@ from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.key_offset import KeyOffset
 
-UNROTATE_ROWS = 8192  # context tokens per fp32 GEMM by R: bounds the fp32 temporaries (64 MiB at 8 x 128 heads)
+UNROTATE_ROWS = 8192  # context tokens per fp32 GEMM by R: bounds the fp32 scratch (~96 MiB at 8 KV heads x 128)
 
 
 @dataclass
