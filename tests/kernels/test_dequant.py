@@ -131,7 +131,7 @@ def test_store_then_dequant_round_trip(device):
 
 def test_dequant_several_heads_per_program(device, monkeypatch):
     """The large-batch launch shape (all heads of a token tile in one program) on a small input."""
-    monkeypatch.setattr(dequant_module, "_launch_params", lambda n, heads, rotated: (16, 16, heads, 4))
+    monkeypatch.setattr(dequant_module, "_launch_params", lambda n, heads: (16, heads, 4))
     config = TQConfig(k_bits=2, v_bits=3)
     ref, cache = filled_cache(config, 4, 96, 2, 16, seed=9)
     slots = random_slots(20, 32, seed=10)

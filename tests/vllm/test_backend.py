@@ -233,10 +233,10 @@ def test_layer_with_calibrated_key_offsets_matches_reference(scenario, monkeypat
 
     The prefill path un-rotates its context 7 rows at a time here, so block edges fall inside sequences.
     """
+    from turboquant_vllm.kernels import dequant
     from turboquant_vllm.key_offset import save_key_offsets
-    from turboquant_vllm.vllm import prefill
 
-    monkeypatch.setattr(prefill, "UNROTATE_ROWS", 7)
+    monkeypatch.setattr(dequant, "UNROTATE_ROWS", 7)
 
     num_heads, num_kv_heads, head_dim, scale = 8, 2, 64, 64**-0.5
     offsets = torch.randn(3, num_kv_heads, head_dim, generator=torch.Generator().manual_seed(40)) * 2

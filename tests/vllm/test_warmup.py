@@ -5,9 +5,9 @@ import torch
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.config import TQConfig
-from turboquant_vllm.kernels import decode, store
+from turboquant_vllm.kernels import decode, dequant, store
 from turboquant_vllm.kernels.decode import AttentionWorkspace
-from turboquant_vllm.vllm import prefill, warmup
+from turboquant_vllm.vllm import warmup
 
 
 @pytest.mark.parametrize("key_offset", [False, True])
@@ -23,7 +23,7 @@ def test_warm_up_runs_every_launch_shape(device, monkeypatch, key_offset):
 
     monkeypatch.setattr(warmup, "store_kv", spy("store", store.store_kv))
     monkeypatch.setattr(warmup, "paged_attention", spy("attention", decode.paged_attention))
-    monkeypatch.setattr(prefill, "dequantize_kv", spy("dequant", prefill.dequantize_kv))
+    monkeypatch.setattr(dequant, "_dequantize_rotated", spy("dequant", dequant._dequantize_rotated))
     codec = KVCodec(TQConfig(), 1, 64, device)
     workspace = AttentionWorkspace.allocate(4, 2, 64, decode.WIDE_MIN_SPLITS, device)
     warmup.warm_up_kernels(codec, 2, torch.float16, 16, key_offset, workspace)
@@ -35,5 +35,5 @@ def test_warm_up_runs_every_launch_shape(device, monkeypatch, key_offset):
                                     kw["num_splits"])["BLOCK_N"] for _, kw in calls["attention"]}  # fmt: skip
     assert {kw["num_splits"] for _, kw in calls["attention"]} == {1, 2, decode.WIDE_MIN_SPLITS}
     assert len(tiles) == (2 if decode._TILES[64].wide_block_n else 1)
-    (args, kwargs), *_ = calls["dequant"]
-    assert args[3] == torch.float32 and kwargs["rotated"] and (kwargs["key_offset"] is not None) == key_offset
+    (args, _), *_ = calls["dequant"]  # the prefill path's launch: fp32 scratch, un-rotated afterwards
+    assert args[4].dtype == torch.float32 and (args[3] is not None) == key_offset

@@ -11,7 +11,10 @@ from turboquant_vllm.kernels.page import token_fields
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
 OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-DOT_PRECISION = "ieee"  # full fp32 inverse rotation, like the torch reference
+# The original basis is the rotated kernel's fp32 output times R, by a full-fp32 cuBLAS GEMM: on the H200
+# (store_dequant_h200_2026-11-30b.json) that took 338 us for 16K tokens against 771 us for the rotation inside
+# the kernel. UNROTATE_ROWS slots at a time bound the fp32 scratch (~96 MiB at 8 KV heads x 128).
+UNROTATE_ROWS = 8192
 
 
 @triton.jit
@@ -19,15 +22,14 @@ def _centroids(
     head_ptr,  # [BLOCK_T] pointers to this head's packed indices of each token
     live,  # bool [BLOCK_T]
     cent_ptr,  # fp32 [2^BITS]
-    col0,
     BITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr,
     WIDTH: tl.constexpr,
 ):
-    """centroids[idx] of coordinates col0 .. col0 + WIDTH, fp32 [BLOCK_T, WIDTH]; 0 past HEAD_DIM."""
+    """centroids[idx] of coordinates 0 .. WIDTH, fp32 [BLOCK_T, WIDTH]; 0 past HEAD_DIM."""
     GROUPS: tl.constexpr = WIDTH // 8
-    group = col0 // 8 + tl.arange(0, GROUPS)
+    group = tl.arange(0, GROUPS)
     mask = live[:, None] & (group < HEAD_DIM // 8)[None, :]
     byte_off = head_ptr[:, None] + (group * BITS)[None, :]
     if BITS == 4:
@@ -42,7 +44,7 @@ def _centroids(
         word = tl.sum(data.to(tl.int32) << (b * 8)[None, None, :], axis=2)
     shifts = tl.arange(0, 8) * BITS
     idx = tl.reshape((word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_T, WIDTH))
-    col_ok = col0 + tl.arange(0, WIDTH) < HEAD_DIM
+    col_ok = tl.arange(0, WIDTH) < HEAD_DIM
     return tl.where(col_ok[None, :], tl.load(cent_ptr + idx), 0.0)
 
 
@@ -54,40 +56,22 @@ def _dequant_head(
     live,  # bool [BLOCK_T]
     in_range,  # bool [BLOCK_T]
     cent_ptr,  # fp32 [2^BITS]
-    rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM]
-    off_ptr,  # fp32 [HEAD_DIM], this head's offset in the output basis (read only if HAS_OFFSET)
-    stride_rot_0,
-    stride_rot_1,
+    off_ptr,  # fp32 [HEAD_DIM], this head's offset in the rotated basis (read only if HAS_OFFSET)
     BITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    ROTATED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
     HAS_OFFSET: tl.constexpr,
 ):
-    """Write centroids[idx] * scale, or that times R accumulated over BLOCK_K-row slices of R;
-    with HAS_OFFSET, |scale| and the offset added where the scale is negative (key_offset.py)."""
+    """Write centroids[idx] * scale; with HAS_OFFSET, |scale| and the offset added where the scale is negative
+    (key_offset.py)."""
     dim = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dim < HEAD_DIM
     scale = tl.load(scale_ptr, mask=live, other=0.0)[:, None]
     if HAS_OFFSET:
         shift = (scale < 0).to(tl.float32)
         scale = tl.abs(scale)
-    if ROTATED:
-        y = _centroids(head_ptr, live, cent_ptr, 0, BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD) * scale
-    else:
-        y = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
-        for k0 in tl.static_range(0, HEAD_DIM, BLOCK_K):
-            kd = k0 + tl.arange(0, BLOCK_K)
-            part = _centroids(head_ptr, live, cent_ptr, k0, BITS, HEAD_DIM, BLOCK_T, BLOCK_K) * scale
-            rot = tl.load(
-                rot_ptr + kd[:, None] * stride_rot_0 + dim[None, :] * stride_rot_1,
-                mask=(kd < HEAD_DIM)[:, None] & dim_ok[None, :],
-                other=0.0,
-            )
-            y = tl.dot(part, rot, y, input_precision=DOT_PRECISION)
+    y = _centroids(head_ptr, live, cent_ptr, BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD) * scale
     if HAS_OFFSET:
         y += shift * tl.load(off_ptr + dim, mask=dim_ok, other=0.0)[None, :]
     tl.store(out_ptr + dim[None, :], y.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & dim_ok[None, :])
@@ -97,10 +81,9 @@ def _dequant_head(
 def _dequant_kv_kernel(
     cache_ptr,  # uint8 pages [num_blocks, PAGE_BYTES], laid out as layout.py says
     slot_ptr,  # int32/int64 [num_slots]; negative = zeros
-    rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM], any strides: x = rotated @ R
     k_cent_ptr,  # fp32 [2^K_BITS]
     v_cent_ptr,  # fp32 [2^V_BITS]
-    koff_ptr,  # fp32 [num_kv_heads, HEAD_DIM] key offset in the output basis (read only if HAS_KEY_OFFSET)
+    koff_ptr,  # fp32 [num_kv_heads, HEAD_DIM] key offset in the rotated basis (read only if HAS_KEY_OFFSET)
     out_k_ptr,  # [num_slots, num_kv_heads, HEAD_DIM], last dim contiguous
     out_v_ptr,  # [num_slots, num_kv_heads, HEAD_DIM], last dim contiguous
     num_slots,
@@ -108,12 +91,9 @@ def _dequant_kv_kernel(
     stride_out_k_h,
     stride_out_v_t,
     stride_out_v_h,
-    stride_rot_0,
-    stride_rot_1,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     HEADS_PER_PROGRAM: tl.constexpr,
     K_BITS: tl.constexpr,
     V_BITS: tl.constexpr,
@@ -126,8 +106,6 @@ def _dequant_kv_kernel(
     V_INDEX_OFFSET: tl.constexpr,
     V_INDEX_BYTES: tl.constexpr,
     V_SCALE_OFFSET: tl.constexpr,
-    ROTATED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
     HAS_KEY_OFFSET: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -143,23 +121,19 @@ def _dequant_kv_kernel(
             V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
         _dequant_head(
             out_k_ptr + tok[:, None] * stride_out_k_t + head * stride_out_k_h,
-            k_index, k_scale, live, in_range, k_cent_ptr, rot_ptr, koff_ptr + head * HEAD_DIM,
-            stride_rot_0, stride_rot_1,
-            K_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, ROTATED, DOT_PRECISION, HAS_KEY_OFFSET,
+            k_index, k_scale, live, in_range, k_cent_ptr, koff_ptr + head * HEAD_DIM,
+            K_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, HAS_KEY_OFFSET,
         )  # fmt: skip
         _dequant_head(
             out_v_ptr + tok[:, None] * stride_out_v_t + head * stride_out_v_h,
-            v_index, v_scale, live, in_range, v_cent_ptr, rot_ptr, koff_ptr, stride_rot_0, stride_rot_1,
-            V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, ROTATED, DOT_PRECISION, False,
+            v_index, v_scale, live, in_range, v_cent_ptr, koff_ptr,
+            V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, False,
         )  # fmt: skip
 
 
-def _launch_params(num_slots: int, num_kv_heads: int, rotated: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_K, HEADS_PER_PROGRAM, num_warps), tuned on H200 (d=128, 256 to 32K slots).
-
-    Several heads per program (fewer R reads when unrotating) measured slower, so each program takes one.
-    """
-    return (16, 16, 1, 2) if rotated else (32, 16, 1, 4)
+def _launch_params(num_slots: int, num_kv_heads: int) -> tuple[int, int, int]:
+    """(BLOCK_T, HEADS_PER_PROGRAM, num_warps), tuned on H200 (d=128, 256 to 32K slots)."""
+    return 16, 1, 2
 
 
 def _output(
@@ -172,6 +146,38 @@ def _output(
     assert out.stride(2) == 1, f"{name} must be contiguous in head_dim, got strides {out.stride()}"
     assert out.device == device, f"{name} is on {out.device}, cache on {device}"
     return out
+
+
+def _dequantize_rotated(
+    codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor, offset: torch.Tensor | None,
+    out_k: torch.Tensor, out_v: torch.Tensor,
+) -> None:  # fmt: skip
+    """One launch: K/V of `slots` in the rotated basis into out_k/out_v (offset: rotated basis, or None)."""
+    lay = codec.layout
+    num_slots = slots.shape[0]
+    block_t, heads, num_warps = _launch_params(num_slots, lay.num_kv_heads)
+    assert lay.num_kv_heads % heads == 0
+    grid = (triton.cdiv(num_slots, block_t), lay.num_kv_heads // heads)
+    _dequant_kv_kernel[grid](
+        cache,
+        slots,
+        codec.key.centroids,
+        codec.value.centroids,
+        codec.rotation if offset is None else offset,  # any fp32 pointer when there is no offset
+        out_k,
+        out_v,
+        num_slots,
+        out_k.stride(0),
+        out_k.stride(1),
+        out_v.stride(0),
+        out_v.stride(1),
+        HEAD_DIM_PAD=triton.next_power_of_2(lay.head_dim),
+        BLOCK_T=block_t,
+        HEADS_PER_PROGRAM=heads,
+        **lay.kernel_constants(cache.shape[1]),
+        HAS_KEY_OFFSET=offset is not None,
+        num_warps=num_warps,
+    )
 
 
 def dequantize_kv(
@@ -205,42 +211,21 @@ def dequantize_kv(
     assert out_dtype in OUTPUT_DTYPES, f"out_dtype must be fp16/bf16/fp32, got {out_dtype}"
     devices = {t.device for t in (cache, slots, codec.rotation)}
     assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
-    offset = check_key_offset(key_offset, lay.num_kv_heads, lay.head_dim, cache.device, rotated)
+    offset = check_key_offset(key_offset, lay.num_kv_heads, lay.head_dim, cache.device, rotated=True)
     num_slots = slots.shape[0]
     shape = (num_slots, lay.num_kv_heads, lay.head_dim)
     out_k = _output("out_k", out_k, shape, out_dtype, cache.device)
     out_v = _output("out_v", out_v, shape, out_dtype, cache.device)
     if num_slots == 0:
         return out_k, out_v
-
-    head_dim_pad = triton.next_power_of_2(lay.head_dim)
-    block_t, block_k, heads, num_warps = _launch_params(num_slots, lay.num_kv_heads, rotated)
-    assert lay.num_kv_heads % heads == 0
-    grid = (triton.cdiv(num_slots, block_t), lay.num_kv_heads // heads)
-    _dequant_kv_kernel[grid](
-        cache,
-        slots,
-        codec.rotation,
-        codec.key.centroids,
-        codec.value.centroids,
-        codec.rotation if offset is None else offset,  # any fp32 pointer when there is no offset
-        out_k,
-        out_v,
-        num_slots,
-        out_k.stride(0),
-        out_k.stride(1),
-        out_v.stride(0),
-        out_v.stride(1),
-        codec.rotation.stride(0),
-        codec.rotation.stride(1),
-        HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_T=block_t,
-        BLOCK_K=block_k,
-        HEADS_PER_PROGRAM=heads,
-        **lay.kernel_constants(cache.shape[1]),
-        ROTATED=rotated,
-        DOT_PRECISION=DOT_PRECISION,
-        HAS_KEY_OFFSET=offset is not None,
-        num_warps=num_warps,
-    )
+    if rotated:
+        _dequantize_rotated(codec, cache, slots, offset, out_k, out_v)
+        return out_k, out_v
+    for lo in range(0, num_slots, UNROTATE_ROWS):  # x = (x @ R.T) @ R: R is orthogonal
+        hi = min(lo + UNROTATE_ROWS, num_slots)
+        k_rot = torch.empty((hi - lo, *shape[1:]), dtype=torch.float32, device=cache.device)
+        v_rot = torch.empty_like(k_rot)
+        _dequantize_rotated(codec, cache, slots[lo:hi], offset, k_rot, v_rot)
+        for rows, out in ((k_rot, out_k), (v_rot, out_v)):
+            out[lo:hi] = torch.mm(rows.view(-1, lay.head_dim), codec.rotation).view(rows.shape)
     return out_k, out_v

@@ -28,7 +28,7 @@ def token_fields(
 
 @triton.jit
 def index_words(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-           ALIGN: tl.constexpr):  # fmt: skip
+                ALIGN: tl.constexpr):  # fmt: skip
     """Packed indices of one head in each row as int32 words [ROWS, BLOCK_D // 8], 8 coordinates per word.
 
     8 coordinates fill exactly BITS bytes, read as one little-endian word (int32 for 4-bit,

@@ -3,10 +3,6 @@
 A chunk of q tokens over c cached tokens does O(q * c) work; reading the packed pages once per
 chunk and handing bf16 K/V to FlashAttention keeps that work on the tensor cores. Decode-sized
 queries stay on the paged kernel, which reads the pages without the round trip through HBM.
-
-The context is dequantised in the rotated basis (a pure read-and-lookup kernel) and multiplied back by R
-with a full-fp32 cuBLAS GEMM: on the H200 (store_dequant_h200_2026-11-30.json) rotating inside the
-dequantisation kernel ran at 24 GB/s of cache against 510-720 GB/s without the rotation.
 """
 
 from __future__ import annotations
@@ -20,8 +16,6 @@ import torch
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.key_offset import KeyOffset
-
-UNROTATE_ROWS = 8192  # context tokens per fp32 GEMM by R: bounds the fp32 scratch (~96 MiB at 8 KV heads x 128)
 
 
 @dataclass
@@ -121,20 +115,6 @@ def _sdpa(q, k, v, plan: PrefillPlan, scale: float, out: torch.Tensor) -> None:
         out[q0:q1] = o.transpose(0, 1).to(out.dtype)
 
 
-def dequantize_context(
-    codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor, key_offset: KeyOffset | None,
-    out_k: torch.Tensor, out_v: torch.Tensor,
-) -> None:  # fmt: skip
-    """out_k/out_v[i] = K/V of cache slot slots[i] in the original basis (zeros for negative slots)."""
-    rot = codec.rotation
-    head_dim = rot.shape[0]
-    for lo in range(0, slots.shape[0], UNROTATE_ROWS):
-        hi = min(lo + UNROTATE_ROWS, slots.shape[0])
-        k_rot, v_rot = dequantize_kv(codec, cache, slots[lo:hi], torch.float32, rotated=True, key_offset=key_offset)
-        for rows, out in ((k_rot, out_k), (v_rot, out_v)):  # x = (x @ R.T) @ R: R is orthogonal
-            out[lo:hi] = torch.mm(rows.view(-1, head_dim), rot).view(rows.shape)
-
-
 def prefill_attention(
     codec: KVCodec,
     plan: PrefillPlan,
@@ -152,7 +132,7 @@ def prefill_attention(
     if plan.has_context:
         k = torch.empty(plan.total_k, *k_new.shape[1:], dtype=query.dtype, device=query.device)
         v = torch.empty_like(k)
-        dequantize_context(codec, cache, plan.slots, key_offset, k, v)
+        dequantize_kv(codec, cache, plan.slots, rotated=False, out_k=k, out_v=v, key_offset=key_offset)
         k.index_copy_(0, plan.new_rows, k_new.to(k.dtype))
         v.index_copy_(0, plan.new_rows, v_new.to(v.dtype))
     else:

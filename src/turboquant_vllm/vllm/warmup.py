@@ -13,9 +13,9 @@ import triton
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode import WIDE_MIN_SPLITS, AttentionWorkspace, paged_attention
+from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.kernels.store import LARGE_BATCH_TOKENS, SMALL_BATCH_TOKENS, store_kv
 from turboquant_vllm.key_offset import KeyOffset
-from turboquant_vllm.vllm.prefill import dequantize_context
 
 STORE_TOKENS = (1, SMALL_BATCH_TOKENS + 1, LARGE_BATCH_TOKENS)  # one batch per launch shape of store_kv
 DECODE_SPLITS = (1, 2, WIDE_MIN_SPLITS)  # fused, split-K, split-K with the wide tiles
@@ -42,8 +42,7 @@ def warm_up_kernels(
     slots = torch.arange(tokens, device=device)
     for n in STORE_TOKENS:
         store_kv(codec, kv[:n], kv[:n], cache, slots[:n], offset)
-    dequantize_context(codec, cache, slots[:block_size], offset, torch.empty_like(kv[:block_size]),
-                       torch.empty_like(kv[:block_size]))  # fmt: skip
+    dequantize_kv(codec, cache, slots[:block_size], dtype, rotated=False, key_offset=offset)  # the prefill path
     query = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
     block_table = torch.arange(num_blocks, dtype=torch.int32, device=device).view(1, -1)
     seq_lens = torch.tensor([tokens + 1], dtype=torch.int32, device=device)
