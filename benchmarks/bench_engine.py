@@ -291,7 +291,6 @@ def main() -> None:
         else:
             result["modes"].append({"mode": mode, "error": (child.stderr or child.stdout)[-3000:]})
         print(json.dumps(result["modes"][-1])[:2000], flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     plot(result, args.out.with_suffix(".png"))

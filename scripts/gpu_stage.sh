@@ -47,8 +47,8 @@ native_turboquant_k8v4,ours_4_3,ours_3_3}" >>"$LOG" 2>&1
   engine)
     # SHAPES= (empty) with PROFILE=32768x16 only profiles pure decode steps of that batch.
     timeout 570 python3 benchmarks/bench_engine.py --out "$RESULTS_DIR/engine.json" \
-      --modes "${MODES:-ours,bf16}" --timeout "${MODE_TIMEOUT:-280}" --max-model-len "${MAX_MODEL_LEN:-33024}" --shapes "${SHAPES-4096x1,4096x16,32768x1,32768x16}" \
-      ${PROFILE:+--profile "$PROFILE"} >>"$LOG" 2>&1
+      --modes "${MODES:-ours,bf16}" --timeout "${MODE_TIMEOUT:-280}" ${MAX_MODEL_LEN:+--max-model-len "$MAX_MODEL_LEN"} \
+      ${SHAPES+--shapes "$SHAPES"} ${PROFILE:+--profile "$PROFILE"} >>"$LOG" 2>&1
     ;;
   profile)
     timeout 120 python3 benchmarks/profile_decode.py --out "$RESULTS_DIR/profile_decode.json" >>"$LOG" 2>&1
