@@ -259,10 +259,10 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"wide_block_n": None},  # no wide tiles for heavily split launches
         {"num_stages": 2},
         {"prefetch": False},
-        {"maxnreg": 128},  # 4 programs per SM instead of 3 (kernel_resources: 4 bytes spilled)
-        {"swap_ab": True},  # tokens on the MMA's M side: wgmma, 17% fewer inner-loop instructions, 180 registers
-        {"swap_ab": True, "maxnreg": 168},  # the same at 3 programs per SM (40 bytes spilled)
-        {"swap_ab": True, "block_n": 128, "wide_block_n": None},
+        {"maxnreg": None},  # no register cap: 2 programs per SM instead of 3
+        {"maxnreg": 128},  # 4 programs per SM, with spills
+        {"swap_ab": False, "maxnreg": None},  # mma.sync with the padded query rows on the M side
+        {"swap_ab": False, "maxnreg": 128},
     ]
     for batch, caches in caches_by_batch.items():
         shape = Shape(batch, ctx, args.num_q_heads, args.num_kv_heads, args.head_dim, args.block_size)
@@ -283,6 +283,25 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
             res.pop("_out", None)
             rows.append({"batch": batch, "context": ctx, "forced_splits": splits, **res})
             print(f"sweep B={batch} ctx={ctx} splits={splits}: {fmt(res)}", flush=True)
+    return rows
+
+
+def compiled_variants() -> list[dict]:
+    """Registers and spills of each attention-kernel variant this run compiled, from the driver: the GPU's own
+    compile specialises on the launch's arguments, which kernel_resources.py (offline) cannot reproduce."""
+    names = decode._attention_kernel.arg_names
+    wanted = ("BLOCK_M", "BLOCK_N", "SWAP_AB", "FUSED", "HAS_KEY_OFFSET", "K_LUT")
+    rows = []
+    for kernel_cache, *_ in decode._attention_kernel.device_caches.values():
+        for kernel in kernel_cache.values():
+            kernel._init_handles()
+            consts = {names[i[0]]: v for i, v in getattr(kernel.src, "constants", {}).items() if len(i) == 1}
+            rows.append({
+                **{k: consts[k] for k in wanted if k in consts},
+                "num_warps": kernel.metadata.num_warps, "maxnreg": getattr(kernel.metadata, "maxnreg", None),
+                "registers": kernel.n_regs, "spills": kernel.n_spills, "shared_bytes": kernel.metadata.shared,
+            })  # fmt: skip
+            print(f"compiled {rows[-1]}")
     return rows
 
 
@@ -391,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "sweep": sweep_rows,
         "decode_tiles": {str(k): dataclasses.asdict(v) for k, v in decode._TILES.items()},
+        "compiled": guarded(lambda: {"variants": compiled_variants()}),
         "log2_contexts": [math.log2(c) for c in args.contexts],
     }
     out = args.out or RESULTS / f"decode_{now.date().isoformat()}.json"

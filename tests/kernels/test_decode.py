@@ -188,11 +188,27 @@ def test_splits_and_tiles_agree(device):
 
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_swapped_mma_operands_agree(device, monkeypatch, num_splits):
-    """swap_ab (K.q^T and V^T.p^T: the tile's tokens on the MMA's M side) computes the same attention,
-    for decodes and a prefill chunk (key offsets: test_key_offset_scores_match_reference)."""
+    """swap_ab (K.q^T and V^T.p^T: the tile's tokens on the MMA's M side) computes the same decode attention
+    (key offsets: test_key_offset_scores_match_reference)."""
     monkeypatch.setitem(decode._TILES, 64, dataclasses.replace(decode._TILES[64], swap_ab=True))
-    b = make_batch(device, [3, 300, 133], [1, 1, 5], seed=8)  # several 64-token tiles a split
+    b = make_batch(device, [3, 300, 133], [1, 1, 1], seed=8)  # several 64-token tiles a split
     assert_matches(b.run(num_splits=num_splits), b.expected(), TOL_FP32)
+
+
+def test_swap_and_register_cap_only_for_decode_tiles():
+    """The d=128 register cap fits the 64-token decode tile; wide and prefill tiles would spill under it, and a
+    prefill tile's 64 query rows already fill the MMA's M side, so neither gets the cap nor the swap."""
+    codec = KVCodec(TQConfig(), 8, 128)
+    tiles = decode._TILES[128]
+    assert tiles.swap_ab and tiles.maxnreg
+
+    def meta(max_query_len: int, num_splits: int) -> dict:
+        return decode._attention_meta(codec, 32, torch.bfloat16, True, max_query_len, 16, False, num_splits)
+
+    decode_tile, wide, varlen = meta(1, 3), meta(1, decode.WIDE_MIN_SPLITS), meta(64, 3)
+    assert decode_tile["SWAP_AB"] and decode_tile["maxnreg"] == tiles.maxnreg
+    assert wide["SWAP_AB"] and "maxnreg" not in wide
+    assert not varlen["SWAP_AB"] and "maxnreg" not in varlen and varlen["BLOCK_M"] == tiles.varlen_m
 
 
 def test_workspace_padding_and_untouched_rows(device):
@@ -328,7 +344,7 @@ def build(fn, ptrs, meta, options):
 codec = KVCodec(TQConfig(k_bits=4, v_bits=3), 8, 128)
 meta = decode._attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, 1, True)
 assert meta["K_LUT"] and not meta["V_LUT"]  # the byte-permute lookups (PTX) compile for 4-bit keys
-options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
+options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
 ptrs = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*bf16")
 ptrs |= dict.fromkeys(("rot_ptr", "k_cent_ptr", "v_cent_ptr", "koff_ptr"), "*fp32")
 ptrs |= dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr"), "*fp32")

@@ -36,11 +36,11 @@ class _Tiles:
     varlen_m: int  # rows per program once a prefill chunk is in the batch
     num_warps: int
     num_stages: int = 2  # software pipelining of the context loop's loads
-    maxnreg: int | None = None  # register cap (None: the compiler's choice)
+    maxnreg: int | None = None  # register cap of decode launches with block_n tiles (wide/varlen tiles spill under it)
     prefetch: bool = True  # load tile t+1 while computing tile t
     wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
-    swap_ab: bool = False  # K.q^T and V^T.p^T: the tile's tokens (not padded query rows) fill the MMA's M side
+    swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
@@ -49,11 +49,14 @@ class _Tiles:
 # 699 us with 32 and 597 us with 128; 1 or 2 warps per program were slower. A launch split WIDE_MIN_SPLITS ways is
 # a batch of one or two sequences with ~2 programs per SM, where a wider tile (more bytes in flight) wins:
 # 62 us at 1 x 32K with 128-token tiles against 77 us with 64.
+# Swapped MMA operands (decode_h200_2026-12-01.json): Triton then emits Hopper wgmma for the decode tile; capped at
+# 168 registers (3 programs per SM) 16 x 32K took 507 us against 712 us unswapped and 718 us swapped uncapped;
+# 1 x 32K (wide tiles, no cap) 59 us against 63 us.
 WIDE_MIN_SPLITS = 32
 _TILES = {
     32: _Tiles(64, 16, 64, 4, num_stages=1),
     64: _Tiles(64, 16, 64, 4, num_stages=1),
-    128: _Tiles(64, 16, 64, 4, num_stages=1, wide_block_n=128),
+    128: _Tiles(64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168),
     256: _Tiles(16, 16, 32, 8, num_stages=1),
     512: _Tiles(16, 16, 16, 8, num_stages=1),
 }
@@ -312,9 +315,11 @@ def _attention_meta(
     group = num_heads // lay.num_kv_heads
     block_d = triton.next_power_of_2(lay.head_dim)
     tiles = _TILES[block_d]
-    block_n = tiles.wide_block_n if tiles.wide_block_n and num_splits >= WIDE_MIN_SPLITS else tiles.block_n
+    wide = tiles.wide_block_n is not None and num_splits >= WIDE_MIN_SPLITS
+    block_n = tiles.wide_block_n if wide else tiles.block_n
     block_m = max(tiles.decode_m, triton.next_power_of_2(group))
-    if max_query_len > block_m // group:  # a prefill chunk: taller q tiles re-read the pages less often
+    varlen = max_query_len > block_m // group
+    if varlen:  # a prefill chunk: taller q tiles re-read the pages less often
         block_m = max(tiles.varlen_m, triton.next_power_of_2(group))
     exact = query_dtype == torch.float32
     lut = tiles.lut and on_gpu and not exact  # PTX: not for the CPU interpreter; fp16 tables only
@@ -323,11 +328,12 @@ def _attention_meta(
         BLOCK_N=block_n, ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
-        FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset, SWAP_AB=tiles.swap_ab,
+        FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
+        SWAP_AB=tiles.swap_ab and not varlen,
         K_LUT=lut and codec.lut_usable[0], V_LUT=lut and codec.lut_usable[1],
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
-    if tiles.maxnreg:
+    if tiles.maxnreg and not (wide or varlen):
         meta["maxnreg"] = tiles.maxnreg
     return meta
 
