@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import triton
 import triton.backends.nvidia as nvidia_backend
-from triton.backends.compiler import GPUTarget
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import native_specialize_impl
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
@@ -36,6 +37,7 @@ POINTERS = {
 }  # fmt: skip
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
+REGISTER_GRANULE = 8  # registers are allocated per warp in 256s, i.e. per thread in multiples of 8
 
 
 def ptxas_report(ptx: str, arch: str) -> dict[str, int]:
@@ -50,29 +52,73 @@ def ptxas_report(ptx: str, arch: str) -> dict[str, int]:
     return {"registers": int(regs.group(1)) if regs else -1, "spill_store_bytes": int(spills.group(1)) if spills else 0}
 
 
+MAX_SPLITS = 32  # the vLLM backend's workspace width
+
+
+def launch_ints(head_dim: int, num_heads: int, num_kv_heads: int, split: bool) -> dict[str, int]:
+    """The integer arguments of a vLLM decode launch: query/output contiguous, key/value views of the fused
+    qkv projection, a 33K-token block table of 16-token pages, the backend's split-K workspace."""
+    qkv = (num_heads + 2 * num_kv_heads) * head_dim
+    ws = (num_heads * MAX_SPLITS * head_dim, MAX_SPLITS * head_dim, head_dim) if split else (0, 0, 0)
+    stats = (num_heads * MAX_SPLITS, MAX_SPLITS, 1) if split else (0, 0, 0)
+    strides = (num_heads * head_dim, head_dim, 1, qkv, head_dim, 1, qkv, head_dim, 1, num_heads * head_dim, head_dim, 1,
+               2064, *ws, *stats, head_dim, 1)  # fmt: skip
+    names = decode._attention_kernel.arg_names
+    return dict(zip(names[names.index("stride_qt") : names.index("stride_r1") + 1], strides, strict=True))
+
+
+def runtime_signature(meta: dict, ints: dict[str, int]) -> tuple[dict, dict, dict]:
+    """Signature, constexprs and attributes as Triton's launcher derives them from real arguments: pointers
+    16-byte aligned, ints equal to 1 become constants and multiples of 16 are marked divisible. Without this
+    the offline compile differs from the GPU's own (on the H200 the 168-register decode kernel spilled 0 bytes,
+    the unspecialised offline compile 40)."""
+    names = decode._attention_kernel.arg_names
+    fixed = dict(meta)
+    signature, attrs = {}, {}
+    for i, n in enumerate(names):
+        if n in meta:
+            signature[n] = "constexpr"
+        elif n in ints and n not in decode._attention_kernel.do_not_specialize:
+            kind, attr = native_specialize_impl(BaseBackend, ints[n], False, True, True)
+            signature[n] = kind
+            if kind == "constexpr":
+                fixed[n] = ints[n]
+            elif attr:
+                attrs[(i,)] = BaseBackend.parse_attr(attr)
+        else:
+            signature[n] = POINTERS.get(n, "i32")
+            if signature[n].startswith("*"):
+                attrs[(i,)] = BaseBackend.parse_attr("D")
+    return signature, {(names.index(k),): v for k, v in fixed.items()}, attrs
+
+
 def compile_attention(
-    head_dim: int, num_heads: int, num_kv_heads: int, split: bool, change: dict, key_offset: bool = False
+    head_dim: int, num_heads: int, num_kv_heads: int, num_splits: int, change: dict, key_offset: bool = False
 ) -> dict:
-    """Compile _attention_kernel as paged_attention would launch it for a bf16 decode batch."""
+    """Compile _attention_kernel as paged_attention would launch it for a bf16 decode batch with num_splits
+    splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles)."""
+    split = num_splits > 1
     key = triton.next_power_of_2(head_dim)
     default = decode._TILES[key]
     decode._TILES[key] = dataclasses.replace(default, **change)
     try:
         codec = KVCodec(TQConfig(), num_kv_heads, head_dim)
-        meta = decode._attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, key_offset=key_offset)
+        meta = decode._attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, num_splits,
+                                      key_offset=key_offset)  # fmt: skip
         launch = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
-        names = decode._attention_kernel.arg_names
-        signature = {n: "constexpr" if n in meta else POINTERS.get(n, "i32") for n in names}
-        source = ASTSource(decode._attention_kernel, signature, {(names.index(k),): v for k, v in meta.items()})
+        signature, constexprs, attrs = runtime_signature(meta, launch_ints(head_dim, num_heads, num_kv_heads, split))
+        source = ASTSource(decode._attention_kernel, signature, constexprs, attrs)
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch)
     finally:
         decode._TILES[key] = default
     report = ptxas_report(kernel.asm["ptx"], "sm_90a")
     warps = launch["num_warps"]
-    by_regs = REGISTERS_PER_SM // max(1, report["registers"] * 32 * warps)
+    per_thread = -(-report["registers"] // REGISTER_GRANULE) * REGISTER_GRANULE
+    by_regs = REGISTERS_PER_SM // max(1, per_thread * 32 * warps)
     return {
         "head_dim": head_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "split_k": split,
-        "key_offset": key_offset,
+        "num_splits": num_splits, "key_offset": key_offset, "block_n": meta["BLOCK_N"], "swap_ab": meta["SWAP_AB"],
+        "maxnreg": launch.get("maxnreg"),
         "tiles": dataclasses.asdict(dataclasses.replace(default, **change)), **report,
         "shared_bytes": kernel.metadata.shared,
         "programs_per_sm_by_registers": min(by_regs, MAX_WARPS_PER_SM // warps),
@@ -85,26 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    cases = [(128, 32, 8, True, {}), (128, 32, 8, False, {}), (64, 9, 3, True, {}), (256, 8, 1, True, {})]
+    wide = decode.WIDE_MIN_SPLITS
+    cases = [(128, 32, 8, 3, {}), (128, 32, 8, 1, {}), (128, 32, 8, wide, {}), (64, 9, 3, 3, {}), (256, 8, 1, 3, {})]
     cases += [
-        (128, 32, 8, True, c)
+        (128, 32, 8, 3, c)
         for c in (
-            {"num_warps": 8},
-            {"num_stages": 2},
-            {"block_n": 32},
-            {"block_n": 128},
+            {"maxnreg": None},
             {"maxnreg": 128},
-            {"swap_ab": True},
-            {"swap_ab": True, "maxnreg": 168},
+            {"swap_ab": False, "maxnreg": None},
+            {"swap_ab": False, "maxnreg": 128},
+            {"block_n": 32},
         )  # fmt: skip
     ]
-    cases += [(128, 32, 8, True, {}, True), (128, 32, 8, False, {}, True)]  # with calibrated key offsets
+    cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
     rows = []
     for case in cases:
         rows.append(compile_attention(*case))
         r = rows[-1]
         label = (case[4] or "default") if not r["key_offset"] else "key offset"
-        print(f"d={r['head_dim']} split={r['split_k']} {label}: {r['registers']} regs, "
+        print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}", flush=True)  # fmt: skip
     if args.out:

@@ -197,7 +197,7 @@ def test_swapped_mma_operands_agree(device, monkeypatch, num_splits):
 
 def test_swap_and_register_cap_only_for_decode_tiles():
     """The d=128 register cap fits the 64-token decode tile; wide and prefill tiles would spill under it, and a
-    prefill tile's 64 query rows already fill the MMA's M side, so neither gets the cap nor the swap."""
+    prefill tile's 64 query rows already fill the MMA's M side. On the GPU only register-lookup tiles swap."""
     codec = KVCodec(TQConfig(), 8, 128)
     tiles = decode._TILES[128]
     assert tiles.swap_ab and tiles.maxnreg
@@ -209,6 +209,10 @@ def test_swap_and_register_cap_only_for_decode_tiles():
     assert decode_tile["SWAP_AB"] and decode_tile["maxnreg"] == tiles.maxnreg
     assert wide["SWAP_AB"] and "maxnreg" not in wide
     assert not varlen["SWAP_AB"] and "maxnreg" not in varlen and varlen["BLOCK_M"] == tiles.varlen_m
+    gathers = KVCodec(TQConfig(k_bits=3, v_bits=3), 8, 128)  # codebook gathers: not swapped on the GPU
+    gpu = decode._attention_meta(gathers, 32, torch.bfloat16, True, 1, 16, False, 3)
+    assert not gpu["SWAP_AB"] and not gpu["K_LUT"] and "maxnreg" not in gpu
+    assert decode._attention_meta(gathers, 32, torch.bfloat16, False, 1, 16, False, 3)["SWAP_AB"]  # interpreter
 
 
 def test_workspace_padding_and_untouched_rows(device):

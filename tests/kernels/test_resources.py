@@ -24,10 +24,10 @@ def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(tmp_path):
     rows = [r for r in json.loads(out.read_text())["rows"] if r["head_dim"] == 128]
     tiles = decode._TILES[128]
     defaults = [r for r in rows if r["tiles"] == dataclasses.asdict(tiles)]
-    assert len(defaults) == 4  # split-K and fused launches, without and with key offsets
-    for r in defaults:
+    decode_tiles = [r for r in defaults if r["num_splits"] < decode.WIDE_MIN_SPLITS]
+    assert len(decode_tiles) == 4  # split-K and fused launches, without and with key offsets
+    for r in decode_tiles:
         assert r["registers"] <= 168 and r["programs_per_sm_by_registers"] >= 3, r
-    assert next(r for r in defaults if r["split_k"])["spill_store_bytes"] == 0
-    wide_tiles = dataclasses.asdict(dataclasses.replace(tiles, block_n=tiles.wide_block_n))  # 1 sequence, 32 splits
-    wide = next(r for r in rows if r["tiles"] == wide_tiles)
-    assert wide["spill_store_bytes"] == 0, wide
+    assert next(r for r in decode_tiles if r["split_k"] and not r["key_offset"])["spill_store_bytes"] == 0
+    wide = next(r for r in defaults if r["num_splits"] >= decode.WIDE_MIN_SPLITS)  # 1 sequence, 32 splits
+    assert wide["block_n"] == tiles.wide_block_n and wide["maxnreg"] is None and wide["spill_store_bytes"] == 0, wide

@@ -36,7 +36,7 @@ class _Tiles:
     varlen_m: int  # rows per program once a prefill chunk is in the batch
     num_warps: int
     num_stages: int = 2  # software pipelining of the context loop's loads
-    maxnreg: int | None = None  # register cap of decode launches with block_n tiles (wide/varlen tiles spill under it)
+    maxnreg: int | None = None  # register cap of swapped decode launches with block_n tiles (see _attention_meta)
     prefetch: bool = True  # load tile t+1 while computing tile t
     wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
@@ -49,9 +49,9 @@ class _Tiles:
 # 699 us with 32 and 597 us with 128; 1 or 2 warps per program were slower. A launch split WIDE_MIN_SPLITS ways is
 # a batch of one or two sequences with ~2 programs per SM, where a wider tile (more bytes in flight) wins:
 # 62 us at 1 x 32K with 128-token tiles against 77 us with 64.
-# Swapped MMA operands (decode_h200_2026-12-01.json): Triton then emits Hopper wgmma for the decode tile; capped at
-# 168 registers (3 programs per SM) 16 x 32K took 507 us against 712 us unswapped and 718 us swapped uncapped;
-# 1 x 32K (wide tiles, no cap) 59 us against 63 us.
+# Swapped MMA operands (decode_h200_2026-12-01a/b.json): Triton then emits Hopper wgmma for the decode tile; capped
+# at 168 registers (3 programs per SM) 16 x 32K took 507 us against 712 us unswapped and 718 us swapped uncapped
+# (176 registers after rounding: 2 per SM); 1 x 32K (wide tiles, no cap) 59 us against 63 us.
 WIDE_MIN_SPLITS = 32
 _TILES = {
     32: _Tiles(64, 16, 64, 4, num_stages=1),
@@ -323,18 +323,24 @@ def _attention_meta(
         block_m = max(tiles.varlen_m, triton.next_power_of_2(group))
     exact = query_dtype == torch.float32
     lut = tiles.lut and on_gpu and not exact  # PTX: not for the CPU interpreter; fp16 tables only
+    k_lut, v_lut = lut and codec.lut_usable[0], lut and codec.lut_usable[1]
+    # Only decode tiles are swapped (a prefill tile's query rows already fill the MMA), and on the GPU only with
+    # register lookups: with codebook gathers (2/3 bits) the swapped, capped kernel made illegal memory accesses
+    # on the H200. The interpreter keeps the swap so CPU tests check its arithmetic. The register cap was sized
+    # for the block_n tile; wide tiles spill under it.
+    swap = tiles.swap_ab and not varlen and (k_lut and v_lut or not on_gpu)
+    cap = tiles.maxnreg if swap and not wide else None
     meta = dict(
         GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
         BLOCK_N=block_n, ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
-        SWAP_AB=tiles.swap_ab and not varlen,
-        K_LUT=lut and codec.lut_usable[0], V_LUT=lut and codec.lut_usable[1],
+        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
-    if tiles.maxnreg and not (wide or varlen):
-        meta["maxnreg"] = tiles.maxnreg
+    if cap:
+        meta["maxnreg"] = cap
     return meta
 
 
