@@ -31,6 +31,8 @@ class KVCodec:
         self.key = MSEQuantizer(head_dim, config.k_bits, config, device)
         self.value = MSEQuantizer(head_dim, config.v_bits, config, device)
         self.rotation = self.key.rotation  # fp32 [d, d]: rotated = x @ R.T
+        # R rounded once for 16-bit un-rotation GEMMs (dequantize_kv into half outputs).
+        self.rotation_half = {dt: self.rotation.to(dt) for dt in (torch.float16, torch.bfloat16)}
         # The attention kernel's 16-bit operands: the tables pre-rounded, so no per-element conversion.
         self.centroids_fp16 = (self.key.centroids.half(), self.value.centroids.half())
         # Register tables for 4-bit lookups by byte permute (kernels/lut.py): K's then V's, int32 [8].

@@ -35,5 +35,5 @@ def test_warm_up_runs_every_launch_shape(device, monkeypatch, key_offset):
                                     kw["num_splits"])["BLOCK_N"] for _, kw in calls["attention"]}  # fmt: skip
     assert {kw["num_splits"] for _, kw in calls["attention"]} == {1, 2, decode.WIDE_MIN_SPLITS}
     assert len(tiles) == (2 if decode._TILES[64].wide_block_n else 1)
-    (args, _), *_ = calls["dequant"]  # the prefill path's launch: fp32 scratch, un-rotated afterwards
-    assert args[4].dtype == torch.float32 and (args[3] is not None) == key_offset
+    (args, _), *_ = calls["dequant"]  # the prefill path's launch: scratch in the model's dtype, un-rotated after
+    assert args[4].dtype == torch.float16 and (args[3] is not None) == key_offset

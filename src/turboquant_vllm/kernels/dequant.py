@@ -11,9 +11,11 @@ from turboquant_vllm.kernels.page import token_fields
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
 OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The original basis is the rotated kernel's fp32 output times R, by a full-fp32 cuBLAS GEMM: on the H200
+# The original basis is the rotated kernel's output times R by a cuBLAS GEMM: in fp32 on the H200
 # (store_dequant_h200_2026-11-30b.json) that took 338 us for 16K tokens against 771 us for the rotation inside
-# the kernel. UNROTATE_ROWS slots at a time bound the fp32 scratch (~96 MiB at 8 KV heads x 128).
+# the kernel. Half outputs do it in their own dtype (fp32 accumulation) straight into the output rows: a third of
+# the traffic and tensor cores, for an error of a few 16-bit roundings (~2e-3 relative) next to the codebook's
+# ~0.09. UNROTATE_ROWS slots at a time bound the scratch (32 MiB in bf16, 64 MiB in fp32, at 8 KV heads x 128).
 UNROTATE_ROWS = 8192
 
 
@@ -221,11 +223,17 @@ def dequantize_kv(
     if rotated:
         _dequantize_rotated(codec, cache, slots, offset, out_k, out_v)
         return out_k, out_v
+    d = lay.head_dim
     for lo in range(0, num_slots, UNROTATE_ROWS):  # x = (x @ R.T) @ R: R is orthogonal
         hi = min(lo + UNROTATE_ROWS, num_slots)
-        k_rot = torch.empty((hi - lo, *shape[1:]), dtype=torch.float32, device=cache.device)
-        v_rot = torch.empty_like(k_rot)
+        k_rot = torch.empty((hi - lo, *shape[1:]), dtype=out_k.dtype, device=cache.device)
+        v_rot = torch.empty((hi - lo, *shape[1:]), dtype=out_v.dtype, device=cache.device)
         _dequantize_rotated(codec, cache, slots[lo:hi], offset, k_rot, v_rot)
         for rows, out in ((k_rot, out_k), (v_rot, out_v)):
-            out[lo:hi] = torch.mm(rows.view(-1, lay.head_dim), codec.rotation).view(rows.shape)
+            rot = codec.rotation_half.get(rows.dtype, codec.rotation)
+            dst = out[lo:hi]
+            if dst.is_contiguous():
+                torch.mm(rows.view(-1, d), rot, out=dst.view(-1, d))
+            else:
+                dst.copy_(torch.mm(rows.view(-1, d), rot).view(rows.shape))
     return out_k, out_v
