@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import shlex
@@ -42,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rep", type=int, default=25, help="timing repetition budget, ms")
     p.add_argument("--copy-gib", type=float, default=2.0, help="size of the device copy reference")
     p.add_argument("--no-sweep", action="store_true", help="skip the tile / split-count sweep of our kernel")
+    p.add_argument(
+        "--sweep-contexts",
+        type=int,
+        nargs="+",
+        default=[4096, 32768],
+        help="contexts of the sweep (short ones show fixed per-launch costs, long ones throughput)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: two contexts, short timings, no sweep")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/decode_<date>.json)")
     args = p.parse_args(argv)
@@ -244,7 +252,6 @@ def sanity_check() -> dict:
 def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[dict]:
     """Alternative tile configs and split counts at one long context: evidence for the defaults."""
     rows = []
-    ctx = min(32768, max(args.contexts))
     key = triton.next_power_of_2(args.head_dim)
     default = decode._TILES[key]
     variants = [
@@ -264,7 +271,8 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"swap_ab": False, "maxnreg": None},  # mma.sync with the padded query rows on the M side
         {"swap_ab": False, "maxnreg": 128},
     ]
-    for batch, caches in caches_by_batch.items():
+    contexts = [c for c in args.sweep_contexts if c <= max(args.contexts)]  # the caches hold max(contexts) tokens
+    for (batch, caches), ctx in itertools.product(caches_by_batch.items(), contexts):
         shape = Shape(batch, ctx, args.num_q_heads, args.num_kv_heads, args.head_dim, args.block_size)
         table = caches.table(shape)
         ref = None
