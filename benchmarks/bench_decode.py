@@ -25,10 +25,9 @@ from triton.testing import do_bench
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode
-from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
+from turboquant_vllm.kernels.decode import MAX_SPLITS, AttentionWorkspace, choose_num_splits, paged_attention
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MAX_SPLITS = 32
 VLLM_TQ_PRESET = "turboquant_4bit_nc"  # 4-bit Lloyd-Max keys, 4-bit uniform values: the closest vLLM mode
 
 

@@ -125,7 +125,7 @@ def report(row: dict) -> str:
         f"{row['k_bits']}/{row['v_bits']} T={row['num_tokens']:>6} | store {s['ms'] * 1e3:7.1f} us "
         f"{s['cache_gbps']:6.0f} GB/s cache, {s['total_gbps']:6.0f} GB/s in+out (hadamard {hs['ms'] * 1e3:7.1f} us) "
         f"| dequant rot {dr['ms'] * 1e3:7.1f} us {dr['cache_gbps']:6.0f} GB/s cache, {dr['total_gbps']:6.0f} in+out; "
-        f"orig (+ fp32 GEMM by R) {do['ms'] * 1e3:7.1f} us "
+        f"orig (+ GEMM by R) {do['ms'] * 1e3:7.1f} us "
         f"| copy {c['bytes'] / 1e6:.1f} MB {c['ms'] * 1e3:6.1f} us "
         f"{c['gbps_moved']:6.0f} GB/s moved"
     )

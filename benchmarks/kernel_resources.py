@@ -52,15 +52,13 @@ def ptxas_report(ptx: str, arch: str) -> dict[str, int]:
     return {"registers": int(regs.group(1)) if regs else -1, "spill_store_bytes": int(spills.group(1)) if spills else 0}
 
 
-MAX_SPLITS = 32  # the vLLM backend's workspace width
-
-
 def launch_ints(head_dim: int, num_heads: int, num_kv_heads: int, split: bool) -> dict[str, int]:
     """The integer arguments of a vLLM decode launch: query/output contiguous, key/value views of the fused
     qkv projection, a 33K-token block table of 16-token pages, the backend's split-K workspace."""
     qkv = (num_heads + 2 * num_kv_heads) * head_dim
-    ws = (num_heads * MAX_SPLITS * head_dim, MAX_SPLITS * head_dim, head_dim) if split else (0, 0, 0)
-    stats = (num_heads * MAX_SPLITS, MAX_SPLITS, 1) if split else (0, 0, 0)
+    splits = decode.MAX_SPLITS  # the workspace's width
+    ws = (num_heads * splits * head_dim, splits * head_dim, head_dim) if split else (0, 0, 0)
+    stats = (num_heads * splits, splits, 1) if split else (0, 0, 0)
     strides = (num_heads * head_dim, head_dim, 1, qkv, head_dim, 1, qkv, head_dim, 1, num_heads * head_dim, head_dim, 1,
                2064, *ws, *stats, head_dim, 1)  # fmt: skip
     names = decode._attention_kernel.arg_names
@@ -105,7 +103,7 @@ def compile_attention(
         codec = KVCodec(TQConfig(), num_kv_heads, head_dim)
         meta = decode._attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, num_splits,
                                       key_offset=key_offset)  # fmt: skip
-        launch = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
+        launch = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
         signature, constexprs, attrs = runtime_signature(meta, launch_ints(head_dim, num_heads, num_kv_heads, split))
         source = ASTSource(decode._attention_kernel, signature, constexprs, attrs)
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch)

@@ -348,7 +348,7 @@ def build(fn, ptrs, meta, options):
 codec = KVCodec(TQConfig(k_bits=4, v_bits=3), 8, 128)
 meta = decode._attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, 1, True)
 assert meta["K_LUT"] and not meta["V_LUT"]  # the byte-permute lookups (PTX) compile for 4-bit keys
-options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
+options = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
 ptrs = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*bf16")
 ptrs |= dict.fromkeys(("rot_ptr", "k_cent_ptr", "v_cent_ptr", "koff_ptr"), "*fp32")
 ptrs |= dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr"), "*fp32")

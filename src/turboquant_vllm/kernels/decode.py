@@ -53,6 +53,8 @@ class _Tiles:
 # at 168 registers (3 programs per SM) 16 x 32K took 507 us against 712 us unswapped and 718 us swapped uncapped
 # (176 registers after rounding: 2 per SM); 1 x 32K (wide tiles, no cap) 59 us against 63 us.
 WIDE_MIN_SPLITS = 32
+MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of _attention_meta that are compile options
 _TILES = {
     32: _Tiles(64, 16, 64, 4, num_stages=1),
     64: _Tiles(64, 16, 64, 4, num_stages=1),

@@ -224,10 +224,12 @@ def dequantize_kv(
         _dequantize_rotated(codec, cache, slots, offset, out_k, out_v)
         return out_k, out_v
     d = lay.head_dim
+    block = (min(UNROTATE_ROWS, num_slots), *shape[1:])
+    k_scratch = torch.empty(block, dtype=out_k.dtype, device=cache.device)
+    v_scratch = torch.empty(block, dtype=out_v.dtype, device=cache.device)
     for lo in range(0, num_slots, UNROTATE_ROWS):  # x = (x @ R.T) @ R: R is orthogonal
         hi = min(lo + UNROTATE_ROWS, num_slots)
-        k_rot = torch.empty((hi - lo, *shape[1:]), dtype=out_k.dtype, device=cache.device)
-        v_rot = torch.empty((hi - lo, *shape[1:]), dtype=out_v.dtype, device=cache.device)
+        k_rot, v_rot = k_scratch[: hi - lo], v_scratch[: hi - lo]
         _dequantize_rotated(codec, cache, slots[lo:hi], offset, k_rot, v_rot)
         for rows, out in ((k_rot, out_k), (v_rot, out_v)):
             rot = codec.rotation_half.get(rows.dtype, codec.rotation)
