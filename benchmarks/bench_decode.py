@@ -269,6 +269,8 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"maxnreg": 128},  # 4 programs per SM, with spills
         {"swap_ab": False, "maxnreg": None},  # mma.sync with the padded query rows on the M side
         {"swap_ab": False, "maxnreg": 128},
+        {"rotation_stages": 1},  # the query rotation's slices of R read one after another
+        {"reduce_splits": 1},  # the split-K reduce reads one split per step
     ]
     contexts = [c for c in args.sweep_contexts if c <= max(args.contexts)]  # the caches hold max(contexts) tokens
     for (batch, caches), ctx in itertools.product(caches_by_batch.items(), contexts):

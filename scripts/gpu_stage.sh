@@ -24,11 +24,11 @@ python3 -c "import turboquant_vllm" 2>/dev/null ||
 case "$1" in
   kernels)
     nvidia-smi >>"$LOG" 2>&1
-    timeout 240 python3 benchmarks/bench_decode.py --out "$RESULTS_DIR/decode.json" >>"$LOG" 2>&1
+    timeout 300 python3 benchmarks/bench_decode.py --out "$RESULTS_DIR/decode.json" >>"$LOG" 2>&1
     timeout -s INT 300 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels tests/test_quantizer.py \
       2>&1 | tail -60 >>"$LOG"
     [ -n "${SKIP_STORE_BENCH:-}" ] ||
-      timeout 120 python3 benchmarks/bench_store_dequant.py --out "$RESULTS_DIR/store_dequant.json" >>"$LOG" 2>&1
+      timeout 150 python3 benchmarks/bench_store_dequant.py --bits 4/4 --tokens 1 16 128 16384 32768 --out "$RESULTS_DIR/store_dequant.json" >>"$LOG" 2>&1
     ;;
   vllm)
     # SIGINT on timeout: pytest still prints its summary of what ran.

@@ -230,6 +230,17 @@ def test_workspace_padding_and_untouched_rows(device):
     torch.testing.assert_close(out, fused, rtol=1e-5, atol=1e-5)
 
 
+def test_reduce_reads_splits_in_steps(device):
+    """More splits than one reduce step reads (16 at d=64): the last step is part-masked, and splits
+    that saw no token leave NaN in the workspace that must not reach the output."""
+    assert decode._TILES[64].reduce_splits == 16
+    b = make_batch(device, [1500, 5], [1, 1], seed=23)
+    ws = AttentionWorkspace.allocate(2, 4, 64, 24, device)
+    for t in (ws.acc, ws.row_max, ws.row_sum):
+        t.fill_(float("nan"))
+    assert_matches(b.run(num_splits=21, workspace=ws), b.expected(), TOL_FP32)
+
+
 def test_strided_views(device):
     """query/key/value as column slices of one fused qkv buffer, out as a slice of a wider buffer."""
     b = make_batch(device, [25, 18], [1, 4], num_heads=4, num_kv_heads=2, seed=9)
@@ -356,6 +367,7 @@ ptrs |= {"cache_ptr": "*u8", "lut_ptr": "*i32", "block_table_ptr": "*i32", "seq_
 ptrs |= {"qk_scale": "fp32"}
 build(decode._attention_kernel, ptrs, meta, options)
 meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=decode_reduce.REDUCE_BLOCK_R,
+            STEP_SPLITS=decode._TILES[128].reduce_splits,
             ROT_CHUNK=decode.ROT_CHUNK, OP_DTYPE=tl.float16, PREC="tf32")
 ptrs = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32") | {"out_ptr": "*bf16"}
 build(decode_reduce._reduce_splits_kernel, ptrs | {"qsl_ptr": "*i32"}, meta,

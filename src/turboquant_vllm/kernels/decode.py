@@ -41,6 +41,8 @@ class _Tiles:
     wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
+    rotation_stages: int = 3  # query rotation: slices of R loaded ahead (1: one L2 round trip after another)
+    reduce_splits: int = 8  # splits the split-K reduce reads per step; [16 rows, this, BLOCK_D] fp32 = 64 regs at d=128
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
@@ -56,11 +58,11 @@ WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of _attention_meta that are compile options
 _TILES = {
-    32: _Tiles(64, 16, 64, 4, num_stages=1),
-    64: _Tiles(64, 16, 64, 4, num_stages=1),
+    32: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=32),
+    64: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=16),
     128: _Tiles(64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168),
-    256: _Tiles(16, 16, 32, 8, num_stages=1),
-    512: _Tiles(16, 16, 16, 8, num_stages=1),
+    256: _Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=4),
+    512: _Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=2),
 }
 ROT_CHUNK = 16  # columns of R per rotation step: keeps R slices small in registers
 INTERPRETER_ROT_CHUNK = 32  # fewer steps under the CPU interpreter, still several per head
@@ -172,7 +174,7 @@ def _attention_kernel(
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
     PREFETCH: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, ROT_STAGES: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -222,7 +224,7 @@ def _attention_kernel(
             PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
             V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
     q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
-                         HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
+                         HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC, ROT_STAGES)  # fmt: skip
     q_rot = q_rot * qk_scale  # log2 units: softmax uses exp2
     if HAS_KEY_OFFSET:
         q_dot_off = tl.sum(q_rot * tl.load(koff_ptr + kh * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :], 1)
@@ -338,7 +340,7 @@ def _attention_meta(
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
-        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut,
+        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, ROT_STAGES=tiles.rotation_stages,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if cap:
@@ -458,5 +460,6 @@ def paged_attention(
         acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
         num_seqs, num_rows, num_splits, *acc_strides, *stat_strides, *out.stride(), rot.stride(0), rot.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_R=REDUCE_BLOCK_R,
-        ROT_CHUNK=meta["ROT_CHUNK"], OP_DTYPE=meta["OP_DTYPE"], PREC=meta["PREC"], num_warps=REDUCE_NUM_WARPS,
+        STEP_SPLITS=_TILES[meta["BLOCK_D"]].reduce_splits, ROT_CHUNK=meta["ROT_CHUNK"], OP_DTYPE=meta["OP_DTYPE"],
+        PREC=meta["PREC"], num_warps=REDUCE_NUM_WARPS,
     )  # fmt: skip

@@ -20,14 +20,16 @@ def _rotate_rows(
     CHUNK: tl.constexpr,
     ROWS: tl.constexpr,
     PREC: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """x @ R.T, fp32 [ROWS, BLOCK_D] (0 past HEAD_DIM), summed over CHUNK-wide slices of the contraction.
 
-    x is read from memory slice by slice so R never sits whole in registers.
+    x is read from memory slice by slice so R never sits whole in registers; STAGES > 1 loads the next
+    slices ahead (cp.async) even inside a kernel whose other loops are not pipelined.
     """
     col = tl.arange(0, BLOCK_D)
     y = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for c0 in range(0, HEAD_DIM, CHUNK):
+    for c0 in tl.range(0, HEAD_DIM, CHUNK, num_stages=STAGES):
         k = c0 + tl.arange(0, CHUNK)
         k_ok = k < HEAD_DIM
         x = tl.load(ptr + row_off[:, None] + k[None, :] * stride_d, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -101,11 +103,16 @@ def _reduce_splits_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    STEP_SPLITS: tl.constexpr,
     ROT_CHUNK: tl.constexpr,
     OP_DTYPE: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """One (token, head) row per tile row: merge the splits' softmax partials, rotate back, store."""
+    """One (token, head) row per tile row: merge the splits' softmax partials, rotate back, store.
+
+    STEP_SPLITS splits are read per step with independent loads: a one-sequence decode has 32 splits,
+    and reading them one at a time made this launch a chain of 32 L2 round trips.
+    """
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     tok = (row // NUM_HEADS).to(tl.int64)
     head = row % NUM_HEADS
@@ -118,21 +125,22 @@ def _reduce_splits_kernel(
     m_run = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_run = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for split in range(num_splits):
-        m_s = tl.load(ws_max_ptr + m_off + split * stride_ms, mask=ok, other=float("-inf"))
-        l_s = tl.load(ws_sum_ptr + m_off + split * stride_ms, mask=ok, other=0.0)
-        # Splits that saw no token store no acc: never read it.
-        a_s = tl.load(
-            ws_acc_ptr + a_off[:, None] + split * stride_as + dim[None, :],
-            mask=(ok & (l_s > 0))[:, None] & dim_ok[None, :],
-            other=0.0,
-        )
-        m_new = tl.maximum(m_run, m_s)
+    for s0 in range(0, num_splits, STEP_SPLITS):
+        split = s0 + tl.arange(0, STEP_SPLITS)
+        live = ok[:, None] & (split < num_splits)[None, :]  # [BLOCK_R, STEP_SPLITS]
+        stat_off = m_off[:, None] + split[None, :] * stride_ms
+        m_s = tl.load(ws_max_ptr + stat_off, mask=live, other=float("-inf"))
+        l_s = tl.load(ws_sum_ptr + stat_off, mask=live, other=0.0)
+        a_s = tl.load(ws_acc_ptr + (a_off[:, None] + split[None, :] * stride_as)[:, :, None] + dim[None, None, :],
+                      mask=live[:, :, None] & dim_ok[None, None, :], other=0.0)  # fmt: skip
+        m_new = tl.maximum(m_run, tl.max(m_s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_run - m_ref)
-        beta = tl.exp2(m_s - m_ref)
-        acc = acc * alpha[:, None] + a_s * beta[:, None]
-        l_run = l_run * alpha + l_s * beta
+        beta = tl.exp2(m_s - m_ref[:, None])
+        # Splits that saw no token (l_s == 0) never stored their acc: whatever is there must not reach the sum.
+        a_s = tl.where((l_s > 0)[:, :, None], a_s * beta[:, :, None], 0.0)
+        acc = acc * alpha[:, None] + tl.sum(a_s, 1)
+        l_run = l_run * alpha + tl.sum(l_s * beta, 1)
         m_run = m_new
     o = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
     _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
