@@ -49,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[4096, 32768],
         help="contexts of the sweep (short ones show fixed per-launch costs, long ones throughput)",
     )
+    p.add_argument(
+        "--sweep-keys",
+        nargs="+",
+        default=None,
+        help="only sweep variants that change these tile fields (and skip the split-count sweep)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: two contexts, short timings, no sweep")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/decode_<date>.json)")
     args = p.parse_args(argv)
@@ -271,7 +277,11 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"swap_ab": False, "maxnreg": 128},
         {"rotation_stages": 1},  # the query rotation's slices of R read one after another
         {"reduce_splits": 1},  # the split-K reduce reads one split per step
+        {"reduce_splits": 8, "reduce_rot_chunk": 16},  # the reduce un-rotates 16 columns of R per step
+        {"reduce_splits": 4},
     ]
+    if args.sweep_keys:
+        variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]
     contexts = [c for c in args.sweep_contexts if c <= max(args.contexts)]  # the caches hold max(contexts) tokens
     for (batch, caches), ctx in itertools.product(caches_by_batch.items(), contexts):
         shape = Shape(batch, ctx, args.num_q_heads, args.num_kv_heads, args.head_dim, args.block_size)
@@ -287,7 +297,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
             rows.append({"batch": batch, "context": ctx, "tiles": dataclasses.asdict(decode._TILES[key]), **res})
             print(f"sweep B={batch} ctx={ctx} {change or 'default'}: {fmt(res)}", flush=True)
         decode._TILES[key] = default
-        for splits in (2, 4, 8, 16, 32, 64):  # >= WIDE_MIN_SPLITS take the wide tiles
+        for splits in () if args.sweep_keys else (2, 4, 8, 16, 32, 64):  # >= WIDE_MIN_SPLITS take the wide tiles
             res = guarded(bench_ours, caches, shape, table, args.rep, num_splits=splits)
             res.pop("_out", None)
             rows.append({"batch": batch, "context": ctx, "forced_splits": splits, **res})

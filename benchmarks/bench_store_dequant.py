@@ -79,6 +79,25 @@ def bench_copy(nbytes: int, args: argparse.Namespace) -> dict:
     return {"bytes": nbytes, "ms": ms, "gbps_moved": gbps(2 * nbytes, ms)}
 
 
+SMALL_STORE_VARIANTS = [{"stages": 1}, {"block_k": 16}, {"num_warps": 8}, {"block_k": 16, "num_warps": 8}]
+
+
+def store_variants(run, num_tokens: int, args: argparse.Namespace) -> list[dict]:
+    """The store of a decode-sized batch timed with other rotation slicing / warps / load-ahead depth."""
+    default_params, default_stages = store._launch_params, store.ROTATION_STAGES
+    rows = []
+    for change in SMALL_STORE_VARIANTS:
+        block_t, block_k, heads, num_warps = default_params(num_tokens, args.num_kv_heads)
+        block_k, num_warps = change.get("block_k", block_k), change.get("num_warps", num_warps)
+        store._launch_params = lambda n, h, p=(block_t, block_k, heads, num_warps): p
+        store.ROTATION_STAGES = change.get("stages", default_stages)
+        try:
+            rows.append({**change, "ms": bench(run, args)})
+        finally:
+            store._launch_params, store.ROTATION_STAGES = default_params, default_stages
+    return rows
+
+
 def make_inputs(codec: KVCodec, num_tokens: int, args: argparse.Namespace):
     h, d = codec.num_kv_heads, codec.head_dim
     qkv = torch.randn(num_tokens, args.num_q_heads + 2 * h, d, dtype=DTYPES[args.dtype], device="cuda")
@@ -113,12 +132,7 @@ def bench_case(k_bits: int, v_bits: int, num_tokens: int, args: argparse.Namespa
         },
     }
     if num_tokens <= SMALL_STORE_TOKENS:  # evidence for store.ROTATION_STAGES where the store is a latency chain
-        default_stages = store.ROTATION_STAGES
-        store.ROTATION_STAGES = 1
-        try:
-            row["store_unpipelined"] = {"ms": bench(lambda: store_kv(codec, key, value, cache, slots), args)}
-        finally:
-            store.ROTATION_STAGES = default_stages
+        row["store_variants"] = store_variants(lambda: store_kv(codec, key, value, cache, slots), num_tokens, args)
     hadamard = KVCodec(TQConfig(k_bits=k_bits, v_bits=v_bits, rotation="hadamard"), h, d, "cuda")
     had_ms = bench(lambda: store_kv(hadamard, key, value, cache, slots), args)
     row["store_hadamard"] = {"ms": had_ms, "cache_gbps": gbps(cache_bytes, had_ms)}
@@ -139,12 +153,16 @@ def bench_case(k_bits: int, v_bits: int, num_tokens: int, args: argparse.Namespa
     return row
 
 
+def variant_label(variant: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in variant.items() if k != "ms")
+
+
 def report(row: dict) -> str:
     s, hs, dr, do = row["store"], row["store_hadamard"], row["dequant_rotated"], row["dequant_original"]
     c = row["copy_cache_bytes"]
     return (
         f"{row['k_bits']}/{row['v_bits']} T={row['num_tokens']:>6} | store {s['ms'] * 1e3:7.1f} us "
-        + (f"(unpipelined {row['store_unpipelined']['ms'] * 1e3:.1f}) " if "store_unpipelined" in row else "")
+        + "".join(f"({variant_label(v)} {v['ms'] * 1e3:.1f}) " for v in row.get("store_variants", []))
         + f"{s['cache_gbps']:6.0f} GB/s cache, {s['total_gbps']:6.0f} GB/s in+out (hadamard {hs['ms'] * 1e3:7.1f} us) "
         f"| dequant rot {dr['ms'] * 1e3:7.1f} us {dr['cache_gbps']:6.0f} GB/s cache, {dr['total_gbps']:6.0f} in+out; "
         f"orig (+ GEMM by R) {do['ms'] * 1e3:7.1f} us "

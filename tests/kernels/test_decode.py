@@ -368,7 +368,7 @@ ptrs |= {"qk_scale": "fp32"}
 build(decode._attention_kernel, ptrs, meta, options)
 meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=decode_reduce.REDUCE_BLOCK_R,
             STEP_SPLITS=decode._TILES[128].reduce_splits,
-            ROT_CHUNK=decode.ROT_CHUNK, OP_DTYPE=tl.float16, PREC="tf32")
+            ROT_CHUNK=decode._TILES[128].reduce_rot_chunk, OP_DTYPE=tl.float16, PREC="tf32")
 ptrs = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32") | {"out_ptr": "*bf16"}
 build(decode_reduce._reduce_splits_kernel, ptrs | {"qsl_ptr": "*i32"}, meta,
       {"num_warps": decode_reduce.REDUCE_NUM_WARPS})

@@ -27,6 +27,10 @@ QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+ROT_CHUNK = 16  # columns of R per rotation step: keeps R slices small in registers
+INTERPRETER_ROT_CHUNK = 32  # fewer steps under the CPU interpreter, still several per head
+
+
 @dataclass(frozen=True)
 class _Tiles:
     """Launch shape for one padded head_dim; nothing here depends on sequence lengths."""
@@ -42,7 +46,8 @@ class _Tiles:
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
     rotation_stages: int = 3  # query rotation: slices of R loaded ahead (1: one L2 round trip after another)
-    reduce_splits: int = 8  # splits the split-K reduce reads per step; [16 rows, this, BLOCK_D] fp32 = 64 regs at d=128
+    reduce_splits: int = 8  # splits the split-K reduce reads per step ([16 rows, this, BLOCK_D] fp32 in registers)
+    reduce_rot_chunk: int = ROT_CHUNK  # columns of R per un-rotation step in the reduce (BLOCK_D: one dot)
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
@@ -60,12 +65,12 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of _attention_me
 _TILES = {
     32: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=32),
     64: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=16),
-    128: _Tiles(64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168),
+    128: _Tiles(
+        64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, reduce_splits=2, reduce_rot_chunk=128
+    ),
     256: _Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=4),
     512: _Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=2),
 }
-ROT_CHUNK = 16  # columns of R per rotation step: keeps R slices small in registers
-INTERPRETER_ROT_CHUNK = 32  # fewer steps under the CPU interpreter, still several per head
 
 
 @dataclass
@@ -456,10 +461,11 @@ def paged_attention(
     if fused:
         return
     num_rows = num_tokens * num_heads
+    tiles = _TILES[meta["BLOCK_D"]]
     _reduce_splits_kernel[reduce_grid(num_rows)](
         acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
         num_seqs, num_rows, num_splits, *acc_strides, *stat_strides, *out.stride(), rot.stride(0), rot.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_R=REDUCE_BLOCK_R,
-        STEP_SPLITS=_TILES[meta["BLOCK_D"]].reduce_splits, ROT_CHUNK=meta["ROT_CHUNK"], OP_DTYPE=meta["OP_DTYPE"],
+        STEP_SPLITS=tiles.reduce_splits, ROT_CHUNK=tiles.reduce_rot_chunk, OP_DTYPE=meta["OP_DTYPE"],
         PREC=meta["PREC"], num_warps=REDUCE_NUM_WARPS,
     )  # fmt: skip
