@@ -275,7 +275,6 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"maxnreg": 128},  # 4 programs per SM, with spills
         {"swap_ab": False, "maxnreg": None},  # mma.sync with the padded query rows on the M side
         {"swap_ab": False, "maxnreg": 128},
-        {"rotation_stages": 1},  # the query rotation's slices of R read one after another
         {"reduce_splits": 1},  # the split-K reduce reads one split per step
         {"reduce_splits": 8, "reduce_rot_chunk": 16},  # the reduce un-rotates 16 columns of R per step
         {"reduce_splits": 4},

@@ -79,22 +79,21 @@ def bench_copy(nbytes: int, args: argparse.Namespace) -> dict:
     return {"bytes": nbytes, "ms": ms, "gbps_moved": gbps(2 * nbytes, ms)}
 
 
-SMALL_STORE_VARIANTS = [{"stages": 1}, {"block_k": 16}, {"num_warps": 8}, {"block_k": 16, "num_warps": 8}]
+SMALL_STORE_VARIANTS = [{"block_k": 16}, {"num_warps": 8}, {"block_k": 16, "num_warps": 8}]
 
 
 def store_variants(run, num_tokens: int, args: argparse.Namespace) -> list[dict]:
-    """The store of a decode-sized batch timed with other rotation slicing / warps / load-ahead depth."""
-    default_params, default_stages = store._launch_params, store.ROTATION_STAGES
+    """The store of a decode-sized batch timed with other rotation slicing / warps (store._launch_params)."""
+    default_params = store._launch_params
     rows = []
     for change in SMALL_STORE_VARIANTS:
         block_t, block_k, heads, num_warps = default_params(num_tokens, args.num_kv_heads)
         block_k, num_warps = change.get("block_k", block_k), change.get("num_warps", num_warps)
         store._launch_params = lambda n, h, p=(block_t, block_k, heads, num_warps): p
-        store.ROTATION_STAGES = change.get("stages", default_stages)
         try:
             rows.append({**change, "ms": bench(run, args)})
         finally:
-            store._launch_params, store.ROTATION_STAGES = default_params, default_stages
+            store._launch_params = default_params
     return rows
 
 
@@ -131,7 +130,7 @@ def bench_case(k_bits: int, v_bits: int, num_tokens: int, args: argparse.Namespa
             "total_gbps": gbps(cache_bytes + input_bytes, store_ms),
         },
     }
-    if num_tokens <= SMALL_STORE_TOKENS:  # evidence for store.ROTATION_STAGES where the store is a latency chain
+    if num_tokens <= SMALL_STORE_TOKENS:  # evidence for store._launch_params where the store is a latency chain
         row["store_variants"] = store_variants(lambda: store_kv(codec, key, value, cache, slots), num_tokens, args)
     hadamard = KVCodec(TQConfig(k_bits=k_bits, v_bits=v_bits, rotation="hadamard"), h, d, "cuda")
     had_ms = bench(lambda: store_kv(hadamard, key, value, cache, slots), args)

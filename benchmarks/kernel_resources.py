@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 import triton
 import triton.backends.nvidia as nvidia_backend
+import triton.language as tl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels import decode
+from turboquant_vllm.kernels import decode, decode_reduce
 
 POINTERS = {
     "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
@@ -125,6 +126,30 @@ def compile_attention(
     }  # fmt: skip
 
 
+def compile_reduce(block_d: int) -> dict:
+    """The split-K reduce as paged_attention launches it for bf16 output at one padded head_dim."""
+    tiles = decode._TILES[block_d]
+    meta = dict(
+        NUM_HEADS=32,
+        HEAD_DIM=block_d,
+        BLOCK_D=block_d,
+        BLOCK_R=decode_reduce.REDUCE_BLOCK_R,
+        STEP_SPLITS=tiles.reduce_splits,
+        ROT_CHUNK=tiles.reduce_rot_chunk,
+        OP_DTYPE=tl.float16,
+        PREC="tf32",
+    )
+    fn = decode_reduce._reduce_splits_kernel
+    pointers = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32")
+    pointers |= {"out_ptr": "*bf16", "qsl_ptr": "*i32"}
+    signature = {n: "constexpr" if n in meta else pointers.get(n, "i32") for n in fn.arg_names}
+    constexprs = {(fn.arg_names.index(k),): v for k, v in meta.items()}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": decode_reduce.REDUCE_NUM_WARPS})  # fmt: skip
+    return {"kernel": "reduce", "block_d": block_d, "step_splits": tiles.reduce_splits,
+            "rot_chunk": tiles.reduce_rot_chunk, **ptxas_report(kernel.asm["ptx"], "sm_90a")}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None)
@@ -150,9 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}", flush=True)  # fmt: skip
+    reduce_rows = [compile_reduce(block_d) for block_d in sorted(decode._TILES)]
+    for r in reduce_rows:
+        print(f"reduce BLOCK_D={r['block_d']} ({r['step_splits']} splits a step, R in {r['rot_chunk']}-column slices): "
+              f"{r['registers']} regs, {r['spill_store_bytes']} B spilled", flush=True)  # fmt: skip
     if args.out:
         result = {"benchmark": "kernel_resources", "target": "sm_90a (compiled, not run)", "triton": triton.__version__,
-                  "command": " ".join([sys.executable, *sys.argv]), "rows": rows}  # fmt: skip
+                  "command": " ".join([sys.executable, *sys.argv]), "rows": rows, "reduce": reduce_rows}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -12,16 +12,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from turboquant_vllm.kernels import decode
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_resources.py"
 
 
-def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(tmp_path):
+@pytest.fixture(scope="module")
+def resources(tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real, not interpret
-    out = tmp_path / "resources.json"
+    out = tmp_path_factory.mktemp("resources") / "resources.json"
     subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], env=env, check=True, capture_output=True)
-    rows = [r for r in json.loads(out.read_text())["rows"] if r["head_dim"] == 128]
+    return json.loads(out.read_text())
+
+
+def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(resources):
+    rows = [r for r in resources["rows"] if r["head_dim"] == 128]
     tiles = decode._TILES[128]
     defaults = [r for r in rows if r["tiles"] == dataclasses.asdict(tiles)]
     decode_tiles = [r for r in defaults if r["num_splits"] < decode.WIDE_MIN_SPLITS]
@@ -31,3 +38,11 @@ def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(tmp_path):
     assert next(r for r in decode_tiles if r["split_k"] and not r["key_offset"])["spill_store_bytes"] == 0
     wide = next(r for r in defaults if r["num_splits"] >= decode.WIDE_MIN_SPLITS)  # 1 sequence, 32 splits
     assert wide["block_n"] == tiles.wide_block_n and wide["maxnreg"] is None and wide["spill_store_bytes"] == 0, wide
+
+
+def test_split_reduce_never_spills(resources):
+    """At every padded head_dim the reduce's step (16 rows x reduce_splits x BLOCK_D fp32) and its un-rotation
+    slice of R fit in registers: 4 splits a step at d=256 spilled 584 bytes."""
+    assert sorted(r["block_d"] for r in resources["reduce"]) == sorted(decode._TILES)
+    for r in resources["reduce"]:
+        assert r["spill_store_bytes"] == 0 and r["registers"] <= 255, r

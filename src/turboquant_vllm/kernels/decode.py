@@ -45,7 +45,6 @@ class _Tiles:
     wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
-    rotation_stages: int = 3  # query rotation: slices of R loaded ahead (1: one L2 round trip after another)
     reduce_splits: int = 8  # splits the split-K reduce reads per step ([16 rows, this, BLOCK_D] fp32 in registers)
     reduce_rot_chunk: int = ROT_CHUNK  # columns of R per un-rotation step in the reduce (BLOCK_D: one dot)
 
@@ -59,17 +58,20 @@ class _Tiles:
 # Swapped MMA operands (decode_h200_2026-12-01a/b.json): Triton then emits Hopper wgmma for the decode tile; capped
 # at 168 registers (3 programs per SM) 16 x 32K took 507 us against 712 us unswapped and 718 us swapped uncapped
 # (176 registers after rounding: 2 per SM); 1 x 32K (wide tiles, no cap) 59 us against 63 us.
+# The split-K reduce (decode_h200_2026-12-01d.json): un-rotating with the whole of R in one dot instead of 16-column
+# slices took 1 x 4K from 32.7 to 27.7 us (attention + reduce) and 1 x 32K from 59.8 to 54.9 us; how many splits it
+# reads per step matters less (1: 30.4 us). Up to d=128 R fits one dot; reduce_splits keeps the reduce unspilled.
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of _attention_meta that are compile options
 _TILES = {
-    32: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=32),
-    64: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=16),
+    32: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=32, reduce_rot_chunk=32),
+    64: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=16, reduce_rot_chunk=64),
     128: _Tiles(
         64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, reduce_splits=2, reduce_rot_chunk=128
-    ),
-    256: _Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=4),
-    512: _Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=2),
+    ),  # fmt: skip
+    256: _Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
+    512: _Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
 }
 
 
@@ -179,7 +181,7 @@ def _attention_kernel(
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
     PREFETCH: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
-    SWAP_AB: tl.constexpr, ROT_STAGES: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -229,7 +231,7 @@ def _attention_kernel(
             PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
             V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
     q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
-                         HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC, ROT_STAGES)  # fmt: skip
+                         HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
     q_rot = q_rot * qk_scale  # log2 units: softmax uses exp2
     if HAS_KEY_OFFSET:
         q_dot_off = tl.sum(q_rot * tl.load(koff_ptr + kh * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :], 1)
@@ -345,7 +347,7 @@ def _attention_meta(
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
-        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, ROT_STAGES=tiles.rotation_stages,
+        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if cap:

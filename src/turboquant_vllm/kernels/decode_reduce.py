@@ -20,16 +20,14 @@ def _rotate_rows(
     CHUNK: tl.constexpr,
     ROWS: tl.constexpr,
     PREC: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """x @ R.T, fp32 [ROWS, BLOCK_D] (0 past HEAD_DIM), summed over CHUNK-wide slices of the contraction.
 
-    x is read from memory slice by slice so R never sits whole in registers; STAGES > 1 loads the next
-    slices ahead (cp.async) even inside a kernel whose other loops are not pipelined.
+    x is read from memory slice by slice so R never sits whole in registers.
     """
     col = tl.arange(0, BLOCK_D)
     y = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for c0 in tl.range(0, HEAD_DIM, CHUNK, num_stages=STAGES):
+    for c0 in range(0, HEAD_DIM, CHUNK):
         k = c0 + tl.arange(0, CHUNK)
         k_ok = k < HEAD_DIM
         x = tl.load(ptr + row_off[:, None] + k[None, :] * stride_d, mask=row_ok[:, None] & k_ok[None, :], other=0.0)

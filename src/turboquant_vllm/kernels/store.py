@@ -13,7 +13,6 @@ from turboquant_vllm.quantizer import TINY_NORM
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DOT_PRECISION = "ieee"  # full fp32 rotation: tf32 would move coordinates across codebook boundaries
-ROTATION_STAGES = 3  # slices of R and of the inputs loaded ahead (cp.async); a decode step's store is a latency chain
 
 
 @triton.jit
@@ -102,7 +101,6 @@ def _store_kv_kernel(
     TINY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_KEY_OFFSET: tl.constexpr,
-    ROTATION_STAGES: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tok < num_tokens
@@ -135,7 +133,7 @@ def _store_kv_kernel(
         # so the fp32 FMA dot keeps a small operand footprint.
         k_rot = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
         v_rot = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
-        for k0 in tl.range(0, HEAD_DIM, BLOCK_K, num_stages=ROTATION_STAGES):
+        for k0 in range(0, HEAD_DIM, BLOCK_K):
             kd = k0 + tl.arange(0, BLOCK_K)
             kd_ok = kd < HEAD_DIM
             chunk_mask = live[:, None] & kd_ok[None, :]
@@ -268,6 +266,5 @@ def store_kv(
         TINY=TINY_NORM,
         DOT_PRECISION=DOT_PRECISION,
         HAS_KEY_OFFSET=offset is not None,
-        ROTATION_STAGES=ROTATION_STAGES,
         num_warps=num_warps,
     )
