@@ -278,6 +278,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"reduce_splits": 1},  # the split-K reduce reads one split per step
         {"reduce_splits": 8, "reduce_rot_chunk": 16},  # the reduce un-rotates 16 columns of R per step
         {"reduce_splits": 4},
+        {"unrotated_partials": True},  # each split un-rotates its own output; the reduce is a plain weighted sum
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]

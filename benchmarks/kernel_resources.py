@@ -126,19 +126,13 @@ def compile_attention(
     }  # fmt: skip
 
 
-def compile_reduce(block_d: int) -> dict:
-    """The split-K reduce as paged_attention launches it for bf16 output at one padded head_dim."""
+def compile_reduce(block_d: int, plain: bool = False) -> dict:
+    """The split-K reduce as paged_attention launches it for bf16 output at one padded head_dim; `plain` when the
+    split programs stored un-rotated partials (`_Tiles.unrotated_partials`)."""
     tiles = decode._TILES[block_d]
-    meta = dict(
-        NUM_HEADS=32,
-        HEAD_DIM=block_d,
-        BLOCK_D=block_d,
-        BLOCK_R=decode_reduce.REDUCE_BLOCK_R,
-        STEP_SPLITS=tiles.reduce_splits,
-        ROT_CHUNK=tiles.reduce_rot_chunk,
-        OP_DTYPE=tl.float16,
-        PREC="tf32",
-    )
+    block_r, step_splits = decode.reduce_tile(tiles, block_d, plain)
+    meta = dict(NUM_HEADS=32, HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_R=block_r, STEP_SPLITS=step_splits,
+                ROTATED=not plain, ROT_CHUNK=tiles.reduce_rot_chunk, OP_DTYPE=tl.float16, PREC="tf32")  # fmt: skip
     fn = decode_reduce._reduce_splits_kernel
     pointers = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32")
     pointers |= {"out_ptr": "*bf16", "qsl_ptr": "*i32"}
@@ -146,7 +140,7 @@ def compile_reduce(block_d: int) -> dict:
     constexprs = {(fn.arg_names.index(k),): v for k, v in meta.items()}
     kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": decode_reduce.REDUCE_NUM_WARPS})  # fmt: skip
-    return {"kernel": "reduce", "block_d": block_d, "step_splits": tiles.reduce_splits,
+    return {"kernel": "reduce", "block_d": block_d, "plain": plain, "rows": block_r, "step_splits": step_splits,
             "rot_chunk": tiles.reduce_rot_chunk, **ptxas_report(kernel.asm["ptx"], "sm_90a")}  # fmt: skip
 
 
@@ -164,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             {"swap_ab": False, "maxnreg": None},
             {"swap_ab": False, "maxnreg": 128},
             {"block_n": 32},
+            {"unrotated_partials": True},
         )  # fmt: skip
     ]
+    cases += [(128, 32, 8, wide, {"unrotated_partials": True})]
     cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
     rows = []
     for case in cases:
@@ -175,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}", flush=True)  # fmt: skip
-    reduce_rows = [compile_reduce(block_d) for block_d in sorted(decode._TILES)]
+    reduce_rows = [compile_reduce(block_d, plain) for block_d in sorted(decode._TILES) for plain in (False, True)]
     for r in reduce_rows:
-        print(f"reduce BLOCK_D={r['block_d']} ({r['step_splits']} splits a step, R in {r['rot_chunk']}-column slices): "
+        how = "plain sum" if r["plain"] else f"R in {r['rot_chunk']}-column slices"
+        print(f"reduce BLOCK_D={r['block_d']} ({r['rows']} rows, {r['step_splits']} splits a step, {how}): "
               f"{r['registers']} regs, {r['spill_store_bytes']} B spilled", flush=True)  # fmt: skip
     if args.out:
         result = {"benchmark": "kernel_resources", "target": "sm_90a (compiled, not run)", "triton": triton.__version__,

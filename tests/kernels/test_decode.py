@@ -241,6 +241,19 @@ def test_reduce_reads_splits_in_steps(device):
     assert_matches(b.run(num_splits=21, workspace=ws), b.expected(), TOL_FP32)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_unrotated_partials_agree(device, monkeypatch, head_dim):
+    """Split programs that normalise and un-rotate their own partials (the reduce then a plain weighted sum,
+    4 rows a program) compute the same attention; NaN in unused workspace never reaches the output."""
+    monkeypatch.setitem(decode._TILES, head_dim, dataclasses.replace(decode._TILES[head_dim], unrotated_partials=True))
+    b = make_batch(device, [700, 5, 130], [1, 1, 1], head_dim=head_dim, seed=24)
+    ws = AttentionWorkspace.allocate(3, 4, head_dim, 40, device)
+    for t in (ws.acc, ws.row_max, ws.row_sum):
+        t.fill_(float("nan"))
+    for num_splits in (3, 37):  # 37: past one plain step's splits at d=128 (32)
+        assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32)
+
+
 def test_strided_views(device):
     """query/key/value as column slices of one fused qkv buffer, out as a slice of a wider buffer."""
     b = make_batch(device, [25, 18], [1, 4], num_heads=4, num_kv_heads=2, seed=9)
@@ -366,12 +379,13 @@ ptrs |= dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr"), "*fp32")
 ptrs |= {"cache_ptr": "*u8", "lut_ptr": "*i32", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32"}
 ptrs |= {"qk_scale": "fp32"}
 build(decode._attention_kernel, ptrs, meta, options)
-meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=decode_reduce.REDUCE_BLOCK_R,
-            STEP_SPLITS=decode._TILES[128].reduce_splits,
-            ROT_CHUNK=decode._TILES[128].reduce_rot_chunk, OP_DTYPE=tl.float16, PREC="tf32")
 ptrs = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32") | {"out_ptr": "*bf16"}
-build(decode_reduce._reduce_splits_kernel, ptrs | {"qsl_ptr": "*i32"}, meta,
-      {"num_warps": decode_reduce.REDUCE_NUM_WARPS})
+for plain in (False, True):
+    block_r, step = decode.reduce_tile(decode._TILES[128], 128, plain)
+    meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=block_r, STEP_SPLITS=step, ROTATED=not plain,
+                ROT_CHUNK=decode._TILES[128].reduce_rot_chunk, OP_DTYPE=tl.float16, PREC="tf32")
+    build(decode_reduce._reduce_splits_kernel, ptrs | {"qsl_ptr": "*i32"}, meta,
+          {"num_warps": decode_reduce.REDUCE_NUM_WARPS})
 print("compiled")
 """
 

@@ -13,6 +13,8 @@ from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode_reduce import (
     REDUCE_BLOCK_R,
     REDUCE_NUM_WARPS,
+    REDUCE_PLAIN_ELEMENTS,
+    REDUCE_PLAIN_ROWS,
     _reduce_splits_kernel,
     _rotate_rows,
     _store_unrotated,
@@ -47,6 +49,7 @@ class _Tiles:
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
     reduce_splits: int = 8  # splits the split-K reduce reads per step ([16 rows, this, BLOCK_D] fp32 in registers)
     reduce_rot_chunk: int = ROT_CHUNK  # columns of R per un-rotation step in the reduce (BLOCK_D: one dot)
+    unrotated_partials: bool = False  # split programs un-rotate their own partials; the reduce needs no R
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
@@ -102,6 +105,13 @@ class AttentionWorkspace:
     @property
     def max_splits(self) -> int:
         return self.acc.shape[2]
+
+
+def reduce_tile(tiles: _Tiles, block_d: int, plain: bool) -> tuple[int, int]:
+    """(rows per program, splits per step) of the split-K reduce; a plain weighted sum has no 16-row dot."""
+    if not plain:
+        return REDUCE_BLOCK_R, tiles.reduce_splits
+    return REDUCE_PLAIN_ROWS, max(1, REDUCE_PLAIN_ELEMENTS // (REDUCE_PLAIN_ROWS * block_d))
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int, head_dim: int = 128) -> int:
@@ -181,7 +191,7 @@ def _attention_kernel(
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
     PREFETCH: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -306,8 +316,13 @@ def _attention_kernel(
         tl.store(ws_max_ptr + stat_off, m_i, mask=row_ok)
         tl.store(ws_sum_ptr + stat_off, l_i, mask=row_ok)
         acc_off = tok * stride_at + head * stride_ah + split * stride_as
-        tl.store(ws_acc_ptr + acc_off[:, None] + dim[None, :], acc,
-                 mask=(row_ok & (l_i > 0))[:, None] & dim_ok[None, :])  # fmt: skip
+        if UNROTATED_PARTIALS:  # normalised and in the original basis: the reduce is then a plain weighted sum
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            _store_unrotated(ws_acc_ptr, acc_off, row_ok & (l_i > 0), 1, o, rot_ptr, stride_r0, stride_r1,
+                             HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
+        else:
+            tl.store(ws_acc_ptr + acc_off[:, None] + dim[None, :], acc,
+                     mask=(row_ok & (l_i > 0))[:, None] & dim_ok[None, :])  # fmt: skip
 
 
 def _attention_meta(
@@ -347,7 +362,7 @@ def _attention_meta(
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
-        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut,
+        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=tiles.unrotated_partials,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if cap:
@@ -463,11 +478,12 @@ def paged_attention(
     if fused:
         return
     num_rows = num_tokens * num_heads
-    tiles = _TILES[meta["BLOCK_D"]]
-    _reduce_splits_kernel[reduce_grid(num_rows)](
+    plain = meta["UNROTATED_PARTIALS"]
+    block_r, step_splits = reduce_tile(_TILES[meta["BLOCK_D"]], meta["BLOCK_D"], plain)
+    _reduce_splits_kernel[reduce_grid(num_rows, block_r)](
         acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
         num_seqs, num_rows, num_splits, *acc_strides, *stat_strides, *out.stride(), rot.stride(0), rot.stride(1),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_R=REDUCE_BLOCK_R,
-        STEP_SPLITS=tiles.reduce_splits, ROT_CHUNK=tiles.reduce_rot_chunk, OP_DTYPE=meta["OP_DTYPE"],
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_R=block_r, STEP_SPLITS=step_splits,
+        ROTATED=not plain, ROT_CHUNK=_TILES[meta["BLOCK_D"]].reduce_rot_chunk, OP_DTYPE=meta["OP_DTYPE"],
         PREC=meta["PREC"], num_warps=REDUCE_NUM_WARPS,
     )  # fmt: skip

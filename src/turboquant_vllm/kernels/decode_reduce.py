@@ -102,14 +102,16 @@ def _reduce_splits_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     STEP_SPLITS: tl.constexpr,
+    ROTATED: tl.constexpr,
     ROT_CHUNK: tl.constexpr,
     OP_DTYPE: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """One (token, head) row per tile row: merge the splits' softmax partials, rotate back, store.
 
-    STEP_SPLITS splits are read per step with independent loads: a one-sequence decode has 32 splits,
-    and reading them one at a time made this launch a chain of 32 L2 round trips.
+    ROTATED: partials are unnormalised sums in the rotated basis, un-rotated here after the merge;
+    otherwise each split stored its normalised output in the original basis and this is a weighted sum.
+    STEP_SPLITS splits are read per step with independent loads.
     """
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     tok = (row // NUM_HEADS).to(tl.int64)
@@ -135,19 +137,28 @@ def _reduce_splits_kernel(
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_run - m_ref)
         beta = tl.exp2(m_s - m_ref[:, None])
+        if not ROTATED:
+            a_s = a_s * l_s[:, :, None]
         # Splits that saw no token (l_s == 0) never stored their acc: whatever is there must not reach the sum.
         a_s = tl.where((l_s > 0)[:, :, None], a_s * beta[:, :, None], 0.0)
         acc = acc * alpha[:, None] + tl.sum(a_s, 1)
         l_run = l_run * alpha + tl.sum(l_s * beta, 1)
         m_run = m_new
     o = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
-    _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
-                     HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
+    out_off = tok * stride_ot + head * stride_oh
+    if ROTATED:
+        _store_unrotated(out_ptr, out_off, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
+                         HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
+    else:
+        tl.store(out_ptr + out_off[:, None] + dim[None, :] * stride_od, o.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None] & dim_ok[None, :])  # fmt: skip
 
 
-REDUCE_BLOCK_R = 16
+REDUCE_BLOCK_R = 16  # rows per program when the reduce un-rotates (a dot needs 16)
+REDUCE_PLAIN_ROWS = 4  # rows per program for a plain weighted sum: more programs for a one-sequence batch
+REDUCE_PLAIN_ELEMENTS = 16384  # fp32 values of one plain step, [rows, splits, BLOCK_D]: 64 a thread at 8 warps
 REDUCE_NUM_WARPS = 8
 
 
-def reduce_grid(num_rows: int) -> tuple[int]:
-    return (triton.cdiv(num_rows, REDUCE_BLOCK_R),)
+def reduce_grid(num_rows: int, block_r: int = REDUCE_BLOCK_R) -> tuple[int]:
+    return (triton.cdiv(num_rows, block_r),)
