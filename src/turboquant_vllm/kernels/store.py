@@ -129,26 +129,29 @@ def _store_kv_kernel(
         k_den = tl.maximum(k_norm, TINY)[:, None]
         v_den = tl.maximum(v_norm, TINY)[:, None]
 
-        # rotated = unit @ R.T, accumulated over BLOCK_K-wide slices of the unit vector (re-read, L1-hot)
-        # so the fp32 FMA dot keeps a small operand footprint.
+        # rotated = (x @ R.T) / norm, accumulated over BLOCK_K-wide slices of x (re-read, L1-hot) so the fp32 FMA
+        # dot keeps a small operand footprint. Dividing after the rotation takes one IEEE division per output
+        # coordinate; dividing each slice first repeated BLOCK_K of them in every thread that holds the slice.
         k_rot = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
         v_rot = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
         for k0 in range(0, HEAD_DIM, BLOCK_K):
             kd = k0 + tl.arange(0, BLOCK_K)
             kd_ok = kd < HEAD_DIM
             chunk_mask = live[:, None] & kd_ok[None, :]
-            k_unit = tl.load(k_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
+            k_part = tl.load(k_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
             if HAS_KEY_OFFSET:
-                k_unit -= shift[:, None] * tl.load(koff_ptr + head * HEAD_DIM + kd, mask=kd_ok, other=0.0)[None, :]
-            v_unit = tl.load(v_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
+                k_part -= shift[:, None] * tl.load(koff_ptr + head * HEAD_DIM + kd, mask=kd_ok, other=0.0)[None, :]
+            v_part = tl.load(v_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
             # rot_t[i, j] = R[j, k0 + i]
             rot_t = tl.load(
                 rot_ptr + dim[None, :] * stride_rot_0 + kd[:, None] * stride_rot_1,
                 mask=kd_ok[:, None] & dim_ok[None, :],
                 other=0.0,
             )
-            k_rot = _rotate_step(tl.math.div_rn(k_unit, k_den), rot_t, k_rot, BLOCK_T, DOT_PRECISION)
-            v_rot = _rotate_step(tl.math.div_rn(v_unit, v_den), rot_t, v_rot, BLOCK_T, DOT_PRECISION)
+            k_rot = _rotate_step(k_part, rot_t, k_rot, BLOCK_T, DOT_PRECISION)
+            v_rot = _rotate_step(v_part, rot_t, v_rot, BLOCK_T, DOT_PRECISION)
+        k_rot = tl.math.div_rn(k_rot, k_den)
+        v_rot = tl.math.div_rn(v_rot, v_den)
 
         k_idx, k_cent = _bucketize(k_rot, k_bnd_ptr, k_cent_ptr, K_BITS)
         v_idx, v_cent = _bucketize(v_rot, v_bnd_ptr, v_cent_ptr, V_BITS)
