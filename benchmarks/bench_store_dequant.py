@@ -20,7 +20,6 @@ from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.kernels.store import store_kv
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SMALL_STORE_TOKENS = 128  # decode-sized batches
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -130,7 +129,7 @@ def bench_case(k_bits: int, v_bits: int, num_tokens: int, args: argparse.Namespa
             "total_gbps": gbps(cache_bytes + input_bytes, store_ms),
         },
     }
-    if num_tokens <= SMALL_STORE_TOKENS:  # evidence for store._launch_params where the store is a latency chain
+    if num_tokens < store.LARGE_BATCH_TOKENS:  # decode-sized launch shapes, where the store is a latency chain
         row["store_variants"] = store_variants(lambda: store_kv(codec, key, value, cache, slots), num_tokens, args)
     hadamard = KVCodec(TQConfig(k_bits=k_bits, v_bits=v_bits, rotation="hadamard"), h, d, "cuda")
     had_ms = bench(lambda: store_kv(hadamard, key, value, cache, slots), args)

@@ -129,19 +129,17 @@ def compile_attention(
 def compile_reduce(block_d: int, plain: bool = False) -> dict:
     """The split-K reduce as paged_attention launches it for bf16 output at one padded head_dim; `plain` when the
     split programs stored un-rotated partials (`_Tiles.unrotated_partials`)."""
-    tiles = decode._TILES[block_d]
-    block_r, step_splits = decode.reduce_tile(tiles, block_d, plain)
-    meta = dict(NUM_HEADS=32, HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_R=block_r, STEP_SPLITS=step_splits,
-                ROTATED=not plain, ROT_CHUNK=tiles.reduce_rot_chunk, OP_DTYPE=tl.float16, PREC="tf32")  # fmt: skip
+    meta = decode._reduce_meta(32, block_d, block_d, plain, tl.float16, "tf32")
+    options = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
     fn = decode_reduce._reduce_splits_kernel
     pointers = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32")
     pointers |= {"out_ptr": "*bf16", "qsl_ptr": "*i32"}
     signature = {n: "constexpr" if n in meta else pointers.get(n, "i32") for n in fn.arg_names}
     constexprs = {(fn.arg_names.index(k),): v for k, v in meta.items()}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": decode_reduce.REDUCE_NUM_WARPS})  # fmt: skip
-    return {"kernel": "reduce", "block_d": block_d, "plain": plain, "rows": block_r, "step_splits": step_splits,
-            "rot_chunk": tiles.reduce_rot_chunk, **ptxas_report(kernel.asm["ptx"], "sm_90a")}  # fmt: skip
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+    return {"kernel": "reduce", "block_d": block_d, "plain": plain, "rows": meta["BLOCK_R"],
+            "step_splits": meta["STEP_SPLITS"], "rot_chunk": meta["ROT_CHUNK"],
+            **ptxas_report(kernel.asm["ptx"], "sm_90a")}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

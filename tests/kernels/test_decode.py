@@ -381,11 +381,9 @@ ptrs |= {"qk_scale": "fp32"}
 build(decode._attention_kernel, ptrs, meta, options)
 ptrs = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32") | {"out_ptr": "*bf16"}
 for plain in (False, True):
-    block_r, step = decode.reduce_tile(decode._TILES[128], 128, plain)
-    meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=block_r, STEP_SPLITS=step, ROTATED=not plain,
-                ROT_CHUNK=decode._TILES[128].reduce_rot_chunk, OP_DTYPE=tl.float16, PREC="tf32")
-    build(decode_reduce._reduce_splits_kernel, ptrs | {"qsl_ptr": "*i32"}, meta,
-          {"num_warps": decode_reduce.REDUCE_NUM_WARPS})
+    meta = decode._reduce_meta(32, 128, 128, plain, tl.float16, "tf32")
+    options = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
+    build(decode_reduce._reduce_splits_kernel, ptrs | {"qsl_ptr": "*i32"}, meta, options)
 print("compiled")
 """
 

@@ -41,8 +41,8 @@ def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(resources):
 
 
 def test_split_reduce_never_spills(resources):
-    """At every padded head_dim the reduce's step (16 rows x reduce_splits x BLOCK_D fp32) and its un-rotation
-    slice of R fit in registers: 4 splits a step at d=256 spilled 584 bytes."""
+    """At every padded head_dim, un-rotating or plain, the reduce's step (rows x splits x BLOCK_D fp32) and its
+    un-rotation slice of R fit in registers: 4 splits a step at d=256 spilled 584 bytes."""
     assert sorted(r["block_d"] for r in resources["reduce"]) == sorted(2 * list(decode._TILES))
     for r in resources["reduce"]:
         assert r["spill_store_bytes"] == 0 and r["registers"] <= 255, r

@@ -107,11 +107,24 @@ class AttentionWorkspace:
         return self.acc.shape[2]
 
 
-def reduce_tile(tiles: _Tiles, block_d: int, plain: bool) -> tuple[int, int]:
-    """(rows per program, splits per step) of the split-K reduce; a plain weighted sum has no 16-row dot."""
-    if not plain:
-        return REDUCE_BLOCK_R, tiles.reduce_splits
-    return REDUCE_PLAIN_ROWS, max(1, REDUCE_PLAIN_ELEMENTS // (REDUCE_PLAIN_ROWS * block_d))
+def _reduce_meta(
+    num_heads: int, head_dim: int, block_d: int, plain: bool, op_dtype: tl.dtype, prec: str
+) -> dict[str, Any]:
+    """Compile-time parameters and launch options of _reduce_splits_kernel (shared with compile checks).
+
+    plain: the split programs stored normalised, un-rotated partials, so the reduce is a weighted sum with no
+    16-row dot: fewer rows a program, more splits a step.
+    """
+    tiles = _TILES[block_d]
+    if plain:
+        block_r, step_splits = REDUCE_PLAIN_ROWS, max(1, REDUCE_PLAIN_ELEMENTS // (REDUCE_PLAIN_ROWS * block_d))
+    else:
+        block_r, step_splits = REDUCE_BLOCK_R, tiles.reduce_splits
+    return dict(
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, STEP_SPLITS=step_splits,
+        ROTATED=not plain, ROT_CHUNK=tiles.reduce_rot_chunk, OP_DTYPE=op_dtype, PREC=prec,
+        num_warps=REDUCE_NUM_WARPS,
+    )  # fmt: skip
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int, head_dim: int = 128) -> int:
@@ -307,8 +320,9 @@ def _attention_kernel(
                                    stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
             acc = acc * alpha[:, None] + p_new * v_rot[None, :]
 
-    if FUSED:
+    if FUSED or UNROTATED_PARTIALS:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if FUSED:
         _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, row_ok, stride_od, o, rot_ptr, stride_r0,
                          stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
     else:
@@ -317,7 +331,6 @@ def _attention_kernel(
         tl.store(ws_sum_ptr + stat_off, l_i, mask=row_ok)
         acc_off = tok * stride_at + head * stride_ah + split * stride_as
         if UNROTATED_PARTIALS:  # normalised and in the original basis: the reduce is then a plain weighted sum
-            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             _store_unrotated(ws_acc_ptr, acc_off, row_ok & (l_i > 0), 1, o, rot_ptr, stride_r0, stride_r1,
                              HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
         else:
@@ -478,12 +491,10 @@ def paged_attention(
     if fused:
         return
     num_rows = num_tokens * num_heads
-    plain = meta["UNROTATED_PARTIALS"]
-    block_r, step_splits = reduce_tile(_TILES[meta["BLOCK_D"]], meta["BLOCK_D"], plain)
-    _reduce_splits_kernel[reduce_grid(num_rows, block_r)](
+    reduce_meta = _reduce_meta(num_heads, head_dim, meta["BLOCK_D"], meta["UNROTATED_PARTIALS"], meta["OP_DTYPE"],
+                               meta["PREC"])  # fmt: skip
+    _reduce_splits_kernel[reduce_grid(num_rows, reduce_meta["BLOCK_R"])](
         acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
         num_seqs, num_rows, num_splits, *acc_strides, *stat_strides, *out.stride(), rot.stride(0), rot.stride(1),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_R=block_r, STEP_SPLITS=step_splits,
-        ROTATED=not plain, ROT_CHUNK=_TILES[meta["BLOCK_D"]].reduce_rot_chunk, OP_DTYPE=meta["OP_DTYPE"],
-        PREC=meta["PREC"], num_warps=REDUCE_NUM_WARPS,
+        **reduce_meta,
     )  # fmt: skip
