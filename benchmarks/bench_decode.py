@@ -278,7 +278,10 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"reduce_splits": 1},  # the split-K reduce reads one split per step
         {"reduce_splits": 8, "reduce_rot_chunk": 16},  # the reduce un-rotates 16 columns of R per step
         {"reduce_splits": 4},
-        {"unrotated_partials": True},  # each split un-rotates its own output; the reduce is a plain weighted sum
+        {"unrotated_min_splits": 2},  # every split launch un-rotates in the split programs; a plain-sum reduce
+        {"unrotated_min_splits": None},  # the reduce always un-rotates the merged rows
+        {"reduce_plain_rows": 1},  # rows a program of the plain-sum reduce
+        {"reduce_plain_rows": 2},
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]

@@ -128,7 +128,7 @@ def compile_attention(
 
 def compile_reduce(block_d: int, plain: bool = False) -> dict:
     """The split-K reduce as paged_attention launches it for bf16 output at one padded head_dim; `plain` when the
-    split programs stored un-rotated partials (`_Tiles.unrotated_partials`)."""
+    split programs stored un-rotated partials (`_Tiles.unrotated_min_splits`)."""
     meta = decode._reduce_meta(32, block_d, block_d, plain, tl.float16, "tf32")
     options = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
     fn = decode_reduce._reduce_splits_kernel
@@ -156,10 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             {"swap_ab": False, "maxnreg": None},
             {"swap_ab": False, "maxnreg": 128},
             {"block_n": 32},
-            {"unrotated_partials": True},
+            {"unrotated_min_splits": 2},
         )  # fmt: skip
     ]
-    cases += [(128, 32, 8, wide, {"unrotated_partials": True})]
     cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
     rows = []
     for case in cases:

@@ -241,16 +241,22 @@ def test_reduce_reads_splits_in_steps(device):
     assert_matches(b.run(num_splits=21, workspace=ws), b.expected(), TOL_FP32)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_unrotated_partials_agree(device, monkeypatch, head_dim):
-    """Split programs that normalise and un-rotate their own partials (the reduce then a plain weighted sum,
-    4 rows a program) compute the same attention; NaN in unused workspace never reaches the output."""
-    monkeypatch.setitem(decode._TILES, head_dim, dataclasses.replace(decode._TILES[head_dim], unrotated_partials=True))
+@pytest.mark.parametrize(
+    ("head_dim", "change"),
+    [(64, {"unrotated_min_splits": 2}), (128, {}), (128, {"unrotated_min_splits": 2, "reduce_plain_rows": 1})],
+)
+def test_unrotated_partials_agree(device, monkeypatch, head_dim, change):
+    """Split programs that normalise and un-rotate their own partials (the reduce then a plain weighted sum)
+    compute the same attention; NaN in unused workspace never reaches the output. d=128 as configured: the
+    switch happens at unrotated_min_splits, so 3 splits take the rotated reduce and 37 the plain one."""
+    tiles = dataclasses.replace(decode._TILES[head_dim], **change)
+    monkeypatch.setitem(decode._TILES, head_dim, tiles)
     b = make_batch(device, [700, 5, 130], [1, 1, 1], head_dim=head_dim, seed=24)
     ws = AttentionWorkspace.allocate(3, 4, head_dim, 40, device)
     for t in (ws.acc, ws.row_max, ws.row_sum):
         t.fill_(float("nan"))
-    for num_splits in (3, 37):  # 37: past one plain step's splits at d=128 (32)
+    for num_splits in (3, 37):  # 37: past one plain step's splits (at most MAX_SPLITS a step)
+        assert decode._unrotated_partials(tiles, num_splits) == (num_splits >= tiles.unrotated_min_splits)
         assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32)
 
 

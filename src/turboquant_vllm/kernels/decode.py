@@ -49,7 +49,10 @@ class _Tiles:
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
     reduce_splits: int = 8  # splits the split-K reduce reads per step ([16 rows, this, BLOCK_D] fp32 in registers)
     reduce_rot_chunk: int = ROT_CHUNK  # columns of R per un-rotation step in the reduce (BLOCK_D: one dot)
-    unrotated_partials: bool = False  # split programs un-rotate their own partials; the reduce needs no R
+    # Launches with at least this many splits have each split program normalise and un-rotate its own output,
+    # so the reduce is a plain weighted sum of reduce_plain_rows rows a program with no R (None: never).
+    unrotated_min_splits: int | None = None
+    reduce_plain_rows: int = REDUCE_PLAIN_ROWS
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
@@ -64,6 +67,9 @@ class _Tiles:
 # The split-K reduce (decode_h200_2026-12-01d.json): un-rotating with the whole of R in one dot instead of 16-column
 # slices took 1 x 4K from 32.7 to 27.7 us (attention + reduce) and 1 x 32K from 59.8 to 54.9 us; how many splits it
 # reads per step matters less (1: 30.4 us). Up to d=128 R fits one dot; reduce_splits keeps the reduce unspilled.
+# Un-rotating in the split programs instead (decode_h200_2026-12-01f.json) pays at 32 splits, where the reduce is
+# what a one-sequence step waits for: 1 x 4K 27.3 -> 24.1 us, 1 x 32K 54.5 -> 51.8 us; with the 3 splits of a
+# 16-sequence batch it costs (16 x 4K 81.7 -> 88.2 us, 16 x 32K 503 -> 517 us).
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of _attention_meta that are compile options
@@ -71,7 +77,8 @@ _TILES = {
     32: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=32, reduce_rot_chunk=32),
     64: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=16, reduce_rot_chunk=64),
     128: _Tiles(
-        64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, reduce_splits=2, reduce_rot_chunk=128
+        64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, reduce_splits=2,
+        reduce_rot_chunk=128, unrotated_min_splits=WIDE_MIN_SPLITS,
     ),  # fmt: skip
     256: _Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
     512: _Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
@@ -117,7 +124,8 @@ def _reduce_meta(
     """
     tiles = _TILES[block_d]
     if plain:
-        block_r, step_splits = REDUCE_PLAIN_ROWS, max(1, REDUCE_PLAIN_ELEMENTS // (REDUCE_PLAIN_ROWS * block_d))
+        block_r = tiles.reduce_plain_rows
+        step_splits = max(1, min(MAX_SPLITS, REDUCE_PLAIN_ELEMENTS // (block_r * block_d)))
     else:
         block_r, step_splits = REDUCE_BLOCK_R, tiles.reduce_splits
     return dict(
@@ -375,12 +383,17 @@ def _attention_meta(
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
-        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=tiles.unrotated_partials,
+        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=_unrotated_partials(tiles, num_splits),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if cap:
         meta["maxnreg"] = cap
     return meta
+
+
+def _unrotated_partials(tiles: _Tiles, num_splits: int) -> bool:
+    """Whether a split-K launch's split programs un-rotate their own partials (see _Tiles)."""
+    return num_splits > 1 and tiles.unrotated_min_splits is not None and num_splits >= tiles.unrotated_min_splits
 
 
 def _check_rows(name: str, x: torch.Tensor, rows: int, heads: int, head_dim: int) -> None:
