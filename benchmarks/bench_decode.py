@@ -280,8 +280,8 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"reduce_splits": 4},
         {"unrotated_min_splits": 2},  # every split launch un-rotates in the split programs; a plain-sum reduce
         {"unrotated_min_splits": None},  # the reduce always un-rotates the merged rows
-        {"reduce_plain_rows": 1},  # rows a program of the plain-sum reduce
-        {"reduce_plain_rows": 2},
+        {"unrotated_min_splits": None, "reduce_rows": 1},  # the reduce un-rotates one row a program, no dot
+        {"unrotated_min_splits": None, "reduce_rows": 4},
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]

@@ -126,10 +126,15 @@ def compile_attention(
     }  # fmt: skip
 
 
-def compile_reduce(block_d: int, plain: bool = False) -> dict:
+def compile_reduce(block_d: int, plain: bool = False, change: dict | None = None) -> dict:
     """The split-K reduce as paged_attention launches it for bf16 output at one padded head_dim; `plain` when the
-    split programs stored un-rotated partials (`_Tiles.unrotated_min_splits`)."""
-    meta = decode._reduce_meta(32, block_d, block_d, plain, tl.float16, "tf32")
+    split programs stored un-rotated partials (`_Tiles.unrotated_min_splits`); `change` alters the tiles."""
+    default = decode._TILES[block_d]
+    decode._TILES[block_d] = dataclasses.replace(default, **(change or {}))
+    try:
+        meta = decode._reduce_meta(32, block_d, block_d, plain, tl.float16, "tf32")
+    finally:
+        decode._TILES[block_d] = default
     options = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
     fn = decode_reduce._reduce_splits_kernel
     pointers = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32")
@@ -137,7 +142,7 @@ def compile_reduce(block_d: int, plain: bool = False) -> dict:
     signature = {n: "constexpr" if n in meta else pointers.get(n, "i32") for n in fn.arg_names}
     constexprs = {(fn.arg_names.index(k),): v for k, v in meta.items()}
     kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
-    return {"kernel": "reduce", "block_d": block_d, "plain": plain, "rows": meta["BLOCK_R"],
+    return {"kernel": "reduce", "block_d": block_d, "plain": plain, "change": change or {}, "rows": meta["BLOCK_R"],
             "step_splits": meta["STEP_SPLITS"], "rot_chunk": meta["ROT_CHUNK"],
             **ptxas_report(kernel.asm["ptx"], "sm_90a")}  # fmt: skip
 
@@ -169,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}", flush=True)  # fmt: skip
     reduce_rows = [compile_reduce(block_d, plain) for block_d in sorted(decode._TILES) for plain in (False, True)]
+    reduce_rows += [compile_reduce(block_d, False, {"reduce_rows": n}) for block_d in sorted(decode._TILES)
+                    for n in (1, 4)]  # fmt: skip
     for r in reduce_rows:
         how = "plain sum" if r["plain"] else f"R in {r['rot_chunk']}-column slices"
+        how += "" if r["plain"] or r["rows"] >= decode.REDUCE_BLOCK_R else " by multiply-adds"
         print(f"reduce BLOCK_D={r['block_d']} ({r['rows']} rows, {r['step_splits']} splits a step, {how}): "
               f"{r['registers']} regs, {r['spill_store_bytes']} B spilled", flush=True)  # fmt: skip
     if args.out:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+import triton.language as tl
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
@@ -257,6 +258,22 @@ def test_unrotated_partials_agree(device, monkeypatch, head_dim, change):
         t.fill_(float("nan"))
     for num_splits in (3, 37):  # 37: past one plain step's splits (at most MAX_SPLITS a step)
         assert decode._unrotated_partials(tiles, num_splits) == (num_splits >= tiles.unrotated_min_splits)
+        assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32)
+
+
+@pytest.mark.parametrize(("head_dim", "rows"), [(64, 1), (128, 4)])
+def test_reduce_unrotates_few_rows_without_a_dot(device, monkeypatch, head_dim, rows):
+    """The rotated reduce in programs of fewer than 16 rows un-rotates by fp32 multiply-adds in column chunks;
+    it must agree with the reference, with NaN left in unused workspace."""
+    tiles = dataclasses.replace(decode._TILES[head_dim], reduce_rows=rows, unrotated_min_splits=None)
+    monkeypatch.setitem(decode._TILES, head_dim, tiles)
+    meta = decode._reduce_meta(4, head_dim, head_dim, False, tl.float16, "tf32")
+    assert meta["ROTATED"] and not meta["UNROTATE_BY_DOT"] and meta["BLOCK_R"] == rows
+    b = make_batch(device, [700, 5, 130], [1, 1, 1], head_dim=head_dim, seed=25)
+    ws = AttentionWorkspace.allocate(3, 4, head_dim, 40, device)
+    for t in (ws.acc, ws.row_max, ws.row_sum):
+        t.fill_(float("nan"))
+    for num_splits in (3, 37):
         assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32)
 
 

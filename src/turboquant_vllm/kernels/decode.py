@@ -13,8 +13,8 @@ from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode_reduce import (
     REDUCE_BLOCK_R,
     REDUCE_NUM_WARPS,
-    REDUCE_PLAIN_ELEMENTS,
     REDUCE_PLAIN_ROWS,
+    REDUCE_STEP_ELEMENTS,
     _reduce_splits_kernel,
     _rotate_rows,
     _store_unrotated,
@@ -53,6 +53,7 @@ class _Tiles:
     # so the reduce is a plain weighted sum of reduce_plain_rows rows a program with no R (None: never).
     unrotated_min_splits: int | None = None
     reduce_plain_rows: int = REDUCE_PLAIN_ROWS
+    reduce_rows: int = REDUCE_BLOCK_R  # rows a program of the un-rotating reduce (below 16: no dot, see _reduce_meta)
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
@@ -69,20 +70,24 @@ class _Tiles:
 # reads per step matters less (1: 30.4 us). Up to d=128 R fits one dot; reduce_splits keeps the reduce unspilled.
 # Un-rotating in the split programs instead (decode_h200_2026-12-01f.json) pays at 32 splits, where the reduce is
 # what a one-sequence step waits for: 1 x 4K 27.3 -> 24.1 us, 1 x 32K 54.5 -> 51.8 us; with the 3 splits of a
-# 16-sequence batch it costs (16 x 4K 81.7 -> 88.2 us, 16 x 32K 503 -> 517 us).
+# 16-sequence batch it costs (16 x 4K 81.7 -> 88.2 us, 16 x 32K 503 -> 517 us). In the engine at 4K x 1
+# (engine_h200_2026-12-01f/g.json) the attention kernel went from 16.5 to 20.5 us a layer and the reduce from 11.6 to
+# 3.3 us: 5.74 -> 5.60 ms a token. The plain reduce's rows a program (1, 2, 4) measured equal (..._12-01g.json).
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of _attention_meta that are compile options
+# fmt: off
 _TILES = {
     32: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=32, reduce_rot_chunk=32),
     64: _Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=16, reduce_rot_chunk=64),
     128: _Tiles(
         64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, reduce_splits=2,
         reduce_rot_chunk=128, unrotated_min_splits=WIDE_MIN_SPLITS,
-    ),  # fmt: skip
+    ),
     256: _Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
     512: _Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
 }
+# fmt: on
 
 
 @dataclass
@@ -120,17 +125,18 @@ def _reduce_meta(
     """Compile-time parameters and launch options of _reduce_splits_kernel (shared with compile checks).
 
     plain: the split programs stored normalised, un-rotated partials, so the reduce is a weighted sum with no
-    16-row dot: fewer rows a program, more splits a step.
+    16-row dot: fewer rows a program, more splits a step. Otherwise tiles.reduce_rows picks the un-rotation:
+    a dot for 16-row programs, fp32 multiply-adds for fewer rows (more programs, each reading R once).
     """
     tiles = _TILES[block_d]
-    if plain:
-        block_r = tiles.reduce_plain_rows
-        step_splits = max(1, min(MAX_SPLITS, REDUCE_PLAIN_ELEMENTS // (block_r * block_d)))
-    else:
-        block_r, step_splits = REDUCE_BLOCK_R, tiles.reduce_splits
+    block_r = tiles.reduce_plain_rows if plain else tiles.reduce_rows
+    by_dot = not plain and block_r >= REDUCE_BLOCK_R
+    per_step = max(1, REDUCE_STEP_ELEMENTS // (block_r * block_d))  # splits (or R columns) a dot-free step takes
+    step_splits = tiles.reduce_splits if by_dot else min(MAX_SPLITS, per_step)
+    rot_chunk = tiles.reduce_rot_chunk if by_dot else min(block_d, max(1, per_step // 2))  # R slice + product
     return dict(
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, STEP_SPLITS=step_splits,
-        ROTATED=not plain, ROT_CHUNK=tiles.reduce_rot_chunk, OP_DTYPE=op_dtype, PREC=prec,
+        ROTATED=not plain, UNROTATE_BY_DOT=by_dot, ROT_CHUNK=rot_chunk, OP_DTYPE=op_dtype, PREC=prec,
         num_warps=REDUCE_NUM_WARPS,
     )  # fmt: skip
 

@@ -5,6 +5,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+REDUCE_BLOCK_R = 16  # rows per program when the reduce un-rotates by a dot (a dot needs 16)
+REDUCE_PLAIN_ROWS = 4  # rows per program for a plain weighted sum: more programs for a one-sequence batch
+REDUCE_STEP_ELEMENTS = 16384  # fp32 values of one step without a dot, [rows, splits or columns, BLOCK_D]: 64 a
+# thread at 8 warps
+REDUCE_NUM_WARPS = 8
+
 
 @triton.jit
 def _rotate_rows(
@@ -75,6 +81,39 @@ def _store_unrotated(
         )
 
 
+@triton.jit
+def _store_unrotated_fma(
+    out_ptr,
+    row_off,  # int64 [ROWS]
+    row_ok,  # bool [ROWS]
+    stride_d,
+    o,  # fp32 [ROWS, BLOCK_D], rotated basis (columns past HEAD_DIM are ignored)
+    rot_ptr,
+    stride_r0,
+    stride_r1,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Store o @ R in fp32 multiply-adds, CHUNK output columns at a time: for programs of fewer rows than a
+    dot takes (16), so a one-sequence batch's rows spread over many programs."""
+    k = tl.arange(0, BLOCK_D)
+    for c0 in range(0, HEAD_DIM, CHUNK):
+        n = c0 + tl.arange(0, CHUNK)
+        n_ok = n < HEAD_DIM
+        r = tl.load(
+            rot_ptr + k[:, None] * stride_r0 + n[None, :] * stride_r1,
+            mask=(k < HEAD_DIM)[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        y = tl.sum(o[:, :, None] * r[None, :, :], 1)
+        tl.store(
+            out_ptr + row_off[:, None] + n[None, :] * stride_d,
+            y.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & n_ok[None, :],
+        )
+
+
 @triton.jit(do_not_specialize=["num_seqs", "num_rows", "num_splits"])
 def _reduce_splits_kernel(
     ws_acc_ptr,  # fp32 [max_tokens, num_heads, max_splits, HEAD_DIM], rotated basis, unnormalised
@@ -103,14 +142,16 @@ def _reduce_splits_kernel(
     BLOCK_R: tl.constexpr,
     STEP_SPLITS: tl.constexpr,
     ROTATED: tl.constexpr,
+    UNROTATE_BY_DOT: tl.constexpr,  # BLOCK_R >= REDUCE_BLOCK_R
     ROT_CHUNK: tl.constexpr,
     OP_DTYPE: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """One (token, head) row per tile row: merge the splits' softmax partials, rotate back, store.
 
-    ROTATED: partials are unnormalised sums in the rotated basis, un-rotated here after the merge;
-    otherwise each split stored its normalised output in the original basis and this is a weighted sum.
+    ROTATED: partials are unnormalised sums in the rotated basis, un-rotated here after the merge (by a dot
+    for 16-row programs, by multiply-adds for fewer rows); otherwise each split stored its normalised output in
+    the original basis and this is a weighted sum.
     STEP_SPLITS splits are read per step with independent loads.
     """
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -146,18 +187,15 @@ def _reduce_splits_kernel(
         m_run = m_new
     o = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
     out_off = tok * stride_ot + head * stride_oh
-    if ROTATED:
+    if ROTATED and UNROTATE_BY_DOT:
         _store_unrotated(out_ptr, out_off, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
                          HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
+    elif ROTATED:
+        _store_unrotated_fma(out_ptr, out_off, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
+                             HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
     else:
         tl.store(out_ptr + out_off[:, None] + dim[None, :] * stride_od, o.to(out_ptr.dtype.element_ty),
                  mask=ok[:, None] & dim_ok[None, :])  # fmt: skip
-
-
-REDUCE_BLOCK_R = 16  # rows per program when the reduce un-rotates (a dot needs 16)
-REDUCE_PLAIN_ROWS = 4  # rows per program for a plain weighted sum: more programs for a one-sequence batch
-REDUCE_PLAIN_ELEMENTS = 16384  # fp32 values of one plain step, [rows, splits, BLOCK_D]: 64 a thread at 8 warps
-REDUCE_NUM_WARPS = 8
 
 
 def reduce_grid(num_rows: int, block_r: int = REDUCE_BLOCK_R) -> tuple[int]:
