@@ -282,6 +282,8 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"unrotated_min_splits": None},  # the reduce always un-rotates the merged rows
         {"unrotated_min_splits": None, "reduce_rows": 1},  # the reduce un-rotates one row a program, no dot
         {"unrotated_min_splits": None, "reduce_rows": 4},
+        {"prerotate_q_min_splits": 2},  # the step's queries rotated once in a launch of their own
+        {"prerotate_q_min_splits": 2, "unrotated_min_splits": None, "reduce_rows": 1},  # R read per row, not program
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]

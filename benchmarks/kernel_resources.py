@@ -34,7 +34,7 @@ POINTERS = {
     "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
     "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "rot_ptr": "*fp32", "k_cent_ptr": "*fp16", "v_cent_ptr": "*fp16",
     "out_ptr": "*bf16", "ws_acc_ptr": "*fp32", "ws_max_ptr": "*fp32", "ws_sum_ptr": "*fp32", "qk_scale": "fp32",
-    "koff_ptr": "*fp32", "lut_ptr": "*i32",
+    "koff_ptr": "*fp32", "lut_ptr": "*i32", "ws_q_ptr": "*fp32",
 }  # fmt: skip
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
@@ -162,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             {"swap_ab": False, "maxnreg": 128},
             {"block_n": 32},
             {"unrotated_min_splits": 2},
+            {"prerotate_q_min_splits": 2},
         )  # fmt: skip
     ]
+    cases += [(128, 32, 8, wide, {"prerotate_q_min_splits": 2})]
     cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
     rows = []
     for case in cases:

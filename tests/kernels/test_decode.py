@@ -257,7 +257,7 @@ def test_unrotated_partials_agree(device, monkeypatch, head_dim, change):
     for t in (ws.acc, ws.row_max, ws.row_sum):
         t.fill_(float("nan"))
     for num_splits in (3, 37):  # 37: past one plain step's splits (at most MAX_SPLITS a step)
-        assert decode._unrotated_partials(tiles, num_splits) == (num_splits >= tiles.unrotated_min_splits)
+        assert decode._at_least(tiles.unrotated_min_splits, num_splits) == (num_splits >= tiles.unrotated_min_splits)
         assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32)
 
 
@@ -275,6 +275,20 @@ def test_reduce_unrotates_few_rows_without_a_dot(device, monkeypatch, head_dim, 
         t.fill_(float("nan"))
     for num_splits in (3, 37):
         assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32)
+
+
+@pytest.mark.parametrize(("head_dim", "num_splits"), [(64, 3), (128, 37)])
+def test_prerotated_queries_agree(device, monkeypatch, head_dim, num_splits):
+    """Queries rotated once per step into the workspace (then read by every split program) give the same
+    attention, with prefill chunks in the batch and query rows of padding that are left alone."""
+    tiles = dataclasses.replace(decode._TILES[head_dim], prerotate_q_min_splits=2)
+    monkeypatch.setitem(decode._TILES, head_dim, tiles)
+    b = make_batch(device, [700, 5, 130], [1, 3, 1], head_dim=head_dim, extra_tokens=2, seed=26)
+    ws = AttentionWorkspace.allocate(8, 4, head_dim, 40, device)
+    ws.query.fill_(float("nan"))
+    assert decode._at_least(tiles.prerotate_q_min_splits, num_splits)
+    assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32, rows=5)
+    assert torch.isfinite(ws.query[:5]).all() and ws.query[7:].isnan().all()  # 5 query tokens + 2 of padding
 
 
 def test_strided_views(device):
@@ -329,11 +343,13 @@ def test_wide_tiles_only_for_heavily_split_launches(device):
 
 
 @pytest.mark.parametrize(
-    ("num_splits", "k_bits", "swap_ab"),
-    [(1, 4, False), (3, 4, False), (2, 2, False), (1, 3, False), (1, 4, True), (3, 3, True)],
-)
-def test_key_offset_scores_match_reference(device, monkeypatch, num_splits, k_bits, swap_ab):
-    monkeypatch.setitem(decode._TILES, 64, dataclasses.replace(decode._TILES[64], swap_ab=swap_ab))
+    ("num_splits", "k_bits", "swap_ab", "prerotate"),
+    [(1, 4, False, False), (3, 4, False, False), (2, 2, False, False), (1, 3, False, False), (1, 4, True, False),
+     (3, 3, True, False), (3, 4, True, True)],
+)  # fmt: skip
+def test_key_offset_scores_match_reference(device, monkeypatch, num_splits, k_bits, swap_ab, prerotate):
+    tiles = dataclasses.replace(decode._TILES[64], swap_ab=swap_ab, prerotate_q_min_splits=2 if prerotate else None)
+    monkeypatch.setitem(decode._TILES, 64, tiles)
     g = torch.Generator().manual_seed(31)
     num_kv_heads, head_dim, block_size = 2, 64, 16
     offset = torch.randn(num_kv_heads, head_dim, generator=g) * 1.5
@@ -398,7 +414,7 @@ assert meta["K_LUT"] and not meta["V_LUT"]  # the byte-permute lookups (PTX) com
 options = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
 ptrs = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*bf16")
 ptrs |= dict.fromkeys(("rot_ptr", "k_cent_ptr", "v_cent_ptr", "koff_ptr"), "*fp32")
-ptrs |= dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr"), "*fp32")
+ptrs |= dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "ws_q_ptr"), "*fp32")
 ptrs |= {"cache_ptr": "*u8", "lut_ptr": "*i32", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32"}
 ptrs |= {"qk_scale": "fp32"}
 build(decode._attention_kernel, ptrs, meta, options)
@@ -407,12 +423,15 @@ for plain in (False, True):
     meta = decode._reduce_meta(32, 128, 128, plain, tl.float16, "tf32")
     options = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
     build(decode_reduce._reduce_splits_kernel, ptrs | {"qsl_ptr": "*i32"}, meta, options)
+meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16, CHUNK=16, PREC="tf32")
+build(decode_reduce._rotate_queries_kernel, {"q_ptr": "*bf16", "out_ptr": "*fp32", "rot_ptr": "*fp32"}, meta, {})
 print("compiled")
 """
 
 
 def test_kernels_compile_for_hopper():
-    """bf16 split-K decode (with a key offset) and the split reduce lower to sm_90 cubins on the host, GPU or not.
+    """bf16 split-K decode (with a key offset), the split reduce and the query rotation lower to sm_90 cubins on
+    the host, GPU or not.
 
     The interpreter never exercises GPU lowering (nor the bf16 new-token dots, which run on GPUs
     only), so compile in a fresh process without TRITON_INTERPRET.

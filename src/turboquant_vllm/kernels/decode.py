@@ -16,6 +16,7 @@ from turboquant_vllm.kernels.decode_reduce import (
     REDUCE_PLAIN_ROWS,
     REDUCE_STEP_ELEMENTS,
     _reduce_splits_kernel,
+    _rotate_queries_kernel,
     _rotate_rows,
     _store_unrotated,
     reduce_grid,
@@ -54,6 +55,9 @@ class _Tiles:
     unrotated_min_splits: int | None = None
     reduce_plain_rows: int = REDUCE_PLAIN_ROWS
     reduce_rows: int = REDUCE_BLOCK_R  # rows a program of the un-rotating reduce (below 16: no dot, see _reduce_meta)
+    # Launches with at least this many splits rotate the step's queries once, in a launch of their own, instead of
+    # in every split program (None: never).
+    prerotate_q_min_splits: int | None = None
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
@@ -96,11 +100,13 @@ class AttentionWorkspace:
 
     acc: fp32 [max_tokens, num_heads, max_splits, head_dim], unnormalised, rotated basis.
     row_max, row_sum: fp32 [max_tokens, num_heads, max_splits], softmax max (log2 units) and sum.
+    query: fp32 [max_tokens, num_heads, head_dim], contiguous: the step's queries rotated once (q R^T).
     """
 
     acc: torch.Tensor
     row_max: torch.Tensor
     row_sum: torch.Tensor
+    query: torch.Tensor
 
     @classmethod
     def allocate(
@@ -108,7 +114,8 @@ class AttentionWorkspace:
     ) -> AttentionWorkspace:
         acc = torch.empty(max_tokens, num_heads, max_splits, head_dim, dtype=torch.float32, device=device)
         stats = torch.empty(2, max_tokens, num_heads, max_splits, dtype=torch.float32, device=device)
-        return cls(acc, stats[0], stats[1])
+        query = torch.empty(max_tokens, num_heads, head_dim, dtype=torch.float32, device=device)
+        return cls(acc, stats[0], stats[1], query)
 
     @property
     def max_tokens(self) -> int:
@@ -205,7 +212,7 @@ def _softmax_step(s, m_i, l_i, TOK_AXIS: tl.constexpr = 1):
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
-    rot_ptr, k_cent_ptr, v_cent_ptr, lut_ptr, koff_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr,
+    rot_ptr, k_cent_ptr, v_cent_ptr, lut_ptr, koff_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, ws_q_ptr,
     num_seqs, num_splits, qk_scale,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od, stride_bt,
@@ -218,7 +225,7 @@ def _attention_kernel(
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
     PREFETCH: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
-    SWAP_AB: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr,
+    SWAP_AB: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr, Q_ROTATED: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -267,8 +274,12 @@ def _attention_kernel(
             tile_lo, ctx_hi, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
             PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
             V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
-    q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
-                         HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
+    if Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr: contiguous [tokens, heads, HEAD_DIM]
+        q_rot_off = (tok * (GROUP * tl.num_programs(1)) + head) * HEAD_DIM
+        q_rot = tl.load(ws_q_ptr + q_rot_off[:, None] + dim[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    else:
+        q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
+                             HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
     q_rot = q_rot * qk_scale  # log2 units: softmax uses exp2
     if HAS_KEY_OFFSET:
         q_dot_off = tl.sum(q_rot * tl.load(koff_ptr + kh * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :], 1)
@@ -389,7 +400,8 @@ def _attention_meta(
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
-        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=_unrotated_partials(tiles, num_splits),
+        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=_at_least(tiles.unrotated_min_splits, num_splits),
+        Q_ROTATED=_at_least(tiles.prerotate_q_min_splits, num_splits),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if cap:
@@ -397,9 +409,9 @@ def _attention_meta(
     return meta
 
 
-def _unrotated_partials(tiles: _Tiles, num_splits: int) -> bool:
-    """Whether a split-K launch's split programs un-rotate their own partials (see _Tiles)."""
-    return num_splits > 1 and tiles.unrotated_min_splits is not None and num_splits >= tiles.unrotated_min_splits
+def _at_least(min_splits: int | None, num_splits: int) -> bool:
+    """Whether a split-K launch of num_splits takes an option of _Tiles that starts at min_splits."""
+    return num_splits > 1 and min_splits is not None and num_splits >= min_splits
 
 
 def _check_rows(name: str, x: torch.Tensor, rows: int, heads: int, head_dim: int) -> None:
@@ -478,7 +490,7 @@ def paged_attention(
 
     fused = num_splits == 1
     if fused:
-        acc_buf = max_buf = sum_buf = out
+        acc_buf = max_buf = sum_buf = q_buf = out
         acc_strides = stat_strides = (0, 0, 0)
     else:
         if workspace is None:
@@ -492,15 +504,24 @@ def paged_attention(
         assert acc_buf.device == query.device, "workspace is on another device"
         acc_strides = acc_buf.stride()[:3]
         stat_strides = max_buf.stride()
+        q_buf = workspace.query
+        assert q_buf.is_contiguous() and q_buf.shape[1:] == (num_heads, head_dim), "unexpected workspace query"
 
     meta = _attention_meta(codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
                            num_splits, offset is not None)  # fmt: skip
+    if meta["Q_ROTATED"]:
+        num_rows = num_tokens * num_heads
+        _rotate_queries_kernel[reduce_grid(num_rows)](
+            query, q_buf, rot, num_rows, *query.stride(), rot.stride(0), rot.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_R=REDUCE_BLOCK_R,
+            CHUNK=meta["ROT_CHUNK"], PREC=meta["PREC"],
+        )  # fmt: skip
     grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits)
     exact = query.dtype == torch.float32
     centroids = (codec.key.centroids, codec.value.centroids) if exact else codec.centroids_fp16
     _attention_kernel[grid](
         query, key, value, cache, block_table, seq_lens, query_start_loc,
-        rot, *centroids, codec.lut, rot if offset is None else offset, out, acc_buf, max_buf, sum_buf,
+        rot, *centroids, codec.lut, rot if offset is None else offset, out, acc_buf, max_buf, sum_buf, q_buf,
         num_seqs, num_splits, float(scale) * LOG2E,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         block_table.stride(0),

@@ -46,6 +46,35 @@ def _rotate_rows(
     return y
 
 
+@triton.jit(do_not_specialize=["num_rows"])
+def _rotate_queries_kernel(
+    q_ptr,  # [num_tokens, NUM_HEADS, HEAD_DIM], original basis, any strides
+    out_ptr,  # fp32, contiguous [>= num_tokens, NUM_HEADS, HEAD_DIM]
+    rot_ptr,
+    num_rows,  # num_tokens * NUM_HEADS
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_r0,
+    stride_r1,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """q R^T for BLOCK_R (token, head) rows: a step's queries rotated once, so the split programs of an
+    attention launch read them instead of each rotating its own with the whole of R."""
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = row < num_rows
+    row_off = (row // NUM_HEADS).to(tl.int64) * stride_qt + (row % NUM_HEADS) * stride_qh
+    y = _rotate_rows(q_ptr, row_off, ok, stride_qd, rot_ptr, stride_r0, stride_r1, HEAD_DIM, BLOCK_D, CHUNK, BLOCK_R,
+                     PREC)  # fmt: skip
+    dim = tl.arange(0, BLOCK_D)
+    tl.store(out_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + dim[None, :], y, mask=ok[:, None] & (dim < HEAD_DIM))
+
+
 @triton.jit
 def _store_unrotated(
     out_ptr,
