@@ -62,6 +62,86 @@ def _store_indices(
         tl.store(byte_off[:, :, None] + b[None, None, :], data, mask=mask[:, :, None] & (b < BITS)[None, None, :])
 
 
+@triton.jit
+def store_head(
+    k_ptr,  # [BLOCK_T, 1] pointers to each token's key row of this head (head_dim contiguous)
+    v_ptr,  # [BLOCK_T, 1] the same for values
+    live,  # bool [BLOCK_T]: tokens to write
+    block,  # int64 [BLOCK_T]: page of each token
+    t,  # int64 [BLOCK_T]: position in its page
+    head,  # int64: KV head
+    cache_ptr, rot_ptr, stride_rot_0, stride_rot_1, k_bnd_ptr, k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
+    K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
+    V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
+):  # fmt: skip
+    """Quantise BLOCK_T tokens' K and V of one head and write indices and scales into their pages.
+
+    Shared by the store kernel and the attention kernel's fused store (kernels/decode.py)."""
+    dim = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dim < HEAD_DIM
+    x_mask = live[:, None] & dim_ok[None, :]
+    k = tl.load(k_ptr + dim[None, :], mask=x_mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + dim[None, :], mask=x_mask, other=0.0).to(tl.float32)
+    k_norm = tl.sqrt_rn(tl.sum(k * k, axis=1))
+    v_norm = tl.sqrt_rn(tl.sum(v * v, axis=1))
+    shift = tl.zeros([BLOCK_T], tl.float32)  # 1.0 where the key is stored relative to the offset
+    if HAS_KEY_OFFSET:
+        off = tl.load(koff_ptr + head * HEAD_DIM + dim, mask=dim_ok, other=0.0)
+        shifted = k - off[None, :]
+        shifted_norm = tl.sqrt_rn(tl.sum(shifted * shifted, axis=1))
+        shift = (shifted_norm < k_norm).to(tl.float32)
+        k_norm = tl.where(shift > 0, shifted_norm, k_norm)
+    k_den = tl.maximum(k_norm, TINY)[:, None]
+    v_den = tl.maximum(v_norm, TINY)[:, None]
+
+    # rotated = (x @ R.T) / norm, accumulated over BLOCK_K-wide slices of x (re-read, L1-hot) so the fp32 FMA
+    # dot keeps a small operand footprint. Dividing after the rotation takes one IEEE division per output
+    # coordinate; dividing each slice first repeated BLOCK_K of them in every thread that holds the slice.
+    k_rot = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
+    v_rot = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
+    for k0 in range(0, HEAD_DIM, BLOCK_K):
+        kd = k0 + tl.arange(0, BLOCK_K)
+        kd_ok = kd < HEAD_DIM
+        chunk_mask = live[:, None] & kd_ok[None, :]
+        k_part = tl.load(k_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
+        if HAS_KEY_OFFSET:
+            k_part -= shift[:, None] * tl.load(koff_ptr + head * HEAD_DIM + kd, mask=kd_ok, other=0.0)[None, :]
+        v_part = tl.load(v_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
+        # rot_t[i, j] = R[j, k0 + i]
+        rot_t = tl.load(
+            rot_ptr + dim[None, :] * stride_rot_0 + kd[:, None] * stride_rot_1,
+            mask=kd_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+        k_rot = _rotate_step(k_part, rot_t, k_rot, BLOCK_T, DOT_PRECISION)
+        v_rot = _rotate_step(v_part, rot_t, v_rot, BLOCK_T, DOT_PRECISION)
+    k_rot = tl.math.div_rn(k_rot, k_den)
+    v_rot = tl.math.div_rn(v_rot, v_den)
+
+    k_idx, k_cent = _bucketize(k_rot, k_bnd_ptr, k_cent_ptr, K_BITS)
+    v_idx, v_cent = _bucketize(v_rot, v_bnd_ptr, v_cent_ptr, V_BITS)
+    k_head_ptr, k_scale_ptr, v_head_ptr, v_scale_ptr = token_fields(
+        cache_ptr, block, t, head, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET,
+        V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
+    _store_indices(k_head_ptr, k_idx, live, K_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
+    _store_indices(v_head_ptr, v_idx, live, V_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
+    if NORM_CORRECTION:
+        k_cent = tl.where(dim_ok[None, :], k_cent, 0.0)
+        v_cent = tl.where(dim_ok[None, :], v_cent, 0.0)
+        k_scale = tl.math.div_rn(k_norm, tl.maximum(tl.sqrt_rn(tl.sum(k_cent * k_cent, axis=1)), TINY))
+        v_scale = tl.math.div_rn(v_norm, tl.maximum(tl.sqrt_rn(tl.sum(v_cent * v_cent, axis=1)), TINY))
+    else:
+        k_scale = k_norm
+        v_scale = v_norm
+    if HAS_KEY_OFFSET:
+        k_scale = tl.where(shift > 0, -k_scale, k_scale)  # the sign records the shift
+    tl.store(k_scale_ptr, k_scale, mask=live)
+    tl.store(v_scale_ptr, v_scale, mask=live)
+
+
 @triton.jit(do_not_specialize=["num_tokens"])
 def _store_kv_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, HEAD_DIM] fp16/bf16/fp32, last dim contiguous
@@ -108,70 +188,14 @@ def _store_kv_kernel(
     live = in_range & (slot >= 0)
     block = slot // BLOCK_SIZE
     t = slot % BLOCK_SIZE
-    dim = tl.arange(0, HEAD_DIM_PAD)
-    dim_ok = dim < HEAD_DIM
-    x_mask = live[:, None] & dim_ok[None, :]
     for hh in range(HEADS_PER_PROGRAM):
         head = tl.program_id(1).to(tl.int64) * HEADS_PER_PROGRAM + hh
         k_ptr = key_ptr + tok[:, None] * stride_key_t + head * stride_key_h  # [BLOCK_T, 1]
         v_ptr = value_ptr + tok[:, None] * stride_value_t + head * stride_value_h
-        k = tl.load(k_ptr + dim[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + dim[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        k_norm = tl.sqrt_rn(tl.sum(k * k, axis=1))
-        v_norm = tl.sqrt_rn(tl.sum(v * v, axis=1))
-        shift = tl.zeros([BLOCK_T], tl.float32)  # 1.0 where the key is stored relative to the offset
-        if HAS_KEY_OFFSET:
-            off = tl.load(koff_ptr + head * HEAD_DIM + dim, mask=dim_ok, other=0.0)
-            shifted = k - off[None, :]
-            shifted_norm = tl.sqrt_rn(tl.sum(shifted * shifted, axis=1))
-            shift = (shifted_norm < k_norm).to(tl.float32)
-            k_norm = tl.where(shift > 0, shifted_norm, k_norm)
-        k_den = tl.maximum(k_norm, TINY)[:, None]
-        v_den = tl.maximum(v_norm, TINY)[:, None]
-
-        # rotated = (x @ R.T) / norm, accumulated over BLOCK_K-wide slices of x (re-read, L1-hot) so the fp32 FMA
-        # dot keeps a small operand footprint. Dividing after the rotation takes one IEEE division per output
-        # coordinate; dividing each slice first repeated BLOCK_K of them in every thread that holds the slice.
-        k_rot = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
-        v_rot = tl.zeros([BLOCK_T, HEAD_DIM_PAD], tl.float32)
-        for k0 in range(0, HEAD_DIM, BLOCK_K):
-            kd = k0 + tl.arange(0, BLOCK_K)
-            kd_ok = kd < HEAD_DIM
-            chunk_mask = live[:, None] & kd_ok[None, :]
-            k_part = tl.load(k_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
-            if HAS_KEY_OFFSET:
-                k_part -= shift[:, None] * tl.load(koff_ptr + head * HEAD_DIM + kd, mask=kd_ok, other=0.0)[None, :]
-            v_part = tl.load(v_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
-            # rot_t[i, j] = R[j, k0 + i]
-            rot_t = tl.load(
-                rot_ptr + dim[None, :] * stride_rot_0 + kd[:, None] * stride_rot_1,
-                mask=kd_ok[:, None] & dim_ok[None, :],
-                other=0.0,
-            )
-            k_rot = _rotate_step(k_part, rot_t, k_rot, BLOCK_T, DOT_PRECISION)
-            v_rot = _rotate_step(v_part, rot_t, v_rot, BLOCK_T, DOT_PRECISION)
-        k_rot = tl.math.div_rn(k_rot, k_den)
-        v_rot = tl.math.div_rn(v_rot, v_den)
-
-        k_idx, k_cent = _bucketize(k_rot, k_bnd_ptr, k_cent_ptr, K_BITS)
-        v_idx, v_cent = _bucketize(v_rot, v_bnd_ptr, v_cent_ptr, V_BITS)
-        k_head_ptr, k_scale_ptr, v_head_ptr, v_scale_ptr = token_fields(
-            cache_ptr, block, t, head, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET,
-            V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
-        _store_indices(k_head_ptr, k_idx, live, K_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
-        _store_indices(v_head_ptr, v_idx, live, V_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
-        if NORM_CORRECTION:
-            k_cent = tl.where(dim_ok[None, :], k_cent, 0.0)
-            v_cent = tl.where(dim_ok[None, :], v_cent, 0.0)
-            k_scale = tl.math.div_rn(k_norm, tl.maximum(tl.sqrt_rn(tl.sum(k_cent * k_cent, axis=1)), TINY))
-            v_scale = tl.math.div_rn(v_norm, tl.maximum(tl.sqrt_rn(tl.sum(v_cent * v_cent, axis=1)), TINY))
-        else:
-            k_scale = k_norm
-            v_scale = v_norm
-        if HAS_KEY_OFFSET:
-            k_scale = tl.where(shift > 0, -k_scale, k_scale)  # the sign records the shift
-        tl.store(k_scale_ptr, k_scale, mask=live)
-        tl.store(v_scale_ptr, v_scale, mask=live)
+        store_head(k_ptr, v_ptr, live, block, t, head, cache_ptr, rot_ptr, stride_rot_0, stride_rot_1, k_bnd_ptr,
+                   k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, K_BITS,
+                   V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET,
+                   V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY, DOT_PRECISION, HAS_KEY_OFFSET)  # fmt: skip
 
 
 SMALL_BATCH_TOKENS = 32  # up to here one token per program; below LARGE_BATCH_TOKENS four
