@@ -26,6 +26,7 @@ from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode
 from turboquant_vllm.kernels.decode import MAX_SPLITS, AttentionWorkspace, choose_num_splits, paged_attention
+from turboquant_vllm.kernels.store import store_kv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VLLM_TQ_PRESET = "turboquant_4bit_nc"  # 4-bit Lloyd-Max keys, 4-bit uniform values: the closest vLLM mode
@@ -53,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sweep-keys",
         nargs="+",
         default=None,
-        help="only sweep variants that change these tile fields (and skip the split-count sweep)",
+        help="only sweep variants that change these tile fields (and skip the split-count sweep); `store` times a "
+        "separate store_kv against the fused store",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: two contexts, short timings, no sweep")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/decode_<date>.json)")
@@ -124,7 +126,11 @@ class Caches:
         return perm.view(shape.batch, shape.blocks_per_seq).to(torch.int32)
 
 
-def bench_ours(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, num_splits: int | None = None) -> dict:
+def bench_ours(
+    caches: Caches, shape: Shape, table: torch.Tensor, rep: int, num_splits: int | None = None, store: str = "none"
+) -> dict:
+    """Our decode attention; store="separate" adds store_kv of the step's K/V before it, "fused" has the
+    attention launch store them (paged_attention's store_slots), as a decode step in vLLM needs either way."""
     codec, b = caches.codec, shape.batch
     torch.manual_seed(0)  # the same q/k/v for every call, so sweep variants can be compared for equality
     q = torch.randn(b, shape.hq, shape.d, dtype=torch.bfloat16, device="cuda")
@@ -136,10 +142,15 @@ def bench_ours(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, num_
     props = torch.cuda.get_device_properties(0)
     splits = num_splits or choose_num_splits(b, shape.hkv, MAX_SPLITS, props.multi_processor_count, shape.d)
     ws = AttentionWorkspace.allocate(b, shape.hq, shape.d, max(splits, 2), "cuda")
+    last = shape.context - 1  # the new token's position: its slot is written, never read
+    slots = table[:, last // shape.block_size].long() * shape.block_size + last % shape.block_size
 
     def run() -> None:
+        if store == "separate":
+            store_kv(codec, k, v, caches.ours, slots)
         paged_attention(codec, q, k, v, caches.ours, table, seq_lens, qsl, shape.d**-0.5, out,
-                        max_query_len=1, num_splits=splits, workspace=ws)  # fmt: skip
+                        max_query_len=1, num_splits=splits, workspace=ws,
+                        store_slots=slots if store == "fused" else None)  # fmt: skip
 
     ms, timer = time_ms(run, rep)
     read = b * (shape.context - 1) * codec.layout.bytes_per_token
@@ -302,6 +313,11 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
             rows.append({"batch": batch, "context": ctx, "tiles": dataclasses.asdict(decode._TILES[key]), **res})
             print(f"sweep B={batch} ctx={ctx} {change or 'default'}: {fmt(res)}", flush=True)
         decode._TILES[key] = default
+        for store in () if args.sweep_keys and "store" not in args.sweep_keys else ("separate", "fused"):
+            res = guarded(bench_ours, caches, shape, table, args.rep, store=store)
+            res.pop("_out", None)
+            rows.append({"batch": batch, "context": ctx, "store": store, **res})
+            print(f"sweep B={batch} ctx={ctx} store {store}: {fmt(res)}", flush=True)
         for splits in () if args.sweep_keys else (2, 4, 8, 16, 32, 64):  # >= WIDE_MIN_SPLITS take the wide tiles
             res = guarded(bench_ours, caches, shape, table, args.rep, num_splits=splits)
             res.pop("_out", None)

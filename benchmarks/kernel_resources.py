@@ -34,7 +34,8 @@ POINTERS = {
     "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
     "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "rot_ptr": "*fp32", "k_cent_ptr": "*fp16", "v_cent_ptr": "*fp16",
     "out_ptr": "*bf16", "ws_acc_ptr": "*fp32", "ws_max_ptr": "*fp32", "ws_sum_ptr": "*fp32", "qk_scale": "fp32",
-    "koff_ptr": "*fp32", "lut_ptr": "*i32", "ws_q_ptr": "*fp32",
+    "koff_ptr": "*fp32", "lut_ptr": "*i32", "ws_q_ptr": "*fp32", "slot_ptr": "*i64", "k_bnd_ptr": "*fp32",
+    "k_cent32_ptr": "*fp32", "v_bnd_ptr": "*fp32", "v_cent32_ptr": "*fp32", "koff_orig_ptr": "*fp32",
 }  # fmt: skip
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
@@ -92,7 +93,13 @@ def runtime_signature(meta: dict, ints: dict[str, int]) -> tuple[dict, dict, dic
 
 
 def compile_attention(
-    head_dim: int, num_heads: int, num_kv_heads: int, num_splits: int, change: dict, key_offset: bool = False
+    head_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    num_splits: int,
+    change: dict,
+    key_offset: bool = False,
+    store_new: bool = False,
 ) -> dict:
     """Compile _attention_kernel as paged_attention would launch it for a bf16 decode batch with num_splits
     splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles)."""
@@ -103,7 +110,7 @@ def compile_attention(
     try:
         codec = KVCodec(TQConfig(), num_kv_heads, head_dim)
         meta = decode._attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, num_splits,
-                                      key_offset=key_offset)  # fmt: skip
+                                      key_offset=key_offset, store_new=store_new)  # fmt: skip
         launch = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
         signature, constexprs, attrs = runtime_signature(meta, launch_ints(head_dim, num_heads, num_kv_heads, split))
         source = ASTSource(decode._attention_kernel, signature, constexprs, attrs)
@@ -116,8 +123,8 @@ def compile_attention(
     by_regs = REGISTERS_PER_SM // max(1, per_thread * 32 * warps)
     return {
         "head_dim": head_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "split_k": split,
-        "num_splits": num_splits, "key_offset": key_offset, "block_n": meta["BLOCK_N"], "swap_ab": meta["SWAP_AB"],
-        "maxnreg": launch.get("maxnreg"),
+        "num_splits": num_splits, "key_offset": key_offset, "store_new": store_new, "block_n": meta["BLOCK_N"],
+        "swap_ab": meta["SWAP_AB"], "maxnreg": launch.get("maxnreg"),
         "tiles": dataclasses.asdict(dataclasses.replace(default, **change)), **report,
         "shared_bytes": kernel.metadata.shared,
         "programs_per_sm_by_registers": min(by_regs, MAX_WARPS_PER_SM // warps),
@@ -167,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     cases += [(128, 32, 8, wide, {"prerotate_q_min_splits": 2})]
     cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
+    cases += [(128, 32, 8, 3, {}, False, True), (128, 32, 8, wide, {}, True, True)]  # with the fused store
     rows = []
     for case in cases:
         rows.append(compile_attention(*case))
         r = rows[-1]
-        label = (case[4] or "default") if not r["key_offset"] else "key offset"
+        label = str(case[4] or "default") if not r["key_offset"] else "key offset"
+        label += " + fused store" if r["store_new"] else ""
         print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}", flush=True)  # fmt: skip

@@ -18,6 +18,7 @@ from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode
 from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
 from turboquant_vllm.kernels.reference import paged_attention_ref, sequence_slots, store_ref
+from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.key_offset import KeyOffset
 
 POISON = 0xFF  # bytes of pages the kernel must never read: their fp32 scales are NaN
@@ -291,6 +292,27 @@ def test_prerotated_queries_agree(device, monkeypatch, head_dim, num_splits):
     assert torch.isfinite(ws.query[:5]).all() and ws.query[7:].isnan().all()  # 5 query tokens + 2 of padding
 
 
+@pytest.mark.parametrize(("num_splits", "offset"), [(1, False), (3, False), (2, True)])
+def test_fused_store_writes_what_store_kv_writes(device, num_splits, offset):
+    """paged_attention(store_slots=...) writes this step's K/V into the pages byte for byte as store_kv does,
+    leaves a negative slot alone, and still attends the new tokens exactly (their slots held poison)."""
+    seq_lens, q_lens = [40, 9, 23], [1, 4, 1]
+    b = make_batch(device, seq_lens, q_lens, seed=27)
+    slots = []
+    for s, (seq_len, q_len) in enumerate(zip(seq_lens, q_lens, strict=True)):
+        slots.append(sequence_slots(b.block_table[s].cpu(), seq_len, 16)[seq_len - q_len :])
+    slots = torch.cat(slots).to(device)
+    slots[2] = -1
+    g = torch.Generator().manual_seed(28)
+    key_offset = KeyOffset.build(torch.randn(2, 64, generator=g), b.codec.rotation) if offset else None
+    want = b.cache.clone()
+    store_kv(b.codec, b.key, b.value, want, slots, key_offset)
+    before = b.cache.clone()
+    out = b.run(num_splits=num_splits, store_slots=slots, key_offset=key_offset)
+    assert not torch.equal(before, want) and torch.equal(b.cache, want)
+    assert_matches(out, b.expected(), TOL_FP32)  # context stored without the offset: every scale positive
+
+
 def test_strided_views(device):
     """query/key/value as column slices of one fused qkv buffer, out as a slice of a wider buffer."""
     b = make_batch(device, [25, 18], [1, 4], num_heads=4, num_kv_heads=2, seed=9)
@@ -409,12 +431,14 @@ def build(fn, ptrs, meta, options):
     assert compile(ASTSource(fn, sig, meta), target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 codec = KVCodec(TQConfig(k_bits=4, v_bits=3), 8, 128)
-meta = decode._attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, 1, True)
+meta = decode._attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, 1, True, store_new=True)
 assert meta["K_LUT"] and not meta["V_LUT"]  # the byte-permute lookups (PTX) compile for 4-bit keys
 options = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
 ptrs = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*bf16")
 ptrs |= dict.fromkeys(("rot_ptr", "k_cent_ptr", "v_cent_ptr", "koff_ptr"), "*fp32")
 ptrs |= dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "ws_q_ptr"), "*fp32")
+ptrs |= dict.fromkeys(("k_bnd_ptr", "k_cent32_ptr", "v_bnd_ptr", "v_cent32_ptr", "koff_orig_ptr"), "*fp32")
+ptrs |= {"slot_ptr": "*i64"}
 ptrs |= {"cache_ptr": "*u8", "lut_ptr": "*i32", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32"}
 ptrs |= {"qk_scale": "fp32"}
 build(decode._attention_kernel, ptrs, meta, options)
@@ -430,8 +454,8 @@ print("compiled")
 
 
 def test_kernels_compile_for_hopper():
-    """bf16 split-K decode (with a key offset), the split reduce and the query rotation lower to sm_90 cubins on
-    the host, GPU or not.
+    """bf16 split-K decode (with a key offset and the fused store), the split reduce and the query rotation lower
+    to sm_90 cubins on the host, GPU or not.
 
     The interpreter never exercises GPU lowering (nor the bf16 new-token dots, which run on GPUs
     only), so compile in a fresh process without TRITON_INTERPRET.

@@ -23,7 +23,9 @@ from turboquant_vllm.kernels.decode_reduce import (
 )
 from turboquant_vllm.kernels.lut import lut_decode_words
 from turboquant_vllm.kernels.page import context_tile, split_words
+from turboquant_vllm.kernels.store import check_slots, one_token_block_k, store_head
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
+from turboquant_vllm.quantizer import TINY_NORM
 
 LOG2E = 1.4426950408889634
 QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -213,6 +215,7 @@ def _softmax_step(s, m_i, l_i, TOK_AXIS: tl.constexpr = 1):
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     rot_ptr, k_cent_ptr, v_cent_ptr, lut_ptr, koff_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, ws_q_ptr,
+    slot_ptr, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr, v_cent32_ptr, koff_orig_ptr,
     num_seqs, num_splits, qk_scale,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od, stride_bt,
@@ -226,6 +229,7 @@ def _attention_kernel(
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
     PREFETCH: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
     SWAP_AB: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr, Q_ROTATED: tl.constexpr,
+    STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -233,6 +237,8 @@ def _attention_kernel(
     exact tokens are handled by the last split: scores against q itself, V rotated on the fly.
     With HAS_KEY_OFFSET, a key stored relative to the layer's offset (negative scale) scores
     |k_scale| * (q R^T) . c[k_idx] + (q R^T) . (R offset), koff_ptr holding R offset per KV head.
+    With STORE_NEW the last split also quantises its tile's new K/V into their pages (slot_ptr), as
+    store.store_kv would: no program reads those slots from the pages in this launch.
     """
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -344,6 +350,17 @@ def _attention_kernel(
             v_rot = _rotate_vector(v_ptr + kv_tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
                                    stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
             acc = acc * alpha[:, None] + p_new * v_rot[None, :]
+        if STORE_NEW:
+            for j in range(q0, tl.minimum(q_len, q0 + BLOCK_Q)):
+                kv_tok = tl.zeros([1], tl.int64) + q_start + j  # one-token tiles for store_head
+                slot = tl.load(slot_ptr + kv_tok).to(tl.int64)
+                store_head(k_ptr + kv_tok[:, None] * stride_kt + kh * stride_kh,
+                           v_ptr + kv_tok[:, None] * stride_vt + kh * stride_vh, slot >= 0, slot // BLOCK_SIZE,
+                           slot % BLOCK_SIZE, kh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent32_ptr,
+                           v_bnd_ptr, v_cent32_ptr, koff_orig_ptr, HEAD_DIM, BLOCK_D, 1, STORE_BLOCK_K, K_BITS,
+                           V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET,
+                           V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY, "ieee",
+                           HAS_KEY_OFFSET)  # fmt: skip
 
     if FUSED or UNROTATED_PARTIALS:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -373,6 +390,7 @@ def _attention_meta(
     fused: bool,
     num_splits: int = 1,
     key_offset: bool = False,
+    store_new: bool = False,
 ) -> dict[str, Any]:
     """Compile-time parameters and launch options of _attention_kernel (shared with compile checks)."""
     lay = codec.layout
@@ -402,6 +420,8 @@ def _attention_meta(
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
         SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=_at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=_at_least(tiles.prerotate_q_min_splits, num_splits),
+        STORE_NEW=store_new, STORE_BLOCK_K=one_token_block_k(), NORM_CORRECTION=codec.config.norm_correction,
+        TINY=TINY_NORM,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if cap:
@@ -437,6 +457,7 @@ def paged_attention(
     num_splits: int,
     workspace: AttentionWorkspace | None = None,
     key_offset: KeyOffset | None = None,
+    store_slots: torch.Tensor | None = None,
 ) -> None:
     """Causal attention of each sequence's new tokens over its packed context plus themselves.
 
@@ -456,6 +477,8 @@ def paged_attention(
         num_splits: split-K factor over the context (see choose_num_splits); 1 fuses everything.
         workspace: preallocated split-K buffers; required for allocation-free (graph) launches.
         key_offset: the layer's key offset if its keys were stored with one (key_offset.py).
+        store_slots: int32/int64 [num_tokens], optional: also store this step's K/V at these slots (negative =
+            skip), in the launch instead of a store_kv before it; the same bytes store_kv writes.
     """
     lay = codec.layout
     num_tokens, num_heads, head_dim = query.shape
@@ -485,6 +508,9 @@ def paged_attention(
     devices = {t.device for t in (query, key, value, cache, block_table, seq_lens, query_start_loc, out, rot)}
     assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
     offset = check_key_offset(key_offset, num_kv_heads, head_dim, cache.device, rotated=True)
+    if store_slots is not None:
+        check_slots(store_slots, num_tokens, cache.device)
+        assert key.stride(2) == 1 and value.stride(2) == 1, "a fused store needs key/value contiguous in head_dim"
     if num_tokens == 0 or num_seqs <= 0:
         return
 
@@ -508,7 +534,7 @@ def paged_attention(
         assert q_buf.is_contiguous() and q_buf.shape[1:] == (num_heads, head_dim), "unexpected workspace query"
 
     meta = _attention_meta(codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
-                           num_splits, offset is not None)  # fmt: skip
+                           num_splits, offset is not None, store_slots is not None)  # fmt: skip
     if meta["Q_ROTATED"]:
         num_rows = num_tokens * num_heads
         _rotate_queries_kernel[reduce_grid(num_rows)](
@@ -522,6 +548,8 @@ def paged_attention(
     _attention_kernel[grid](
         query, key, value, cache, block_table, seq_lens, query_start_loc,
         rot, *centroids, codec.lut, rot if offset is None else offset, out, acc_buf, max_buf, sum_buf, q_buf,
+        rot if store_slots is None else store_slots, codec.key.boundaries, codec.key.centroids,
+        codec.value.boundaries, codec.value.centroids, rot if key_offset is None else key_offset.original,
         num_seqs, num_splits, float(scale) * LOG2E,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         block_table.stride(0),

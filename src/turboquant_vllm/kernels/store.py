@@ -218,6 +218,19 @@ def _launch_params(num_tokens: int, num_kv_heads: int) -> tuple[int, int, int, i
     return 16, 32, 1, 4
 
 
+def one_token_block_k() -> int:
+    """BLOCK_K of a one-token store: what the attention kernel's fused store uses (decode.py)."""
+    return _launch_params(1, 1)[1]
+
+
+def check_slots(slot_mapping: torch.Tensor, num_tokens: int, device: torch.device) -> None:
+    assert slot_mapping.dim() == 1 and slot_mapping.dtype in (torch.int32, torch.int64), (
+        f"slot_mapping must be a 1-D int32/int64 tensor, got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+    )
+    assert slot_mapping.shape[0] >= num_tokens, f"slot_mapping has {slot_mapping.shape[0]} slots for {num_tokens}"
+    assert slot_mapping.device == device, f"slot_mapping is on {slot_mapping.device}, the cache on {device}"
+
+
 def _check_input(name: str, x: torch.Tensor, num_tokens: int, num_kv_heads: int, head_dim: int) -> None:
     assert x.dtype in INPUT_DTYPES, f"{name} must be fp16/bf16/fp32, got {x.dtype}"
     assert x.dim() == 3 and x.shape[1:] == (num_kv_heads, head_dim), (
@@ -247,9 +260,7 @@ def store_kv(
     """
     lay = codec.layout
     num_tokens = slot_mapping.shape[0]
-    assert slot_mapping.dim() == 1 and slot_mapping.dtype in (torch.int32, torch.int64), (
-        f"slot_mapping must be a 1-D int32/int64 tensor, got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
-    )
+    check_slots(slot_mapping, num_tokens, cache.device)
     _check_input("key", key, num_tokens, lay.num_kv_heads, lay.head_dim)
     _check_input("value", value, num_tokens, lay.num_kv_heads, lay.head_dim)
     assert cache.dtype == torch.uint8 and cache.dim() == 3 and cache.shape[2] == lay.bytes_per_token, (
