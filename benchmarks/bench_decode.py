@@ -24,8 +24,9 @@ from triton.testing import do_bench
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels import decode
-from turboquant_vllm.kernels.decode import MAX_SPLITS, AttentionWorkspace, choose_num_splits, paged_attention
+from turboquant_vllm.kernels import decode, decode_tiles
+from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
+from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits
 from turboquant_vllm.kernels.store import store_kv
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -269,7 +270,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
     """Alternative tile configs and split counts at one long context: evidence for the defaults."""
     rows = []
     key = triton.next_power_of_2(args.head_dim)
-    default = decode._TILES[key]
+    default = decode_tiles.TILES[key]
     variants = [
         {},
         {"lut": False},  # codebook gathers from memory instead of byte permutes in registers
@@ -304,15 +305,15 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         table = caches.table(shape)
         ref = None
         for change in variants:
-            decode._TILES[key] = dataclasses.replace(default, **change)
+            decode_tiles.TILES[key] = dataclasses.replace(default, **change)
             res = guarded(bench_ours, caches, shape, table, args.rep)
             out = res.pop("_out", None)
             if out is not None:  # every variant must compute what the default computes
                 ref = out.float() if ref is None else ref
                 res["max_rel_diff_vs_default"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-            rows.append({"batch": batch, "context": ctx, "tiles": dataclasses.asdict(decode._TILES[key]), **res})
+            rows.append({"batch": batch, "context": ctx, "tiles": dataclasses.asdict(decode_tiles.TILES[key]), **res})
             print(f"sweep B={batch} ctx={ctx} {change or 'default'}: {fmt(res)}", flush=True)
-        decode._TILES[key] = default
+        decode_tiles.TILES[key] = default
         for store in () if args.sweep_keys and "store" not in args.sweep_keys else ("separate", "fused"):
             res = guarded(bench_ours, caches, shape, table, args.rep, store=store)
             res.pop("_out", None)
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "sanity": sanity,
         "results": rows,
         "sweep": sweep_rows,
-        "decode_tiles": {str(k): dataclasses.asdict(v) for k, v in decode._TILES.items()},
+        "decode_tiles": {str(k): dataclasses.asdict(v) for k, v in decode_tiles.TILES.items()},
         "compiled": guarded(lambda: {"variants": compiled_variants()}),
         "log2_contexts": [math.log2(c) for c in args.contexts],
     }

@@ -28,7 +28,7 @@ from triton.runtime.jit import native_specialize_impl
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels import decode, decode_reduce
+from turboquant_vllm.kernels import decode, decode_reduce, decode_tiles
 
 POINTERS = {
     "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
@@ -58,7 +58,7 @@ def launch_ints(head_dim: int, num_heads: int, num_kv_heads: int, split: bool) -
     """The integer arguments of a vLLM decode launch: query/output contiguous, key/value views of the fused
     qkv projection, a 33K-token block table of 16-token pages, the backend's split-K workspace."""
     qkv = (num_heads + 2 * num_kv_heads) * head_dim
-    splits = decode.MAX_SPLITS  # the workspace's width
+    splits = decode_tiles.MAX_SPLITS  # the workspace's width
     ws = (num_heads * splits * head_dim, splits * head_dim, head_dim) if split else (0, 0, 0)
     stats = (num_heads * splits, splits, 1) if split else (0, 0, 0)
     strides = (num_heads * head_dim, head_dim, 1, qkv, head_dim, 1, qkv, head_dim, 1, num_heads * head_dim, head_dim, 1,
@@ -105,18 +105,18 @@ def compile_attention(
     splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles)."""
     split = num_splits > 1
     key = triton.next_power_of_2(head_dim)
-    default = decode._TILES[key]
-    decode._TILES[key] = dataclasses.replace(default, **change)
+    default = decode_tiles.TILES[key]
+    decode_tiles.TILES[key] = dataclasses.replace(default, **change)
     try:
         codec = KVCodec(TQConfig(), num_kv_heads, head_dim)
-        meta = decode._attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, num_splits,
+        meta = decode_tiles.attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, num_splits,
                                       key_offset=key_offset, store_new=store_new)  # fmt: skip
-        launch = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
+        launch = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
         signature, constexprs, attrs = runtime_signature(meta, launch_ints(head_dim, num_heads, num_kv_heads, split))
         source = ASTSource(decode._attention_kernel, signature, constexprs, attrs)
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch)
     finally:
-        decode._TILES[key] = default
+        decode_tiles.TILES[key] = default
     report = ptxas_report(kernel.asm["ptx"], "sm_90a")
     warps = launch["num_warps"]
     per_thread = -(-report["registers"] // REGISTER_GRANULE) * REGISTER_GRANULE
@@ -135,14 +135,14 @@ def compile_attention(
 
 def compile_reduce(block_d: int, plain: bool = False, change: dict | None = None) -> dict:
     """The split-K reduce as paged_attention launches it for bf16 output at one padded head_dim; `plain` when the
-    split programs stored un-rotated partials (`_Tiles.unrotated_min_splits`); `change` alters the tiles."""
-    default = decode._TILES[block_d]
-    decode._TILES[block_d] = dataclasses.replace(default, **(change or {}))
+    split programs stored un-rotated partials (`Tiles.unrotated_min_splits`); `change` alters the tiles."""
+    default = decode_tiles.TILES[block_d]
+    decode_tiles.TILES[block_d] = dataclasses.replace(default, **(change or {}))
     try:
-        meta = decode._reduce_meta(32, block_d, block_d, plain, tl.float16, "tf32")
+        meta = decode_tiles.reduce_meta(32, block_d, block_d, plain, tl.float16, "tf32")
     finally:
-        decode._TILES[block_d] = default
-    options = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
+        decode_tiles.TILES[block_d] = default
+    options = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
     fn = decode_reduce._reduce_splits_kernel
     pointers = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32")
     pointers |= {"out_ptr": "*bf16", "qsl_ptr": "*i32"}
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    wide = decode.WIDE_MIN_SPLITS
+    wide = decode_tiles.WIDE_MIN_SPLITS
     cases = [(128, 32, 8, 3, {}), (128, 32, 8, 1, {}), (128, 32, 8, wide, {}), (64, 9, 3, 3, {}), (256, 8, 1, 3, {})]
     cases += [
         (128, 32, 8, 3, c)
@@ -184,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}", flush=True)  # fmt: skip
-    reduce_rows = [compile_reduce(block_d, plain) for block_d in sorted(decode._TILES) for plain in (False, True)]
-    reduce_rows += [compile_reduce(block_d, False, {"reduce_rows": n}) for block_d in sorted(decode._TILES)
+    reduce_rows = [compile_reduce(block_d, plain) for block_d in sorted(decode_tiles.TILES) for plain in (False, True)]
+    reduce_rows += [compile_reduce(block_d, False, {"reduce_rows": n}) for block_d in sorted(decode_tiles.TILES)
                     for n in (1, 4)]  # fmt: skip
     for r in reduce_rows:
         how = "plain sum" if r["plain"] else f"R in {r['rot_chunk']}-column slices"
-        how += "" if r["plain"] or r["rows"] >= decode.REDUCE_BLOCK_R else " by multiply-adds"
+        how += "" if r["plain"] or r["rows"] >= decode_reduce.REDUCE_BLOCK_R else " by multiply-adds"
         print(f"reduce BLOCK_D={r['block_d']} ({r['rows']} rows, {r['step_splits']} splits a step, {how}): "
               f"{r['registers']} regs, {r['spill_store_bytes']} B spilled", flush=True)  # fmt: skip
     if args.out:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from turboquant_vllm.kernels.decode import choose_num_splits
+from turboquant_vllm.kernels.decode_tiles import choose_num_splits
 from turboquant_vllm.kernels.lut import lut_decode_words
 from turboquant_vllm.kernels.page import context_tile, split_words
 

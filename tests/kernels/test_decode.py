@@ -15,8 +15,9 @@ import triton.language as tl
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels import decode
-from turboquant_vllm.kernels.decode import AttentionWorkspace, choose_num_splits, paged_attention
+from turboquant_vllm.kernels import decode_tiles
+from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
+from turboquant_vllm.kernels.decode_tiles import choose_num_splits
 from turboquant_vllm.kernels.reference import paged_attention_ref, sequence_slots, store_ref
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.key_offset import KeyOffset
@@ -192,7 +193,7 @@ def test_splits_and_tiles_agree(device):
 def test_swapped_mma_operands_agree(device, monkeypatch, num_splits):
     """swap_ab (K.q^T and V^T.p^T: the tile's tokens on the MMA's M side) computes the same decode attention
     (key offsets: test_key_offset_scores_match_reference)."""
-    monkeypatch.setitem(decode._TILES, 64, dataclasses.replace(decode._TILES[64], swap_ab=True))
+    monkeypatch.setitem(decode_tiles.TILES, 64, dataclasses.replace(decode_tiles.TILES[64], swap_ab=True))
     b = make_batch(device, [3, 300, 133], [1, 1, 1], seed=8)  # several 64-token tiles a split
     assert_matches(b.run(num_splits=num_splits), b.expected(), TOL_FP32)
 
@@ -201,20 +202,20 @@ def test_swap_and_register_cap_only_for_decode_tiles():
     """The d=128 register cap fits the 64-token decode tile; wide and prefill tiles would spill under it, and a
     prefill tile's 64 query rows already fill the MMA's M side. On the GPU only register-lookup tiles swap."""
     codec = KVCodec(TQConfig(), 8, 128)
-    tiles = decode._TILES[128]
+    tiles = decode_tiles.TILES[128]
     assert tiles.swap_ab and tiles.maxnreg
 
     def meta(max_query_len: int, num_splits: int) -> dict:
-        return decode._attention_meta(codec, 32, torch.bfloat16, True, max_query_len, 16, False, num_splits)
+        return decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, max_query_len, 16, False, num_splits)
 
-    decode_tile, wide, varlen = meta(1, 3), meta(1, decode.WIDE_MIN_SPLITS), meta(64, 3)
+    decode_tile, wide, varlen = meta(1, 3), meta(1, decode_tiles.WIDE_MIN_SPLITS), meta(64, 3)
     assert decode_tile["SWAP_AB"] and decode_tile["maxnreg"] == tiles.maxnreg
     assert wide["SWAP_AB"] and "maxnreg" not in wide
     assert not varlen["SWAP_AB"] and "maxnreg" not in varlen and varlen["BLOCK_M"] == tiles.varlen_m
     gathers = KVCodec(TQConfig(k_bits=3, v_bits=3), 8, 128)  # codebook gathers: not swapped on the GPU
-    gpu = decode._attention_meta(gathers, 32, torch.bfloat16, True, 1, 16, False, 3)
+    gpu = decode_tiles.attention_meta(gathers, 32, torch.bfloat16, True, 1, 16, False, 3)
     assert not gpu["SWAP_AB"] and not gpu["K_LUT"] and "maxnreg" not in gpu
-    assert decode._attention_meta(gathers, 32, torch.bfloat16, False, 1, 16, False, 3)["SWAP_AB"]  # interpreter
+    assert decode_tiles.attention_meta(gathers, 32, torch.bfloat16, False, 1, 16, False, 3)["SWAP_AB"]  # interpreter
 
 
 def test_workspace_padding_and_untouched_rows(device):
@@ -235,7 +236,7 @@ def test_workspace_padding_and_untouched_rows(device):
 def test_reduce_reads_splits_in_steps(device):
     """More splits than one reduce step reads (16 at d=64): the last step is part-masked, and splits
     that saw no token leave NaN in the workspace that must not reach the output."""
-    assert decode._TILES[64].reduce_splits == 16
+    assert decode_tiles.TILES[64].reduce_splits == 16
     b = make_batch(device, [1500, 5], [1, 1], seed=23)
     ws = AttentionWorkspace.allocate(2, 4, 64, 24, device)
     for t in (ws.acc, ws.row_max, ws.row_sum):
@@ -251,14 +252,16 @@ def test_unrotated_partials_agree(device, monkeypatch, head_dim, change):
     """Split programs that normalise and un-rotate their own partials (the reduce then a plain weighted sum)
     compute the same attention; NaN in unused workspace never reaches the output. d=128 as configured: the
     switch happens at unrotated_min_splits, so 3 splits take the rotated reduce and 37 the plain one."""
-    tiles = dataclasses.replace(decode._TILES[head_dim], **change)
-    monkeypatch.setitem(decode._TILES, head_dim, tiles)
+    tiles = dataclasses.replace(decode_tiles.TILES[head_dim], **change)
+    monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
     b = make_batch(device, [700, 5, 130], [1, 1, 1], head_dim=head_dim, seed=24)
     ws = AttentionWorkspace.allocate(3, 4, head_dim, 40, device)
     for t in (ws.acc, ws.row_max, ws.row_sum):
         t.fill_(float("nan"))
     for num_splits in (3, 37):  # 37: past one plain step's splits (at most MAX_SPLITS a step)
-        assert decode._at_least(tiles.unrotated_min_splits, num_splits) == (num_splits >= tiles.unrotated_min_splits)
+        assert decode_tiles.at_least(tiles.unrotated_min_splits, num_splits) == (
+            num_splits >= tiles.unrotated_min_splits
+        )
         assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32)
 
 
@@ -266,9 +269,9 @@ def test_unrotated_partials_agree(device, monkeypatch, head_dim, change):
 def test_reduce_unrotates_few_rows_without_a_dot(device, monkeypatch, head_dim, rows):
     """The rotated reduce in programs of fewer than 16 rows un-rotates by fp32 multiply-adds in column chunks;
     it must agree with the reference, with NaN left in unused workspace."""
-    tiles = dataclasses.replace(decode._TILES[head_dim], reduce_rows=rows, unrotated_min_splits=None)
-    monkeypatch.setitem(decode._TILES, head_dim, tiles)
-    meta = decode._reduce_meta(4, head_dim, head_dim, False, tl.float16, "tf32")
+    tiles = dataclasses.replace(decode_tiles.TILES[head_dim], reduce_rows=rows, unrotated_min_splits=None)
+    monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
+    meta = decode_tiles.reduce_meta(4, head_dim, head_dim, False, tl.float16, "tf32")
     assert meta["ROTATED"] and not meta["UNROTATE_BY_DOT"] and meta["BLOCK_R"] == rows
     b = make_batch(device, [700, 5, 130], [1, 1, 1], head_dim=head_dim, seed=25)
     ws = AttentionWorkspace.allocate(3, 4, head_dim, 40, device)
@@ -282,12 +285,12 @@ def test_reduce_unrotates_few_rows_without_a_dot(device, monkeypatch, head_dim, 
 def test_prerotated_queries_agree(device, monkeypatch, head_dim, num_splits):
     """Queries rotated once per step into the workspace (then read by every split program) give the same
     attention, with prefill chunks in the batch and query rows of padding that are left alone."""
-    tiles = dataclasses.replace(decode._TILES[head_dim], prerotate_q_min_splits=2)
-    monkeypatch.setitem(decode._TILES, head_dim, tiles)
+    tiles = dataclasses.replace(decode_tiles.TILES[head_dim], prerotate_q_min_splits=2)
+    monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
     b = make_batch(device, [700, 5, 130], [1, 3, 1], head_dim=head_dim, extra_tokens=2, seed=26)
     ws = AttentionWorkspace.allocate(8, 4, head_dim, 40, device)
     ws.query.fill_(float("nan"))
-    assert decode._at_least(tiles.prerotate_q_min_splits, num_splits)
+    assert decode_tiles.at_least(tiles.prerotate_q_min_splits, num_splits)
     assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32, rows=5)
     assert torch.isfinite(ws.query[:5]).all() and ws.query[7:].isnan().all()  # 5 query tokens + 2 of padding
 
@@ -356,12 +359,12 @@ def test_rejects_bad_inputs(device):
 
 def test_wide_tiles_only_for_heavily_split_launches(device):
     codec = KVCodec(TQConfig(), 2, 128)
-    tiles = decode._TILES[128]
-    narrow = decode._attention_meta(codec, 8, torch.bfloat16, True, 1, 16, False, decode.WIDE_MIN_SPLITS - 1)
-    wide = decode._attention_meta(codec, 8, torch.bfloat16, True, 1, 16, False, decode.WIDE_MIN_SPLITS)
+    tiles = decode_tiles.TILES[128]
+    narrow = decode_tiles.attention_meta(codec, 8, torch.bfloat16, True, 1, 16, False, decode_tiles.WIDE_MIN_SPLITS - 1)
+    wide = decode_tiles.attention_meta(codec, 8, torch.bfloat16, True, 1, 16, False, decode_tiles.WIDE_MIN_SPLITS)
     assert narrow["BLOCK_N"] == tiles.block_n and wide["BLOCK_N"] == tiles.wide_block_n > tiles.block_n
     b = make_batch(device, [300, 77], [1, 1], num_heads=8, num_kv_heads=2, head_dim=128, seed=21)
-    assert_matches(b.run(num_splits=decode.WIDE_MIN_SPLITS), b.expected(), TOL_FP32)
+    assert_matches(b.run(num_splits=decode_tiles.WIDE_MIN_SPLITS), b.expected(), TOL_FP32)
 
 
 @pytest.mark.parametrize(
@@ -370,8 +373,10 @@ def test_wide_tiles_only_for_heavily_split_launches(device):
      (3, 3, True, False), (3, 4, True, True)],
 )  # fmt: skip
 def test_key_offset_scores_match_reference(device, monkeypatch, num_splits, k_bits, swap_ab, prerotate):
-    tiles = dataclasses.replace(decode._TILES[64], swap_ab=swap_ab, prerotate_q_min_splits=2 if prerotate else None)
-    monkeypatch.setitem(decode._TILES, 64, tiles)
+    tiles = dataclasses.replace(
+        decode_tiles.TILES[64], swap_ab=swap_ab, prerotate_q_min_splits=2 if prerotate else None
+    )
+    monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
     g = torch.Generator().manual_seed(31)
     num_kv_heads, head_dim, block_size = 2, 64, 16
     offset = torch.randn(num_kv_heads, head_dim, generator=g) * 1.5
@@ -411,7 +416,7 @@ def test_choose_num_splits():
 
 def test_narrower_programs_get_more_splits(monkeypatch):
     """2-warp programs: the same warps per SM take twice the programs before splitting stops."""
-    monkeypatch.setitem(decode._TILES, 128, dataclasses.replace(decode._TILES[128], num_warps=2))
+    monkeypatch.setitem(decode_tiles.TILES, 128, dataclasses.replace(decode_tiles.TILES[128], num_warps=2))
     assert choose_num_splits(16, 8, 32, 132) == 5  # cdiv(2 * 132 * 2, 128)
     assert choose_num_splits(17, 8, 32, 132) == 4  # 136 programs no longer fill the SMs
     assert choose_num_splits(33, 8, 32, 132) == 1
@@ -422,7 +427,7 @@ _HOPPER_COMPILE = """
 import torch, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-from turboquant_vllm.kernels import decode, decode_reduce
+from turboquant_vllm.kernels import decode, decode_reduce, decode_tiles
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 
@@ -431,9 +436,9 @@ def build(fn, ptrs, meta, options):
     assert compile(ASTSource(fn, sig, meta), target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 codec = KVCodec(TQConfig(k_bits=4, v_bits=3), 8, 128)
-meta = decode._attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, 1, True, store_new=True)
+meta = decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, 1, True, store_new=True)
 assert meta["K_LUT"] and not meta["V_LUT"]  # the byte-permute lookups (PTX) compile for 4-bit keys
-options = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
+options = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
 ptrs = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*bf16")
 ptrs |= dict.fromkeys(("rot_ptr", "k_cent_ptr", "v_cent_ptr", "koff_ptr"), "*fp32")
 ptrs |= dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "ws_q_ptr"), "*fp32")
@@ -444,8 +449,8 @@ ptrs |= {"qk_scale": "fp32"}
 build(decode._attention_kernel, ptrs, meta, options)
 ptrs = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32") | {"out_ptr": "*bf16"}
 for plain in (False, True):
-    meta = decode._reduce_meta(32, 128, 128, plain, tl.float16, "tf32")
-    options = {k: meta.pop(k) for k in decode.LAUNCH_OPTIONS if k in meta}
+    meta = decode_tiles.reduce_meta(32, 128, 128, plain, tl.float16, "tf32")
+    options = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
     build(decode_reduce._reduce_splits_kernel, ptrs | {"qsl_ptr": "*i32"}, meta, options)
 meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16, CHUNK=16, PREC="tf32")
 build(decode_reduce._rotate_queries_kernel, {"q_ptr": "*bf16", "out_ptr": "*fp32", "rot_ptr": "*fp32"}, meta, {})

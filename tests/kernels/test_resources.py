@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from turboquant_vllm.kernels import decode
+from turboquant_vllm.kernels import decode_tiles
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_resources.py"
 
@@ -29,14 +29,14 @@ def resources(tmp_path_factory) -> dict:
 
 def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(resources):
     rows = [r for r in resources["rows"] if r["head_dim"] == 128]
-    tiles = decode._TILES[128]
+    tiles = decode_tiles.TILES[128]
     defaults = [r for r in rows if r["tiles"] == dataclasses.asdict(tiles) and not r["store_new"]]
-    decode_tiles = [r for r in defaults if r["num_splits"] < decode.WIDE_MIN_SPLITS]
-    assert len(decode_tiles) == 4  # split-K and fused launches, without and with key offsets
-    for r in decode_tiles:
+    narrow = [r for r in defaults if r["num_splits"] < decode_tiles.WIDE_MIN_SPLITS]
+    assert len(narrow) == 4  # split-K and fused launches, without and with key offsets
+    for r in narrow:
         assert r["registers"] <= 168 and r["programs_per_sm_by_registers"] >= 3, r
-    assert next(r for r in decode_tiles if r["split_k"] and not r["key_offset"])["spill_store_bytes"] == 0
-    wide = next(r for r in defaults if r["num_splits"] >= decode.WIDE_MIN_SPLITS)  # 1 sequence, 32 splits
+    assert next(r for r in narrow if r["split_k"] and not r["key_offset"])["spill_store_bytes"] == 0
+    wide = next(r for r in defaults if r["num_splits"] >= decode_tiles.WIDE_MIN_SPLITS)  # 1 sequence, 32 splits
     assert wide["block_n"] == tiles.wide_block_n and wide["maxnreg"] is None and wide["spill_store_bytes"] == 0, wide
 
 
@@ -45,7 +45,7 @@ def test_split_reduce_never_spills(resources):
     the reduce's step (rows x splits x BLOCK_D fp32) and its un-rotation slice of R fit in registers: 4 splits a
     step at d=256 spilled 584 bytes."""
     defaults = [r["block_d"] for r in resources["reduce"] if not r["change"]]
-    assert sorted(defaults) == sorted(2 * list(decode._TILES))
+    assert sorted(defaults) == sorted(2 * list(decode_tiles.TILES))
     assert {r["rows"] for r in resources["reduce"] if r["change"]} == {1, 4}
     for r in resources["reduce"]:
         assert r["spill_store_bytes"] == 0 and r["registers"] <= 255, r

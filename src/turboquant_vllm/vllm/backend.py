@@ -26,7 +26,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from turboquant_vllm.codec import KVCodec, shared_codec
 from turboquant_vllm.config import TQConfigError, check_head_dim
-from turboquant_vllm.kernels.decode import MAX_SPLITS, AttentionWorkspace, choose_num_splits, paged_attention
+from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
+from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.key_offset import KeyOffset, layer_key_offset
 from turboquant_vllm.layout import PageLayout
@@ -34,7 +35,7 @@ from turboquant_vllm.vllm.prefill import PrefillPlan, plan_prefill, prefill_atte
 from turboquant_vllm.vllm.spec import current_tq_config
 from turboquant_vllm.vllm.warmup import warm_up_kernels
 
-# Split-K is for small decode batches (at most decode.MAX_SPLITS); larger batches fill the GPU with one split.
+# Split-K is for small decode batches (at most decode_tiles.MAX_SPLITS); larger batches fill the GPU with one split.
 MAX_SPLIT_TOKENS = 256  # query tokens the split workspace holds; bigger batches run unsplit
 CPU_NUM_SMS = 16  # only the CPU test path (Triton interpreter) has no SM count
 

@@ -12,7 +12,8 @@ import torch
 import triton
 
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels.decode import WIDE_MIN_SPLITS, AttentionWorkspace, paged_attention
+from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
+from turboquant_vllm.kernels.decode_tiles import WIDE_MIN_SPLITS
 from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.kernels.store import LARGE_BATCH_TOKENS, SMALL_BATCH_TOKENS, store_kv
 from turboquant_vllm.key_offset import KeyOffset

@@ -1,0 +1,177 @@
+"""Launch configuration of the paged attention and split-K reduce kernels (kernels/decode.py).
+
+Tile shapes per padded head_dim, each choice with the H200 measurement behind it, and the compile-time
+parameters both the launcher and the offline compile checks (benchmarks/kernel_resources.py) derive from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.kernels.decode_reduce import (
+    REDUCE_BLOCK_R,
+    REDUCE_NUM_WARPS,
+    REDUCE_PLAIN_ROWS,
+    REDUCE_STEP_ELEMENTS,
+)
+from turboquant_vllm.kernels.store import one_token_block_k
+from turboquant_vllm.quantizer import TINY_NORM
+
+ROT_CHUNK = 16  # columns of R per rotation step: keeps R slices small in registers
+INTERPRETER_ROT_CHUNK = 32  # fewer steps under the CPU interpreter, still several per head
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape for one padded head_dim; nothing here depends on sequence lengths."""
+
+    block_n: int  # cached context tokens per inner step
+    decode_m: int  # (query token x group) rows per program when every q_len fits one tile
+    varlen_m: int  # rows per program once a prefill chunk is in the batch
+    num_warps: int
+    num_stages: int = 2  # software pipelining of the context loop's loads
+    maxnreg: int | None = None  # register cap of swapped decode launches with block_n tiles (see attention_meta)
+    prefetch: bool = True  # load tile t+1 while computing tile t
+    wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
+    lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
+    swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
+    reduce_splits: int = 8  # splits the split-K reduce reads per step ([16 rows, this, BLOCK_D] fp32 in registers)
+    reduce_rot_chunk: int = ROT_CHUNK  # columns of R per un-rotation step in the reduce (BLOCK_D: one dot)
+    # Launches with at least this many splits have each split program normalise and un-rotate its own output,
+    # so the reduce is a plain weighted sum of reduce_plain_rows rows a program with no R (None: never).
+    unrotated_min_splits: int | None = None
+    reduce_plain_rows: int = REDUCE_PLAIN_ROWS
+    reduce_rows: int = REDUCE_BLOCK_R  # rows a program of the un-rotating reduce (below 16: no dot, see reduce_meta)
+    # Launches with at least this many splits rotate the step's queries once, in a launch of their own, instead of
+    # in every split program (None: never).
+    prerotate_q_min_splits: int | None = None
+
+
+# 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
+# 16 x 32K decode time against 8 warps / 2 stages, and several small programs per SM beat one large one.
+# d=128 with the register lookups (decode_sweep_h200_2026-11-30e.json): 64-token tiles 553 us at 16 x 32K against
+# 699 us with 32 and 597 us with 128; 1 or 2 warps per program were slower. A launch split WIDE_MIN_SPLITS ways is
+# a batch of one or two sequences with ~2 programs per SM, where a wider tile (more bytes in flight) wins:
+# 62 us at 1 x 32K with 128-token tiles against 77 us with 64.
+# Swapped MMA operands (decode_h200_2026-12-01a/b.json): Triton then emits Hopper wgmma for the decode tile; capped
+# at 168 registers (3 programs per SM) 16 x 32K took 507 us against 712 us unswapped and 718 us swapped uncapped
+# (176 registers after rounding: 2 per SM); 1 x 32K (wide tiles, no cap) 59 us against 63 us.
+# The split-K reduce (decode_h200_2026-12-01d.json): un-rotating with the whole of R in one dot instead of 16-column
+# slices took 1 x 4K from 32.7 to 27.7 us (attention + reduce) and 1 x 32K from 59.8 to 54.9 us; how many splits it
+# reads per step matters less (1: 30.4 us). Up to d=128 R fits one dot; reduce_splits keeps the reduce unspilled.
+# Un-rotating in the split programs instead (decode_h200_2026-12-01f.json) pays at 32 splits, where the reduce is
+# what a one-sequence step waits for: 1 x 4K 27.3 -> 24.1 us, 1 x 32K 54.5 -> 51.8 us; with the 3 splits of a
+# 16-sequence batch it costs (16 x 4K 81.7 -> 88.2 us, 16 x 32K 503 -> 517 us). In the engine at 4K x 1
+# (engine_h200_2026-12-01f/g.json) the attention kernel went from 16.5 to 20.5 us a layer and the reduce from 11.6 to
+# 3.3 us: 5.74 -> 5.60 ms a token. The plain reduce's rows a program (1, 2, 4) measured equal (..._12-01g.json).
+WIDE_MIN_SPLITS = 32
+MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of attention_meta that are compile options
+# fmt: off
+TILES = {
+    32: Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=32, reduce_rot_chunk=32),
+    64: Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=16, reduce_rot_chunk=64),
+    128: Tiles(
+        64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, reduce_splits=2,
+        reduce_rot_chunk=128, unrotated_min_splits=WIDE_MIN_SPLITS,
+    ),
+    256: Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
+    512: Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
+}
+# fmt: on
+
+
+def reduce_meta(
+    num_heads: int, head_dim: int, block_d: int, plain: bool, op_dtype: tl.dtype, prec: str
+) -> dict[str, Any]:
+    """Compile-time parameters and launch options of _reduce_splits_kernel (shared with compile checks).
+
+    plain: the split programs stored normalised, un-rotated partials, so the reduce is a weighted sum with no
+    16-row dot: fewer rows a program, more splits a step. Otherwise tiles.reduce_rows picks the un-rotation:
+    a dot for 16-row programs, fp32 multiply-adds for fewer rows (more programs, each reading R once).
+    """
+    tiles = TILES[block_d]
+    block_r = tiles.reduce_plain_rows if plain else tiles.reduce_rows
+    by_dot = not plain and block_r >= REDUCE_BLOCK_R
+    per_step = max(1, REDUCE_STEP_ELEMENTS // (block_r * block_d))  # splits (or R columns) a dot-free step takes
+    step_splits = tiles.reduce_splits if by_dot else min(MAX_SPLITS, per_step)
+    rot_chunk = tiles.reduce_rot_chunk if by_dot else min(block_d, max(1, per_step // 2))  # R slice + product
+    return dict(
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, STEP_SPLITS=step_splits,
+        ROTATED=not plain, UNROTATE_BY_DOT=by_dot, ROT_CHUNK=rot_chunk, OP_DTYPE=op_dtype, PREC=prec,
+        num_warps=REDUCE_NUM_WARPS,
+    )  # fmt: skip
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int, head_dim: int = 128) -> int:
+    """Splits per sequence so a decode batch launches about two waves of 4-warp programs' worth of warps.
+
+    One split when (sequence, KV head) programs alone already fill the SMs that way: splitting then
+    only adds workspace traffic. Sequence lengths are deliberately ignored so the choice is made on
+    the host without reading device tensors.
+    """
+    per_sm = max(1, 4 // TILES[triton.next_power_of_2(head_dim)].num_warps)  # narrower programs: more of them
+    programs = max(1, num_seqs) * max(1, num_kv_heads)
+    if programs >= num_sms * per_sm or max_splits <= 1:
+        return 1
+    return max(1, min(max_splits, triton.cdiv(2 * num_sms * per_sm, programs)))
+
+
+def attention_meta(
+    codec: KVCodec,
+    num_heads: int,
+    query_dtype: torch.dtype,
+    on_gpu: bool,
+    max_query_len: int,
+    block_size: int,
+    fused: bool,
+    num_splits: int = 1,
+    key_offset: bool = False,
+    store_new: bool = False,
+) -> dict[str, Any]:
+    """Compile-time parameters and launch options of _attention_kernel (shared with compile checks)."""
+    lay = codec.layout
+    group = num_heads // lay.num_kv_heads
+    block_d = triton.next_power_of_2(lay.head_dim)
+    tiles = TILES[block_d]
+    wide = tiles.wide_block_n is not None and num_splits >= WIDE_MIN_SPLITS
+    block_n = tiles.wide_block_n if wide else tiles.block_n
+    block_m = max(tiles.decode_m, triton.next_power_of_2(group))
+    varlen = max_query_len > block_m // group
+    if varlen:  # a prefill chunk: taller q tiles re-read the pages less often
+        block_m = max(tiles.varlen_m, triton.next_power_of_2(group))
+    exact = query_dtype == torch.float32
+    lut = tiles.lut and on_gpu and not exact  # PTX: not for the CPU interpreter; fp16 tables only
+    k_lut, v_lut = lut and codec.lut_usable[0], lut and codec.lut_usable[1]
+    # Only decode tiles are swapped (a prefill tile's query rows already fill the MMA), and on the GPU only with
+    # register lookups: with codebook gathers (2/3 bits) the swapped, capped kernel made illegal memory accesses
+    # on the H200. The interpreter keeps the swap so CPU tests check its arithmetic. The register cap was sized
+    # for the block_n tile; wide tiles spill under it.
+    swap = tiles.swap_ab and not varlen and (k_lut and v_lut or not on_gpu)
+    cap = tiles.maxnreg if swap and not wide else None
+    meta = dict(
+        GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
+        BLOCK_N=block_n, ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
+        **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
+        OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
+        FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
+        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
+        Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
+        STORE_NEW=store_new, STORE_BLOCK_K=one_token_block_k(), NORM_CORRECTION=codec.config.norm_correction,
+        TINY=TINY_NORM,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+    if cap:
+        meta["maxnreg"] = cap
+    return meta
+
+
+def at_least(min_splits: int | None, num_splits: int) -> bool:
+    """Whether a split-K launch of num_splits takes an option of Tiles that starts at min_splits."""
+    return num_splits > 1 and min_splits is not None and num_splits >= min_splits
