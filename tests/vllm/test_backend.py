@@ -10,6 +10,7 @@ from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.config import TQConfig, TQConfigError
 from turboquant_vllm.eval.vllm_batches import SCENARIOS, exact_attention, make_batch
 from turboquant_vllm.kernels.reference import decode_rows_ref, gather_rows_ref, paged_attention_ref, store_ref
+from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.vllm import backend as tq_backend
 from turboquant_vllm.vllm.backend import TQ4AttentionBackend, TQ4AttentionImpl, TQ4MetadataBuilder
 from turboquant_vllm.vllm.spec import TQ4FullAttentionSpec
@@ -180,6 +181,37 @@ def test_forward_sends_decodes_to_the_kernel_and_chunks_to_prefill(monkeypatch):
     assert kwargs["max_query_len"] == 1 and kwargs["out"].data_ptr() == out.data_ptr()
     args = prefill.calls[0][0]
     assert args[1] is md.prefill and args[7] is out and args[8] is None  # no key offset configured
+
+
+@pytest.mark.parametrize("scenario", ["decode", "mixed"])
+def test_fused_store_writes_the_same_pages_and_output(scenario, monkeypatch, device):
+    """FUSED_STORE: do_kv_cache_update leaves the decode tokens (found in vLLM's forward context) to forward's
+    attention launch, which stores them; the pages and the output equal those of the separate store."""
+    cfg = TQConfig()
+    monkeypatch.setattr(tq_backend, "current_tq_config", lambda: cfg)
+    head_dim, layer = 64, SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    batch = make_batch(SCENARIOS[scenario], 8, 2, head_dim, seed=5, device=device)
+    codec = KVCodec(cfg, 2, head_dim, device)
+    md = make_builder(8, 2, head_dim, device).build(0, common_metadata(batch))
+    context = SimpleNamespace(attn_metadata={layer.layer_name: md})
+    monkeypatch.setattr("vllm.forward_context.is_forward_context_available", lambda: True)
+    monkeypatch.setattr("vllm.forward_context.get_forward_context", lambda: context)
+    results, stored = [], []
+    for fused in (False, True):
+        monkeypatch.setattr(tq_backend, "FUSED_STORE", fused)
+        monkeypatch.setattr(tq_backend, "store_kv", lambda *a, **k: (stored.append(a[4].shape[0]), store_kv(*a, **k)))
+        cache = codec.new_cache(batch.num_blocks, batch.block_size)
+        for k, v, slots in zip(batch.context_key, batch.context_value, batch.context_slots, strict=True):
+            store_ref(codec, k, v, cache, slots)
+        impl = TQ4AttentionImpl(8, head_dim, head_dim**-0.5, 2)
+        out = torch.zeros(batch.query.shape, dtype=batch.query.dtype, device=device)
+        impl.do_kv_cache_update(layer, batch.key, batch.value, cache, batch.slot_mapping)
+        impl.forward(layer, batch.query, batch.key, batch.value, cache, md, out)
+        results.append((cache, out))
+    num_tokens = batch.slot_mapping.shape[0]
+    assert stored == [num_tokens, num_tokens - md.num_decode_tokens][: 1 + (md.num_decode_tokens < num_tokens)]
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))

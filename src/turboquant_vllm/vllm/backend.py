@@ -38,6 +38,10 @@ from turboquant_vllm.vllm.warmup import warm_up_kernels
 # Split-K is for small decode batches (at most decode_tiles.MAX_SPLITS); larger batches fill the GPU with one split.
 MAX_SPLIT_TOKENS = 256  # query tokens the split workspace holds; bigger batches run unsplit
 CPU_NUM_SMS = 16  # only the CPU test path (Triton interpreter) has no SM count
+# The decode tokens' K/V stored by forward's attention launch (paged_attention store_slots) instead of
+# do_kv_cache_update's store launch. Off until timed on the GPU (docs/gpu-host.md); either way the pages get the
+# same bytes, and a token stored twice (no forward context to consult) is stored twice identically.
+FUSED_STORE = False
 
 
 class TQ4AttentionBackend(AttentionBackend):
@@ -277,7 +281,20 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
             slot_mapping: int64 [num_tokens].
         """
         codec = self.codec(kv_cache.device)
-        store_kv(codec, key, value, kv_cache, slot_mapping, self.key_offset(layer, codec))
+        n = self._tokens_stored_by_forward(layer)
+        if n < slot_mapping.shape[0]:
+            store_kv(codec, key[n:], value[n:], kv_cache, slot_mapping[n:], self.key_offset(layer, codec))
+
+    @staticmethod
+    def _tokens_stored_by_forward(layer: AttentionLayer | None) -> int:
+        """Leading tokens of this step whose K/V forward's decode launch stores (FUSED_STORE): the decode part."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not FUSED_STORE or layer is None or not is_forward_context_available():
+            return 0
+        md = get_forward_context().attn_metadata
+        md = (md[0] if isinstance(md, list) else md)[layer.layer_name]  # a list: [0] is the base model's
+        return md.num_decode_tokens if isinstance(md, TQ4Metadata) and md.num_decodes else 0
 
     def forward(
         self,
@@ -318,6 +335,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
                 num_splits=md.num_splits,
                 workspace=md.workspace,
                 key_offset=key_offset,
+                store_slots=md.slot_mapping[:n] if FUSED_STORE else None,
             )  # fmt: skip
         if md.prefill is not None:
             prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output, key_offset)
