@@ -282,8 +282,9 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         """
         codec = self.codec(kv_cache.device)
         n = self._tokens_stored_by_forward(layer)
-        if n < slot_mapping.shape[0]:
-            store_kv(codec, key[n:], value[n:], kv_cache, slot_mapping[n:], self.key_offset(layer, codec))
+        if n:
+            key, value, slot_mapping = key[n:], value[n:], slot_mapping[n:]
+        store_kv(codec, key, value, kv_cache, slot_mapping, self.key_offset(layer, codec))
 
     @staticmethod
     def _tokens_stored_by_forward(layer: AttentionLayer | None) -> int:
