@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from turboquant_vllm.config import TQConfig
 from turboquant_vllm.eval.data import austen_token_stream, smollm2_hf_dir
 from turboquant_vllm.eval.kv_capture import capture_qkv
-from turboquant_vllm.eval.kv_error import model_errors
+from turboquant_vllm.eval.kv_error import model_errors, value_offset_errors
 from turboquant_vllm.eval.provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
@@ -59,6 +59,11 @@ def main() -> None:
         rows.append(
             {"method": "prod", "rotation": "haar", "norm_correction": False, "bits": bits, "quantized": "K", **errs}
         )
+        print(rows[-1], flush=True)
+    for bits in (2, 3, 4):  # V stored relative to its per-head mean over these windows (in-sample: optimistic)
+        errs = value_offset_errors(layers, bits, TQConfig())
+        rows.append({"method": "mse", "rotation": "haar", "norm_correction": True, "bits": bits, "quantized": "V",
+                     "value_offset": "per-head mean", **errs})  # fmt: skip
         print(rows[-1], flush=True)
 
     result = {

@@ -70,3 +70,16 @@ def model_errors(
         for name, val in layer_errors(layer, k_hat, v_hat).items():
             totals[name] = totals.get(name, 0.0) + val / len(layers)
     return totals
+
+
+def value_offset_errors(layers: list[LayerQKV], v_bits: int, config: TQConfig) -> dict[str, float]:
+    """model_errors with V quantised relative to each KV head's mean value (added back after dequantisation),
+    the value-side twin of the key offset: the output shifts by exactly the offset, since softmax weights sum to 1.
+    """
+    totals: dict[str, float] = {}
+    for layer in layers:
+        offset = layer.value.mean(dim=(0, 2), keepdim=True)
+        v_hat = roundtrip_mse(layer.value - offset, v_bits, config) + offset
+        for name, val in layer_errors(layer, layer.key, v_hat).items():
+            totals[name] = totals.get(name, 0.0) + val / len(layers)
+    return totals
