@@ -90,8 +90,12 @@ def _store_unrotated(
     CHUNK: tl.constexpr,
     OP_DTYPE: tl.constexpr,
     PREC: tl.constexpr,
+    BY_DOT: tl.constexpr = True,
 ):
-    """Store o @ R, CHUNK output columns at a time (a [BLOCK_D, CHUNK] slice of R per step)."""
+    """Store o @ R, CHUNK output columns at a time (a [BLOCK_D, CHUNK] slice of R per step).
+
+    BY_DOT=False multiplies and adds in fp32 instead of a dot: for programs of fewer rows than a dot takes (16),
+    so a one-sequence batch's rows spread over many programs."""
     k = tl.arange(0, BLOCK_D)
     o_op = o.to(OP_DTYPE)
     for c0 in range(0, HEAD_DIM, CHUNK):
@@ -102,40 +106,10 @@ def _store_unrotated(
             mask=(k < HEAD_DIM)[:, None] & n_ok[None, :],
             other=0.0,
         )
-        y = tl.dot(o_op, r.to(OP_DTYPE), input_precision=PREC)
-        tl.store(
-            out_ptr + row_off[:, None] + n[None, :] * stride_d,
-            y.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & n_ok[None, :],
-        )
-
-
-@triton.jit
-def _store_unrotated_fma(
-    out_ptr,
-    row_off,  # int64 [ROWS]
-    row_ok,  # bool [ROWS]
-    stride_d,
-    o,  # fp32 [ROWS, BLOCK_D], rotated basis (columns past HEAD_DIM are ignored)
-    rot_ptr,
-    stride_r0,
-    stride_r1,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    """Store o @ R in fp32 multiply-adds, CHUNK output columns at a time: for programs of fewer rows than a
-    dot takes (16), so a one-sequence batch's rows spread over many programs."""
-    k = tl.arange(0, BLOCK_D)
-    for c0 in range(0, HEAD_DIM, CHUNK):
-        n = c0 + tl.arange(0, CHUNK)
-        n_ok = n < HEAD_DIM
-        r = tl.load(
-            rot_ptr + k[:, None] * stride_r0 + n[None, :] * stride_r1,
-            mask=(k < HEAD_DIM)[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        y = tl.sum(o[:, :, None] * r[None, :, :], 1)
+        if BY_DOT:  # noqa: SIM108 - a constexpr branch, resolved at compile time
+            y = tl.dot(o_op, r.to(OP_DTYPE), input_precision=PREC)
+        else:
+            y = tl.sum(o[:, :, None] * r[None, :, :], 1)
         tl.store(
             out_ptr + row_off[:, None] + n[None, :] * stride_d,
             y.to(out_ptr.dtype.element_ty),
@@ -216,12 +190,9 @@ def _reduce_splits_kernel(
         m_run = m_new
     o = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
     out_off = tok * stride_ot + head * stride_oh
-    if ROTATED and UNROTATE_BY_DOT:
+    if ROTATED:
         _store_unrotated(out_ptr, out_off, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
-                         HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
-    elif ROTATED:
-        _store_unrotated_fma(out_ptr, out_off, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
-                             HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
+                         HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC, UNROTATE_BY_DOT)  # fmt: skip
     else:
         tl.store(out_ptr + out_off[:, None] + dim[None, :] * stride_od, o.to(out_ptr.dtype.element_ty),
                  mask=ok[:, None] & dim_ok[None, :])  # fmt: skip
