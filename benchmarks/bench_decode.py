@@ -291,11 +291,11 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"reduce_splits": 8, "reduce_rot_chunk": 16},  # the reduce un-rotates 16 columns of R per step
         {"reduce_splits": 4},
         {"unrotated_min_splits": 2},  # every split launch un-rotates in the split programs; a plain-sum reduce
-        {"unrotated_min_splits": None},  # the reduce always un-rotates the merged rows
-        {"unrotated_min_splits": None, "reduce_rows": 1},  # the reduce un-rotates one row a program, no dot
-        {"unrotated_min_splits": None, "reduce_rows": 4},
-        {"prerotate_q_min_splits": 2},  # the step's queries rotated once in a launch of their own
-        {"prerotate_q_min_splits": 2, "unrotated_min_splits": None, "reduce_rows": 1},  # R read per row, not program
+        {"unrotated_min_splits": decode_tiles.WIDE_MIN_SPLITS},  # only wide launches do
+        {"wide_reduce_rows": None},  # the reduce un-rotates 16 rows a program by a dot at every split count
+        {"wide_reduce_rows": 4},
+        {"reduce_rows": 1},  # one row a program by multiply-adds at every split count
+        {"prerotate_q_min_splits": None},  # every split program rotates its own queries
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]

@@ -133,13 +133,13 @@ def compile_attention(
     }  # fmt: skip
 
 
-def compile_reduce(block_d: int, plain: bool = False, change: dict | None = None) -> dict:
+def compile_reduce(block_d: int, plain: bool = False, change: dict | None = None, num_splits: int = 3) -> dict:
     """The split-K reduce as paged_attention launches it for bf16 output at one padded head_dim; `plain` when the
     split programs stored un-rotated partials (`Tiles.unrotated_min_splits`); `change` alters the tiles."""
     default = decode_tiles.TILES[block_d]
     decode_tiles.TILES[block_d] = dataclasses.replace(default, **(change or {}))
     try:
-        meta = decode_tiles.reduce_meta(32, block_d, block_d, plain, tl.float16, "tf32")
+        meta = decode_tiles.reduce_meta(32, block_d, block_d, plain, tl.float16, "tf32", num_splits)
     finally:
         decode_tiles.TILES[block_d] = default
     options = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
@@ -149,7 +149,8 @@ def compile_reduce(block_d: int, plain: bool = False, change: dict | None = None
     signature = {n: "constexpr" if n in meta else pointers.get(n, "i32") for n in fn.arg_names}
     constexprs = {(fn.arg_names.index(k),): v for k, v in meta.items()}
     kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
-    return {"kernel": "reduce", "block_d": block_d, "plain": plain, "change": change or {}, "rows": meta["BLOCK_R"],
+    return {"kernel": "reduce", "block_d": block_d, "plain": plain, "change": change or {}, "num_splits": num_splits,
+            "rows": meta["BLOCK_R"],
             "step_splits": meta["STEP_SPLITS"], "rot_chunk": meta["ROT_CHUNK"],
             **ptxas_report(kernel.asm["ptx"], "sm_90a")}  # fmt: skip
 
@@ -169,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             {"swap_ab": False, "maxnreg": 128},
             {"block_n": 32},
             {"unrotated_min_splits": 2},
-            {"prerotate_q_min_splits": 2},
+            {"prerotate_q_min_splits": None},
         )  # fmt: skip
     ]
-    cases += [(128, 32, 8, wide, {"prerotate_q_min_splits": 2})]
+    cases += [(128, 32, 8, wide, {"prerotate_q_min_splits": None})]
     cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
     cases += [(128, 32, 8, 3, {}, False, True), (128, 32, 8, wide, {}, True, True)]  # with the fused store
     rows = []
@@ -184,13 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}", flush=True)  # fmt: skip
-    reduce_rows = [compile_reduce(block_d, plain) for block_d in sorted(decode_tiles.TILES) for plain in (False, True)]
+    reduce_rows = [compile_reduce(block_d, plain, num_splits=n) for block_d in sorted(decode_tiles.TILES)
+                   for plain, n in ((False, 3), (False, wide), (True, wide))]  # fmt: skip
     reduce_rows += [compile_reduce(block_d, False, {"reduce_rows": n}) for block_d in sorted(decode_tiles.TILES)
                     for n in (1, 4)]  # fmt: skip
     for r in reduce_rows:
         how = "plain sum" if r["plain"] else f"R in {r['rot_chunk']}-column slices"
         how += "" if r["plain"] or r["rows"] >= decode_reduce.REDUCE_BLOCK_R else " by multiply-adds"
-        print(f"reduce BLOCK_D={r['block_d']} ({r['rows']} rows, {r['step_splits']} splits a step, {how}): "
+        print(f"reduce BLOCK_D={r['block_d']} at {r['num_splits']} splits ({r['rows']} rows, "
+              f"{r['step_splits']} splits a step, {how}): "
               f"{r['registers']} regs, {r['spill_store_bytes']} B spilled", flush=True)  # fmt: skip
     if args.out:
         result = {"benchmark": "kernel_resources", "target": "sm_90a (compiled, not run)", "triton": triton.__version__,

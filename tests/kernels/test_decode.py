@@ -246,12 +246,16 @@ def test_reduce_reads_splits_in_steps(device):
 
 @pytest.mark.parametrize(
     ("head_dim", "change"),
-    [(64, {"unrotated_min_splits": 2}), (128, {}), (128, {"unrotated_min_splits": 2, "reduce_plain_rows": 1})],
+    [
+        (64, {"unrotated_min_splits": 2}),
+        (128, {"unrotated_min_splits": decode_tiles.WIDE_MIN_SPLITS}),
+        (128, {"unrotated_min_splits": 2, "reduce_plain_rows": 1}),
+    ],
 )
 def test_unrotated_partials_agree(device, monkeypatch, head_dim, change):
     """Split programs that normalise and un-rotate their own partials (the reduce then a plain weighted sum)
-    compute the same attention; NaN in unused workspace never reaches the output. d=128 as configured: the
-    switch happens at unrotated_min_splits, so 3 splits take the rotated reduce and 37 the plain one."""
+    compute the same attention; NaN in unused workspace never reaches the output. With the switch at
+    WIDE_MIN_SPLITS, 3 splits take the rotated reduce and 37 the plain one."""
     tiles = dataclasses.replace(decode_tiles.TILES[head_dim], **change)
     monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
     b = make_batch(device, [700, 5, 130], [1, 1, 1], head_dim=head_dim, seed=24)
@@ -265,14 +269,20 @@ def test_unrotated_partials_agree(device, monkeypatch, head_dim, change):
         assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32)
 
 
-@pytest.mark.parametrize(("head_dim", "rows"), [(64, 1), (128, 4)])
+@pytest.mark.parametrize(("head_dim", "rows"), [(64, 1), (128, 4), (128, None)])
 def test_reduce_unrotates_few_rows_without_a_dot(device, monkeypatch, head_dim, rows):
     """The rotated reduce in programs of fewer than 16 rows un-rotates by fp32 multiply-adds in column chunks;
-    it must agree with the reference, with NaN left in unused workspace."""
-    tiles = dataclasses.replace(decode_tiles.TILES[head_dim], reduce_rows=rows, unrotated_min_splits=None)
+    it must agree with the reference, with NaN left in unused workspace. rows=None: d=128 as configured, where
+    only a launch of WIDE_MIN_SPLITS or more takes the few-row reduce (wide_reduce_rows)."""
+    tiles = decode_tiles.TILES[head_dim]
+    if rows is not None:
+        tiles = dataclasses.replace(tiles, reduce_rows=rows, wide_reduce_rows=None, unrotated_min_splits=None)
     monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
-    meta = decode_tiles.reduce_meta(4, head_dim, head_dim, False, tl.float16, "tf32")
-    assert meta["ROTATED"] and not meta["UNROTATE_BY_DOT"] and meta["BLOCK_R"] == rows
+    wide = decode_tiles.WIDE_MIN_SPLITS
+    for num_splits, expect_rows in ((3, rows or decode_tiles.REDUCE_BLOCK_R), (wide, rows or tiles.wide_reduce_rows)):
+        meta = decode_tiles.reduce_meta(4, head_dim, head_dim, False, tl.float16, "tf32", num_splits)
+        assert meta["ROTATED"] and meta["BLOCK_R"] == expect_rows
+        assert meta["UNROTATE_BY_DOT"] == (expect_rows >= decode_tiles.REDUCE_BLOCK_R)
     b = make_batch(device, [700, 5, 130], [1, 1, 1], head_dim=head_dim, seed=25)
     ws = AttentionWorkspace.allocate(3, 4, head_dim, 40, device)
     for t in (ws.acc, ws.row_max, ws.row_sum):
@@ -295,7 +305,9 @@ def test_prerotated_queries_agree(device, monkeypatch, head_dim, num_splits):
     assert torch.isfinite(ws.query[:5]).all() and ws.query[7:].isnan().all()  # 5 query tokens + 2 of padding
 
 
-@pytest.mark.parametrize(("num_splits", "offset"), [(1, False), (3, False), (2, True)])
+@pytest.mark.parametrize(
+    ("num_splits", "offset"), [(1, False), (3, False), (2, True), (decode_tiles.WIDE_MIN_SPLITS, False)]
+)
 def test_fused_store_writes_what_store_kv_writes(device, num_splits, offset):
     """paged_attention(store_slots=...) writes this step's K/V into the pages byte for byte as store_kv does,
     leaves a negative slot alone, and still attends the new tokens exactly (their slots held poison)."""

@@ -1,5 +1,6 @@
 """TQ4 backend: selection-time refusals, builder routing, and layer outputs against references."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.config import TQConfig, TQConfigError
 from turboquant_vllm.eval.vllm_batches import SCENARIOS, exact_attention, make_batch
+from turboquant_vllm.kernels import decode_tiles
 from turboquant_vllm.kernels.reference import decode_rows_ref, gather_rows_ref, paged_attention_ref, store_ref
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.vllm import backend as tq_backend
@@ -185,20 +187,21 @@ def test_forward_sends_decodes_to_the_kernel_and_chunks_to_prefill(monkeypatch):
 
 @pytest.mark.parametrize("scenario", ["decode", "mixed"])
 def test_fused_store_writes_the_same_pages_and_output(scenario, monkeypatch, device):
-    """FUSED_STORE: do_kv_cache_update leaves the decode tokens (found in vLLM's forward context) to forward's
-    attention launch, which stores them; the pages and the output equal those of the separate store."""
+    """fused_store_tokens: do_kv_cache_update leaves the decode tokens (found in vLLM's forward context) to
+    forward's attention launch, which stores them; the pages and the output equal those of the separate store."""
     cfg = TQConfig()
     monkeypatch.setattr(tq_backend, "current_tq_config", lambda: cfg)
     head_dim, layer = 64, SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
     batch = make_batch(SCENARIOS[scenario], 8, 2, head_dim, seed=5, device=device)
     codec = KVCodec(cfg, 2, head_dim, device)
-    md = make_builder(8, 2, head_dim, device).build(0, common_metadata(batch))
-    context = SimpleNamespace(attn_metadata={layer.layer_name: md})
+    built = make_builder(8, 2, head_dim, device).build(0, common_metadata(batch))
+    context = SimpleNamespace()
     monkeypatch.setattr("vllm.forward_context.is_forward_context_available", lambda: True)
     monkeypatch.setattr("vllm.forward_context.get_forward_context", lambda: context)
     results, stored = [], []
     for fused in (False, True):
-        monkeypatch.setattr(tq_backend, "FUSED_STORE", fused)
+        md = dataclasses.replace(built, fused_store_tokens=built.num_decode_tokens if fused else 0)
+        context.attn_metadata = {layer.layer_name: md}
         monkeypatch.setattr(tq_backend, "store_kv", lambda *a, **k: (stored.append(a[4].shape[0]), store_kv(*a, **k)))
         cache = codec.new_cache(batch.num_blocks, batch.block_size)
         for k, v, slots in zip(batch.context_key, batch.context_value, batch.context_slots, strict=True):
@@ -212,6 +215,21 @@ def test_fused_store_writes_the_same_pages_and_output(scenario, monkeypatch, dev
     assert stored == [num_tokens, num_tokens - md.num_decode_tokens]
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("min_splits", [None, 2])
+def test_builder_fuses_the_store_where_the_tiles_say(min_splits, monkeypatch, device):
+    """The builder hands the decode tokens' store to the attention launch exactly when its split count reaches
+    Tiles.fused_store_min_splits, and never the prefill rows of a mixed batch."""
+    monkeypatch.setattr(tq_backend, "current_tq_config", lambda: TQConfig())
+    tiles = dataclasses.replace(decode_tiles.TILES[64], fused_store_min_splits=min_splits)
+    monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
+    for scenario in ("decode", "mixed"):
+        batch = make_batch(SCENARIOS[scenario], 8, 2, 64, seed=5, device=device)
+        md = make_builder(8, 2, 64, device).build(0, common_metadata(batch))
+        assert md.num_splits > 1 and md.num_decodes
+        assert md.fused_store_tokens == (md.num_decode_tokens if min_splits else 0)
+        assert md.num_decode_tokens < batch.slot_mapping.shape[0] or scenario == "decode"
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))

@@ -402,7 +402,7 @@ def paged_attention(
         return
     num_rows = num_tokens * num_heads
     rmeta = reduce_meta(num_heads, head_dim, meta["BLOCK_D"], meta["UNROTATED_PARTIALS"], meta["OP_DTYPE"],
-                        meta["PREC"])  # fmt: skip
+                        meta["PREC"], num_splits)  # fmt: skip
     _reduce_splits_kernel[reduce_grid(num_rows, rmeta["BLOCK_R"])](
         acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
         num_seqs, num_rows, num_splits, *acc_strides, *stat_strides, *out.stride(), rot.stride(0), rot.stride(1),

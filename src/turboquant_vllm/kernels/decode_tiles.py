@@ -48,9 +48,13 @@ class Tiles:
     unrotated_min_splits: int | None = None
     reduce_plain_rows: int = REDUCE_PLAIN_ROWS
     reduce_rows: int = REDUCE_BLOCK_R  # rows a program of the un-rotating reduce (below 16: no dot, see reduce_meta)
+    wide_reduce_rows: int | None = None  # reduce_rows once a launch has >= WIDE_MIN_SPLITS splits (None: the same)
     # Launches with at least this many splits rotate the step's queries once, in a launch of their own, instead of
     # in every split program (None: never).
     prerotate_q_min_splits: int | None = None
+    # Launches with at least this many splits also store the step's new K/V (paged_attention store_slots), so the
+    # vLLM backend skips its store launch for those tokens (None: never).
+    fused_store_min_splits: int | None = None
 
 
 # 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
@@ -70,6 +74,12 @@ class Tiles:
 # 16-sequence batch it costs (16 x 4K 81.7 -> 88.2 us, 16 x 32K 503 -> 517 us). In the engine at 4K x 1
 # (engine_h200_2026-12-01f/g.json) the attention kernel went from 16.5 to 20.5 us a layer and the reduce from 11.6 to
 # 3.3 us: 5.74 -> 5.60 ms a token. The plain reduce's rows a program (1, 2, 4) measured equal (..._12-01g.json).
+# Then (decode_sweep_h200_2026-12-01h.json) a reduce of one row a program un-rotating by fp32 multiply-adds beat both
+# at 32 splits (1 x 4K 24.1 -> 22.1 us, 1 x 32K 50.8 -> 48.0) but lost at 3 (16 x 4K 81.6 -> 90.3), hence
+# wide_reduce_rows; queries rotated once per step helped everywhere or cost nothing (16 x 4K 81.6 -> 80.0 us), and
+# together 1 x 4K took 20.8 us, 1 x 32K 47.4. Storing the new K/V in the attention launch instead of a launch of its
+# own (store + attention) took 1 x 4K from 29.1 to 27.9 us and 1 x 32K from 56.5 to 53.8, but 16 x 32K from 509 to
+# 517 (the last split of each sequence stores while the others finish), so only one-sequence launches fuse it.
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of attention_meta that are compile options
@@ -79,7 +89,7 @@ TILES = {
     64: Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=16, reduce_rot_chunk=64),
     128: Tiles(
         64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, reduce_splits=2,
-        reduce_rot_chunk=128, unrotated_min_splits=WIDE_MIN_SPLITS,
+        reduce_rot_chunk=128, wide_reduce_rows=1, prerotate_q_min_splits=2, fused_store_min_splits=WIDE_MIN_SPLITS,
     ),
     256: Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
     512: Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
@@ -88,16 +98,18 @@ TILES = {
 
 
 def reduce_meta(
-    num_heads: int, head_dim: int, block_d: int, plain: bool, op_dtype: tl.dtype, prec: str
+    num_heads: int, head_dim: int, block_d: int, plain: bool, op_dtype: tl.dtype, prec: str, num_splits: int = 2
 ) -> dict[str, Any]:
     """Compile-time parameters and launch options of _reduce_splits_kernel (shared with compile checks).
 
     plain: the split programs stored normalised, un-rotated partials, so the reduce is a weighted sum with no
-    16-row dot: fewer rows a program, more splits a step. Otherwise tiles.reduce_rows picks the un-rotation:
-    a dot for 16-row programs, fp32 multiply-adds for fewer rows (more programs, each reading R once).
+    16-row dot: fewer rows a program, more splits a step. Otherwise tiles.reduce_rows (wide_reduce_rows for a
+    launch of >= WIDE_MIN_SPLITS splits) picks the un-rotation: a dot for 16-row programs, fp32 multiply-adds for
+    fewer rows (more programs, each reading R once).
     """
     tiles = TILES[block_d]
-    block_r = tiles.reduce_plain_rows if plain else tiles.reduce_rows
+    wide = tiles.wide_reduce_rows is not None and num_splits >= WIDE_MIN_SPLITS
+    block_r = tiles.reduce_plain_rows if plain else tiles.wide_reduce_rows if wide else tiles.reduce_rows
     by_dot = not plain and block_r >= REDUCE_BLOCK_R
     per_step = max(1, REDUCE_STEP_ELEMENTS // (block_r * block_d))  # splits (or R columns) a dot-free step takes
     step_splits = tiles.reduce_splits if by_dot else min(MAX_SPLITS, per_step)
@@ -170,6 +182,11 @@ def attention_meta(
     if cap:
         meta["maxnreg"] = cap
     return meta
+
+
+def stores_in_attention(head_dim: int, num_splits: int) -> bool:
+    """Whether a decode launch of num_splits should store the step's new K/V itself (Tiles.fused_store_min_splits)."""
+    return at_least(TILES[triton.next_power_of_2(head_dim)].fused_store_min_splits, num_splits)
 
 
 def at_least(min_splits: int | None, num_splits: int) -> bool:

@@ -27,7 +27,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from turboquant_vllm.codec import KVCodec, shared_codec
 from turboquant_vllm.config import TQConfigError, check_head_dim
 from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
-from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits
+from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits, stores_in_attention
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.key_offset import KeyOffset, layer_key_offset
 from turboquant_vllm.layout import PageLayout
@@ -38,10 +38,6 @@ from turboquant_vllm.vllm.warmup import warm_up_kernels
 # Split-K is for small decode batches (at most decode_tiles.MAX_SPLITS); larger batches fill the GPU with one split.
 MAX_SPLIT_TOKENS = 256  # query tokens the split workspace holds; bigger batches run unsplit
 CPU_NUM_SMS = 16  # only the CPU test path (Triton interpreter) has no SM count
-# The decode tokens' K/V stored by forward's attention launch (paged_attention store_slots) instead of
-# do_kv_cache_update's store launch. Off until timed on the GPU (docs/gpu-host.md); either way the pages get the
-# same bytes, and a token stored twice (no forward context to consult) is stored twice identically.
-FUSED_STORE = False
 
 
 class TQ4AttentionBackend(AttentionBackend):
@@ -142,6 +138,10 @@ class TQ4Metadata:
     num_splits: int
     workspace: AttentionWorkspace | None
     prefill: PrefillPlan | None
+    # Leading tokens whose K/V the decode launch stores (decode_tiles.stores_in_attention) instead of
+    # do_kv_cache_update's store launch. The pages get the same bytes either way, and a token stored twice
+    # (do_kv_cache_update without a forward context to consult) is stored twice identically.
+    fused_store_tokens: int = 0
 
 
 class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
@@ -180,6 +180,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         num_splits = (
             choose_num_splits(num_decodes, self.num_kv_heads, MAX_SPLITS, self.num_sms, self.head_size) if split else 1
         )
+        fused_store = num_decodes > 0 and stores_in_attention(self.head_size, num_splits)
         prefill = None
         if num_prefills:
             # vLLM's host copy is exact for prefill rows; without it (older vLLM) read the device tensor.
@@ -199,6 +200,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
             num_splits=num_splits,
             workspace=self.workspace if num_splits > 1 else None,
             prefill=prefill,
+            fused_store_tokens=num_decode_tokens if fused_store else 0,
         )
 
 
@@ -288,14 +290,14 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
 
     @staticmethod
     def _tokens_stored_by_forward(layer: AttentionLayer | None) -> int:
-        """Leading tokens of this step whose K/V forward's decode launch stores (FUSED_STORE): the decode part."""
+        """Leading tokens of this step whose K/V forward's decode launch stores (TQ4Metadata.fused_store_tokens)."""
         from vllm.forward_context import get_forward_context, is_forward_context_available
 
-        if not FUSED_STORE or layer is None or not is_forward_context_available():
+        if layer is None or not is_forward_context_available():
             return 0
         md = get_forward_context().attn_metadata
         md = (md[0] if isinstance(md, list) else md)[layer.layer_name]  # a list: [0] is the base model's
-        return md.num_decode_tokens if isinstance(md, TQ4Metadata) and md.num_decodes else 0
+        return md.fused_store_tokens if isinstance(md, TQ4Metadata) else 0
 
     def forward(
         self,
@@ -336,7 +338,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
                 num_splits=md.num_splits,
                 workspace=md.workspace,
                 key_offset=key_offset,
-                store_slots=md.slot_mapping[:n] if FUSED_STORE else None,
+                store_slots=md.slot_mapping[:n] if md.fused_store_tokens else None,
             )  # fmt: skip
         if md.prefill is not None:
             prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output, key_offset)
