@@ -164,8 +164,9 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         if on_gpu:  # compile now rather than inside a request (the CPU interpreter has nothing to compile)
             config = current_tq_config()
             codec = shared_codec(config, self.num_kv_heads, self.head_size, device)
+            max_blocks = -(-vllm_config.model_config.max_model_len // kv_cache_spec.block_size)  # vLLM's table width
             warm_up_kernels(codec, num_heads, vllm_config.model_config.dtype, kv_cache_spec.block_size,
-                            config.key_offsets is not None, self.workspace)  # fmt: skip
+                            config.key_offsets is not None, self.workspace, max_blocks)  # fmt: skip
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -180,7 +181,9 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         num_splits = (
             choose_num_splits(num_decodes, self.num_kv_heads, MAX_SPLITS, self.num_sms, self.head_size) if split else 1
         )
-        fused_store = num_decodes > 0 and stores_in_attention(self.head_size, num_splits)
+        # Pure decode steps only: a mixed step's separate store would start at an odd slot_mapping offset (an int64
+        # view 8 bytes in), which Triton compiles a variant of its store kernel for, during inference.
+        fused_store = num_decodes > 0 and num_prefills == 0 and stores_in_attention(self.head_size, num_splits)
         prefill = None
         if num_prefills:
             # vLLM's host copy is exact for prefill rows; without it (older vLLM) read the device tensor.
@@ -295,8 +298,8 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
 
         if layer is None or not is_forward_context_available():
             return 0
-        md = get_forward_context().attn_metadata
-        md = (md[0] if isinstance(md, list) else md)[layer.layer_name]  # a list: [0] is the base model's
+        md = get_forward_context().attn_metadata  # None in vLLM's dummy runs; a list: [0] is the base model's
+        md = (md[0] if isinstance(md, list) else md or {}).get(layer.layer_name)
         return md.fused_store_tokens if isinstance(md, TQ4Metadata) else 0
 
     def forward(

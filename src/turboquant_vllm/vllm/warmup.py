@@ -3,7 +3,10 @@
 CUDA-graph capture compiles the decode launches, but a batch of 33-255 new tokens (the store kernel's
 middle launch shape) and the first prefill chunk over cached context (the rotated dequantisation) used to
 compile inside a running request: vLLM's JIT monitor logged both during the H200 engine benchmark
-(engine_h200_2026-11-30j_ours.log), a stall of about a second each.
+(engine_h200_2026-11-30j_ours.log), a stall of about a second each. So did a one-decode step mixed with a prefill
+chunk once pure one-decode steps stored their K/V in the attention launch (engine_h200_2026-12-01i_ours.log): the
+capture had compiled only the storing variant, and this warm-up's block table, unlike vLLM's, had a row stride
+that Triton does not specialise as a multiple of 16. The block table here is as wide as vLLM's.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import triton
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
-from turboquant_vllm.kernels.decode_tiles import WIDE_MIN_SPLITS
+from turboquant_vllm.kernels.decode_tiles import WIDE_MIN_SPLITS, stores_in_attention
 from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.kernels.store import LARGE_BATCH_TOKENS, SMALL_BATCH_TOKENS, store_kv
 from turboquant_vllm.key_offset import KeyOffset
@@ -29,8 +32,12 @@ def warm_up_kernels(
     block_size: int,
     key_offset: bool,
     workspace: AttentionWorkspace,
+    max_blocks_per_seq: int = 1,
 ) -> None:
-    """Run every launch shape once on a small scratch cache (zeros in, results discarded)."""
+    """Run every launch shape once on a small scratch cache (zeros in, results discarded).
+
+    max_blocks_per_seq: the width of vLLM's block table, whose row stride the attention kernel is compiled for.
+    """
     device = codec.rotation.device
     num_kv_heads, head_dim = codec.num_kv_heads, codec.head_dim
     tokens = max(STORE_TOKENS)
@@ -45,10 +52,13 @@ def warm_up_kernels(
         store_kv(codec, kv[:n], kv[:n], cache, slots[:n], offset)
     dequantize_kv(codec, cache, slots[:block_size], dtype, rotated=False, key_offset=offset)  # the prefill path
     query = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
-    block_table = torch.arange(num_blocks, dtype=torch.int32, device=device).view(1, -1)
+    block_table = torch.zeros(1, max(num_blocks, max_blocks_per_seq), dtype=torch.int32, device=device)
+    block_table[0, :num_blocks] = torch.arange(num_blocks, dtype=torch.int32, device=device)
     seq_lens = torch.tensor([tokens + 1], dtype=torch.int32, device=device)
     query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=device)
     out = torch.empty_like(query)
-    for num_splits in DECODE_SPLITS:
-        paged_attention(codec, query, kv[:1], kv[:1], cache, block_table, seq_lens, query_start_loc, 1.0, out,
-                        max_query_len=1, num_splits=num_splits, workspace=workspace, key_offset=offset)  # fmt: skip
+    for num_splits in DECODE_SPLITS:  # with the new token's store where pure decode steps fuse it
+        for store_slots in (None, slots[:1]) if stores_in_attention(head_dim, num_splits) else (None,):
+            paged_attention(codec, query, kv[:1], kv[:1], cache, block_table, seq_lens, query_start_loc, 1.0, out,
+                            max_query_len=1, num_splits=num_splits, workspace=workspace, key_offset=offset,
+                            store_slots=store_slots)  # fmt: skip
