@@ -220,7 +220,7 @@ def test_fused_store_writes_the_same_pages_and_output(scenario, monkeypatch, dev
 @pytest.mark.parametrize("min_splits", [None, 2])
 def test_builder_fuses_the_store_where_the_tiles_say(min_splits, monkeypatch, device):
     """The builder hands the decode tokens' store to the attention launch exactly when its split count reaches
-    Tiles.fused_store_min_splits, and never the prefill rows of a mixed batch."""
+    Tiles.fused_store_min_splits, and only in pure decode steps (a mixed step's store keeps one launch)."""
     monkeypatch.setattr(tq_backend, "current_tq_config", lambda: TQConfig())
     tiles = dataclasses.replace(decode_tiles.TILES[64], fused_store_min_splits=min_splits)
     monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
@@ -228,8 +228,8 @@ def test_builder_fuses_the_store_where_the_tiles_say(min_splits, monkeypatch, de
         batch = make_batch(SCENARIOS[scenario], 8, 2, 64, seed=5, device=device)
         md = make_builder(8, 2, 64, device).build(0, common_metadata(batch))
         assert md.num_splits > 1 and md.num_decodes
-        assert md.fused_store_tokens == (md.num_decode_tokens if min_splits else 0)
-        assert md.num_decode_tokens < batch.slot_mapping.shape[0] or scenario == "decode"
+        assert md.fused_store_tokens == (md.num_decode_tokens if min_splits and scenario == "decode" else 0)
+        assert (md.num_decode_tokens == batch.slot_mapping.shape[0]) == (scenario == "decode")
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
