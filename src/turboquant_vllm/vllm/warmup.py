@@ -1,12 +1,10 @@
 """Compile the backend's Triton launch shapes while vLLM starts, not when a request first needs them.
 
-CUDA-graph capture compiles the decode launches, but a batch of 33-255 new tokens (the store kernel's
-middle launch shape) and the first prefill chunk over cached context (the rotated dequantisation) used to
-compile inside a running request: vLLM's JIT monitor logged both during the H200 engine benchmark
-(engine_h200_2026-11-30j_ours.log), a stall of about a second each. So did a one-decode step mixed with a prefill
-chunk once pure one-decode steps stored their K/V in the attention launch (engine_h200_2026-12-01i_ours.log): the
-capture had compiled only the storing variant, and this warm-up's block table, unlike vLLM's, had a row stride
-that Triton does not specialise as a multiple of 16. The block table here is as wide as vLLM's.
+CUDA-graph capture compiles only the decode launches of pure decode batches. The store kernel's launch shapes, the
+prefill path's dequantisation and the decode launches of mixed steps (which, unlike pure one-decode steps, do not
+store the new K/V) would otherwise compile inside a running request, a stall of about a second each that vLLM's JIT
+monitor logs (engine_h200_2026-11-30j_ours.log, engine_h200_2026-12-01i_ours.log). Triton compiles a variant per
+16-divisibility of integer arguments, so the block table here is as wide as vLLM's: its row stride is one of them.
 """
 
 from __future__ import annotations
