@@ -185,6 +185,24 @@ def test_forward_sends_decodes_to_the_kernel_and_chunks_to_prefill(monkeypatch):
     assert args[1] is md.prefill and args[7] is out and args[8] is None  # no key offset configured
 
 
+@pytest.mark.parametrize("attn_metadata", [None, {}, [{}]])
+def test_kv_update_stores_every_token_without_metadata_for_its_layer(attn_metadata, monkeypatch, device):
+    """vLLM's dummy and capture-warm-up runs call do_kv_cache_update in a forward context whose attn_metadata is
+    None (or holds no entry for the layer): every token is then stored by the store launch, none left to forward."""
+    head_dim, layer = 64, SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    monkeypatch.setattr(tq_backend, "current_tq_config", lambda: TQConfig())
+    monkeypatch.setattr("vllm.forward_context.is_forward_context_available", lambda: True)
+    context = SimpleNamespace(attn_metadata=attn_metadata)
+    monkeypatch.setattr("vllm.forward_context.get_forward_context", lambda: context)
+    stored = []
+    monkeypatch.setattr(tq_backend, "store_kv", lambda *a, **k: stored.append(a[4].shape[0]))
+    batch = make_batch(SCENARIOS["decode"], 8, 2, head_dim, seed=6, device=device)
+    cache = KVCodec(TQConfig(), 2, head_dim, device).new_cache(batch.num_blocks, batch.block_size)
+    TQ4AttentionImpl(8, head_dim, head_dim**-0.5, 2).do_kv_cache_update(layer, batch.key, batch.value, cache,
+                                                                        batch.slot_mapping)  # fmt: skip
+    assert stored == [batch.slot_mapping.shape[0]]
+
+
 @pytest.mark.parametrize("scenario", ["decode", "mixed"])
 def test_fused_store_writes_the_same_pages_and_output(scenario, monkeypatch, device):
     """fused_store_tokens: do_kv_cache_update leaves the decode tokens (found in vLLM's forward context) to
