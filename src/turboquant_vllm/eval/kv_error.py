@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from turboquant_vllm.config import TQConfig
@@ -63,23 +65,33 @@ def model_errors(
 ) -> dict[str, float]:
     """Mean of layer_errors over layers; None bits keeps that tensor exact."""
     roundtrip = roundtrip_mse if method == "mse" else roundtrip_prod
-    totals: dict[str, float] = {}
-    for layer in layers:
+
+    def replace(layer: LayerQKV) -> tuple[torch.Tensor, torch.Tensor]:
         k_hat = layer.key if k_bits is None else roundtrip(layer.key, k_bits, config)
         v_hat = layer.value if v_bits is None else roundtrip(layer.value, v_bits, config)
-        for name, val in layer_errors(layer, k_hat, v_hat).items():
-            totals[name] = totals.get(name, 0.0) + val / len(layers)
-    return totals
+        return k_hat, v_hat
+
+    return _mean_errors(layers, replace)
 
 
 def value_offset_errors(layers: list[LayerQKV], v_bits: int, config: TQConfig) -> dict[str, float]:
     """model_errors with V quantised relative to each KV head's mean value (added back after dequantisation),
     the value-side twin of the key offset: the output shifts by exactly the offset, since softmax weights sum to 1.
     """
+
+    def replace(layer: LayerQKV) -> tuple[torch.Tensor, torch.Tensor]:
+        offset = layer.value.mean(dim=(0, 2), keepdim=True)
+        return layer.key, roundtrip_mse(layer.value - offset, v_bits, config) + offset
+
+    return _mean_errors(layers, replace)
+
+
+def _mean_errors(
+    layers: list[LayerQKV], replace: Callable[[LayerQKV], tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, float]:
+    """Mean over layers of layer_errors with K/V replaced by replace(layer) = (k_hat, v_hat)."""
     totals: dict[str, float] = {}
     for layer in layers:
-        offset = layer.value.mean(dim=(0, 2), keepdim=True)
-        v_hat = roundtrip_mse(layer.value - offset, v_bits, config) + offset
-        for name, val in layer_errors(layer, layer.key, v_hat).items():
+        for name, val in layer_errors(layer, *replace(layer)).items():
             totals[name] = totals.get(name, 0.0) + val / len(layers)
     return totals

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import triton
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -164,7 +165,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         if on_gpu:  # compile now rather than inside a request (the CPU interpreter has nothing to compile)
             config = current_tq_config()
             codec = shared_codec(config, self.num_kv_heads, self.head_size, device)
-            max_blocks = -(-vllm_config.model_config.max_model_len // kv_cache_spec.block_size)  # vLLM's table width
+            max_blocks = triton.cdiv(vllm_config.model_config.max_model_len, kv_cache_spec.block_size)  # vLLM's table
             warm_up_kernels(codec, num_heads, vllm_config.model_config.dtype, kv_cache_spec.block_size,
                             config.key_offsets is not None, self.workspace, max_blocks)  # fmt: skip
 
@@ -341,7 +342,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
                 num_splits=md.num_splits,
                 workspace=md.workspace,
                 key_offset=key_offset,
-                store_slots=md.slot_mapping[:n] if md.fused_store_tokens else None,
+                store_slots=md.slot_mapping[: md.fused_store_tokens] if md.fused_store_tokens else None,
             )  # fmt: skip
         if md.prefill is not None:
             prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output, key_offset)
