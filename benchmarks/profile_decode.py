@@ -28,7 +28,7 @@ import triton.language as tl
 
 from turboquant_vllm.kernels.decode_tiles import choose_num_splits
 from turboquant_vllm.kernels.lut import lut_decode_words
-from turboquant_vllm.kernels.page import context_tile, split_words
+from turboquant_vllm.kernels.page import context_tile, split_words, tile_pages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import MAX_SPLITS, Caches, Shape, bench_ours, copy_bandwidth, gbps, time_ms  # noqa: E402
@@ -58,9 +58,9 @@ def _stage_kernel(
     acc = tl.zeros([BLOCK_N], tl.float32)
     for tile in range(tile_lo, tile_hi):
         live, kw, k_scale, vw, v_scale = context_tile(  # the attention kernel's own loads
-            tile, ctx_len, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
-            PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-            V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
+            tile, ctx_len, tile_pages(tile, ctx_len, bt_row, BLOCK_N, BLOCK_SIZE), cache_ptr, kh, BLOCK_N,
+            BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES,
+            K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
         if STAGE == 0:
             acc += tl.sum((kw ^ vw).to(tl.float32), 1) + k_scale + v_scale
         elif STAGE == 4:

@@ -198,6 +198,21 @@ def test_swapped_mma_operands_agree(device, monkeypatch, num_splits):
     assert_matches(b.run(num_splits=num_splits), b.expected(), TOL_FP32)
 
 
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize(("pages_ahead", "tile_row_sum"), [(True, False), (False, True), (True, True)])
+def test_pages_ahead_and_tile_row_sums_agree(device, monkeypatch, swap_ab, pages_ahead, tile_row_sum):
+    """Block-table entries read a tile ahead and softmax sums kept per position until the loop ends compute the
+    same attention: splits of 0, 1 and several 64-token tiles, a context ending inside a page, a prefill chunk."""
+    tiles = dataclasses.replace(
+        decode_tiles.TILES[64], swap_ab=swap_ab, pages_ahead=pages_ahead, tile_row_sum=tile_row_sum
+    )
+    monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
+    b = make_batch(device, [3, 300, 133, 90], [1, 1, 1, 20], seed=31)
+    want = b.expected()
+    for num_splits in (1, 2, 5):
+        assert_matches(b.run(num_splits=num_splits), want, TOL_FP32)
+
+
 def test_swap_and_register_cap_only_for_decode_tiles():
     """The d=128 register cap fits the 64-token decode tile; wide and prefill tiles would spill under it, and a
     prefill tile's 64 query rows already fill the MMA's M side. On the GPU only register-lookup tiles swap."""

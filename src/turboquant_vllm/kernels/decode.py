@@ -19,7 +19,7 @@ from turboquant_vllm.kernels.decode_reduce import (
 )
 from turboquant_vllm.kernels.decode_tiles import attention_meta, reduce_meta
 from turboquant_vllm.kernels.lut import lut_decode_words
-from turboquant_vllm.kernels.page import context_tile, split_words
+from turboquant_vllm.kernels.page import context_tile, split_words, tile_pages
 from turboquant_vllm.kernels.store import check_slots, store_head
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
@@ -91,17 +91,19 @@ def _rotate_vector(x_ptr, stride_d, rot_ptr, stride_r0, stride_r1,
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i, TOK_AXIS: tl.constexpr = 1):
-    """One online-softmax update in log2 units: a score tile s (tokens on TOK_AXIS, query rows on the
-    other) against each row's running max m_i and sum l_i.
-
-    Returns the tile's probabilities p, the factor alpha that rescales earlier accumulators, and the
-    new (max, sum). Rows that have seen only -inf keep a reference of 0 so exp2 never sees inf - inf.
-    """
+def _softmax_probs(s, m_i, TOK_AXIS: tl.constexpr = 1):
+    """A score tile s (log2 units; tokens on TOK_AXIS, query rows on the other) against each row's running max
+    m_i: the tile's probabilities p, the factor alpha that rescales earlier sums, and the new max. Rows that have
+    seen only -inf keep a reference of 0 so exp2 never sees inf - inf."""
     m_new = tl.maximum(m_i, tl.max(s, TOK_AXIS))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(s - tl.expand_dims(m_ref, TOK_AXIS))
+    return tl.exp2(s - tl.expand_dims(m_ref, TOK_AXIS)), tl.exp2(m_i - m_ref), m_new
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i, TOK_AXIS: tl.constexpr = 1):
+    """One online-softmax update: _softmax_probs plus each row's running sum l_i, returned as (p, alpha, max, sum)."""
+    p, alpha, m_new = _softmax_probs(s, m_i, TOK_AXIS)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, TOK_AXIS)
 
 
@@ -123,7 +125,7 @@ def _attention_kernel(
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
-    PREFETCH: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
+    PREFETCH: tl.constexpr, PAGES_AHEAD: tl.constexpr, TILE_ROW_SUM: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
     SWAP_AB: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr, Q_ROTATED: tl.constexpr,
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr,
 ):  # fmt: skip
@@ -170,12 +172,17 @@ def _attention_kernel(
     # Software prefetch: tile t+1's loads are issued before tile t is computed, hiding their latency;
     # the tile after this split's last one reads nothing (positions past ctx_hi are masked). The first
     # tile's loads go out before the query rotation, whose R reads from L2 would otherwise delay them.
+    # With PAGES_AHEAD the block-table entries are read one tile earlier still, so issuing tile t+1's page
+    # reads never waits on a block-table read.
     ctx_hi = tl.minimum(ctx_len, tile_hi * BLOCK_N)
     if PREFETCH:
+        pages = tile_pages(tile_lo, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
         live, k_words, k_scale, v_words, v_scale = context_tile(
-            tile_lo, ctx_hi, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
+            tile_lo, ctx_hi, pages, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
             PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
             V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
+        if PAGES_AHEAD:
+            pages = tile_pages(tile_lo + 1, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
     if Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr: contiguous [tokens, heads, HEAD_DIM]
         q_rot_off = (tok * (GROUP * tl.num_programs(1)) + head) * HEAD_DIM
         q_rot = tl.load(ws_q_ptr + q_rot_off[:, None] + dim[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -191,17 +198,23 @@ def _attention_kernel(
     if SWAP_AB:  # scores and output transposed: the tile's tokens and head dims fill the MMA's M side
         q_rot_t = tl.trans(q_rot)
         acc_t = tl.trans(acc)
+    if TILE_ROW_SUM:  # per-position partial sums: the row sum crosses warps once, after the loop
+        l_tile = tl.zeros([BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N], tl.float32)
     for tile in range(tile_lo, tile_hi):
         if PREFETCH:
+            if not PAGES_AHEAD:
+                pages = tile_pages(tile + 1, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
             nxt = context_tile(
-                tile + 1, ctx_hi, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
+                tile + 1, ctx_hi, pages, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
                 PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
                 V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
+            if PAGES_AHEAD:
+                pages = tile_pages(tile + 2, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
         else:
             live, k_words, k_scale, v_words, v_scale = context_tile(
-                tile, ctx_len, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
-                PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-                V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
+                tile, ctx_len, tile_pages(tile, ctx_len, bt_row, BLOCK_N, BLOCK_SIZE), cache_ptr, kh, BLOCK_N,
+                BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES,
+                K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
         if K_LUT:
             k = lut_decode_words(k_words, lut_ptr, BLOCK_N, BLOCK_D)
         else:
@@ -219,7 +232,11 @@ def _attention_kernel(
         else:
             s = s * tl.expand_dims(k_scale, ROW_AXIS)
         s = tl.where(tl.expand_dims(live, ROW_AXIS), s, float("-inf"))
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, TOK_AXIS)
+        if TILE_ROW_SUM:
+            p, alpha, m_i = _softmax_probs(s, m_i, TOK_AXIS)
+            l_tile = l_tile * tl.expand_dims(alpha, TOK_AXIS) + p
+        else:
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, TOK_AXIS)
         pv = (p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE)
         if SWAP_AB:
             acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), pv, input_precision=PREC)
@@ -230,6 +247,8 @@ def _attention_kernel(
 
     if SWAP_AB:
         acc = tl.trans(acc_t)
+    if TILE_ROW_SUM:
+        l_i = tl.sum(l_tile, TOK_AXIS)
 
     # This step's tokens (last split only), exact and causal: new token j is visible to query i iff j <= i.
     # One token at a time with fp32 vector math: scores in the original basis (q.k = Rq.Rk), V rotated by a

@@ -38,6 +38,8 @@ class Tiles:
     num_stages: int = 2  # software pipelining of the context loop's loads
     maxnreg: int | None = None  # register cap of swapped decode launches with block_n tiles (see attention_meta)
     prefetch: bool = True  # load tile t+1 while computing tile t
+    pages_ahead: bool = False  # read tile t+2's block-table entries while tile t+1's pages load (with prefetch)
+    tile_row_sum: bool = False  # keep softmax sums per position and add them up across warps once, after the loop
     wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
@@ -172,7 +174,8 @@ def attention_meta(
         BLOCK_N=block_n, ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
-        FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
+        FUSED=fused, PREFETCH=tiles.prefetch, PAGES_AHEAD=tiles.pages_ahead, TILE_ROW_SUM=tiles.tile_row_sum,
+        HAS_KEY_OFFSET=key_offset,
         SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
         STORE_NEW=store_new, STORE_BLOCK_K=one_token_block_k(), NORM_CORRECTION=codec.config.norm_correction,

@@ -62,8 +62,18 @@ def split_words(word, BITS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.conste
 
 
 @triton.jit
+def tile_pages(tile, ctx_len, bt_row, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Page ids int64 [BLOCK_N] of one tile's token positions, read from the block table row (0 past ctx_len).
+
+    A load of its own so the attention loop can issue it a tile earlier than the page reads that need it.
+    """
+    pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < ctx_len, other=0).to(tl.int64)
+
+
+@triton.jit
 def context_tile(
-    tile, ctx_len, bt_row, cache_ptr, kh,
+    tile, ctx_len, block, cache_ptr, kh,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
@@ -72,11 +82,11 @@ def context_tile(
 ):  # fmt: skip
     """Issue the loads of one BLOCK_N tile of cached tokens: K/V index words and scales (0 past ctx_len).
 
-    Within a page this KV head's tokens are contiguous per field, so the tile reads whole runs.
+    block holds the tile's page ids (tile_pages). Within a page this KV head's tokens are contiguous per field,
+    so the tile reads whole runs.
     """
     pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     live = pos < ctx_len
-    block = tl.load(bt_row + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
     k_index, k_scale_ptr, v_index, v_scale_ptr = token_fields(
         cache_ptr, block, (pos % BLOCK_SIZE).to(tl.int64), kh, PAGE_BYTES, RUN_BYTES,
         K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
