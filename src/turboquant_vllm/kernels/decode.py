@@ -125,7 +125,8 @@ def _attention_kernel(
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
-    PREFETCH: tl.constexpr, PAGES_AHEAD: tl.constexpr, TILE_ROW_SUM: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
+    PREFETCH: tl.constexpr, PAGES_AHEAD: tl.constexpr, TILE_ROW_SUM: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
+    K_LUT: tl.constexpr, V_LUT: tl.constexpr,
     SWAP_AB: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr, Q_ROTATED: tl.constexpr,
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr,
 ):  # fmt: skip
