@@ -283,9 +283,9 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"wide_block_n": None},  # no wide tiles for heavily split launches
         {"num_stages": 2},
         {"prefetch": False},
-        {"pages_ahead": True},  # block-table entries read a tile before the page reads that need them
-        {"tile_row_sum": True},  # softmax sums added up across warps once per split instead of every tile
-        {"pages_ahead": True, "tile_row_sum": True},
+        {"pages_ahead": False},  # block-table entries read in the same step as the page reads that need them
+        {"tile_row_sum": False},  # softmax sums added up across warps every tile
+        {"pages_ahead": False, "tile_row_sum": False},
         {"maxnreg": None},  # no register cap: 2 programs per SM instead of 3
         {"maxnreg": 128},  # 4 programs per SM, with spills
         {"swap_ab": False, "maxnreg": None},  # mma.sync with the padded query rows on the M side

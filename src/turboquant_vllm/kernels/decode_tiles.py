@@ -38,8 +38,8 @@ class Tiles:
     num_stages: int = 2  # software pipelining of the context loop's loads
     maxnreg: int | None = None  # register cap of swapped decode launches with block_n tiles (see attention_meta)
     prefetch: bool = True  # load tile t+1 while computing tile t
-    pages_ahead: bool = False  # read tile t+2's block-table entries while tile t+1's pages load (with prefetch)
-    tile_row_sum: bool = False  # keep softmax sums per position and add them up across warps once, after the loop
+    pages_ahead: bool = True  # read tile t+2's block-table entries while tile t+1's pages load (with prefetch)
+    tile_row_sum: bool = True  # keep softmax sums per position and add them up across warps once, after the loop
     wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
