@@ -202,15 +202,20 @@ def test_swapped_mma_operands_agree(device, monkeypatch, num_splits):
 @pytest.mark.parametrize(("pages_ahead", "tile_row_sum"), [(True, False), (False, True), (True, True)])
 def test_pages_ahead_and_tile_row_sums_agree(device, monkeypatch, swap_ab, pages_ahead, tile_row_sum):
     """Block-table entries read a tile ahead and softmax sums kept per position until the loop ends compute the
-    same attention: splits of 0, 1 and several 64-token tiles, a context ending inside a page, a prefill chunk."""
+    same decode attention: splits of 0, 1 and several 64-token tiles, a context ending inside a page. Prefill tiles
+    (a query longer than a decode tile holds) keep the plain loop."""
     tiles = dataclasses.replace(
         decode_tiles.TILES[64], swap_ab=swap_ab, pages_ahead=pages_ahead, tile_row_sum=tile_row_sum
     )
     monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
-    b = make_batch(device, [3, 300, 133, 90], [1, 1, 1, 20], seed=31)
+    b = make_batch(device, [3, 300, 133, 90], [1, 1, 1, 1], seed=31)
     want = b.expected()
     for num_splits in (1, 2, 5):
         assert_matches(b.run(num_splits=num_splits), want, TOL_FP32)
+    meta = decode_tiles.attention_meta(b.codec, 4, torch.float32, False, b.max_query_len, 16, False, 2)
+    assert (meta["PAGES_AHEAD"], meta["TILE_ROW_SUM"]) == (pages_ahead, tile_row_sum)
+    prefill = decode_tiles.attention_meta(b.codec, 4, torch.float32, False, 20, 16, False, 2)
+    assert not prefill["PAGES_AHEAD"] and not prefill["TILE_ROW_SUM"]
 
 
 def test_swap_and_register_cap_only_for_decode_tiles():

@@ -82,6 +82,8 @@ class Tiles:
 # together 1 x 4K took 20.8 us, 1 x 32K 47.4. Storing the new K/V in the attention launch instead of a launch of its
 # own (store + attention) took 1 x 4K from 29.1 to 27.9 us and 1 x 32K from 56.5 to 53.8, but 16 x 32K from 509 to
 # 517 (the last split of each sequence stores while the others finish), so only one-sequence launches fuse it.
+# Reading the block table a tile ahead of the page reads and summing softmax denominators per position until the
+# loop ends (decode_sweep_h200_2026-12-01k.json): 16 x 32K 506 -> 456 us, 16 x 4K 80.1 -> 74.4, 1 x 32K 47.3 -> 46.3.
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of attention_meta that are compile options
@@ -174,8 +176,9 @@ def attention_meta(
         BLOCK_N=block_n, ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
-        FUSED=fused, PREFETCH=tiles.prefetch, PAGES_AHEAD=tiles.pages_ahead, TILE_ROW_SUM=tiles.tile_row_sum,
-        HAS_KEY_OFFSET=key_offset,
+        FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
+        # timed on decode tiles; a prefill tile's 64 x 64 per-position sums would spill (256 bytes at d=128)
+        PAGES_AHEAD=tiles.pages_ahead and not varlen, TILE_ROW_SUM=tiles.tile_row_sum and not varlen,
         SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
         STORE_NEW=store_new, STORE_BLOCK_K=one_token_block_k(), NORM_CORRECTION=codec.config.norm_correction,
