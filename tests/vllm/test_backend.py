@@ -233,13 +233,16 @@ def test_fused_store_writes_the_same_pages_and_output(scenario, monkeypatch, dev
         results.append((cache, out))
     num_tokens, num_decode = batch.slot_mapping.shape[0], md.num_decode_tokens
     assert stored == [num_tokens, num_tokens - num_decode]
-    rows = [cache.view(-1, cache.shape[-1])[batch.slot_mapping.long()] for cache, _ in results]  # [tokens, bytes]
-    assert torch.equal(rows[0][num_decode:], rows[1][num_decode:])
     # The decode tokens came from two store paths: a one-token program (the attention launch) and, in the separate
     # store of a mixed step's 16+ tokens, a dot. Their fp32 sums differ in order, so on the GPU a coordinate within
-    # rounding of a codebook boundary may take the neighbouring index (and the norm its last bits): a few bytes.
-    differ = (rows[0][:num_decode] != rows[1][:num_decode]).float().mean().item()
-    assert differ <= (0.0 if scenario == "decode" else 0.02), f"{differ:.1%} of the decode tokens' bytes differ"
+    # rounding of a codebook boundary may take the neighbouring index (and the scale its last bits): a few bytes.
+    # Every other byte of the cache must be identical.
+    separate, fused = (cache.view(-1, cache.shape[-1]).clone() for cache, _ in results)  # [slots, bytes]
+    decode_slots = batch.slot_mapping[:num_decode].long()
+    differ = (separate[decode_slots] != fused[decode_slots]).float().mean().item()
+    assert differ <= (0.0 if scenario == "decode" else 0.05), f"{differ:.1%} of the decode tokens' bytes differ"
+    fused[decode_slots] = separate[decode_slots]
+    assert torch.equal(separate, fused)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
 
 
