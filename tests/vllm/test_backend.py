@@ -208,7 +208,8 @@ def test_kv_update_stores_every_token_without_metadata_for_its_layer(attn_metada
 @pytest.mark.parametrize("scenario", ["decode", "mixed"])
 def test_fused_store_writes_the_same_pages_and_output(scenario, monkeypatch, device):
     """fused_store_tokens: do_kv_cache_update leaves the decode tokens (found in vLLM's forward context) to
-    forward's attention launch, which stores them; the pages and the output equal those of the separate store."""
+    forward's attention launch, which stores them; the pages and the output equal those of the separate store
+    (within rounding on a mixed step's decode rows, see below)."""
     cfg = TQConfig()
     monkeypatch.setattr(tq_backend, "current_tq_config", lambda: cfg)
     head_dim, layer = 64, SimpleNamespace(layer_name="model.layers.0.self_attn.attn")

@@ -140,8 +140,9 @@ class TQ4Metadata:
     workspace: AttentionWorkspace | None
     prefill: PrefillPlan | None
     # Leading tokens whose K/V the decode launch stores (decode_tiles.stores_in_attention) instead of
-    # do_kv_cache_update's store launch. The pages get the same bytes either way, and a token stored twice
-    # (do_kv_cache_update without a forward context to consult) is stored twice identically.
+    # do_kv_cache_update's store launch. Either way a token gets store_kv's quantisation: byte for byte that of its
+    # one-token programs (up to SMALL_BATCH_TOKENS), within fp32 summation order of its multi-token ones. A token
+    # stored twice (do_kv_cache_update without a forward context to consult) keeps the attention launch's bytes.
     fused_store_tokens: int = 0
 
 
