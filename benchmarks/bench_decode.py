@@ -299,6 +299,16 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"wide_reduce_rows": 4},
         {"reduce_rows": 1},  # one row a program by multiply-adds at every split count
         {"prerotate_q_min_splits": None},  # every split program rotates its own queries
+        # twice the warps a program at 128 registers: 16 warps an SM instead of 8 (wide) or 12 (3 x 4 warps)
+        {"wide_num_warps": 8, "wide_maxnreg": 128},
+        {"wide_num_warps": 8, "wide_maxnreg": 128, "num_splits": 64},  # one sequence: two waves of those
+        {"num_warps": 8, "maxnreg": 128},
+        {"num_warps": 8, "block_n": 128, "maxnreg": 128},  # each warpgroup a 64-token half of the tile
+        {"num_warps": 8, "block_n": 128, "maxnreg": 128, "num_splits": 2},  # 16 x 8 x 2 programs: one wave
+        {"num_warps": 8, "block_n": 128, "maxnreg": 128, "wide_num_warps": 8, "wide_maxnreg": 128},
+        # one sequence in capped 64-token programs (3 an SM): 8 x 48 = 384 of them fill one wave, 8 x 64 take two
+        {"wide_block_n": None, "num_splits": 48},
+        {"wide_block_n": None, "num_splits": 64},
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]
@@ -308,8 +318,9 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         table = caches.table(shape)
         ref = None
         for change in variants:
-            decode_tiles.TILES[key] = dataclasses.replace(default, **change)
-            res = guarded(bench_ours, caches, shape, table, args.rep)
+            fields = {k: v for k, v in change.items() if k != "num_splits"}  # num_splits: forced, not a tile field
+            decode_tiles.TILES[key] = dataclasses.replace(default, **fields)
+            res = guarded(bench_ours, caches, shape, table, args.rep, num_splits=change.get("num_splits"))
             out = res.pop("_out", None)
             if out is not None:  # every variant must compute what the default computes
                 ref = out.float() if ref is None else ref

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -230,7 +231,13 @@ def test_swap_and_register_cap_only_for_decode_tiles():
 
     decode_tile, wide, varlen = meta(1, 3), meta(1, decode_tiles.WIDE_MIN_SPLITS), meta(64, 3)
     assert decode_tile["SWAP_AB"] and decode_tile["maxnreg"] == tiles.maxnreg
-    assert wide["SWAP_AB"] and "maxnreg" not in wide
+    assert wide["SWAP_AB"] and "maxnreg" not in wide and wide["num_warps"] == tiles.num_warps
+    # the wide launch's own warps and cap (bench_decode.py's sweep), leaving the other launches alone
+    wider = dataclasses.replace(tiles, wide_num_warps=2 * tiles.num_warps, wide_maxnreg=128)
+    with patch.dict(decode_tiles.TILES, {128: wider}):
+        assert meta(1, decode_tiles.WIDE_MIN_SPLITS)["num_warps"] == 2 * tiles.num_warps
+        assert meta(1, decode_tiles.WIDE_MIN_SPLITS)["maxnreg"] == 128
+        assert meta(1, 3) == decode_tile and meta(64, 3) == varlen
     assert not varlen["SWAP_AB"] and "maxnreg" not in varlen and varlen["BLOCK_M"] == tiles.varlen_m
     gathers = KVCodec(TQConfig(k_bits=3, v_bits=3), 8, 128)  # codebook gathers: not swapped on the GPU
     gpu = decode_tiles.attention_meta(gathers, 32, torch.bfloat16, True, 1, 16, False, 3)

@@ -41,6 +41,8 @@ class Tiles:
     pages_ahead: bool = True  # read tile t+2's block-table entries while tile t+1's pages load (with prefetch)
     tile_row_sum: bool = True  # keep softmax sums per position and add them up across warps once, after the loop
     wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
+    wide_num_warps: int | None = None  # num_warps of those wide launches (None: num_warps)
+    wide_maxnreg: int | None = None  # register cap of swapped wide launches (None: uncapped)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
     reduce_splits: int = 8  # splits the split-K reduce reads per step ([16 rows, this, BLOCK_D] fp32 in registers)
@@ -170,7 +172,8 @@ def attention_meta(
     # on the H200. The interpreter keeps the swap so CPU tests check its arithmetic. The register cap was sized
     # for the block_n tile; wide tiles spill under it.
     swap = tiles.swap_ab and not varlen and (k_lut and v_lut or not on_gpu)
-    cap = tiles.maxnreg if swap and not wide else None
+    cap = (tiles.wide_maxnreg if wide else tiles.maxnreg) if swap else None
+    warps = tiles.wide_num_warps if wide and tiles.wide_num_warps else tiles.num_warps
     meta = dict(
         GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
         BLOCK_N=block_n, ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
@@ -183,7 +186,7 @@ def attention_meta(
         Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
         STORE_NEW=store_new, STORE_BLOCK_K=one_token_block_k(), NORM_CORRECTION=codec.config.norm_correction,
         TINY=TINY_NORM,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if cap:
         meta["maxnreg"] = cap
