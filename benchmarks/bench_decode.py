@@ -309,6 +309,12 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         # one sequence in capped 64-token programs (3 an SM): 8 x 48 = 384 of them fill one wave, 8 x 64 take two
         {"wide_block_n": None, "num_splits": 48},
         {"wide_block_n": None, "num_splits": 64},
+        # wider slices of R where the launch rotates the new token's V (the last split's tail) and the queries
+        {"rot_chunk": 32},
+        {"rot_chunk": 64},
+        {"rot_chunk": 128},
+        {"store": "fused"},  # the attention launch also stores the new K/V (the engine's one-sequence steps)
+        {"rot_chunk": 64, "store": "fused"},
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]
@@ -318,9 +324,10 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         table = caches.table(shape)
         ref = None
         for change in variants:
-            fields = {k: v for k, v in change.items() if k != "num_splits"}  # num_splits: forced, not a tile field
+            launch = {k: change[k] for k in ("num_splits", "store") if k in change}  # bench_ours's, not tile fields
+            fields = {k: v for k, v in change.items() if k not in launch}
             decode_tiles.TILES[key] = dataclasses.replace(default, **fields)
-            res = guarded(bench_ours, caches, shape, table, args.rep, num_splits=change.get("num_splits"))
+            res = guarded(bench_ours, caches, shape, table, args.rep, **launch)
             out = res.pop("_out", None)
             if out is not None:  # every variant must compute what the default computes
                 ref = out.float() if ref is None else ref

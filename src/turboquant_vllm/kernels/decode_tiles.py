@@ -43,6 +43,7 @@ class Tiles:
     wide_block_n: int | None = None  # block_n once a launch has >= WIDE_MIN_SPLITS splits (see below)
     wide_num_warps: int | None = None  # num_warps of those wide launches (None: num_warps)
     wide_maxnreg: int | None = None  # register cap of swapped wide launches (None: uncapped)
+    rot_chunk: int = ROT_CHUNK  # columns of R per step where the attention launch rotates (new V, queries, output)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
     reduce_splits: int = 8  # splits the split-K reduce reads per step ([16 rows, this, BLOCK_D] fp32 in registers)
@@ -176,7 +177,7 @@ def attention_meta(
     warps = tiles.wide_num_warps if wide and tiles.wide_num_warps else tiles.num_warps
     meta = dict(
         GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
-        BLOCK_N=block_n, ROT_CHUNK=ROT_CHUNK if on_gpu else INTERPRETER_ROT_CHUNK,
+        BLOCK_N=block_n, ROT_CHUNK=tiles.rot_chunk if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
