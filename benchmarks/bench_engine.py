@@ -17,6 +17,7 @@ Each mode runs in its own process (a fresh GPU); results go to benchmarks/result
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -252,6 +253,7 @@ def main() -> None:
 
     from turboquant_vllm.eval.child import run_child
     from turboquant_vllm.eval.provenance import provenance
+    from turboquant_vllm.kernels.decode_tiles import TILES
 
     result = {
         "benchmark": "engine",
@@ -260,6 +262,7 @@ def main() -> None:
         "max_model_len": args.max_model_len,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         **provenance(sys.argv),
+        "decode_tiles_d128": dataclasses.asdict(TILES[128]),  # our kernel's launch shapes at the model's head_dim
         "modes": [],
     }
     for mode in args.modes.split(","):

@@ -231,6 +231,7 @@ def test_swap_and_register_cap_only_for_decode_tiles():
 
     decode_tile, wide, varlen = meta(1, 3), meta(1, decode_tiles.WIDE_MIN_SPLITS), meta(64, 3)
     assert decode_tile["SWAP_AB"] and decode_tile["maxnreg"] == tiles.maxnreg
+    assert decode_tile["ROT_CHUNK"] == wide["ROT_CHUNK"] == tiles.rot_chunk  # the interpreter keeps its own
     assert wide["SWAP_AB"] and "maxnreg" not in wide and wide["num_warps"] == tiles.num_warps
     # the wide launch's own warps and cap (bench_decode.py's sweep), leaving the other launches alone
     wider = dataclasses.replace(tiles, wide_num_warps=2 * tiles.num_warps, wide_maxnreg=128)

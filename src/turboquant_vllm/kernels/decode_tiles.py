@@ -87,6 +87,15 @@ class Tiles:
 # 517 (the last split of each sequence stores while the others finish), so only one-sequence launches fuse it.
 # Reading the block table a tile ahead of the page reads and summing softmax denominators per position until the
 # loop ends (decode_sweep_h200_2026-12-01k.json): 16 x 32K 506 -> 456 us, 16 x 4K 80.1 -> 74.4, 1 x 32K 47.3 -> 46.3.
+# Twice the warps a program at 128 registers (16 warps an SM) lost at every shape (decode_sweep_h200_2026-12-01o.json:
+# 1 x 32K 46.3 -> 57.2 us wide, 16 x 32K 455 -> 531 with 128-token tiles). One sequence in 48 splits of capped
+# 64-token tiles (3 programs an SM, one wave) took 1 x 32K from 46.6 to 43.2 us, 1 x 4K 21.0 -> 21.2; 64 splits lost
+# (decode_sweep_h200_2026-12-01p.json; not yet tried with the backend, whose workspace holds MAX_SPLITS). The same
+# sweep timed the slices of R in which the last split's tail rotates the new token's V (each slice a round trip to
+# L2, and the launch waits for its slowest program): 64 columns a slice instead of 16 took 1 x 4K 21.0 -> 18.5 us,
+# 1 x 32K 46.6 -> 44.3, 16 x 4K 74.8 -> 71.7, with the fused store 1 x 4K 25.4 -> 22.0 and 1 x 32K 51.1 -> 47.7;
+# 16 x 32K 454 -> 463 (32 columns: 449, 128: 451). In the engine 4K x 1 then took 5.09 ms a token, bf16 5.19
+# (engine_h200_2026-12-01p.json).
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of attention_meta that are compile options
@@ -97,6 +106,7 @@ TILES = {
     128: Tiles(
         64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, reduce_splits=2,
         reduce_rot_chunk=128, wide_reduce_rows=1, prerotate_q_min_splits=2, fused_store_min_splits=WIDE_MIN_SPLITS,
+        rot_chunk=64,
     ),
     256: Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
     512: Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
