@@ -25,6 +25,7 @@ from triton.testing import do_bench
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode, decode_tiles
+from turboquant_vllm.kernels import store as store_kernel
 from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
 from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits
 from turboquant_vllm.kernels.store import store_kv
@@ -270,7 +271,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
     """Alternative tile configs and split counts at one long context: evidence for the defaults."""
     rows = []
     key = triton.next_power_of_2(args.head_dim)
-    default = decode_tiles.TILES[key]
+    default, default_contract = decode_tiles.TILES[key], store_kernel.CONTRACT_LAST
     variants = [
         {},
         {"lut": False},  # codebook gathers from memory instead of byte permutes in registers
@@ -309,12 +310,14 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         # one sequence in capped 64-token programs (3 an SM): 8 x 48 = 384 of them fill one wave, 8 x 64 take two
         {"wide_block_n": None, "num_splits": 48},
         {"wide_block_n": None, "num_splits": 64},
-        # wider slices of R where the launch rotates the new token's V (the last split's tail) and the queries
+        # slices of R where the launch rotates the new token's V (the last split's tail) and the queries
+        {"rot_chunk": 16},
         {"rot_chunk": 32},
-        {"rot_chunk": 64},
         {"rot_chunk": 128},
+        {"rot_chunk": 32, "wide_rot_chunk": 128},  # the best width of each launch in decode_sweep_h200_2026-12-01p
         {"store": "fused"},  # the attention launch also stores the new K/V (the engine's one-sequence steps)
-        {"rot_chunk": 64, "store": "fused"},
+        {"rot_chunk": 128, "store": "fused"},
+        {"store": "fused", "store_contract_last": True},  # store.CONTRACT_LAST in the fused store
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]
@@ -325,9 +328,11 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         ref = None
         for change in variants:
             launch = {k: change[k] for k in ("num_splits", "store") if k in change}  # bench_ours's, not tile fields
-            fields = {k: v for k, v in change.items() if k not in launch}
+            fields = {k: v for k, v in change.items() if k not in launch and k != "store_contract_last"}
             decode_tiles.TILES[key] = dataclasses.replace(default, **fields)
+            store_kernel.CONTRACT_LAST = change.get("store_contract_last", default_contract)
             res = guarded(bench_ours, caches, shape, table, args.rep, **launch)
+            store_kernel.CONTRACT_LAST = default_contract
             out = res.pop("_out", None)
             if out is not None:  # every variant must compute what the default computes
                 ref = out.float() if ref is None else ref

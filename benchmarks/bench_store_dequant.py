@@ -78,21 +78,28 @@ def bench_copy(nbytes: int, args: argparse.Namespace) -> dict:
     return {"bytes": nbytes, "ms": ms, "gbps_moved": gbps(2 * nbytes, ms)}
 
 
-SMALL_STORE_VARIANTS = [{"block_k": 16}, {"num_warps": 8}, {"block_k": 16, "num_warps": 8}]
+SMALL_STORE_VARIANTS = [
+    {"block_k": 16},
+    {"num_warps": 8},
+    {"block_k": 16, "num_warps": 8},
+    {"contract_last": True},  # store.CONTRACT_LAST: the broadcast rotation contracts within warps
+    {"contract_last": True, "block_k": 64},  # which fits 64 columns of R a step unspilled (offline)
+]
 
 
 def store_variants(run, num_tokens: int, args: argparse.Namespace) -> list[dict]:
     """The store of a decode-sized batch timed with other rotation slicing / warps (store._launch_params)."""
-    default_params = store._launch_params
+    default_params, default_contract = store._launch_params, store.CONTRACT_LAST
     rows = []
     for change in SMALL_STORE_VARIANTS:
         block_t, block_k, heads, num_warps = default_params(num_tokens, args.num_kv_heads)
         block_k, num_warps = change.get("block_k", block_k), change.get("num_warps", num_warps)
         store._launch_params = lambda n, h, p=(block_t, block_k, heads, num_warps): p
+        store.CONTRACT_LAST = change.get("contract_last", default_contract)
         try:
             rows.append({**change, "ms": bench(run, args)})
         finally:
-            store._launch_params = default_params
+            store._launch_params, store.CONTRACT_LAST = default_params, default_contract
     return rows
 
 

@@ -17,6 +17,7 @@ import triton.language as tl
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode_tiles
+from turboquant_vllm.kernels import store as store_module
 from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
 from turboquant_vllm.kernels.decode_tiles import choose_num_splits
 from turboquant_vllm.kernels.reference import paged_attention_ref, sequence_slots, store_ref
@@ -234,10 +235,11 @@ def test_swap_and_register_cap_only_for_decode_tiles():
     assert decode_tile["ROT_CHUNK"] == wide["ROT_CHUNK"] == tiles.rot_chunk  # the interpreter keeps its own
     assert wide["SWAP_AB"] and "maxnreg" not in wide and wide["num_warps"] == tiles.num_warps
     # the wide launch's own warps and cap (bench_decode.py's sweep), leaving the other launches alone
-    wider = dataclasses.replace(tiles, wide_num_warps=2 * tiles.num_warps, wide_maxnreg=128)
+    wider = dataclasses.replace(tiles, wide_num_warps=2 * tiles.num_warps, wide_maxnreg=128, wide_rot_chunk=128)
     with patch.dict(decode_tiles.TILES, {128: wider}):
         assert meta(1, decode_tiles.WIDE_MIN_SPLITS)["num_warps"] == 2 * tiles.num_warps
         assert meta(1, decode_tiles.WIDE_MIN_SPLITS)["maxnreg"] == 128
+        assert meta(1, decode_tiles.WIDE_MIN_SPLITS)["ROT_CHUNK"] == 128
         assert meta(1, 3) == decode_tile and meta(64, 3) == varlen
     assert not varlen["SWAP_AB"] and "maxnreg" not in varlen and varlen["BLOCK_M"] == tiles.varlen_m
     gathers = KVCodec(TQConfig(k_bits=3, v_bits=3), 8, 128)  # codebook gathers: not swapped on the GPU
@@ -334,11 +336,15 @@ def test_prerotated_queries_agree(device, monkeypatch, head_dim, num_splits):
 
 
 @pytest.mark.parametrize(
-    ("num_splits", "offset"), [(1, False), (3, False), (2, True), (decode_tiles.WIDE_MIN_SPLITS, False)]
-)
-def test_fused_store_writes_what_store_kv_writes(device, num_splits, offset):
+    ("num_splits", "offset", "contract_last"),
+    [(1, False, False), (3, False, False), (2, True, False), (decode_tiles.WIDE_MIN_SPLITS, False, False),
+     (3, True, True)],
+)  # fmt: skip
+def test_fused_store_writes_what_store_kv_writes(device, num_splits, offset, contract_last, monkeypatch):
     """paged_attention(store_slots=...) writes this step's K/V into the pages byte for byte as store_kv does,
-    leaves a negative slot alone, and still attends the new tokens exactly (their slots held poison)."""
+    leaves a negative slot alone, and still attends the new tokens exactly (their slots held poison); with either
+    form of the one-token rotation (store.CONTRACT_LAST)."""
+    monkeypatch.setattr(store_module, "CONTRACT_LAST", contract_last)
     seq_lens, q_lens = [40, 9, 23], [1, 4, 1]
     b = make_batch(device, seq_lens, q_lens, seed=27)
     slots = []

@@ -37,7 +37,14 @@ def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(resources):
         assert r["registers"] <= 168 and r["programs_per_sm_by_registers"] >= 3, r
     assert next(r for r in narrow if r["split_k"] and not r["key_offset"])["spill_store_bytes"] == 0
     wide = next(r for r in defaults if r["num_splits"] >= decode_tiles.WIDE_MIN_SPLITS)  # 1 sequence, 32 splits
-    assert wide["block_n"] == tiles.wide_block_n and wide["maxnreg"] is None and wide["spill_store_bytes"] == 0, wide
+    assert wide["block_n"] == tiles.wide_block_n and wide["maxnreg"] is None, wide
+    # Wide launches run uncapped near 255 registers: with 64-column slices of R this one spills 36 bytes offline (16
+    # columns: none) and still measured faster, 1 x 32K 46.6 -> 44.3 us (decode_sweep_h200_2026-12-01p.json); the
+    # storing one with key offsets spills 8 (16 columns: more). A few dozen bytes at most, never a tile's worth.
+    wide_store = next(r for r in rows if r["store_new"] and r["num_splits"] >= decode_tiles.WIDE_MIN_SPLITS)
+    assert wide_store["tiles"] == dataclasses.asdict(tiles)
+    for r in (wide, wide_store):
+        assert r["spill_store_bytes"] <= 64, r
 
 
 def test_split_reduce_never_spills(resources):

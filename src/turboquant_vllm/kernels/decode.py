@@ -128,7 +128,8 @@ def _attention_kernel(
     PREFETCH: tl.constexpr, PAGES_AHEAD: tl.constexpr, TILE_ROW_SUM: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr,
     SWAP_AB: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr, Q_ROTATED: tl.constexpr,
-    STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr,
+    STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -276,7 +277,7 @@ def _attention_kernel(
                            v_bnd_ptr, v_cent32_ptr, koff_orig_ptr, HEAD_DIM, BLOCK_D, 1, STORE_BLOCK_K, K_BITS,
                            V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET,
                            V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY, "ieee",
-                           HAS_KEY_OFFSET)  # fmt: skip
+                           HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
 
     if FUSED or UNROTATED_PARTIALS:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -20,7 +20,7 @@ from turboquant_vllm.kernels.decode_reduce import (
     REDUCE_PLAIN_ROWS,
     REDUCE_STEP_ELEMENTS,
 )
-from turboquant_vllm.kernels.store import one_token_block_k
+from turboquant_vllm.kernels.store import one_token_store_meta
 from turboquant_vllm.quantizer import TINY_NORM
 
 ROT_CHUNK = 16  # columns of R per rotation step: keeps R slices small in registers
@@ -44,6 +44,7 @@ class Tiles:
     wide_num_warps: int | None = None  # num_warps of those wide launches (None: num_warps)
     wide_maxnreg: int | None = None  # register cap of swapped wide launches (None: uncapped)
     rot_chunk: int = ROT_CHUNK  # columns of R per step where the attention launch rotates (new V, queries, output)
+    wide_rot_chunk: int | None = None  # rot_chunk of wide launches (None: rot_chunk)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
     reduce_splits: int = 8  # splits the split-K reduce reads per step ([16 rows, this, BLOCK_D] fp32 in registers)
@@ -185,9 +186,10 @@ def attention_meta(
     swap = tiles.swap_ab and not varlen and (k_lut and v_lut or not on_gpu)
     cap = (tiles.wide_maxnreg if wide else tiles.maxnreg) if swap else None
     warps = tiles.wide_num_warps if wide and tiles.wide_num_warps else tiles.num_warps
+    rot_chunk = tiles.wide_rot_chunk if wide and tiles.wide_rot_chunk else tiles.rot_chunk
     meta = dict(
         GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
-        BLOCK_N=block_n, ROT_CHUNK=tiles.rot_chunk if on_gpu else INTERPRETER_ROT_CHUNK,
+        BLOCK_N=block_n, ROT_CHUNK=rot_chunk if on_gpu else INTERPRETER_ROT_CHUNK,
         **lay.kernel_constants(block_size), INDEX_ALIGN=lay.index_alignment(block_size),
         OP_DTYPE=tl.float32 if exact else tl.float16, PREC="ieee" if exact else "tf32",
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
@@ -195,7 +197,7 @@ def attention_meta(
         PAGES_AHEAD=tiles.pages_ahead and not varlen, TILE_ROW_SUM=tiles.tile_row_sum and not varlen,
         SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
-        STORE_NEW=store_new, STORE_BLOCK_K=one_token_block_k(), NORM_CORRECTION=codec.config.norm_correction,
+        STORE_NEW=store_new, **one_token_store_meta(), NORM_CORRECTION=codec.config.norm_correction,
         TINY=TINY_NORM,
         num_warps=warps, num_stages=tiles.num_stages,
     )  # fmt: skip

@@ -13,6 +13,12 @@ from turboquant_vllm.quantizer import TINY_NORM
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DOT_PRECISION = "ieee"  # full fp32 rotation: tf32 would move coordinates across codebook boundaries
+# Programs of fewer than 16 tokens rotate by a broadcast multiply-sum (_rotate_step). True: its contraction runs
+# over the product's last axis, R's contiguous one, so each output's partial sums stay within a warp; False: over
+# the middle axis, which spreads them over the warps. Offline (sm_90a, one token, d=128) the last-axis form takes 80
+# registers instead of 197 at 32 columns of R a step and fits 64 columns (163, no spill; the other spills 296 bytes),
+# but has more shuffles. Not yet timed on the GPU: bench_store_dequant.py's variants compare both.
+CONTRACT_LAST = False
 
 
 @triton.jit
@@ -28,8 +34,16 @@ def _bucketize(y, bnd_ptr, cent_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _rotate_step(unit, rot_t, acc, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + unit @ rot_t in fp32; below tl.dot's 16 rows as a broadcast multiply-sum (same FMAs)."""
+def _rotate_step(unit, rot_ptr, kd, kd_ok, dim, dim_ok, stride_rot_0, stride_rot_1, acc, BLOCK_T: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, CONTRACT_LAST: tl.constexpr):  # fmt: skip
+    """acc + unit @ R[:, kd].T in fp32, for one slice kd of the contraction; below tl.dot's 16 rows a broadcast
+    multiply-sum (same FMAs) contracting over the product's last or middle axis (CONTRACT_LAST)."""
+    if BLOCK_T < 16 and CONTRACT_LAST:
+        rot = tl.load(rot_ptr + dim[:, None] * stride_rot_0 + kd[None, :] * stride_rot_1,
+                      mask=dim_ok[:, None] & kd_ok[None, :], other=0.0)  # fmt: skip
+        return acc + tl.sum(unit[:, None, :] * rot[None, :, :], axis=2)
+    rot_t = tl.load(rot_ptr + dim[None, :] * stride_rot_0 + kd[:, None] * stride_rot_1,
+                    mask=kd_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
     if BLOCK_T >= 16:
         return tl.dot(unit, rot_t, acc, input_precision=DOT_PRECISION)
     return acc + tl.sum(unit[:, :, None] * rot_t[None, :, :], axis=1)
@@ -76,6 +90,7 @@ def store_head(
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
+    CONTRACT_LAST: tl.constexpr,
 ):  # fmt: skip
     """Quantise BLOCK_T tokens' K and V of one head and write indices and scales into their pages.
 
@@ -110,14 +125,10 @@ def store_head(
         if HAS_KEY_OFFSET:
             k_part -= shift[:, None] * tl.load(koff_ptr + head * HEAD_DIM + kd, mask=kd_ok, other=0.0)[None, :]
         v_part = tl.load(v_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
-        # rot_t[i, j] = R[j, k0 + i]
-        rot_t = tl.load(
-            rot_ptr + dim[None, :] * stride_rot_0 + kd[:, None] * stride_rot_1,
-            mask=kd_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )
-        k_rot = _rotate_step(k_part, rot_t, k_rot, BLOCK_T, DOT_PRECISION)
-        v_rot = _rotate_step(v_part, rot_t, v_rot, BLOCK_T, DOT_PRECISION)
+        k_rot = _rotate_step(k_part, rot_ptr, kd, kd_ok, dim, dim_ok, stride_rot_0, stride_rot_1, k_rot, BLOCK_T,
+                             DOT_PRECISION, CONTRACT_LAST)  # fmt: skip
+        v_rot = _rotate_step(v_part, rot_ptr, kd, kd_ok, dim, dim_ok, stride_rot_0, stride_rot_1, v_rot, BLOCK_T,
+                             DOT_PRECISION, CONTRACT_LAST)  # fmt: skip
     k_rot = tl.math.div_rn(k_rot, k_den)
     v_rot = tl.math.div_rn(v_rot, v_den)
 
@@ -181,6 +192,7 @@ def _store_kv_kernel(
     TINY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_KEY_OFFSET: tl.constexpr,
+    CONTRACT_LAST: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tok < num_tokens
@@ -195,7 +207,8 @@ def _store_kv_kernel(
         store_head(k_ptr, v_ptr, live, block, t, head, cache_ptr, rot_ptr, stride_rot_0, stride_rot_1, k_bnd_ptr,
                    k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, K_BITS,
                    V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET,
-                   V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY, DOT_PRECISION, HAS_KEY_OFFSET)  # fmt: skip
+                   V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY, DOT_PRECISION, HAS_KEY_OFFSET,
+                   CONTRACT_LAST)  # fmt: skip
 
 
 SMALL_BATCH_TOKENS = 32  # up to here one token per program; below LARGE_BATCH_TOKENS four
@@ -218,9 +231,9 @@ def _launch_params(num_tokens: int, num_kv_heads: int) -> tuple[int, int, int, i
     return 16, 32, 1, 4
 
 
-def one_token_block_k() -> int:
-    """BLOCK_K of a one-token store: what the attention kernel's fused store uses (decode.py)."""
-    return _launch_params(1, 1)[1]
+def one_token_store_meta() -> dict[str, int | bool]:
+    """How a one-token store rotates, as the attention kernel's fused store takes it (decode.py): the same bytes."""
+    return {"STORE_BLOCK_K": _launch_params(1, 1)[1], "STORE_CONTRACT_LAST": CONTRACT_LAST}
 
 
 def check_slots(slot_mapping: torch.Tensor, num_tokens: int, device: torch.device) -> None:
@@ -304,5 +317,6 @@ def store_kv(
         TINY=TINY_NORM,
         DOT_PRECISION=DOT_PRECISION,
         HAS_KEY_OFFSET=offset is not None,
+        CONTRACT_LAST=CONTRACT_LAST,
         num_warps=num_warps,
     )
