@@ -1,7 +1,8 @@
 """Launch configuration of the paged attention and split-K reduce kernels (kernels/decode.py).
 
-Tile shapes per padded head_dim, each choice with the H200 measurement behind it, and the compile-time
-parameters both the launcher and the offline compile checks (benchmarks/kernel_resources.py) derive from them.
+Tile shapes per padded head_dim (docs/decode-tuning.md has the H200 measurement behind each choice), and the
+compile-time parameters both the launcher and the offline compile checks (benchmarks/kernel_resources.py) derive
+from them.
 """
 
 from __future__ import annotations
@@ -63,40 +64,15 @@ class Tiles:
     fused_store_min_splits: int | None = None
 
 
-# 4 warps and no software pipelining: on the H200 (decode_h200_2026-11-28b.json) this halved the
-# 16 x 32K decode time against 8 warps / 2 stages, and several small programs per SM beat one large one.
-# d=128 with the register lookups (decode_sweep_h200_2026-11-30e.json): 64-token tiles 553 us at 16 x 32K against
-# 699 us with 32 and 597 us with 128; 1 or 2 warps per program were slower. A launch split WIDE_MIN_SPLITS ways is
-# a batch of one or two sequences with ~2 programs per SM, where a wider tile (more bytes in flight) wins:
-# 62 us at 1 x 32K with 128-token tiles against 77 us with 64.
-# Swapped MMA operands (decode_h200_2026-12-01a/b.json): Triton then emits Hopper wgmma for the decode tile; capped
-# at 168 registers (3 programs per SM) 16 x 32K took 507 us against 712 us unswapped and 718 us swapped uncapped
-# (176 registers after rounding: 2 per SM); 1 x 32K (wide tiles, no cap) 59 us against 63 us.
-# The split-K reduce (decode_h200_2026-12-01d.json): un-rotating with the whole of R in one dot instead of 16-column
-# slices took 1 x 4K from 32.7 to 27.7 us (attention + reduce) and 1 x 32K from 59.8 to 54.9 us; how many splits it
-# reads per step matters less (1: 30.4 us). Up to d=128 R fits one dot; reduce_splits keeps the reduce unspilled.
-# Un-rotating in the split programs instead (decode_h200_2026-12-01f.json) pays at 32 splits, where the reduce is
-# what a one-sequence step waits for: 1 x 4K 27.3 -> 24.1 us, 1 x 32K 54.5 -> 51.8 us; with the 3 splits of a
-# 16-sequence batch it costs (16 x 4K 81.7 -> 88.2 us, 16 x 32K 503 -> 517 us). In the engine at 4K x 1
-# (engine_h200_2026-12-01f/g.json) the attention kernel went from 16.5 to 20.5 us a layer and the reduce from 11.6 to
-# 3.3 us: 5.74 -> 5.60 ms a token. The plain reduce's rows a program (1, 2, 4) measured equal (..._12-01g.json).
-# Then (decode_sweep_h200_2026-12-01h.json) a reduce of one row a program un-rotating by fp32 multiply-adds beat both
-# at 32 splits (1 x 4K 24.1 -> 22.1 us, 1 x 32K 50.8 -> 48.0) but lost at 3 (16 x 4K 81.6 -> 90.3), hence
-# wide_reduce_rows; queries rotated once per step helped everywhere or cost nothing (16 x 4K 81.6 -> 80.0 us), and
-# together 1 x 4K took 20.8 us, 1 x 32K 47.4. Storing the new K/V in the attention launch instead of a launch of its
-# own (store + attention) took 1 x 4K from 29.1 to 27.9 us and 1 x 32K from 56.5 to 53.8, but 16 x 32K from 509 to
-# 517 (the last split of each sequence stores while the others finish), so only one-sequence launches fuse it.
-# Reading the block table a tile ahead of the page reads and summing softmax denominators per position until the
-# loop ends (decode_sweep_h200_2026-12-01k.json): 16 x 32K 506 -> 456 us, 16 x 4K 80.1 -> 74.4, 1 x 32K 47.3 -> 46.3.
-# Twice the warps a program at 128 registers (16 warps an SM) lost at every shape (decode_sweep_h200_2026-12-01o.json:
-# 1 x 32K 46.3 -> 57.2 us wide, 16 x 32K 455 -> 531 with 128-token tiles). One sequence in 48 splits of capped
-# 64-token tiles (3 programs an SM, one wave) took 1 x 32K from 46.6 to 43.2 us, 1 x 4K 21.0 -> 21.2; 64 splits lost
-# (decode_sweep_h200_2026-12-01p.json; not yet tried with the backend, whose workspace holds MAX_SPLITS). The same
-# sweep timed the slices of R in which the last split's tail rotates the new token's V (each slice a round trip to
-# L2, and the launch waits for its slowest program): 64 columns a slice instead of 16 took 1 x 4K 21.0 -> 18.5 us,
-# 1 x 32K 46.6 -> 44.3, 16 x 4K 74.8 -> 71.7, with the fused store 1 x 4K 25.4 -> 22.0 and 1 x 32K 51.1 -> 47.7;
-# 16 x 32K 454 -> 463 (32 columns: 449, 128: 451). In the engine 4K x 1 then took 5.09 ms a token, bf16 5.19
-# (engine_h200_2026-12-01p.json).
+# Why each default, in one line (the H200 measurements behind them, and what lost, are in docs/decode-tuning.md):
+# - 4 warps, no software pipelining, 64-token tiles: several small programs per SM hide latency best.
+# - Swapped operands (wgmma) under a 168-register cap: 3 programs per SM for the 64-token decode tile.
+# - Wide launches (>= WIDE_MIN_SPLITS splits: one or two sequences) take 128-token tiles, uncapped: more bytes in
+#   flight per program when only ~2 programs share an SM.
+# - The reduce un-rotates with all of R in one dot at 3 splits, one row a program by multiply-adds at 32.
+# - The step's queries are rotated once, in a launch of their own; one-sequence launches also store the new K/V.
+# - Block-table entries a tile ahead, softmax sums per position until the loop ends.
+# - R in 64-column slices where the launch rotates (the last split's tail waits on each slice's L2 read).
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of attention_meta that are compile options
