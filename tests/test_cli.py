@@ -114,6 +114,19 @@ def test_eval_writes_json_and_png(offline, tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 0 and (tmp_path / "t_needle.png").stat().st_size > 0
 
 
+def test_eval_needle_seed_draws_other_keys(offline, tmp_path):
+    """--needle-seed asks the same placements with other pass keys (benchmarks/needle_agreement.py pools them)."""
+    keys = []
+    for seed in (0, 1):
+        options = {"--needle-lengths": 96, "--needle-depths": 0.5, "--chunk": 16, "--bits": "4/4", "--memory-tokens": 0}
+        options |= {"--norm-correction": "on", "--needle-seed": seed, "--out": tmp_path, "--name": f"s{seed}"}
+        assert cli.main([*_argv("eval", options), "--no-quality"]) == 0
+        payload = json.loads((tmp_path / f"s{seed}.json").read_text())
+        assert payload["settings"]["needle_seed"] == seed
+        keys.append(payload["needle"]["baseline"]["96"]["0.50"]["key"])
+    assert keys[0] != keys[1]
+
+
 def test_eval_checkpoints_survive_an_interrupted_run(offline, tmp_path, monkeypatch):
     from turboquant_vllm.eval import quality
 

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--key-offsets", help="also evaluate with this `calibrate` file's fixed offsets (vLLM's rule)")
     ev.add_argument("--needle-lengths", type=_ints, default=[1024, 2048, 4096, 8192])
     ev.add_argument("--needle-depths", type=_floats, default=[round(0.1 * i, 1) for i in range(1, 10)])
+    ev.add_argument("--needle-seed", type=int, default=0, help="draws the pass keys: other seeds, other keys (0)")
     ev.add_argument("--batch", type=int, default=1, help="windows / needle prompts per forward call (1; 16 on a GPU)")
     ev.add_argument(
         "--memory-tokens", type=int, default=8192, help="prefill length of the KV memory check (8192; 0: skip)"
@@ -442,7 +443,7 @@ def run_eval(args: argparse.Namespace) -> None:
             for length in args.needle_lengths:
                 found = needle_test(
                     model, tokenizer, haystack, [length], args.needle_depths, args.chunk, specs,
-                    step=lambda: progress.advance(task), batch=args.batch,
+                    step=lambda: progress.advance(task), batch=args.batch, seed=args.needle_seed,
                 )  # fmt: skip
                 for name, by_length in found.items():
                     needle.setdefault(name, {}).update(by_length)

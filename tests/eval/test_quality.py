@@ -167,6 +167,20 @@ def test_needle_test_runs_every_cache(model):
     assert set(Q.needle_pass_rate(res)) == {"baseline", "k4v4+nc"}
 
 
+def test_needle_agreement_pairs_prompts_across_runs():
+    """Counts per prompt pair, summed over runs, and the exact sign test (hand-computed values)."""
+
+    def run(base: str, cache: str) -> dict:
+        cells = lambda passes: {"1024": {f"0.{i}": {"pass": p == "x"} for i, p in enumerate(passes)}}
+        return {"baseline": cells(base), "k4v4": cells(cache)}
+
+    mixed = Q.needle_agreement([run("xx..", "x.x."), run("x", "x")])["k4v4"]
+    assert mixed == {"both": 2, "neither": 1, "only_baseline": 1, "only_cache": 1, "prompts": 5, "sign_test_p": 1.0}
+    one_sided = Q.needle_agreement([run("xxxxxxxxxx", "..........")])["k4v4"]
+    assert one_sided["only_baseline"] == 10 and one_sided["sign_test_p"] == 2 / 1024
+    assert Q.needle_agreement([run("x.", "x.")])["k4v4"]["sign_test_p"] == 1.0  # nothing discordant
+
+
 def test_batched_greedy_answers_match_single_rows(model):
     prompts = torch.randint(2, 64, (3, 37), generator=torch.Generator().manual_seed(2)).tolist()
     spec = Q.parse_specs("4/4", (True,))[0]

@@ -376,6 +376,29 @@ def needle_pass_rate(results: dict[str, Any]) -> dict[str, float]:
     return rates
 
 
+def needle_agreement(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each cache against the baseline on the same prompts, over one or more needle results (other key seeds).
+
+    A single placement is one greedy answer, so two caches can pass the same number of placements at different
+    depths by chance. Paired counts say whether they differ: prompts both pass, neither, only one; and the exact
+    two-sided sign test of the prompts only one passes (p = 1 when there are none).
+    """
+    names = sorted({name for run in runs for name in run if name != BASELINE})
+    table = {}
+    for name in names:
+        outcome = {(True, True): "both", (False, False): "neither", (True, False): "only_baseline",
+                   (False, True): "only_cache"}  # fmt: skip
+        counts = dict.fromkeys(outcome.values(), 0)
+        for run in runs:
+            for length, by_depth in run.get(name, {}).items():
+                for depth, cell in by_depth.items():
+                    counts[outcome[run[BASELINE][length][depth]["pass"], cell["pass"]]] += 1
+        discordant = counts["only_baseline"] + counts["only_cache"]
+        tail = sum(math.comb(discordant, i) for i in range(min(counts["only_baseline"], counts["only_cache"]) + 1))
+        table[name] = {**counts, "prompts": sum(counts.values()), "sign_test_p": min(1.0, 2 * tail / 2**discordant)}
+    return table
+
+
 def load_model(path: Any, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(model, tokenizer) from an HF folder, in eval mode with SDPA attention."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
