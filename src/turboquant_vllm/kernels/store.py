@@ -34,19 +34,17 @@ def _bucketize(y, bnd_ptr, cent_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _rotate_step(unit, rot_ptr, kd, kd_ok, dim, dim_ok, stride_rot_0, stride_rot_1, acc, BLOCK_T: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, CONTRACT_LAST: tl.constexpr):  # fmt: skip
-    """acc + unit @ R[:, kd].T in fp32, for one slice kd of the contraction; below tl.dot's 16 rows a broadcast
-    multiply-sum (same FMAs) contracting over the product's last or middle axis (CONTRACT_LAST)."""
-    if BLOCK_T < 16 and CONTRACT_LAST:
-        rot = tl.load(rot_ptr + dim[:, None] * stride_rot_0 + kd[None, :] * stride_rot_1,
-                      mask=dim_ok[:, None] & kd_ok[None, :], other=0.0)  # fmt: skip
-        return acc + tl.sum(unit[:, None, :] * rot[None, :, :], axis=2)
-    rot_t = tl.load(rot_ptr + dim[None, :] * stride_rot_0 + kd[:, None] * stride_rot_1,
-                    mask=kd_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
-    if BLOCK_T >= 16:
-        return tl.dot(unit, rot_t, acc, input_precision=DOT_PRECISION)
-    return acc + tl.sum(unit[:, :, None] * rot_t[None, :, :], axis=1)
+def _rotate_step(unit, rot, acc, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr, CONTRACT_LAST: tl.constexpr):
+    """acc + unit @ R[:, kd].T in fp32 for one slice kd of the contraction, rot being that slice as R[:, kd] if
+    CONTRACT_LAST, else its transpose. Below tl.dot's 16 rows a broadcast multiply-sum (same FMAs) contracting over
+    the product's last (CONTRACT_LAST) or middle axis. One return: Triton checks every return's shape."""
+    if CONTRACT_LAST:
+        out = acc + tl.sum(unit[:, None, :] * rot[None, :, :], axis=2)
+    elif BLOCK_T >= 16:
+        out = tl.dot(unit, rot, acc, input_precision=DOT_PRECISION)
+    else:
+        out = acc + tl.sum(unit[:, :, None] * rot[None, :, :], axis=1)
+    return out
 
 
 @triton.jit
@@ -125,10 +123,14 @@ def store_head(
         if HAS_KEY_OFFSET:
             k_part -= shift[:, None] * tl.load(koff_ptr + head * HEAD_DIM + kd, mask=kd_ok, other=0.0)[None, :]
         v_part = tl.load(v_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
-        k_rot = _rotate_step(k_part, rot_ptr, kd, kd_ok, dim, dim_ok, stride_rot_0, stride_rot_1, k_rot, BLOCK_T,
-                             DOT_PRECISION, CONTRACT_LAST)  # fmt: skip
-        v_rot = _rotate_step(v_part, rot_ptr, kd, kd_ok, dim, dim_ok, stride_rot_0, stride_rot_1, v_rot, BLOCK_T,
-                             DOT_PRECISION, CONTRACT_LAST)  # fmt: skip
+        if CONTRACT_LAST:  # rot[i, j] = R[i, k0 + j], read once for K and V
+            rot = tl.load(rot_ptr + dim[:, None] * stride_rot_0 + kd[None, :] * stride_rot_1,
+                          mask=dim_ok[:, None] & kd_ok[None, :], other=0.0)  # fmt: skip
+        else:  # rot[i, j] = R[j, k0 + i]
+            rot = tl.load(rot_ptr + dim[None, :] * stride_rot_0 + kd[:, None] * stride_rot_1,
+                          mask=kd_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
+        k_rot = _rotate_step(k_part, rot, k_rot, BLOCK_T, DOT_PRECISION, CONTRACT_LAST)
+        v_rot = _rotate_step(v_part, rot, v_rot, BLOCK_T, DOT_PRECISION, CONTRACT_LAST)
     k_rot = tl.math.div_rn(k_rot, k_den)
     v_rot = tl.math.div_rn(v_rot, v_den)
 
@@ -317,6 +319,6 @@ def store_kv(
         TINY=TINY_NORM,
         DOT_PRECISION=DOT_PRECISION,
         HAS_KEY_OFFSET=offset is not None,
-        CONTRACT_LAST=CONTRACT_LAST,
+        CONTRACT_LAST=CONTRACT_LAST and block_t < 16,  # from 16 tokens a program the rotation is a dot
         num_warps=num_warps,
     )
