@@ -169,13 +169,15 @@ def test_store_gpu_int64_addressing(cuda):
 
 
 @pytest.mark.parametrize(
-    "shape", [(1, 32, 1), (4, 8, 1), (16, 32, 1), (16, 32, 0), (1, 64, 1, True), (4, 8, 1, True)], ids=str
+    "shape",
+    [(1, 32, 1, False), (4, 8, 1, False), (16, 32, 1, False), (16, 32, 0, False), (1, 64, 1, True), (4, 8, 1, True)],
+    ids=str,
 )
 def test_store_launch_shapes(device, monkeypatch, shape):
     """Every (tokens, R columns, heads per program; 0 = all heads) launch shape on one small input, and the
     broadcast rotation's two forms (CONTRACT_LAST; head_dim 96 leaves the last 64-column slice part empty)."""
-    block_t, block_k, heads, *contract_last = shape
-    monkeypatch.setattr(store_module, "CONTRACT_LAST", bool(contract_last))
+    block_t, block_k, heads, contract_last = shape
+    monkeypatch.setattr(store_module, "CONTRACT_LAST", contract_last)
     monkeypatch.setattr(
         store_module, "_launch_params", lambda num_tokens, num_kv_heads: (block_t, block_k, heads or num_kv_heads, 4)
     )

@@ -383,11 +383,10 @@ def needle_agreement(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]
     depths by chance. Paired counts say whether they differ: prompts both pass, neither, only one; and the exact
     two-sided sign test of the prompts only one passes (p = 1 when there are none).
     """
-    names = sorted({name for run in runs for name in run if name != BASELINE})
+    outcome = {(True, True): "both", (False, False): "neither", (True, False): "only_baseline",
+               (False, True): "only_cache"}  # (baseline passes, cache passes)  # fmt: skip
     table = {}
-    for name in names:
-        outcome = {(True, True): "both", (False, False): "neither", (True, False): "only_baseline",
-                   (False, True): "only_cache"}  # fmt: skip
+    for name in sorted({name for run in runs for name in run if name != BASELINE}):
         counts = dict.fromkeys(outcome.values(), 0)
         for run in runs:
             for length, by_depth in run.get(name, {}).items():
