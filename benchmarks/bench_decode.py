@@ -318,6 +318,12 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"store": "fused"},  # the attention launch also stores the new K/V (the engine's one-sequence steps)
         {"rot_chunk": 128, "store": "fused"},
         {"store": "fused", "store_contract_last": True},  # store.CONTRACT_LAST in the fused store
+        # the split program that finishes last merges the partials instead of a reduce launch
+        {"tail_merge_min_splits": 2},
+        {"tail_merge_min_splits": 2, "store": "fused"},
+        {"tail_merge_min_splits": decode_tiles.WIDE_MIN_SPLITS, "tail_merge_splits": 8, "store": "fused"},
+        {"tail_merge_min_splits": 2, "wide_block_n": None, "num_splits": 48, "store": "fused"},
+        {"tail_merge_min_splits": 2, "rot_chunk": 32, "wide_rot_chunk": 128, "store": "fused"},
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]

@@ -36,6 +36,7 @@ POINTERS = {
     "out_ptr": "*bf16", "ws_acc_ptr": "*fp32", "ws_max_ptr": "*fp32", "ws_sum_ptr": "*fp32", "qk_scale": "fp32",
     "koff_ptr": "*fp32", "lut_ptr": "*i32", "ws_q_ptr": "*fp32", "slot_ptr": "*i64", "k_bnd_ptr": "*fp32",
     "k_cent32_ptr": "*fp32", "v_bnd_ptr": "*fp32", "v_cent32_ptr": "*fp32", "koff_orig_ptr": "*fp32",
+    "ws_ticket_ptr": "*i32",
 }  # fmt: skip
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64

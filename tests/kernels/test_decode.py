@@ -321,6 +321,30 @@ def test_reduce_unrotates_few_rows_without_a_dot(device, monkeypatch, head_dim, 
         assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32)
 
 
+@pytest.mark.parametrize(
+    ("head_dim", "change"),
+    [(64, {}), (128, {"tail_merge_splits": 8}), (128, {"unrotated_min_splits": 2, "prerotate_q_min_splits": 2})],
+)
+def test_tail_merge_agrees(device, monkeypatch, head_dim, change):
+    """The split program that stores its partials last merges them (no reduce launch): the same attention with
+    prefill chunks, an empty sequence and splits that see no token, NaN in unused workspace never reaching the
+    output, and every ticket back at zero afterwards, so the next launch (a CUDA-graph replay) starts clean."""
+    tiles = dataclasses.replace(decode_tiles.TILES[head_dim], tail_merge_min_splits=2, **change)
+    monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
+    b = make_batch(device, [700, 9, 130, 4, 66], [1, 3, 1, 0, 2], head_dim=head_dim, extra_tokens=2, seed=27)
+    ws = AttentionWorkspace.allocate(9, 4, head_dim, 40, device)
+    for t in (ws.acc, ws.row_max, ws.row_sum, ws.query):
+        t.fill_(float("nan"))
+    want = b.expected()
+    with patch("turboquant_vllm.kernels.decode._reduce_splits_kernel", None):  # launching it would raise
+        for num_splits, max_query_len in ((3, 3), (37, 3), (2, 1)):
+            out = b.run(num_splits=num_splits, workspace=ws, max_query_len=max_query_len)
+            assert_matches(out, want, TOL_FP32, rows=7)
+            assert out[7:].isnan().all()  # padding rows untouched
+            assert (ws.tickets == 0).all()
+    assert not decode_tiles.attention_meta(b.codec, 4, torch.float32, False, 1, 16, True, 1)["TAIL_MERGE"]
+
+
 @pytest.mark.parametrize(("head_dim", "num_splits"), [(64, 3), (128, 37)])
 def test_prerotated_queries_agree(device, monkeypatch, head_dim, num_splits):
     """Queries rotated once per step into the workspace (then read by every split program) give the same
@@ -571,8 +595,12 @@ def test_gpu_int64_addressing(cuda):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay(cuda):
-    """Captured once with a workspace (no allocation, no host sync), replayed on new lengths."""
+@pytest.mark.parametrize("tail_merge", [False, True])
+def test_gpu_cuda_graph_replay(cuda, monkeypatch, tail_merge):
+    """Captured once with a workspace (no allocation, no host sync), replayed on new lengths; with the tail merge,
+    each replay's tickets start from where the last one left them."""
+    tiles = dataclasses.replace(decode_tiles.TILES[128], tail_merge_min_splits=2 if tail_merge else None)
+    monkeypatch.setitem(decode_tiles.TILES, 128, tiles)
     b = make_batch(cuda, [700, 40, 2000, 9], [1, 1, 1, 1], num_heads=32, num_kv_heads=8, head_dim=128,
                    dtype=torch.bfloat16, seed=23)  # fmt: skip
     ws = AttentionWorkspace.allocate(8, 32, 128, 16, cuda)
@@ -586,3 +614,24 @@ def test_gpu_cuda_graph_replay(cuda):
     b.seq_lens.copy_(torch.tensor([650, 3, 1999, 1], device=cuda))
     graph.replay()
     assert_matches(out, b.expected(), TOL_HALF)
+    assert (ws.tickets == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("num_seqs", "num_splits"), [(16, 3), (1, 32), (2, 17)])
+def test_gpu_tail_merge_under_contention(cuda, monkeypatch, num_seqs, num_splits):
+    """Many launches back to back, the merging program racing the others for the tickets: every replay's output
+    matches the separate reduce's within bf16 rounding (the same partials, merged in the same order)."""
+    g = torch.Generator().manual_seed(28)
+    seq_lens = [int(x) for x in torch.randint(1000, 9000, (num_seqs,), generator=g)]
+    b = make_batch(cuda, seq_lens, [1] * num_seqs, num_heads=32, num_kv_heads=8, head_dim=128,
+                   dtype=torch.bfloat16, seed=28)  # fmt: skip
+    ws = AttentionWorkspace.allocate(num_seqs, 32, 128, 32, cuda)
+    want = b.run(num_splits=num_splits, workspace=ws, max_query_len=1)
+    assert_matches(want, b.expected(), TOL_HALF)
+    tiles = dataclasses.replace(decode_tiles.TILES[128], tail_merge_min_splits=2)
+    monkeypatch.setitem(decode_tiles.TILES, 128, tiles)
+    outs = [b.run(num_splits=num_splits, workspace=ws, max_query_len=1) for _ in range(50)]
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
+    assert (ws.tickets == 0).all()

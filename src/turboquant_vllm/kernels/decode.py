@@ -11,6 +11,7 @@ import triton.language as tl
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode_reduce import (
     REDUCE_BLOCK_R,
+    _merge_splits,
     _reduce_splits_kernel,
     _rotate_queries_kernel,
     _rotate_rows,
@@ -35,21 +36,33 @@ class AttentionWorkspace:
     acc: fp32 [max_tokens, num_heads, max_splits, head_dim], unnormalised, rotated basis.
     row_max, row_sum: fp32 [max_tokens, num_heads, max_splits], softmax max (log2 units) and sum.
     query: fp32 [max_tokens, num_heads, head_dim], contiguous: the step's queries rotated once (q R^T).
+    tickets: int32, one per (query tile, KV head) program row of a launch: how many of its split programs have
+        stored their partials (Tiles.tail_merge_min_splits). Zero between launches: the merging program resets it.
     """
 
     acc: torch.Tensor
     row_max: torch.Tensor
     row_sum: torch.Tensor
     query: torch.Tensor
+    tickets: torch.Tensor
 
     @classmethod
     def allocate(
-        cls, max_tokens: int, num_heads: int, head_dim: int, max_splits: int, device: torch.device | str
+        cls,
+        max_tokens: int,
+        num_heads: int,
+        head_dim: int,
+        max_splits: int,
+        device: torch.device | str,
+        max_seqs: int | None = None,
     ) -> AttentionWorkspace:
+        """max_seqs: sequences a launch may have (default max_tokens); they bound the launch's query tiles."""
         acc = torch.empty(max_tokens, num_heads, max_splits, head_dim, dtype=torch.float32, device=device)
         stats = torch.empty(2, max_tokens, num_heads, max_splits, dtype=torch.float32, device=device)
         query = torch.empty(max_tokens, num_heads, head_dim, dtype=torch.float32, device=device)
-        return cls(acc, stats[0], stats[1], query)
+        q_tiles = max_tokens + (max_tokens if max_seqs is None else max_seqs)  # >= cdiv(tokens, BLOCK_Q) + seqs
+        tickets = torch.zeros(q_tiles * num_heads, dtype=torch.int32, device=device)
+        return cls(acc, stats[0], stats[1], query, tickets)
 
     @property
     def max_tokens(self) -> int:
@@ -113,7 +126,7 @@ def _softmax_step(s, m_i, l_i, TOK_AXIS: tl.constexpr = 1):
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     rot_ptr, k_cent_ptr, v_cent_ptr, lut_ptr, koff_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, ws_q_ptr,
-    slot_ptr, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr, v_cent32_ptr, koff_orig_ptr,
+    ws_ticket_ptr, slot_ptr, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr, v_cent32_ptr, koff_orig_ptr,
     num_seqs, num_splits, qk_scale,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od, stride_bt,
@@ -128,6 +141,7 @@ def _attention_kernel(
     PREFETCH: tl.constexpr, PAGES_AHEAD: tl.constexpr, TILE_ROW_SUM: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr,
     SWAP_AB: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr, Q_ROTATED: tl.constexpr,
+    TAIL_MERGE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr,
 ):  # fmt: skip
@@ -139,6 +153,8 @@ def _attention_kernel(
     |k_scale| * (q R^T) . c[k_idx] + (q R^T) . (R offset), koff_ptr holding R offset per KV head.
     With STORE_NEW the last split also quantises its tile's new K/V into their pages (slot_ptr), as
     store.store_kv would: no program reads those slots from the pages in this launch.
+    With TAIL_MERGE the split program that stores its partials last (a ticket per program row) merges them all
+    and writes the output, so no reduce launch follows.
     """
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -295,6 +311,22 @@ def _attention_kernel(
         else:
             tl.store(ws_acc_ptr + acc_off[:, None] + dim[None, :], acc,
                      mask=(row_ok & (l_i > 0))[:, None] & dim_ok[None, :])  # fmt: skip
+        if TAIL_MERGE:
+            tl.debug_barrier()  # every thread's partials are written before the release below
+            ticket = ws_ticket_ptr + pid * tl.num_programs(1) + kv_head
+            if tl.atomic_add(ticket, 1, sem="acq_rel") == num_splits - 1:  # the others' partials are visible
+                tl.store(ticket, 0)  # ready for the next launch (CUDA-graph replays)
+                # L2 reads (.cg): this SM's L1 may hold stale lines of the workspace from an earlier launch
+                o = _merge_splits(ws_acc_ptr, ws_max_ptr, ws_sum_ptr, tok * stride_mt + head * stride_mh,
+                                  tok * stride_at + head * stride_ah, row_ok, num_splits, stride_as, stride_ms,
+                                  BLOCK_M, HEAD_DIM, BLOCK_D, MERGE_SPLITS, not UNROTATED_PARTIALS, ".cg")  # fmt: skip
+                out_off = tok * stride_ot + head * stride_oh
+                if UNROTATED_PARTIALS:
+                    tl.store(out_ptr + out_off[:, None] + dim[None, :] * stride_od, o.to(out_ptr.dtype.element_ty),
+                             mask=row_ok[:, None] & dim_ok[None, :])  # fmt: skip
+                else:
+                    _store_unrotated(out_ptr, out_off, row_ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
+                                     HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
 
 
 def _check_rows(name: str, x: torch.Tensor, rows: int, heads: int, head_dim: int) -> None:
@@ -379,11 +411,12 @@ def paged_attention(
 
     fused = num_splits == 1
     if fused:
-        acc_buf = max_buf = sum_buf = q_buf = out
+        acc_buf = max_buf = sum_buf = q_buf = tickets = out
         acc_strides = stat_strides = (0, 0, 0)
     else:
         if workspace is None:
-            workspace = AttentionWorkspace.allocate(num_tokens, num_heads, head_dim, num_splits, query.device)
+            workspace = AttentionWorkspace.allocate(num_tokens, num_heads, head_dim, num_splits, query.device,
+                                                    max_seqs=num_seqs)  # fmt: skip
         acc_buf, max_buf, sum_buf = workspace.acc, workspace.row_max, workspace.row_sum
         assert acc_buf.shape[0] >= num_tokens and acc_buf.shape[1:] == (num_heads, workspace.max_splits, head_dim), (
             f"workspace acc {tuple(acc_buf.shape)} cannot hold {num_tokens} tokens x {num_heads} heads x {head_dim}"
@@ -395,6 +428,7 @@ def paged_attention(
         stat_strides = max_buf.stride()
         q_buf = workspace.query
         assert q_buf.is_contiguous() and q_buf.shape[1:] == (num_heads, head_dim), "unexpected workspace query"
+        tickets = workspace.tickets
 
     meta = attention_meta(codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
                            num_splits, offset is not None, store_slots is not None)  # fmt: skip
@@ -406,12 +440,17 @@ def paged_attention(
             CHUNK=meta["ROT_CHUNK"], PREC=meta["PREC"],
         )  # fmt: skip
     grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits)
+    if meta["TAIL_MERGE"]:
+        assert grid[0] * num_kv_heads <= tickets.numel(), (
+            f"workspace tickets ({tickets.numel()}) cannot count {grid[0]} query tiles x {num_kv_heads} KV heads: "
+            "allocate it with max_seqs >= the batch's sequences"
+        )
     exact = query.dtype == torch.float32
     centroids = (codec.key.centroids, codec.value.centroids) if exact else codec.centroids_fp16
     _attention_kernel[grid](
         query, key, value, cache, block_table, seq_lens, query_start_loc,
         rot, *centroids, codec.lut, rot if offset is None else offset, out, acc_buf, max_buf, sum_buf, q_buf,
-        rot if store_slots is None else store_slots, codec.key.boundaries, codec.key.centroids,
+        tickets, rot if store_slots is None else store_slots, codec.key.boundaries, codec.key.centroids,
         codec.value.boundaries, codec.value.centroids, rot if key_offset is None else key_offset.original,
         num_seqs, num_splits, float(scale) * LOG2E,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
@@ -419,7 +458,7 @@ def paged_attention(
         *acc_strides, *stat_strides, rot.stride(0), rot.stride(1),
         **meta,
     )  # fmt: skip
-    if fused:
+    if fused or meta["TAIL_MERGE"]:
         return
     num_rows = num_tokens * num_heads
     rmeta = reduce_meta(num_heads, head_dim, meta["BLOCK_D"], meta["UNROTATED_PARTIALS"], meta["OP_DTYPE"],

@@ -117,6 +117,56 @@ def _store_unrotated(
         )
 
 
+@triton.jit
+def _merge_splits(
+    ws_acc_ptr,
+    ws_max_ptr,
+    ws_sum_ptr,
+    m_off,  # int64 [ROWS], offset of each row's split 0 in ws_max / ws_sum
+    a_off,  # int64 [ROWS], the same in ws_acc
+    ok,  # bool [ROWS]
+    num_splits,
+    stride_as,
+    stride_ms,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    STEP_SPLITS: tl.constexpr,
+    ROTATED: tl.constexpr,
+    CACHE: tl.constexpr,  # load cache modifier: ".cg" when other programs of the same launch wrote the partials
+):
+    """Each row's normalised output, fp32 [ROWS, BLOCK_D], from its splits' softmax partials.
+
+    ROTATED: partials are unnormalised sums (the result stays in the rotated basis); otherwise each split stored
+    its normalised output and this is a weighted sum. STEP_SPLITS splits are read per step with independent loads.
+    """
+    dim = tl.arange(0, BLOCK_D)
+    dim_ok = dim < HEAD_DIM
+    m_run = tl.full([ROWS], float("-inf"), tl.float32)
+    l_run = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, STEP_SPLITS):
+        split = s0 + tl.arange(0, STEP_SPLITS)
+        live = ok[:, None] & (split < num_splits)[None, :]  # [ROWS, STEP_SPLITS]
+        stat_off = m_off[:, None] + split[None, :] * stride_ms
+        m_s = tl.load(ws_max_ptr + stat_off, mask=live, other=float("-inf"), cache_modifier=CACHE)
+        l_s = tl.load(ws_sum_ptr + stat_off, mask=live, other=0.0, cache_modifier=CACHE)
+        a_s = tl.load(ws_acc_ptr + (a_off[:, None] + split[None, :] * stride_as)[:, :, None] + dim[None, None, :],
+                      mask=live[:, :, None] & dim_ok[None, None, :], other=0.0, cache_modifier=CACHE)  # fmt: skip
+        m_new = tl.maximum(m_run, tl.max(m_s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_ref)
+        beta = tl.exp2(m_s - m_ref[:, None])
+        if not ROTATED:
+            a_s = a_s * l_s[:, :, None]
+        # Splits that saw no token (l_s == 0) never stored their acc: whatever is there must not reach the sum.
+        a_s = tl.where((l_s > 0)[:, :, None], a_s * beta[:, :, None], 0.0)
+        acc = acc * alpha[:, None] + tl.sum(a_s, 1)
+        l_run = l_run * alpha + tl.sum(l_s * beta, 1)
+        m_run = m_new
+    return acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
+
+
 @triton.jit(do_not_specialize=["num_seqs", "num_rows", "num_splits"])
 def _reduce_splits_kernel(
     ws_acc_ptr,  # fp32 [max_tokens, num_heads, max_splits, HEAD_DIM], rotated basis, unnormalised
@@ -150,12 +200,9 @@ def _reduce_splits_kernel(
     OP_DTYPE: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """One (token, head) row per tile row: merge the splits' softmax partials, rotate back, store.
+    """One (token, head) row per tile row: merge the splits' softmax partials (_merge_splits), rotate back, store.
 
-    ROTATED: partials are unnormalised sums in the rotated basis, un-rotated here after the merge (by a dot
-    for 16-row programs, by multiply-adds for fewer rows); otherwise each split stored its normalised output in
-    the original basis and this is a weighted sum.
-    STEP_SPLITS splits are read per step with independent loads.
+    ROTATED partials are un-rotated after the merge: by a dot for 16-row programs, by multiply-adds for fewer rows.
     """
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     tok = (row // NUM_HEADS).to(tl.int64)
@@ -165,30 +212,8 @@ def _reduce_splits_kernel(
     dim_ok = dim < HEAD_DIM
     m_off = tok * stride_mt + head * stride_mh
     a_off = tok * stride_at + head * stride_ah
-
-    m_run = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_run = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for s0 in range(0, num_splits, STEP_SPLITS):
-        split = s0 + tl.arange(0, STEP_SPLITS)
-        live = ok[:, None] & (split < num_splits)[None, :]  # [BLOCK_R, STEP_SPLITS]
-        stat_off = m_off[:, None] + split[None, :] * stride_ms
-        m_s = tl.load(ws_max_ptr + stat_off, mask=live, other=float("-inf"))
-        l_s = tl.load(ws_sum_ptr + stat_off, mask=live, other=0.0)
-        a_s = tl.load(ws_acc_ptr + (a_off[:, None] + split[None, :] * stride_as)[:, :, None] + dim[None, None, :],
-                      mask=live[:, :, None] & dim_ok[None, None, :], other=0.0)  # fmt: skip
-        m_new = tl.maximum(m_run, tl.max(m_s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_run - m_ref)
-        beta = tl.exp2(m_s - m_ref[:, None])
-        if not ROTATED:
-            a_s = a_s * l_s[:, :, None]
-        # Splits that saw no token (l_s == 0) never stored their acc: whatever is there must not reach the sum.
-        a_s = tl.where((l_s > 0)[:, :, None], a_s * beta[:, :, None], 0.0)
-        acc = acc * alpha[:, None] + tl.sum(a_s, 1)
-        l_run = l_run * alpha + tl.sum(l_s * beta, 1)
-        m_run = m_new
-    o = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
+    o = _merge_splits(ws_acc_ptr, ws_max_ptr, ws_sum_ptr, m_off, a_off, ok, num_splits, stride_as, stride_ms,
+                      BLOCK_R, HEAD_DIM, BLOCK_D, STEP_SPLITS, ROTATED, "")  # fmt: skip
     out_off = tok * stride_ot + head * stride_oh
     if ROTATED:
         _store_unrotated(out_ptr, out_off, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,

@@ -59,6 +59,11 @@ class Tiles:
     # Launches with at least this many splits rotate the step's queries once, in a launch of their own, instead of
     # in every split program (None: never).
     prerotate_q_min_splits: int | None = None
+    # Launches with at least this many splits merge their partials in the split program that finishes last
+    # (a ticket per program row in the workspace) instead of in a reduce launch (None: never); that program reads
+    # tail_merge_splits splits a step.
+    tail_merge_min_splits: int | None = None
+    tail_merge_splits: int = 4
     # Launches with at least this many splits also store the step's new K/V (paged_attention store_slots), so the
     # vLLM backend skips its store launch for those tokens (None: never).
     fused_store_min_splits: int | None = None
@@ -173,6 +178,7 @@ def attention_meta(
         PAGES_AHEAD=tiles.pages_ahead and not varlen, TILE_ROW_SUM=tiles.tile_row_sum and not varlen,
         SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
+        TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits), MERGE_SPLITS=tiles.tail_merge_splits,
         STORE_NEW=store_new, **one_token_store_meta(), NORM_CORRECTION=codec.config.norm_correction,
         TINY=TINY_NORM,
         num_warps=warps, num_stages=tiles.num_stages,
