@@ -24,7 +24,7 @@ from triton.testing import do_bench
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels import decode, decode_tiles
+from turboquant_vllm.kernels import decode, decode_tiles, pdl
 from turboquant_vllm.kernels import store as store_kernel
 from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
 from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits
@@ -271,7 +271,10 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
     """Alternative tile configs and split counts at one long context: evidence for the defaults."""
     rows = []
     key = triton.next_power_of_2(args.head_dim)
-    default, default_contract = decode_tiles.TILES[key], store_kernel.CONTRACT_LAST
+    default = decode_tiles.TILES[key]
+    # variant keys that set a module switch instead of a Tiles field: (module, attribute)
+    switches = {"store_contract_last": (store_kernel, "CONTRACT_LAST"), "pdl": (pdl, "ENABLED")}
+    switch_defaults = {k: getattr(*where) for k, where in switches.items()}
     variants = [
         {},
         {"lut": False},  # codebook gathers from memory instead of byte permutes in registers
@@ -318,12 +321,15 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"store": "fused"},  # the attention launch also stores the new K/V (the engine's one-sequence steps)
         {"rot_chunk": 128, "store": "fused"},
         {"store": "fused", "store_contract_last": True},  # store.CONTRACT_LAST in the fused store
-        # the split program that finishes last merges the partials instead of a reduce launch
+        # the split program that finishes last merges the partials instead of a reduce launch (below 32 splits)
         {"tail_merge_min_splits": 2},
-        {"tail_merge_min_splits": 2, "store": "fused"},
-        {"tail_merge_min_splits": decode_tiles.WIDE_MIN_SPLITS, "tail_merge_splits": 8, "store": "fused"},
-        {"tail_merge_min_splits": 2, "wide_block_n": None, "num_splits": 48, "store": "fused"},
-        {"tail_merge_min_splits": 2, "rot_chunk": 32, "wide_rot_chunk": 128, "store": "fused"},
+        {"tail_merge_min_splits": 2, "store": "separate"},  # the 16-sequence engine step
+        {"tail_merge_min_splits": 2, "rot_chunk": 32},
+        # programmatic dependent launch (kernels/pdl.py): each kernel of the step starts before the one ahead ends
+        {"pdl": True},
+        {"pdl": True, "store": "separate"},  # the 16-sequence engine step: store, query rotation, attention, reduce
+        {"pdl": True, "store": "fused"},  # the one-sequence engine step
+        {"pdl": True, "tail_merge_min_splits": 2},
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]
@@ -334,11 +340,13 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         ref = None
         for change in variants:
             launch = {k: change[k] for k in ("num_splits", "store") if k in change}  # bench_ours's, not tile fields
-            fields = {k: v for k, v in change.items() if k not in launch and k != "store_contract_last"}
+            fields = {k: v for k, v in change.items() if k not in launch and k not in switches}
             decode_tiles.TILES[key] = dataclasses.replace(default, **fields)
-            store_kernel.CONTRACT_LAST = change.get("store_contract_last", default_contract)
+            for name, (module, attr) in switches.items():
+                setattr(module, attr, change.get(name, switch_defaults[name]))
             res = guarded(bench_ours, caches, shape, table, args.rep, **launch)
-            store_kernel.CONTRACT_LAST = default_contract
+            for name, (module, attr) in switches.items():
+                setattr(module, attr, switch_defaults[name])
             out = res.pop("_out", None)
             if out is not None:  # every variant must compute what the default computes
                 ref = out.float() if ref is None else ref

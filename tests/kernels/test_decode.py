@@ -16,7 +16,7 @@ import triton.language as tl
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels import decode_tiles
+from turboquant_vllm.kernels import decode_tiles, pdl
 from turboquant_vllm.kernels import store as store_module
 from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
 from turboquant_vllm.kernels.decode_tiles import choose_num_splits
@@ -248,6 +248,24 @@ def test_swap_and_register_cap_only_for_decode_tiles():
     assert decode_tiles.attention_meta(gathers, 32, torch.bfloat16, False, 1, 16, False, 3)["SWAP_AB"]  # interpreter
 
 
+def test_programmatic_launch_only_where_enabled_and_supported(monkeypatch):
+    """kernels/pdl.py: launches use PDL only when enabled, on CUDA devices of compute capability 9+; the metas then
+    carry the launch option and the kernels' PDL switch together."""
+    cuda0, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(pdl, "_capability_major", lambda index: 9)
+    assert not pdl.pdl_launch(cuda0)  # off by default
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    assert pdl.pdl_launch(cuda0) and not pdl.pdl_launch(cpu)
+    monkeypatch.setattr(pdl, "_capability_major", lambda index: 8)
+    assert not pdl.pdl_launch(cuda0)
+    codec = KVCodec(TQConfig(), 8, 128)
+    for on in (False, True):
+        meta = decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, 3, pdl=on)
+        rmeta = decode_tiles.reduce_meta(32, 128, 128, False, tl.float16, "tf32", 3, pdl=on)
+        for m in (meta, rmeta):
+            assert m["PDL"] == on and m.get("launch_pdl", False) == on
+
+
 def test_workspace_padding_and_untouched_rows(device):
     """Oversized, NaN-filled workspace; padded token rows past query_start_loc[-1] keep their contents."""
     b = make_batch(device, [40, 9], [1, 2], extra_tokens=3, seed=8)
@@ -328,7 +346,8 @@ def test_reduce_unrotates_few_rows_without_a_dot(device, monkeypatch, head_dim, 
 def test_tail_merge_agrees(device, monkeypatch, head_dim, change):
     """The split program that stores its partials last merges them (no reduce launch): the same attention with
     prefill chunks, an empty sequence and splits that see no token, NaN in unused workspace never reaching the
-    output, and every ticket back at zero afterwards, so the next launch (a CUDA-graph replay) starts clean."""
+    output, and every ticket back at zero afterwards, so the next launch (a CUDA-graph replay) starts clean.
+    Fused and wide launches never merge in the tail."""
     tiles = dataclasses.replace(decode_tiles.TILES[head_dim], tail_merge_min_splits=2, **change)
     monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
     b = make_batch(device, [700, 9, 130, 4, 66], [1, 3, 1, 0, 2], head_dim=head_dim, extra_tokens=2, seed=27)
@@ -337,12 +356,14 @@ def test_tail_merge_agrees(device, monkeypatch, head_dim, change):
         t.fill_(float("nan"))
     want = b.expected()
     with patch("turboquant_vllm.kernels.decode._reduce_splits_kernel", None):  # launching it would raise
-        for num_splits, max_query_len in ((3, 3), (37, 3), (2, 1)):
+        for num_splits, max_query_len in ((3, 3), (29, 3), (2, 1)):
             out = b.run(num_splits=num_splits, workspace=ws, max_query_len=max_query_len)
             assert_matches(out, want, TOL_FP32, rows=7)
             assert out[7:].isnan().all()  # padding rows untouched
             assert (ws.tickets == 0).all()
-    assert not decode_tiles.attention_meta(b.codec, 4, torch.float32, False, 1, 16, True, 1)["TAIL_MERGE"]
+    for num_splits in (1, decode_tiles.WIDE_MIN_SPLITS):  # fused; wide launches keep the reduce
+        meta = decode_tiles.attention_meta(b.codec, 4, torch.float32, False, 1, 16, num_splits == 1, num_splits)
+        assert not meta["TAIL_MERGE"]
 
 
 @pytest.mark.parametrize(("head_dim", "num_splits"), [(64, 3), (128, 37)])
@@ -494,7 +515,7 @@ def test_narrower_programs_get_more_splits(monkeypatch):
 
 
 _HOPPER_COMPILE = """
-import torch, triton.language as tl
+import dataclasses, torch, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from turboquant_vllm.kernels import decode, decode_reduce, decode_tiles
@@ -506,31 +527,37 @@ def build(fn, ptrs, meta, options):
     assert compile(ASTSource(fn, sig, meta), target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 codec = KVCodec(TQConfig(k_bits=4, v_bits=3), 8, 128)
-meta = decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, 1, True, store_new=True)
-assert meta["K_LUT"] and not meta["V_LUT"]  # the byte-permute lookups (PTX) compile for 4-bit keys
-options = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
 ptrs = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*bf16")
 ptrs |= dict.fromkeys(("rot_ptr", "k_cent_ptr", "v_cent_ptr", "koff_ptr"), "*fp32")
 ptrs |= dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "ws_q_ptr"), "*fp32")
 ptrs |= dict.fromkeys(("k_bnd_ptr", "k_cent32_ptr", "v_bnd_ptr", "v_cent32_ptr", "koff_orig_ptr"), "*fp32")
-ptrs |= {"slot_ptr": "*i64"}
+ptrs |= {"slot_ptr": "*i64", "ws_ticket_ptr": "*i32"}
 ptrs |= {"cache_ptr": "*u8", "lut_ptr": "*i32", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32"}
 ptrs |= {"qk_scale": "fp32"}
-build(decode._attention_kernel, ptrs, meta, options)
+decode_tiles.TILES[128] = dataclasses.replace(decode_tiles.TILES[128], tail_merge_min_splits=2)
+for num_splits, pdl in ((1, False), (3, True)):  # fused; split with the tail merge and programmatic launch
+    meta = decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, 1, 16, num_splits == 1, num_splits, True,
+                                       store_new=True, pdl=pdl)
+    assert meta["K_LUT"] and not meta["V_LUT"]  # the byte-permute lookups (PTX) compile for 4-bit keys
+    assert meta["TAIL_MERGE"] == (num_splits > 1) and meta["PDL"] == meta.get("launch_pdl", False) == pdl
+    options = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
+    build(decode._attention_kernel, ptrs, meta, options)
 ptrs = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32") | {"out_ptr": "*bf16"}
 for plain in (False, True):
-    meta = decode_tiles.reduce_meta(32, 128, 128, plain, tl.float16, "tf32")
+    meta = decode_tiles.reduce_meta(32, 128, 128, plain, tl.float16, "tf32", pdl=plain)
     options = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
     build(decode_reduce._reduce_splits_kernel, ptrs | {"qsl_ptr": "*i32"}, meta, options)
-meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16, CHUNK=16, PREC="tf32")
-build(decode_reduce._rotate_queries_kernel, {"q_ptr": "*bf16", "out_ptr": "*fp32", "rot_ptr": "*fp32"}, meta, {})
+for pdl in (False, True):
+    meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16, CHUNK=16, PREC="tf32", PDL=pdl)
+    build(decode_reduce._rotate_queries_kernel, {"q_ptr": "*bf16", "out_ptr": "*fp32", "rot_ptr": "*fp32"}, meta,
+          decode_tiles.pdl_option(pdl))
 print("compiled")
 """
 
 
 def test_kernels_compile_for_hopper():
-    """bf16 split-K decode (with a key offset and the fused store), the split reduce and the query rotation lower
-    to sm_90 cubins on the host, GPU or not.
+    """bf16 decode (with a key offset and the fused store; fused, and split with the tail merge and programmatic
+    dependent launch), the split reduce and the query rotation lower to sm_90 cubins on the host, GPU or not.
 
     The interpreter never exercises GPU lowering (nor the bf16 new-token dots, which run on GPUs
     only), so compile in a fresh process without TRITON_INTERPRET.
@@ -595,6 +622,44 @@ def test_gpu_int64_addressing(cuda):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("num_seqs", "num_splits", "fused_store"), [(16, 3, False), (1, 32, True), (40, 1, False)])
+def test_gpu_programmatic_launch_agrees(cuda, monkeypatch, num_seqs, num_splits, fused_store):
+    """With programmatic dependent launch (kernels/pdl.py) a step's store, query rotation, attention and reduce
+    overlap; captured in a CUDA graph and replayed, they write the same output and pages as plain launches."""
+    g = torch.Generator().manual_seed(29)
+    seq_lens = [int(x) for x in torch.randint(500, 5000, (num_seqs,), generator=g)]
+    b = make_batch(cuda, seq_lens, [1] * num_seqs, num_heads=32, num_kv_heads=8, head_dim=128,
+                   dtype=torch.bfloat16, seed=29)  # fmt: skip
+    slots = torch.cat([sequence_slots(b.block_table[s].cpu(), n, 16)[n - 1 :] for s, n in enumerate(seq_lens)])
+    slots = slots.to(cuda)  # this step's tokens, whose slots hold poison until the store
+
+    def step(cache: torch.Tensor, out: torch.Tensor, ws: AttentionWorkspace) -> None:
+        if not fused_store:
+            store_kv(b.codec, b.key, b.value, cache, slots)
+        paged_attention(b.codec, b.query, b.key, b.value, cache, b.block_table, b.seq_lens, b.query_start_loc,
+                        b.scale, out, max_query_len=1, num_splits=num_splits, workspace=ws,
+                        store_slots=slots if fused_store else None)  # fmt: skip
+
+    results = []
+    for enabled in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", enabled)
+        assert pdl.pdl_launch(b.query.device) == enabled
+        cache, out = b.cache.clone(), torch.empty_like(b.query)
+        ws = AttentionWorkspace.allocate(num_seqs, 32, 128, 32, cuda)
+        step(cache, out, ws)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(4):
+                step(cache, out, ws)
+        for _ in range(5):
+            graph.replay()
+        results.append((out.clone(), cache))
+    assert_matches(results[0][0], b.expected(), TOL_HALF)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    assert torch.equal(results[1][1], results[0][1])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tail_merge", [False, True])
 def test_gpu_cuda_graph_replay(cuda, monkeypatch, tail_merge):
     """Captured once with a workspace (no allocation, no host sync), replayed on new lengths; with the tail merge,
@@ -618,7 +683,7 @@ def test_gpu_cuda_graph_replay(cuda, monkeypatch, tail_merge):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("num_seqs", "num_splits"), [(16, 3), (1, 32), (2, 17)])
+@pytest.mark.parametrize(("num_seqs", "num_splits"), [(16, 3), (1, 31), (2, 17)])
 def test_gpu_tail_merge_under_contention(cuda, monkeypatch, num_seqs, num_splits):
     """Many launches back to back, the merging program racing the others for the tickets: every replay's output
     matches the separate reduce's within bf16 rounding (the same partials, merged in the same order)."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode_reduce import (
@@ -18,9 +19,10 @@ from turboquant_vllm.kernels.decode_reduce import (
     _store_unrotated,
     reduce_grid,
 )
-from turboquant_vllm.kernels.decode_tiles import attention_meta, reduce_meta
+from turboquant_vllm.kernels.decode_tiles import attention_meta, pdl_option, reduce_meta
 from turboquant_vllm.kernels.lut import lut_decode_words
 from turboquant_vllm.kernels.page import context_tile, split_words, tile_pages
+from turboquant_vllm.kernels.pdl import pdl_launch
 from turboquant_vllm.kernels.store import check_slots, store_head
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
@@ -143,7 +145,7 @@ def _attention_kernel(
     SWAP_AB: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr, Q_ROTATED: tl.constexpr,
     TAIL_MERGE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
-    NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -155,6 +157,8 @@ def _attention_kernel(
     store.store_kv would: no program reads those slots from the pages in this launch.
     With TAIL_MERGE the split program that stores its partials last (a ticket per program row) merges them all
     and writes the output, so no reduce launch follows.
+    With PDL (kernels/pdl.py) the block table and the first tile's pages are read before waiting for the kernel
+    ahead: none of them is written in this step.
     """
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -164,6 +168,8 @@ def _attention_kernel(
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     q0 = (pid - q_start // BLOCK_Q - seq) * BLOCK_Q
     if (q0 < 0) | (q0 >= q_len):
+        if PDL:  # every program waits, so the launch never completes before the kernel ahead
+            gdc_wait()
         return
     ctx_len = tl.load(seq_lens_ptr + seq) - q_len
 
@@ -201,6 +207,8 @@ def _attention_kernel(
             V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
         if PAGES_AHEAD:
             pages = tile_pages(tile_lo + 1, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
+    if PDL:  # queries, this step's K/V and the workspace from here on
+        gdc_wait()
     if Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr: contiguous [tokens, heads, HEAD_DIM]
         q_rot_off = (tok * (GROUP * tl.num_programs(1)) + head) * HEAD_DIM
         q_rot = tl.load(ws_q_ptr + q_rot_off[:, None] + dim[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -263,6 +271,8 @@ def _attention_kernel(
         if PREFETCH:
             live, k_words, k_scale, v_words, v_scale = nxt
 
+    if PDL:  # the reduce launch may take the SMs this launch's programs leave from now on
+        gdc_launch_dependents()
     if SWAP_AB:
         acc = tl.trans(acc_t)
     if TILE_ROW_SUM:
@@ -430,14 +440,15 @@ def paged_attention(
         assert q_buf.is_contiguous() and q_buf.shape[1:] == (num_heads, head_dim), "unexpected workspace query"
         tickets = workspace.tickets
 
+    pdl = pdl_launch(query.device)
     meta = attention_meta(codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
-                           num_splits, offset is not None, store_slots is not None)  # fmt: skip
+                           num_splits, offset is not None, store_slots is not None, pdl)  # fmt: skip
     if meta["Q_ROTATED"]:
         num_rows = num_tokens * num_heads
         _rotate_queries_kernel[reduce_grid(num_rows)](
             query, q_buf, rot, num_rows, *query.stride(), rot.stride(0), rot.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_R=REDUCE_BLOCK_R,
-            CHUNK=meta["ROT_CHUNK"], PREC=meta["PREC"],
+            CHUNK=meta["ROT_CHUNK"], PREC=meta["PREC"], PDL=pdl, **pdl_option(pdl),
         )  # fmt: skip
     grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits)
     if meta["TAIL_MERGE"]:
@@ -462,7 +473,7 @@ def paged_attention(
         return
     num_rows = num_tokens * num_heads
     rmeta = reduce_meta(num_heads, head_dim, meta["BLOCK_D"], meta["UNROTATED_PARTIALS"], meta["OP_DTYPE"],
-                        meta["PREC"], num_splits)  # fmt: skip
+                        meta["PREC"], num_splits, pdl)  # fmt: skip
     _reduce_splits_kernel[reduce_grid(num_rows, rmeta["BLOCK_R"])](
         acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
         num_seqs, num_rows, num_splits, *acc_strides, *stat_strides, *out.stride(), rot.stride(0), rot.stride(1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 REDUCE_BLOCK_R = 16  # rows per program when the reduce un-rotates by a dot (a dot needs 16)
 REDUCE_PLAIN_ROWS = 4  # rows per program for a plain weighted sum: more programs for a one-sequence batch
@@ -63,9 +64,13 @@ def _rotate_queries_kernel(
     BLOCK_R: tl.constexpr,
     CHUNK: tl.constexpr,
     PREC: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
     """q R^T for BLOCK_R (token, head) rows: a step's queries rotated once, so the split programs of an
     attention launch read them instead of each rotating its own with the whole of R."""
+    if PDL:  # q is ready once the kernel ahead is; the attention launch may start its page reads from then on
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = row < num_rows
     row_off = (row // NUM_HEADS).to(tl.int64) * stride_qt + (row % NUM_HEADS) * stride_qh
@@ -199,11 +204,14 @@ def _reduce_splits_kernel(
     ROT_CHUNK: tl.constexpr,
     OP_DTYPE: tl.constexpr,
     PREC: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
     """One (token, head) row per tile row: merge the splits' softmax partials (_merge_splits), rotate back, store.
 
     ROTATED partials are un-rotated after the merge: by a dot for 16-row programs, by multiply-adds for fewer rows.
     """
+    if PDL:  # the partials are the attention launch's
+        gdc_wait()
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     tok = (row // NUM_HEADS).to(tl.int64)
     head = row % NUM_HEADS

@@ -59,9 +59,10 @@ class Tiles:
     # Launches with at least this many splits rotate the step's queries once, in a launch of their own, instead of
     # in every split program (None: never).
     prerotate_q_min_splits: int | None = None
-    # Launches with at least this many splits merge their partials in the split program that finishes last
-    # (a ticket per program row in the workspace) instead of in a reduce launch (None: never); that program reads
-    # tail_merge_splits splits a step.
+    # Launches with at least this many splits, short of WIDE_MIN_SPLITS, merge their partials in the split program
+    # that finishes last (a ticket per program row in the workspace) instead of in a reduce launch (None: never);
+    # that program reads tail_merge_splits splits a step. Wide launches keep the reduce: one program merging 32
+    # splits was slower than 32 one-row reduce programs (docs/decode-tuning.md).
     tail_merge_min_splits: int | None = None
     tail_merge_splits: int = 4
     # Launches with at least this many splits also store the step's new K/V (paged_attention store_slots), so the
@@ -80,7 +81,7 @@ class Tiles:
 # - R in 64-column slices where the launch rotates (the last split's tail waits on each slice's L2 read).
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # keys of attention_meta that are compile options
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg", "launch_pdl")  # keys of attention_meta that are compile options
 # fmt: off
 TILES = {
     32: Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=32, reduce_rot_chunk=32),
@@ -97,7 +98,14 @@ TILES = {
 
 
 def reduce_meta(
-    num_heads: int, head_dim: int, block_d: int, plain: bool, op_dtype: tl.dtype, prec: str, num_splits: int = 2
+    num_heads: int,
+    head_dim: int,
+    block_d: int,
+    plain: bool,
+    op_dtype: tl.dtype,
+    prec: str,
+    num_splits: int = 2,
+    pdl: bool = False,
 ) -> dict[str, Any]:
     """Compile-time parameters and launch options of _reduce_splits_kernel (shared with compile checks).
 
@@ -115,8 +123,8 @@ def reduce_meta(
     rot_chunk = tiles.reduce_rot_chunk if by_dot else min(block_d, max(1, per_step // 2))  # R slice + product
     return dict(
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, STEP_SPLITS=step_splits,
-        ROTATED=not plain, UNROTATE_BY_DOT=by_dot, ROT_CHUNK=rot_chunk, OP_DTYPE=op_dtype, PREC=prec,
-        num_warps=REDUCE_NUM_WARPS,
+        ROTATED=not plain, UNROTATE_BY_DOT=by_dot, ROT_CHUNK=rot_chunk, OP_DTYPE=op_dtype, PREC=prec, PDL=pdl,
+        num_warps=REDUCE_NUM_WARPS, **pdl_option(pdl),
     )  # fmt: skip
 
 
@@ -145,8 +153,12 @@ def attention_meta(
     num_splits: int = 1,
     key_offset: bool = False,
     store_new: bool = False,
+    pdl: bool = False,
 ) -> dict[str, Any]:
-    """Compile-time parameters and launch options of _attention_kernel (shared with compile checks)."""
+    """Compile-time parameters and launch options of _attention_kernel (shared with compile checks).
+
+    pdl: launched with programmatic dependent launch (kernels/pdl.py), as paged_attention decides per device.
+    """
     lay = codec.layout
     group = num_heads // lay.num_kv_heads
     block_d = triton.next_power_of_2(lay.head_dim)
@@ -178,14 +190,20 @@ def attention_meta(
         PAGES_AHEAD=tiles.pages_ahead and not varlen, TILE_ROW_SUM=tiles.tile_row_sum and not varlen,
         SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
-        TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits), MERGE_SPLITS=tiles.tail_merge_splits,
+        TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,
+        MERGE_SPLITS=tiles.tail_merge_splits,
         STORE_NEW=store_new, **one_token_store_meta(), NORM_CORRECTION=codec.config.norm_correction,
-        TINY=TINY_NORM,
-        num_warps=warps, num_stages=tiles.num_stages,
+        TINY=TINY_NORM, PDL=pdl,
+        num_warps=warps, num_stages=tiles.num_stages, **pdl_option(pdl),
     )  # fmt: skip
     if cap:
         meta["maxnreg"] = cap
     return meta
+
+
+def pdl_option(pdl: bool) -> dict[str, bool]:
+    """The launch option of a kernel launched with programmatic dependent launch (none otherwise)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def stores_in_attention(head_dim: int, num_splits: int) -> bool:

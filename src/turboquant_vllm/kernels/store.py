@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.page import token_fields
+from turboquant_vllm.kernels.pdl import pdl_launch
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 from turboquant_vllm.quantizer import TINY_NORM
 
@@ -17,7 +19,8 @@ DOT_PRECISION = "ieee"  # full fp32 rotation: tf32 would move coordinates across
 # over the product's last axis, R's contiguous one, so each output's partial sums stay within a warp; False: over
 # the middle axis, which spreads them over the warps. Offline (sm_90a, one token, d=128) the last-axis form takes 80
 # registers instead of 197 at 32 columns of R a step and fits 64 columns (163, no spill; the other spills 296 bytes),
-# but has more shuffles. Not yet timed on the GPU: bench_store_dequant.py's variants compare both.
+# but has more shuffles. In the attention launch's fused store it lost at every shape on the H200
+# (decode_sweep_h200_2026-12-01q.json); the separate store launch has not been timed with it.
 CONTRACT_LAST = False
 
 
@@ -195,7 +198,10 @@ def _store_kv_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_KEY_OFFSET: tl.constexpr,
     CONTRACT_LAST: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,  # kernels/pdl.py: the next kernel may start now (it waits for this one's writes)
 ):
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tok < num_tokens
     slot = tl.load(slot_ptr + tok, mask=in_range, other=-1).to(tl.int64)
@@ -320,5 +326,6 @@ def store_kv(
         DOT_PRECISION=DOT_PRECISION,
         HAS_KEY_OFFSET=offset is not None,
         CONTRACT_LAST=CONTRACT_LAST and block_t < 16,  # from 16 tokens a program the rotation is a dot
+        LAUNCH_DEPENDENTS=pdl_launch(cache.device),
         num_warps=num_warps,
     )

@@ -1,0 +1,26 @@
+"""Programmatic dependent launch (Hopper and later): a decode step's small kernels start before the one ahead ends.
+
+A kernel launched with `launch_pdl=True` may start once every program of the kernel ahead of it has called
+`gdc_launch_dependents` (or exited). Until it calls `gdc_wait` it may read only what older kernels wrote, and it
+must call `gdc_wait` before its programs exit, so that its completion implies its predecessor's. The paged attention
+kernel never reads what this step's store writes (its new tokens come from key/value), so its block-table and
+first page reads go out before the wait: they overlap the query rotation and the store instead of following them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+ENABLED = False  # not yet timed on the H200: bench_decode.py --sweep-keys pdl times it against the default
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_launch(device: torch.device) -> bool:
+    """Whether launches on `device` use programmatic dependent launch: ENABLED, CUDA, compute capability 9+."""
+    return ENABLED and device.type == "cuda" and _capability_major(device.index or 0) >= 9
