@@ -55,6 +55,48 @@ def ptxas_report(ptx: str, arch: str) -> dict[str, int]:
     return {"registers": int(regs.group(1)) if regs else -1, "spill_store_bytes": int(spills.group(1)) if spills else 0}
 
 
+def context_loop_sass(cubin: bytes) -> dict[str, int]:
+    """Instruction counts of the context loop (one pass per BLOCK_N tile) in the SASS of `cubin`, disassembled with
+    the nvdisasm Triton ships: the largest loop (a branch back to an earlier label) with tensor-core instructions
+    (the tile's two dots; the fused store's loop has none)."""
+    nvdisasm = Path(nvidia_backend.__file__).parent / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    labels: dict[str, int] = {}
+    code: list[tuple[int, str, str | None]] = []  # address, opcode (predicate dropped), branch target label
+    pending: list[str] = []
+    for line in sass.splitlines():
+        if label := re.match(r"\s*(\.L_x_\d+):", line):
+            pending.append(label.group(1))
+        elif ins := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line):
+            addr = int(ins.group(1), 16)
+            labels.update(dict.fromkeys(pending, addr))
+            pending = []
+            text = re.sub(r"^@!?U?P\w+\s+", "", ins.group(2))
+            target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
+            code.append((addr, text.split()[0], target.group(1) if target else None))
+    loops = [(labels[t], addr) for addr, _, t in code if t in labels and labels[t] <= addr]
+    if not loops:
+        return {}
+
+    def mma_count(span: tuple[int, int]) -> int:
+        return sum(op.startswith(("HGMMA", "HMMA")) for addr, op, _ in code if span[0] <= addr <= span[1])
+
+    lo, hi = max(loops, key=lambda span: (mma_count(span) > 0, span[1] - span[0]))
+    ops = [op for addr, op, _ in code if lo <= addr <= hi]
+    return {
+        "instructions": len(ops),
+        "register_moves": sum(op.startswith(("IMAD.MOV", "MOV")) or op == "IMAD.U32" for op in ops),
+        "byte_permutes": sum(op.startswith("PRMT") for op in ops),
+        "barriers": sum(op.startswith("BAR") for op in ops),
+        "tensor_core": sum(op.startswith(("HGMMA", "HMMA")) for op in ops),
+        "global_loads": sum(op.startswith("LDG") for op in ops),
+        "shared_stores": sum(op.startswith("STS") for op in ops),
+    }
+
+
 def launch_ints(head_dim: int, num_heads: int, num_kv_heads: int, split: bool) -> dict[str, int]:
     """The integer arguments of a vLLM decode launch: query/output contiguous, key/value views of the fused
     qkv projection, a 33K-token block table of 16-token pages, the backend's split-K workspace."""
@@ -131,6 +173,7 @@ def compile_attention(
         "programs_per_sm_by_registers": min(by_regs, MAX_WARPS_PER_SM // warps),
         "convert_layout_ops": kernel.asm["ttgir"].count("ttg.convert_layout"),
         "mma": "wgmma" if "wgmma" in kernel.asm["ptx"] else "mma.sync",
+        "context_loop_sass": context_loop_sass(kernel.asm["cubin"]),
     }  # fmt: skip
 
 
@@ -177,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(128, 32, 8, wide, {"prerotate_q_min_splits": None})]
     cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
     cases += [(128, 32, 8, 3, {}, False, True), (128, 32, 8, wide, {}, True, True)]  # with the fused store
+    cases += [(128, 32, 8, 3, {"tail_merge_min_splits": 2})]
     rows = []
     for case in cases:
         rows.append(compile_attention(*case))
@@ -185,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         label += " + fused store" if r["store_new"] else ""
         print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
-              f"{r['convert_layout_ops']} layout conversions, {r['mma']}", flush=True)  # fmt: skip
+              f"{r['convert_layout_ops']} layout conversions, {r['mma']}, context loop "
+              f"{r['context_loop_sass'].get('instructions')} SASS instructions a tile", flush=True)  # fmt: skip
     reduce_rows = [compile_reduce(block_d, plain, num_splits=n) for block_d in sorted(decode_tiles.TILES)
                    for plain, n in ((False, 3), (False, wide), (True, wide))]  # fmt: skip
     reduce_rows += [compile_reduce(block_d, False, {"reduce_rows": n}) for block_d in sorted(decode_tiles.TILES)

@@ -59,3 +59,17 @@ def test_split_reduce_never_spills(resources):
     assert {r["rows"] for r in resources["reduce"] if r["change"]} == {1, 4}
     for r in resources["reduce"]:
         assert r["spill_store_bytes"] == 0 and r["registers"] <= 255, r
+
+
+def test_context_loop_sass_counts_the_tile_loop(resources):
+    """kernel_resources.context_loop_sass finds the loop over context tiles: at d=128 the swapped decode tile's two
+    dots are 8 + 8 wgmma of 64x16x16 (64 tokens x 128 dims, then 128 dims x 64 tokens), with the 4-bit lookups'
+    byte permutes and the tile's barriers in the same loop; every attention variant has a tile loop with MMAs."""
+    tiles = dataclasses.asdict(decode_tiles.TILES[128])
+    default = next(r for r in resources["rows"] if r["head_dim"] == 128 and r["num_splits"] == 3
+                   and r["tiles"] == tiles and not r["key_offset"] and not r["store_new"])  # fmt: skip
+    loop = default["context_loop_sass"]
+    assert loop["tensor_core"] == 16 and loop["byte_permutes"] > 0 and loop["barriers"] > 0, loop
+    assert loop["global_loads"] > 0 and loop["instructions"] > loop["register_moves"] > 0, loop
+    for r in resources["rows"]:
+        assert r["context_loop_sass"]["tensor_core"] > 0, r

@@ -68,9 +68,9 @@ def _rotate_queries_kernel(
 ):
     """q R^T for BLOCK_R (token, head) rows: a step's queries rotated once, so the split programs of an
     attention launch read them instead of each rotating its own with the whole of R."""
-    if PDL:  # q is ready once the kernel ahead is; the attention launch may start its page reads from then on
-        gdc_wait()
+    if PDL:  # the attention launch may start its page reads now; q is ready once the kernel ahead is
         gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = row < num_rows
     row_off = (row // NUM_HEADS).to(tl.int64) * stride_qt + (row % NUM_HEADS) * stride_qh
