@@ -351,7 +351,8 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
             if out is not None:  # every variant must compute what the default computes
                 ref = out.float() if ref is None else ref
                 res["max_rel_diff_vs_default"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-            rows.append({"batch": batch, "context": ctx, "tiles": dataclasses.asdict(decode_tiles.TILES[key]), **res})
+            rows.append({"batch": batch, "context": ctx, "change": change,
+                         "tiles": dataclasses.asdict(decode_tiles.TILES[key]), **res})  # fmt: skip
             print(f"sweep B={batch} ctx={ctx} {change or 'default'}: {fmt(res)}", flush=True)
         decode_tiles.TILES[key] = default
         for store in () if args.sweep_keys and "store" not in args.sweep_keys else ("separate", "fused"):
@@ -491,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "sweep": sweep_rows,
         "decode_tiles": {str(k): dataclasses.asdict(v) for k, v in decode_tiles.TILES.items()},
+        "kernel_switches": {"pdl": pdl.ENABLED, "store_contract_last": store_kernel.CONTRACT_LAST},
         "compiled": guarded(lambda: {"variants": compiled_variants()}),
         "log2_contexts": [math.log2(c) for c in args.contexts],
     }

@@ -253,6 +253,7 @@ def main() -> None:
 
     from turboquant_vllm.eval.child import run_child
     from turboquant_vllm.eval.provenance import provenance
+    from turboquant_vllm.kernels import pdl, store
     from turboquant_vllm.kernels.decode_tiles import TILES
 
     result = {
@@ -263,6 +264,7 @@ def main() -> None:
         "gpu_memory_utilization": args.gpu_memory_utilization,
         **provenance(sys.argv),
         "decode_tiles_d128": dataclasses.asdict(TILES[128]),  # our kernel's launch shapes at the model's head_dim
+        "kernel_switches": {"pdl": pdl.ENABLED, "store_contract_last": store.CONTRACT_LAST},
         "modes": [],
     }
     for mode in args.modes.split(","):
