@@ -3,11 +3,11 @@
 A kernel launched with `launch_pdl=True` may start once every program of the kernel ahead of it has called
 `gdc_launch_dependents` (or exited). Until it calls `gdc_wait` it may read only what older kernels wrote, and it
 must call `gdc_wait` before its programs exit, so that its completion implies its predecessor's. The paged attention
-kernel never reads what this step's store writes (its new tokens come from key/value), so its block-table and
-first page reads go out before the wait: they overlap the query rotation and the store instead of following them.
-A step's chain: the store lets the next kernel start at once; the query rotation does too, then waits for the store
-before it reads q; the attention reads pages, then waits; the reduce starts once the attention's programs have left
-their context loops, and waits.
+kernel never reads what this step's store writes (its new tokens come from key/value; the kernel tests poison those
+slots to hold it to that), so its block-table and first page reads go out before the wait: they overlap the query
+rotation and the store instead of following them. A step's chain: the store lets the next kernel start at once; the
+query rotation does too, then waits for the store before it reads q; the attention reads pages, then waits; the
+reduce starts once the attention's programs have left their context loops, and waits.
 """
 
 from __future__ import annotations
