@@ -131,8 +131,8 @@ class Caches:
 def bench_ours(
     caches: Caches, shape: Shape, table: torch.Tensor, rep: int, num_splits: int | None = None, store: str = "none"
 ) -> dict:
-    """Our decode attention; store="separate" adds store_kv of the step's K/V before it, "fused" has the
-    attention launch store them (paged_attention's store_slots), as a decode step in vLLM needs either way."""
+    """Our decode attention; store="separate" adds store_kv of the step's K/V before it, "fused" hands the store
+    to paged_attention (store_slots: in its launch or right after), as a decode step in vLLM needs either way."""
     codec, b = caches.codec, shape.batch
     torch.manual_seed(0)  # the same q/k/v for every call, so sweep variants can be compared for equality
     q = torch.randn(b, shape.hq, shape.d, dtype=torch.bfloat16, device="cuda")
@@ -318,7 +318,10 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"rot_chunk": 32},
         {"rot_chunk": 128},
         {"rot_chunk": 32, "wide_rot_chunk": 128},  # the best width of each launch in decode_sweep_h200_2026-12-01p
-        {"store": "fused"},  # the attention launch also stores the new K/V (the engine's one-sequence steps)
+        # "fused": paged_attention stores the new K/V, in the attention launch at 32 splits (the engine's
+        # one-sequence steps), else in a store launch right after it
+        {"store": "fused"},
+        {"fused_store_min_splits": 2, "store": "fused"},  # in the attention launch at 3 splits too
         {"rot_chunk": 128, "store": "fused"},
         {"store": "fused", "store_contract_last": True},  # store.CONTRACT_LAST in the fused store
         # the split program that finishes last merges the partials instead of a reduce launch (below 32 splits)
@@ -328,7 +331,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         # programmatic dependent launch (kernels/pdl.py): each kernel of the step starts before the one ahead ends
         {"pdl": True},
         {"pdl": True, "store": "separate"},  # the 16-sequence engine step: store, query rotation, attention, reduce
-        {"pdl": True, "store": "fused"},  # the one-sequence engine step
+        {"pdl": True, "store": "fused"},  # the engine's steps with PDL: the store after the attention below 32 splits
         {"pdl": True, "tail_merge_min_splits": 2},
     ]
     if args.sweep_keys:

@@ -381,14 +381,18 @@ def test_prerotated_queries_agree(device, monkeypatch, head_dim, num_splits):
 
 
 @pytest.mark.parametrize(
-    ("num_splits", "offset", "contract_last"),
-    [(1, False, False), (3, False, False), (2, True, False), (decode_tiles.WIDE_MIN_SPLITS, False, False),
-     (3, True, True)],
+    ("num_splits", "offset", "contract_last", "in_kernel"),
+    [(3, False, False, True), (2, True, False, True), (decode_tiles.WIDE_MIN_SPLITS, False, False, True),
+     (3, True, True, True), (1, False, False, False), (3, True, False, False)],
 )  # fmt: skip
-def test_fused_store_writes_what_store_kv_writes(device, num_splits, offset, contract_last, monkeypatch):
+def test_fused_store_writes_what_store_kv_writes(device, num_splits, offset, contract_last, in_kernel, monkeypatch):
     """paged_attention(store_slots=...) writes this step's K/V into the pages byte for byte as store_kv does,
-    leaves a negative slot alone, and still attends the new tokens exactly (their slots held poison); with either
-    form of the one-token rotation (store.CONTRACT_LAST)."""
+    leaves a negative slot alone, and still attends the new tokens exactly (their slots held poison): in the
+    attention launch from Tiles.fused_store_min_splits on (with either form of the one-token rotation,
+    store.CONTRACT_LAST), else in a store launch after it."""
+    tiles = dataclasses.replace(decode_tiles.TILES[64], fused_store_min_splits=2 if in_kernel else None)
+    monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
+    assert decode_tiles.stores_in_attention(64, num_splits) == in_kernel
     monkeypatch.setattr(store_module, "CONTRACT_LAST", contract_last)
     seq_lens, q_lens = [40, 9, 23], [1, 4, 1]
     b = make_batch(device, seq_lens, q_lens, seed=27)
@@ -518,7 +522,8 @@ _HOPPER_COMPILE = """
 import dataclasses, torch, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-from turboquant_vllm.kernels import decode, decode_reduce, decode_tiles
+from turboquant_vllm.kernels import decode, decode_reduce, decode_tiles, store
+from turboquant_vllm.kernels.pdl import pdl_option
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 
@@ -550,14 +555,21 @@ for plain in (False, True):
 for pdl in (False, True):
     meta = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16, CHUNK=16, PREC="tf32", PDL=pdl)
     build(decode_reduce._rotate_queries_kernel, {"q_ptr": "*bf16", "out_ptr": "*fp32", "rot_ptr": "*fp32"}, meta,
-          decode_tiles.pdl_option(pdl))
+          pdl_option(pdl))
+meta = dict(HEAD_DIM_PAD=128, BLOCK_T=1, BLOCK_K=32, HEADS_PER_PROGRAM=1, **codec.layout.kernel_constants(16),
+            NORM_CORRECTION=True, TINY=1e-30, DOT_PRECISION="ieee", HAS_KEY_OFFSET=False, CONTRACT_LAST=False,
+            LAUNCH_DEPENDENTS=True, PDL_AFTER=True)  # the store launched after the attention, with PDL
+ptrs = dict.fromkeys(("key_ptr", "value_ptr"), "*bf16") | {"cache_ptr": "*u8", "slot_ptr": "*i64"}
+ptrs |= dict.fromkeys(("rot_ptr", "k_bnd_ptr", "k_cent_ptr", "v_bnd_ptr", "v_cent_ptr", "koff_ptr"), "*fp32")
+build(store._store_kv_kernel, ptrs, meta, pdl_option(True))
 print("compiled")
 """
 
 
 def test_kernels_compile_for_hopper():
     """bf16 decode (with a key offset and the fused store; fused, and split with the tail merge and programmatic
-    dependent launch), the split reduce and the query rotation lower to sm_90 cubins on the host, GPU or not.
+    dependent launch), the split reduce, the query rotation and the store launched after the attention lower to
+    sm_90 cubins on the host, GPU or not.
 
     The interpreter never exercises GPU lowering (nor the bf16 new-token dots, which run on GPUs
     only), so compile in a fresh process without TRITON_INTERPRET.
@@ -622,10 +634,13 @@ def test_gpu_int64_addressing(cuda):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("num_seqs", "num_splits", "fused_store"), [(16, 3, False), (1, 32, True), (40, 1, False)])
+@pytest.mark.parametrize(
+    ("num_seqs", "num_splits", "fused_store"), [(16, 3, False), (16, 3, True), (1, 32, True), (40, 1, True)]
+)
 def test_gpu_programmatic_launch_agrees(cuda, monkeypatch, num_seqs, num_splits, fused_store):
     """With programmatic dependent launch (kernels/pdl.py) a step's store, query rotation, attention and reduce
-    overlap; captured in a CUDA graph and replayed, they write the same output and pages as plain launches."""
+    overlap; captured in a CUDA graph and replayed, they write the same output and pages as plain launches. With
+    fused_store paged_attention stores: in the attention launch (32 splits) or in a store launch after it."""
     g = torch.Generator().manual_seed(29)
     seq_lens = [int(x) for x in torch.randint(500, 5000, (num_seqs,), generator=g)]
     b = make_batch(cuda, seq_lens, [1] * num_seqs, num_heads=32, num_kv_heads=8, head_dim=128,

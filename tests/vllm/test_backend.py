@@ -211,13 +211,17 @@ def test_kv_update_stores_every_token_without_metadata_for_its_layer(attn_metada
     assert stored == [batch.slot_mapping.shape[0]]
 
 
+@pytest.mark.parametrize("in_kernel", [True, False])
 @pytest.mark.parametrize("scenario", ["decode", "mixed"])
-def test_fused_store_writes_the_same_pages_and_output(scenario, monkeypatch, device):
+def test_fused_store_writes_the_same_pages_and_output(scenario, in_kernel, monkeypatch, device):
     """fused_store_tokens: do_kv_cache_update leaves the decode tokens (found in vLLM's forward context) to
-    forward's attention launch, which stores them; the pages and the output equal those of the separate store
-    (within rounding on a mixed step's decode rows, see below)."""
+    forward's paged_attention, which stores them in its attention launch (in_kernel, Tiles.fused_store_min_splits)
+    or in a store launch after it; the pages and the output equal those of the separate store (within rounding on
+    a mixed step's decode rows, see below)."""
     cfg = TQConfig()
     monkeypatch.setattr(tq_backend, "current_tq_config", lambda: cfg)
+    tiles = dataclasses.replace(decode_tiles.TILES[64], fused_store_min_splits=2 if in_kernel else None)
+    monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
     head_dim, layer = 64, SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
     batch = make_batch(SCENARIOS[scenario], 8, 2, head_dim, seed=5, device=device)
     codec = KVCodec(cfg, 2, head_dim, device)
@@ -240,6 +244,7 @@ def test_fused_store_writes_the_same_pages_and_output(scenario, monkeypatch, dev
         results.append((cache, out))
     num_tokens, num_decode = batch.slot_mapping.shape[0], md.num_decode_tokens
     assert stored == [num_tokens, num_tokens - num_decode]
+    assert md.num_splits > 1 and decode_tiles.stores_in_attention(64, md.num_splits) == in_kernel
     # The decode tokens came from two store paths: a one-token program (the attention launch) and, in the separate
     # store of this mixed step's 51 tokens, four-token programs. Their fp32 sums differ in order, so on
     # the GPU a coordinate within rounding of a codebook boundary may take the neighbouring index, and the norm
@@ -259,18 +264,21 @@ def test_fused_store_writes_the_same_pages_and_output(scenario, monkeypatch, dev
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("min_splits", [None, 2])
-def test_builder_fuses_the_store_where_the_tiles_say(min_splits, monkeypatch, device):
-    """The builder hands the decode tokens' store to the attention launch exactly when its split count reaches
-    Tiles.fused_store_min_splits, and only in pure decode steps (a mixed step's store keeps one launch)."""
+@pytest.mark.parametrize(("min_splits", "pdl"), [(None, False), (2, False), (None, True)])
+def test_builder_fuses_the_store_where_the_tiles_say(min_splits, pdl, monkeypatch, device):
+    """The builder hands the decode tokens' store to paged_attention exactly when its split count reaches
+    Tiles.fused_store_min_splits or launches use programmatic dependent launch (kernels/pdl.py), and only in pure
+    decode steps (a mixed step's store keeps one launch)."""
     monkeypatch.setattr(tq_backend, "current_tq_config", lambda: TQConfig())
+    monkeypatch.setattr(tq_backend, "pdl_launch", lambda device: pdl)
     tiles = dataclasses.replace(decode_tiles.TILES[64], fused_store_min_splits=min_splits)
     monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
     for scenario in ("decode", "mixed"):
         batch = make_batch(SCENARIOS[scenario], 8, 2, 64, seed=5, device=device)
         md = make_builder(8, 2, 64, device).build(0, common_metadata(batch))
         assert md.num_splits > 1 and md.num_decodes
-        assert md.fused_store_tokens == (md.num_decode_tokens if min_splits and scenario == "decode" else 0)
+        handed = (min_splits or pdl) and scenario == "decode"
+        assert md.fused_store_tokens == (md.num_decode_tokens if handed else 0)
         assert (md.num_decode_tokens == batch.slot_mapping.shape[0]) == (scenario == "decode")
 
 

@@ -19,11 +19,11 @@ from turboquant_vllm.kernels.decode_reduce import (
     _store_unrotated,
     reduce_grid,
 )
-from turboquant_vllm.kernels.decode_tiles import attention_meta, pdl_option, reduce_meta
+from turboquant_vllm.kernels.decode_tiles import attention_meta, reduce_meta, stores_in_attention
 from turboquant_vllm.kernels.lut import lut_decode_words
 from turboquant_vllm.kernels.page import context_tile, split_words, tile_pages
-from turboquant_vllm.kernels.pdl import pdl_launch
-from turboquant_vllm.kernels.store import check_slots, store_head
+from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
+from turboquant_vllm.kernels.store import check_slots, store_head, store_kv
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
 LOG2E = 1.4426950408889634
@@ -383,7 +383,9 @@ def paged_attention(
         workspace: preallocated split-K buffers; required for allocation-free (graph) launches.
         key_offset: the layer's key offset if its keys were stored with one (key_offset.py).
         store_slots: int32/int64 [num_tokens], optional: also store this step's K/V at these slots (negative =
-            skip), in the launch instead of a store_kv before it; the same bytes store_kv writes.
+            skip) instead of a store_kv before the call, with the bytes store_kv writes: in the attention launch
+            where Tiles.fused_store_min_splits says so, else by store_kv right after it (which with programmatic
+            dependent launch, kernels/pdl.py, runs alongside the attention's last programs).
     """
     lay = codec.layout
     num_tokens, num_heads, head_dim = query.shape
@@ -441,8 +443,9 @@ def paged_attention(
         tickets = workspace.tickets
 
     pdl = pdl_launch(query.device)
+    store_in_kernel = store_slots is not None and stores_in_attention(head_dim, num_splits)
     meta = attention_meta(codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
-                           num_splits, offset is not None, store_slots is not None, pdl)  # fmt: skip
+                           num_splits, offset is not None, store_in_kernel, pdl)  # fmt: skip
     if meta["Q_ROTATED"]:
         num_rows = num_tokens * num_heads
         _rotate_queries_kernel[reduce_grid(num_rows)](
@@ -469,13 +472,14 @@ def paged_attention(
         *acc_strides, *stat_strides, rot.stride(0), rot.stride(1),
         **meta,
     )  # fmt: skip
-    if fused or meta["TAIL_MERGE"]:
-        return
-    num_rows = num_tokens * num_heads
-    rmeta = reduce_meta(num_heads, head_dim, meta["BLOCK_D"], meta["UNROTATED_PARTIALS"], meta["OP_DTYPE"],
-                        meta["PREC"], num_splits, pdl)  # fmt: skip
-    _reduce_splits_kernel[reduce_grid(num_rows, rmeta["BLOCK_R"])](
-        acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
-        num_seqs, num_rows, num_splits, *acc_strides, *stat_strides, *out.stride(), rot.stride(0), rot.stride(1),
-        **rmeta,
-    )  # fmt: skip
+    if not (fused or meta["TAIL_MERGE"]):
+        num_rows = num_tokens * num_heads
+        rmeta = reduce_meta(num_heads, head_dim, meta["BLOCK_D"], meta["UNROTATED_PARTIALS"], meta["OP_DTYPE"],
+                            meta["PREC"], num_splits, pdl)  # fmt: skip
+        _reduce_splits_kernel[reduce_grid(num_rows, rmeta["BLOCK_R"])](
+            acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
+            num_seqs, num_rows, num_splits, *acc_strides, *stat_strides, *out.stride(), rot.stride(0), rot.stride(1),
+            **rmeta,
+        )  # fmt: skip
+    if store_slots is not None and not store_in_kernel:
+        store_kv(codec, key, value, cache, store_slots[:num_tokens], key_offset, after_attention=True)

@@ -210,7 +210,8 @@ def _reduce_splits_kernel(
 
     ROTATED partials are un-rotated after the merge: by a dot for 16-row programs, by multiply-adds for fewer rows.
     """
-    if PDL:  # the partials are the attention launch's
+    if PDL:  # a store launched after this one may start now; the partials are the attention launch's
+        gdc_launch_dependents()
         gdc_wait()
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     tok = (row // NUM_HEADS).to(tl.int64)

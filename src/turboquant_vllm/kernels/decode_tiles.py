@@ -21,6 +21,7 @@ from turboquant_vllm.kernels.decode_reduce import (
     REDUCE_PLAIN_ROWS,
     REDUCE_STEP_ELEMENTS,
 )
+from turboquant_vllm.kernels.pdl import pdl_option
 from turboquant_vllm.kernels.store import one_token_store_meta
 from turboquant_vllm.quantizer import TINY_NORM
 
@@ -201,14 +202,16 @@ def attention_meta(
     return meta
 
 
-def pdl_option(pdl: bool) -> dict[str, bool]:
-    """The launch option of a kernel launched with programmatic dependent launch (none otherwise)."""
-    return {"launch_pdl": True} if pdl else {}
-
-
 def stores_in_attention(head_dim: int, num_splits: int) -> bool:
     """Whether a decode launch of num_splits should store the step's new K/V itself (Tiles.fused_store_min_splits)."""
     return at_least(TILES[triton.next_power_of_2(head_dim)].fused_store_min_splits, num_splits)
+
+
+def decode_step_stores(head_dim: int, num_splits: int, pdl: bool) -> bool:
+    """Whether a pure decode step hands its K/V store to paged_attention (store_slots) instead of a store launch
+    ahead of it: where the attention launch stores them itself (stores_in_attention), and with programmatic
+    dependent launch (kernels/pdl.py), where a store launch right after the attention overlaps its last programs."""
+    return pdl or stores_in_attention(head_dim, num_splits)
 
 
 def at_least(min_splits: int | None, num_splits: int) -> bool:

@@ -7,7 +7,9 @@ kernel never reads what this step's store writes (its new tokens come from key/v
 slots to hold it to that), so its block-table and first page reads go out before the wait: they overlap the query
 rotation and the store instead of following them. A step's chain: the store lets the next kernel start at once; the
 query rotation does too, then waits for the store before it reads q; the attention reads pages, then waits; the
-reduce starts once the attention's programs have left their context loops, and waits.
+reduce starts once the attention's programs have left their context loops, and waits. For the same reason a pure
+decode step can store its K/V after the attention instead (decode_tiles.decode_step_stores): that store launch
+starts beside the attention's or the reduce's last programs and waits for them only before it exits.
 """
 
 from __future__ import annotations
@@ -27,3 +29,8 @@ def _capability_major(index: int) -> int:
 def pdl_launch(device: torch.device) -> bool:
     """Whether launches on `device` use programmatic dependent launch: ENABLED, CUDA, compute capability 9+."""
     return ENABLED and device.type == "cuda" and _capability_major(device.index or 0) >= 9
+
+
+def pdl_option(pdl: bool) -> dict[str, bool]:
+    """The launch option of a kernel launched with programmatic dependent launch (none otherwise)."""
+    return {"launch_pdl": True} if pdl else {}

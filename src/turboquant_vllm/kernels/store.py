@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.page import token_fields
-from turboquant_vllm.kernels.pdl import pdl_launch
+from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 from turboquant_vllm.quantizer import TINY_NORM
 
@@ -199,6 +199,7 @@ def _store_kv_kernel(
     HAS_KEY_OFFSET: tl.constexpr,
     CONTRACT_LAST: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,  # kernels/pdl.py: the next kernel may start now (it waits for this one's writes)
+    PDL_AFTER: tl.constexpr,  # launched with PDL after a kernel whose writes it does not read (paged_attention)
 ):
     if LAUNCH_DEPENDENTS:
         gdc_launch_dependents()
@@ -217,6 +218,8 @@ def _store_kv_kernel(
                    V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET,
                    V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY, DOT_PRECISION, HAS_KEY_OFFSET,
                    CONTRACT_LAST)  # fmt: skip
+    if PDL_AFTER:  # this launch completes only after the kernel ahead does
+        gdc_wait()
 
 
 SMALL_BATCH_TOKENS = 32  # up to here one token per program; below LARGE_BATCH_TOKENS four
@@ -268,6 +271,8 @@ def store_kv(
     cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     key_offset: KeyOffset | None = None,
+    *,
+    after_attention: bool = False,
 ) -> None:
     """Quantise K and V of new tokens and write them into their pages of `cache` in one launch.
 
@@ -278,6 +283,8 @@ def store_kv(
         slot_mapping: int32/int64 [num_tokens]; slot = block * block_size + offset, negative = skip.
             Its length is the token count: key/value rows beyond it (CUDA-graph padding) are ignored.
         key_offset: store keys relative to this layer's offset where that shortens them (key_offset.py).
+        after_attention: the launch follows the attention kernels of the same step, which never read these slots:
+            with programmatic dependent launch (kernels/pdl.py) it runs alongside their last programs.
     """
     lay = codec.layout
     num_tokens = slot_mapping.shape[0]
@@ -295,6 +302,7 @@ def store_kv(
         return
 
     head_dim_pad = triton.next_power_of_2(lay.head_dim)
+    pdl = pdl_launch(cache.device)
     block_t, block_k, heads, num_warps = _launch_params(num_tokens, lay.num_kv_heads)
     assert lay.num_kv_heads % heads == 0
     grid = (triton.cdiv(num_tokens, block_t), lay.num_kv_heads // heads)
@@ -326,6 +334,8 @@ def store_kv(
         DOT_PRECISION=DOT_PRECISION,
         HAS_KEY_OFFSET=offset is not None,
         CONTRACT_LAST=CONTRACT_LAST and block_t < 16,  # from 16 tokens a program the rotation is a dot
-        LAUNCH_DEPENDENTS=pdl_launch(cache.device),
+        LAUNCH_DEPENDENTS=pdl,
+        PDL_AFTER=pdl and after_attention,
         num_warps=num_warps,
+        **pdl_option(pdl and after_attention),
     )

@@ -28,7 +28,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from turboquant_vllm.codec import KVCodec, shared_codec
 from turboquant_vllm.config import TQConfigError, check_head_dim
 from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
-from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits, stores_in_attention
+from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits, decode_step_stores
+from turboquant_vllm.kernels.pdl import pdl_launch
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.key_offset import KeyOffset, layer_key_offset
 from turboquant_vllm.layout import PageLayout
@@ -139,10 +140,11 @@ class TQ4Metadata:
     num_splits: int
     workspace: AttentionWorkspace | None
     prefill: PrefillPlan | None
-    # Leading tokens whose K/V the decode launch stores (decode_tiles.stores_in_attention) instead of
-    # do_kv_cache_update's store launch. Either way a token gets store_kv's quantisation: byte for byte that of its
-    # one-token programs (up to SMALL_BATCH_TOKENS), within fp32 summation order of its multi-token ones. A token
-    # stored twice (do_kv_cache_update without a forward context to consult) keeps the attention launch's bytes.
+    # Leading tokens whose K/V paged_attention stores (decode_tiles.decode_step_stores: in the attention launch, or
+    # with programmatic dependent launch right after it) instead of do_kv_cache_update's store launch. Either way a
+    # token gets store_kv's quantisation: byte for byte that of its one-token programs (up to SMALL_BATCH_TOKENS),
+    # within fp32 summation order of its multi-token ones. A token stored twice (do_kv_cache_update without a
+    # forward context to consult) keeps the bytes of paged_attention's store.
     fused_store_tokens: int = 0
 
 
@@ -160,6 +162,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         self.head_size = kv_cache_spec.head_size
         on_gpu = device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else CPU_NUM_SMS
+        self.pdl = pdl_launch(device)
         self.workspace = AttentionWorkspace.allocate(
             MAX_SPLIT_TOKENS, num_heads, kv_cache_spec.head_size, MAX_SPLITS, device
         )
@@ -185,7 +188,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         )
         # Pure decode steps only: a mixed step's separate store would start at an odd slot_mapping offset (an int64
         # view 8 bytes in), which Triton compiles a variant of its store kernel for, during inference.
-        fused_store = num_decodes > 0 and num_prefills == 0 and stores_in_attention(self.head_size, num_splits)
+        fused_store = num_decodes > 0 and num_prefills == 0 and decode_step_stores(self.head_size, num_splits, self.pdl)
         prefill = None
         if num_prefills:
             # vLLM's host copy is exact for prefill rows; without it (older vLLM) read the device tensor.

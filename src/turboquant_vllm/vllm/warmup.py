@@ -14,8 +14,9 @@ import triton
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
-from turboquant_vllm.kernels.decode_tiles import WIDE_MIN_SPLITS, stores_in_attention
+from turboquant_vllm.kernels.decode_tiles import WIDE_MIN_SPLITS, decode_step_stores
 from turboquant_vllm.kernels.dequant import dequantize_kv
+from turboquant_vllm.kernels.pdl import pdl_launch
 from turboquant_vllm.kernels.store import LARGE_BATCH_TOKENS, SMALL_BATCH_TOKENS, store_kv
 from turboquant_vllm.key_offset import KeyOffset
 
@@ -46,8 +47,10 @@ def warm_up_kernels(
     if key_offset:
         offset = KeyOffset.build(torch.zeros(num_kv_heads, head_dim), codec.rotation)
     slots = torch.arange(tokens, device=device)
+    pdl = pdl_launch(device)
     for n in STORE_TOKENS:
-        store_kv(codec, kv[:n], kv[:n], cache, slots[:n], offset)
+        for after_attention in (False, True) if pdl else (False,):  # paged_attention's store_slots, with PDL
+            store_kv(codec, kv[:n], kv[:n], cache, slots[:n], offset, after_attention=after_attention)
     dequantize_kv(codec, cache, slots[:block_size], dtype, rotated=False, key_offset=offset)  # the prefill path
     query = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
     block_table = torch.zeros(1, max(num_blocks, max_blocks_per_seq), dtype=torch.int32, device=device)
@@ -55,8 +58,8 @@ def warm_up_kernels(
     seq_lens = torch.tensor([tokens + 1], dtype=torch.int32, device=device)
     query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=device)
     out = torch.empty_like(query)
-    for num_splits in DECODE_SPLITS:  # with the new token's store where pure decode steps fuse it
-        for store_slots in (None, slots[:1]) if stores_in_attention(head_dim, num_splits) else (None,):
+    for num_splits in DECODE_SPLITS:  # with the new token's store where pure decode steps hand it over
+        for store_slots in (None, slots[:1]) if decode_step_stores(head_dim, num_splits, pdl) else (None,):
             paged_attention(codec, query, kv[:1], kv[:1], cache, block_table, seq_lens, query_start_loc, 1.0, out,
                             max_query_len=1, num_splits=num_splits, workspace=workspace, key_offset=offset,
                             store_slots=store_slots)  # fmt: skip
