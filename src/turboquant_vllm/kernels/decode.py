@@ -330,13 +330,9 @@ def _attention_kernel(
                 o = _merge_splits(ws_acc_ptr, ws_max_ptr, ws_sum_ptr, tok * stride_mt + head * stride_mh,
                                   tok * stride_at + head * stride_ah, row_ok, num_splits, stride_as, stride_ms,
                                   BLOCK_M, HEAD_DIM, BLOCK_D, MERGE_SPLITS, not UNROTATED_PARTIALS, ".cg")  # fmt: skip
-                out_off = tok * stride_ot + head * stride_oh
-                if UNROTATED_PARTIALS:
-                    tl.store(out_ptr + out_off[:, None] + dim[None, :] * stride_od, o.to(out_ptr.dtype.element_ty),
-                             mask=row_ok[:, None] & dim_ok[None, :])  # fmt: skip
-                else:
-                    _store_unrotated(out_ptr, out_off, row_ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
-                                     HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC)  # fmt: skip
+                _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, row_ok, stride_od, o, rot_ptr,
+                                 stride_r0, stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC,
+                                 ROTATED=not UNROTATED_PARTIALS)  # fmt: skip
 
 
 def _check_rows(name: str, x: torch.Tensor, rows: int, heads: int, head_dim: int) -> None:

@@ -86,7 +86,7 @@ def _store_unrotated(
     row_off,  # int64 [ROWS]
     row_ok,  # bool [ROWS]
     stride_d,
-    o,  # fp32 [ROWS, BLOCK_D], rotated basis, |o| of order 1 (columns past HEAD_DIM are ignored)
+    o,  # fp32 [ROWS, BLOCK_D], |o| of order 1 (columns past HEAD_DIM are ignored)
     rot_ptr,
     stride_r0,
     stride_r1,
@@ -96,30 +96,36 @@ def _store_unrotated(
     OP_DTYPE: tl.constexpr,
     PREC: tl.constexpr,
     BY_DOT: tl.constexpr = True,
+    ROTATED: tl.constexpr = True,
 ):
-    """Store o @ R, CHUNK output columns at a time (a [BLOCK_D, CHUNK] slice of R per step).
+    """Store o in the original basis: o @ R, CHUNK output columns at a time (a [BLOCK_D, CHUNK] slice of R per
+    step), or o as it is if it is not ROTATED.
 
     BY_DOT=False multiplies and adds in fp32 instead of a dot: for programs of fewer rows than a dot takes (16),
     so a one-sequence batch's rows spread over many programs."""
     k = tl.arange(0, BLOCK_D)
-    o_op = o.to(OP_DTYPE)
-    for c0 in range(0, HEAD_DIM, CHUNK):
-        n = c0 + tl.arange(0, CHUNK)
-        n_ok = n < HEAD_DIM
-        r = tl.load(
-            rot_ptr + k[:, None] * stride_r0 + n[None, :] * stride_r1,
-            mask=(k < HEAD_DIM)[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        if BY_DOT:  # noqa: SIM108 - a constexpr branch, resolved at compile time
-            y = tl.dot(o_op, r.to(OP_DTYPE), input_precision=PREC)
-        else:
-            y = tl.sum(o[:, :, None] * r[None, :, :], 1)
-        tl.store(
-            out_ptr + row_off[:, None] + n[None, :] * stride_d,
-            y.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & n_ok[None, :],
-        )
+    if not ROTATED:
+        tl.store(out_ptr + row_off[:, None] + k[None, :] * stride_d, o.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (k < HEAD_DIM)[None, :])  # fmt: skip
+    else:
+        o_op = o.to(OP_DTYPE)
+        for c0 in range(0, HEAD_DIM, CHUNK):
+            n = c0 + tl.arange(0, CHUNK)
+            n_ok = n < HEAD_DIM
+            r = tl.load(
+                rot_ptr + k[:, None] * stride_r0 + n[None, :] * stride_r1,
+                mask=(k < HEAD_DIM)[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if BY_DOT:  # noqa: SIM108 - a constexpr branch, resolved at compile time
+                y = tl.dot(o_op, r.to(OP_DTYPE), input_precision=PREC)
+            else:
+                y = tl.sum(o[:, :, None] * r[None, :, :], 1)
+            tl.store(
+                out_ptr + row_off[:, None] + n[None, :] * stride_d,
+                y.to(out_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & n_ok[None, :],
+            )
 
 
 @triton.jit
@@ -217,19 +223,12 @@ def _reduce_splits_kernel(
     tok = (row // NUM_HEADS).to(tl.int64)
     head = row % NUM_HEADS
     ok = (row < num_rows) & (tok >= tl.load(qsl_ptr)) & (tok < tl.load(qsl_ptr + num_seqs))
-    dim = tl.arange(0, BLOCK_D)
-    dim_ok = dim < HEAD_DIM
     m_off = tok * stride_mt + head * stride_mh
     a_off = tok * stride_at + head * stride_ah
     o = _merge_splits(ws_acc_ptr, ws_max_ptr, ws_sum_ptr, m_off, a_off, ok, num_splits, stride_as, stride_ms,
                       BLOCK_R, HEAD_DIM, BLOCK_D, STEP_SPLITS, ROTATED, "")  # fmt: skip
-    out_off = tok * stride_ot + head * stride_oh
-    if ROTATED:
-        _store_unrotated(out_ptr, out_off, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
-                         HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC, UNROTATE_BY_DOT)  # fmt: skip
-    else:
-        tl.store(out_ptr + out_off[:, None] + dim[None, :] * stride_od, o.to(out_ptr.dtype.element_ty),
-                 mask=ok[:, None] & dim_ok[None, :])  # fmt: skip
+    _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
+                     HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC, UNROTATE_BY_DOT, ROTATED)  # fmt: skip
 
 
 def reduce_grid(num_rows: int, block_r: int = REDUCE_BLOCK_R) -> tuple[int]:
