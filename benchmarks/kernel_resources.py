@@ -43,8 +43,13 @@ MAX_WARPS_PER_SM = 64
 REGISTER_GRANULE = 8  # registers are allocated per warp in 256s, i.e. per thread in multiples of 8
 
 
+def triton_tool(name: str) -> Path:
+    """A CUDA binary Triton ships (ptxas, nvdisasm): no CUDA toolkit needed."""
+    return Path(nvidia_backend.__file__).parent / "bin" / name
+
+
 def ptxas_report(ptx: str, arch: str) -> dict[str, int]:
-    ptxas = Path(nvidia_backend.__file__).parent / "bin" / "ptxas"
+    ptxas = triton_tool("ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
@@ -59,7 +64,7 @@ def context_loop_sass(cubin: bytes) -> dict[str, int]:
     """Instruction counts of the context loop (one pass per BLOCK_N tile) in the SASS of `cubin`, disassembled with
     the nvdisasm Triton ships: the largest loop (a branch back to an earlier label) with tensor-core instructions
     (the tile's two dots; the fused store's loop has none)."""
-    nvdisasm = Path(nvidia_backend.__file__).parent / "bin" / "nvdisasm"
+    nvdisasm = triton_tool("nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
@@ -81,17 +86,20 @@ def context_loop_sass(cubin: bytes) -> dict[str, int]:
     if not loops:
         return {}
 
-    def mma_count(span: tuple[int, int]) -> int:
-        return sum(op.startswith(("HGMMA", "HMMA")) for addr, op, _ in code if span[0] <= addr <= span[1])
+    def ops_in(span: tuple[int, int]) -> list[str]:
+        return [op for addr, op, _ in code if span[0] <= addr <= span[1]]
 
-    lo, hi = max(loops, key=lambda span: (mma_count(span) > 0, span[1] - span[0]))
-    ops = [op for addr, op, _ in code if lo <= addr <= hi]
+    def tensor_core(ops: list[str]) -> int:
+        return sum(op.startswith(("HGMMA", "HMMA")) for op in ops)
+
+    lo, hi = max(loops, key=lambda span: (tensor_core(ops_in(span)) > 0, span[1] - span[0]))
+    ops = ops_in((lo, hi))
     return {
         "instructions": len(ops),
         "register_moves": sum(op.startswith(("IMAD.MOV", "MOV")) or op == "IMAD.U32" for op in ops),
         "byte_permutes": sum(op.startswith("PRMT") for op in ops),
         "barriers": sum(op.startswith("BAR") for op in ops),
-        "tensor_core": sum(op.startswith(("HGMMA", "HMMA")) for op in ops),
+        "tensor_core": tensor_core(ops),
         "global_loads": sum(op.startswith("LDG") for op in ops),
         "shared_stores": sum(op.startswith("STS") for op in ops),
     }
