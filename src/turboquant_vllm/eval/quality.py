@@ -11,6 +11,7 @@ from itertools import takewhile
 from typing import Any
 
 import torch
+from scipy.stats import binomtest
 from transformers.cache_utils import Cache, DynamicCache
 
 from turboquant_vllm.config import TQConfig
@@ -393,8 +394,8 @@ def needle_agreement(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]
                 for depth, cell in by_depth.items():
                     counts[outcome[run[BASELINE][length][depth]["pass"], cell["pass"]]] += 1
         discordant = counts["only_baseline"] + counts["only_cache"]
-        tail = sum(math.comb(discordant, i) for i in range(min(counts["only_baseline"], counts["only_cache"]) + 1))
-        table[name] = {**counts, "prompts": sum(counts.values()), "sign_test_p": min(1.0, 2 * tail / 2**discordant)}
+        p = binomtest(counts["only_cache"], discordant).pvalue if discordant else 1.0
+        table[name] = {**counts, "prompts": sum(counts.values()), "sign_test_p": float(p)}
     return table
 
 
