@@ -328,11 +328,12 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"tail_merge_min_splits": 2},
         {"tail_merge_min_splits": 2, "store": "separate"},  # the 16-sequence engine step
         {"tail_merge_min_splits": 2, "rot_chunk": 32},
-        # programmatic dependent launch (kernels/pdl.py): each kernel of the step starts before the one ahead ends
-        {"pdl": True},
-        {"pdl": True, "store": "separate"},  # the 16-sequence engine step: store, query rotation, attention, reduce
-        {"pdl": True, "store": "fused"},  # the engine's steps with PDL: the store after the attention below 32 splits
-        {"pdl": True, "tail_merge_min_splits": 2},
+        {"tail_merge_min_splits": 2, "store": "fused"},  # the engine's steps with PDL: the store after the merge
+        # without programmatic dependent launch (kernels/pdl.py, on by default on Hopper): each kernel of the step
+        # waits for the one ahead to end
+        {"pdl": False},
+        {"pdl": False, "store": "separate"},  # the 16-sequence engine step without PDL: the store ahead
+        {"pdl": False, "store": "fused"},  # the one-sequence engine step without PDL: the store in the launch
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]

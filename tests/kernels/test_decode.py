@@ -253,9 +253,10 @@ def test_programmatic_launch_only_where_enabled_and_supported(monkeypatch):
     carry the launch option and the kernels' PDL switch together."""
     cuda0, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.setattr(pdl, "_capability_major", lambda index: 9)
-    assert not pdl.pdl_launch(cuda0)  # off by default
+    assert pdl.pdl_launch(cuda0) and not pdl.pdl_launch(cpu)  # on by default
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert not pdl.pdl_launch(cuda0)
     monkeypatch.setattr(pdl, "ENABLED", True)
-    assert pdl.pdl_launch(cuda0) and not pdl.pdl_launch(cpu)
     monkeypatch.setattr(pdl, "_capability_major", lambda index: 8)
     assert not pdl.pdl_launch(cuda0)
     codec = KVCodec(TQConfig(), 8, 128)
