@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bits", default=DEFAULT_BITS, help=f"K/V bit pairs ({DEFAULT_BITS})")
     ev.add_argument("--norm-correction", default="both", choices=tuple(ON_OFF))
     ev.add_argument("--residual", type=_ints, default=[0], help="exact recent-token windows to try, e.g. 0,64 (0)")
+    ev.add_argument("--sinks", type=_ints, default=[0], help="exact first tokens (attention sinks) to try, e.g. 0,4 (0)")
     ev.add_argument(
         "--center-keys", default="off", choices=tuple(ON_OFF),
         help="also store keys relative to their sequence's common component (off: the vLLM backend's format)",
@@ -396,7 +397,9 @@ def run_eval(args: argparse.Namespace) -> None:
     console = _console()
     started = time.perf_counter()
     centering = ON_OFF[args.center_keys] + ((args.key_offsets,) if args.key_offsets else ())
-    specs = parse_specs(args.bits, ON_OFF[args.norm_correction], args.residual, centering, rotation=args.rotation)
+    specs = parse_specs(
+        args.bits, ON_OFF[args.norm_correction], args.residual, centering, args.sinks, rotation=args.rotation
+    )
     model, tokenizer, path = _load(args, console)
     payload: dict[str, Any] = {
         "provenance": provenance(sys.argv),

@@ -116,6 +116,12 @@ def check_model_config(model_config: Any, config: TQConfig) -> None:
 # KL 0.039 and 91.2% top-1 without a window, 0.0049 and 96.1% with 32 exact tokens, for ~1% more memory at 4K tokens.
 DEFAULT_RESIDUAL_TOKENS = 32
 
+# A sequence's first tokens (attention sinks) draw much of every later query's attention, so their codebook error
+# reaches every score and output. SmolLM2 at 4/4 + key offset, 256-token chunks, 12,544 Austen tokens on CPU
+# (hf_eval_sinks_cpu_2026-12-01.json): top-1 96.5% -> 97.2%, KL 0.0036 -> 0.0025 with the first 4 tokens exact, and
+# 96.8% -> 97.7%, KL 0.0025 -> 0.0015 next to the 32-token window, for 4 tokens' K/V per sequence and layer.
+DEFAULT_SINK_TOKENS = 4
+
 
 class CompressedLayer(CacheLayerMixin):
     """One attention layer's cache: packed K/V indices [B, Hkv, T, d*bits/8] (uint8) and fp32 scales [B, Hkv, T].
@@ -125,7 +131,8 @@ class CompressedLayer(CacheLayerMixin):
     returned full-precision tensors are the only uncompressed copy and live for one layer's attention.
 
     residual_tokens > 0 also keeps exact copies of the newest that many tokens (recent_k/recent_v)
-    and returns them in place of their dequantised values (see DEFAULT_RESIDUAL_TOKENS).
+    and returns them in place of their dequantised values (see DEFAULT_RESIDUAL_TOKENS); sink_tokens > 0
+    does the same for the sequence's first that many tokens (sink_k/sink_v, see DEFAULT_SINK_TOKENS).
     center_keys stores keys relative to the common key component of the first chunk (key_offset.py);
     a key_offset row (calibrated, what the vLLM backend does with key_offsets) replaces that mean.
     center_keys=False without key_offset is the vLLM backend's default format.
@@ -141,15 +148,18 @@ class CompressedLayer(CacheLayerMixin):
         residual_tokens: int = DEFAULT_RESIDUAL_TOKENS,
         center_keys: bool = True,
         key_offset: torch.Tensor | None = None,
+        sink_tokens: int = DEFAULT_SINK_TOKENS,
     ) -> None:
         super().__init__()
-        if residual_tokens < 0:
-            raise TQConfigError(f"residual_tokens must be >= 0, got {residual_tokens}")
+        for name, value in (("residual_tokens", residual_tokens), ("sink_tokens", sink_tokens)):
+            if value < 0:
+                raise TQConfigError(f"{name} must be >= 0, got {value}")
         self.config, self.residual_tokens, self.center_keys = config, residual_tokens, center_keys
+        self.sink_tokens = sink_tokens
         self.fixed_offset = key_offset  # [Hkv, d], calibrated: the vLLM backend's rule instead of the first chunk
         self.codec: KVCodec | None = None
         self.k_packed = self.k_scales = self.v_packed = self.v_scales = None
-        self.recent_k = self.recent_v = self.k_offset = None
+        self.recent_k = self.recent_v = self.sink_k = self.sink_v = self.k_offset = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
@@ -170,6 +180,8 @@ class CompressedLayer(CacheLayerMixin):
         self.v_packed, self.v_scales = empty(lay.v_index_bytes, dtype=torch.uint8), empty(dtype=torch.float32)
         if self.residual_tokens:
             self.recent_k, self.recent_v = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
+        if self.sink_tokens:
+            self.sink_k, self.sink_v = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
         if self.fixed_offset is not None:
             if self.fixed_offset.shape != (heads, head_dim):
                 raise TQConfigError(f"key offset {tuple(self.fixed_offset.shape)} does not fit {heads} x {head_dim}")
@@ -189,9 +201,11 @@ class CompressedLayer(CacheLayerMixin):
         keys, values = key_states, value_states
         if past:
             keys = self._with_context(
-                self.codec.key, self.k_packed, self.k_scales, self.recent_k, key_states, self.k_offset
+                self.codec.key, self.k_packed, self.k_scales, self.recent_k, key_states, self.k_offset, self.sink_k
             )
-            values = self._with_context(self.codec.value, self.v_packed, self.v_scales, self.recent_v, value_states)
+            values = self._with_context(
+                self.codec.value, self.v_packed, self.v_scales, self.recent_v, value_states, sink=self.sink_v
+            )
         if self.k_offset is None:
             new_k, new_ks = compress(self.codec.key, key_states)
         else:
@@ -201,6 +215,10 @@ class CompressedLayer(CacheLayerMixin):
         self.k_scales = torch.cat([self.k_scales, new_ks], dim=-1)
         self.v_packed = torch.cat([self.v_packed, new_v], dim=-2)
         self.v_scales = torch.cat([self.v_scales, new_vs], dim=-1)
+        if self.sink_tokens and self.sink_k.shape[-2] < self.sink_tokens:  # holds min(past, sink_tokens) tokens
+            need = self.sink_tokens - self.sink_k.shape[-2]
+            self.sink_k = torch.cat([self.sink_k, key_states[:, :, :need]], dim=-2)
+            self.sink_v = torch.cat([self.sink_v, value_states[:, :, :need]], dim=-2)
         if self.residual_tokens:
             r = self.residual_tokens
             self.recent_k = torch.cat([self.recent_k, key_states], dim=-2)[:, :, -r:].clone()
@@ -215,13 +233,18 @@ class CompressedLayer(CacheLayerMixin):
         recent: torch.Tensor | None,
         new: torch.Tensor,
         offset: torch.Tensor | None = None,
+        sink: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[dequantised context | exact recent window, if any | exact new tokens] in one buffer (no cat copy)."""
+        """[dequantised context (its first tokens exact, given sink) | exact recent window, if any | exact new
+        tokens] in one buffer (no cat copy)."""
         past = scales.shape[-1]
         kept = 0 if recent is None else recent.shape[-2]
         out = new.new_empty(*new.shape[:2], past + new.shape[-2], new.shape[-1])
         old = slice(0, past - kept)
         expand_into(quant, packed[:, :, old], scales[:, :, old], out[:, :, old], offset)
+        if sink is not None:
+            exact = min(sink.shape[-2], past - kept)
+            out[:, :, :exact] = sink[:, :, :exact]
         if kept:
             out[:, :, past - kept : past] = recent
         out[:, :, past:] = new
@@ -231,6 +254,9 @@ class CompressedLayer(CacheLayerMixin):
         """All stored tokens, dequantised: K, V [B, Hkv, T, d]."""
         k = expand(self.codec.key, self.k_packed, self.k_scales, dtype, self.k_offset)
         v = expand(self.codec.value, self.v_packed, self.v_scales, dtype)
+        if self.sink_k is not None:
+            sinks = self.sink_k.shape[-2]
+            k[:, :, :sinks], v[:, :, :sinks] = self.sink_k, self.sink_v
         return k, v
 
     def get_seq_length(self) -> int:
@@ -250,7 +276,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def _tensors(self) -> list[torch.Tensor]:
         tensors = [self.k_packed, self.k_scales, self.v_packed, self.v_scales, self.recent_k, self.recent_v]
-        tensors.append(self.k_offset)
+        tensors += [self.sink_k, self.sink_v, self.k_offset]
         return [t for t in tensors if t is not None]
 
     def _apply(self, fn) -> None:
@@ -261,6 +287,8 @@ class CompressedLayer(CacheLayerMixin):
             self.v_scales = fn(self.v_scales.unsqueeze(-1)).squeeze(-1)
             if self.recent_k is not None:
                 self.recent_k, self.recent_v = fn(self.recent_k), fn(self.recent_v)
+            if self.sink_k is not None:  # indexed from the start, like the packed tokens: crops cut them alike
+                self.sink_k, self.sink_v = fn(self.sink_k), fn(self.sink_v)
 
     def _apply_rows(self, fn) -> None:
         """_apply plus the per-row key offset: for operations on the batch dimension."""
@@ -270,7 +298,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.k_packed = self.k_scales = self.v_packed = self.v_scales = None
-        self.recent_k = self.recent_v = self.k_offset = None
+        self.recent_k = self.recent_v = self.sink_k = self.sink_v = self.k_offset = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -317,6 +345,8 @@ class CompressedDynamicCache(Cache):
             created on first use and only head_dim can be checked (at the first update).
         residual_tokens: also keep the newest this many tokens exact (see CompressedLayer); 0 matches
             the vLLM backend, which has no such window yet.
+        sink_tokens: also keep each sequence's first this many tokens exact (see CompressedLayer); 0 matches
+            the vLLM backend, which does not yet.
         center_keys: store keys relative to each sequence's common key component (see CompressedLayer);
             False matches the vLLM backend without key offsets.
         key_offsets: fp32 [num_layers, num_kv_heads, head_dim] from `turboquant-vllm calibrate`: layers use
@@ -331,13 +361,14 @@ class CompressedDynamicCache(Cache):
         residual_tokens: int = DEFAULT_RESIDUAL_TOKENS,
         center_keys: bool = True,
         key_offsets: torch.Tensor | None = None,
+        sink_tokens: int = DEFAULT_SINK_TOKENS,
     ) -> None:
         self.tq_config = config or TQConfig()
-        make_layer = partial(CompressedLayer, self.tq_config, residual_tokens, center_keys)
+        make_layer = partial(CompressedLayer, self.tq_config, residual_tokens, center_keys, sink_tokens=sink_tokens)
         if key_offsets is not None and model_config is None:
             raise TQConfigError("key_offsets needs model_config, to build one layer per row")
         if model_config is None:
-            make_layer()  # validates residual_tokens now rather than at the first update
+            make_layer()  # validates residual_tokens and sink_tokens now rather than at the first update
             super().__init__(layer_class_to_replicate=make_layer)
             return
         check_model_config(model_config, self.tq_config)
@@ -348,7 +379,7 @@ class CompressedDynamicCache(Cache):
         super().__init__(layers=[make_layer(key_offset=offsets[i]) for i in range(text.num_hidden_layers)])
 
     def memory_bytes(self) -> int:
-        """Bytes of packed indices and scales held by all layers."""
+        """Bytes every layer holds between steps: packed indices and scales, exact tokens, key offsets."""
         return sum(layer.memory_bytes() for layer in self.layers)
 
     def __repr__(self) -> str:

@@ -68,6 +68,8 @@ def test_parse_specs_names_and_options():
     assert [(s.name, s.center_keys) for s in centered] == [("k4v4+nc", False), ("k4v4+nc+kc", True)]
     calibrated = Q.parse_specs("4/4", (True,), center_keys=("offsets.pt",))
     assert [(s.name, s.center_keys) for s in calibrated] == [("k4v4+nc+ko", "offsets.pt")]
+    sinks = Q.parse_specs("4/4", (True,), residual=(32,), center_keys=(True,), sinks=(0, 4))
+    assert [(s.name, s.sink_tokens) for s in sinks] == [("k4v4+nc+R32+kc", 0), ("k4v4+nc+R32+S4+kc", 4)]
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 64])

@@ -90,7 +90,7 @@ def ref_greedy(model, ids: torch.Tensor, steps: int, cache: Cache, prefill_chunk
 def test_generate_matches_paged_reference_step_by_step(model, k_bits, v_bits):
     config = TQConfig(k_bits=k_bits, v_bits=v_bits)
     ids = torch.randint(1, 96, (1, 24), generator=torch.Generator().manual_seed(k_bits))
-    cache = CompressedDynamicCache(config, model.config, residual_tokens=0, center_keys=False)  # vLLM's format
+    cache = CompressedDynamicCache(config, model.config, 0, False, sink_tokens=0)  # vLLM's format
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False,
         return_dict_in_generate=True, output_logits=True, **cache_kwargs(model, cache),
@@ -105,7 +105,7 @@ def test_generate_matches_paged_reference_step_by_step(model, k_bits, v_bits):
 def test_chunked_prefill_matches_paged_reference(model):
     config = TQConfig(k_bits=3, v_bits=3)
     ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(7))
-    cache = CompressedDynamicCache(config, model.config, residual_tokens=0, center_keys=False)
+    cache = CompressedDynamicCache(config, model.config, residual_tokens=0, center_keys=False, sink_tokens=0)
     got_tokens, got = ref_greedy(model, ids, 4, cache, prefill_chunk=16)
     want_tokens, want = ref_greedy(model, ids, 4, ref_cache(config, 2), prefill_chunk=16)
     assert got_tokens == want_tokens
@@ -119,7 +119,7 @@ def test_calibrated_key_offsets_match_the_paged_reference(model):
     config = TQConfig(k_bits=4, v_bits=3)
     ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(17))
     offsets = key_offsets(model, ids[0].tolist())  # calibrated on the same text: most keys take the shift
-    cache = CompressedDynamicCache(config, model.config, residual_tokens=0, key_offsets=offsets)
+    cache = CompressedDynamicCache(config, model.config, residual_tokens=0, key_offsets=offsets, sink_tokens=0)
     got_tokens, got = ref_greedy(model, ids, 4, cache, prefill_chunk=16)
     want_tokens, want = ref_greedy(model, ids, 4, ref_cache(config, 2, offsets), prefill_chunk=16)
     assert got_tokens == want_tokens
@@ -136,7 +136,7 @@ def test_update_returns_dequantised_context_and_exact_new_tokens(k_bits, v_bits,
     config = TQConfig(k_bits=k_bits, v_bits=v_bits, norm_correction=norm_correction)
     gen = torch.Generator().manual_seed(k_bits * 10 + v_bits)
     k1, v1, k2, v2 = (torch.randn(2, KV_HEADS, n, HEAD_DIM, generator=gen) * 3 for n in (5, 5, 3, 3))
-    layer = CompressedLayer(config, residual_tokens=0, center_keys=False)
+    layer = CompressedLayer(config, residual_tokens=0, center_keys=False, sink_tokens=0)
     k_out, v_out = layer.update(k1, v1)
     assert k_out is k1 and v_out is v1
     k_out, v_out = layer.update(k2, v2)
@@ -165,7 +165,7 @@ def test_residual_window_returns_newest_context_exact():
     config = TQConfig(k_bits=2, v_bits=2)
     gen = torch.Generator().manual_seed(8)
     k1, k2, k3 = (torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=gen) for n in (5, 3, 2))
-    layer, plain = CompressedLayer(config, residual_tokens=4), CompressedLayer(config, residual_tokens=0)
+    layer, plain = (CompressedLayer(config, residual_tokens=r, sink_tokens=0) for r in (4, 0))
     for x in (k1, k2):
         layer.update(x, -x)
         plain.update(x, -x)
@@ -185,6 +185,33 @@ def test_residual_window_returns_newest_context_exact():
         CompressedDynamicCache(config, residual_tokens=-1)
 
 
+def test_sink_tokens_are_returned_exact_from_any_step_pattern():
+    """The first sink_tokens tokens come back exact however they arrived (a prompt shorter than the sinks, then
+    one token a step); every later token is what the cache without sinks returns."""
+    config = TQConfig(k_bits=2, v_bits=3)
+    gen = torch.Generator().manual_seed(13)
+    steps = [torch.randn(2, KV_HEADS, n, HEAD_DIM, generator=gen) for n in (2, 1, 1, 5, 3)]
+    layer, plain = (CompressedLayer(config, residual_tokens=2, sink_tokens=s) for s in (4, 0))
+    for x in steps:
+        keys, values = layer.update(x, -x)
+        plain_keys, plain_values = plain.update(x, -x)
+    exact = torch.cat(steps, dim=-2)
+    assert torch.equal(keys[:, :, :4], exact[:, :, :4]) and torch.equal(values[:, :, :4], -exact[:, :, :4])
+    assert torch.equal(keys[:, :, 4:], plain_keys[:, :, 4:]) and torch.equal(values[:, :, 4:], plain_values[:, :, 4:])
+    assert not torch.equal(plain_keys[:, :, :4], exact[:, :, :4])  # 2 bits: the sinks would not be exact otherwise
+    k, v = layer.dequantize()
+    assert torch.equal(k[:, :, :4], exact[:, :, :4]) and torch.equal(k[:, :, 4:], plain.dequantize()[0][:, :, 4:])
+    assert layer.memory_bytes() == plain.memory_bytes() + 2 * 2 * KV_HEADS * 4 * HEAD_DIM * 4  # fp32 sink K and V
+    layer.crop(3)  # the older API: keep 3 tokens, so 3 sinks
+    assert layer.sink_k.shape[-2] == 3
+    keys, _ = layer.update(exact[:, :, 3:6], -exact[:, :, 3:6])  # refills the fourth sink
+    assert torch.equal(keys[:, :, :3], exact[:, :, :3]) and torch.equal(layer.sink_k, exact[:, :, :4])
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.sink_k, exact[[1, 0], :, :4])
+    with pytest.raises(TQConfigError, match="sink_tokens"):
+        CompressedDynamicCache(config, sink_tokens=-1)
+
+
 def shifted_keys(gen: torch.Generator, tokens: int, shift: float = 4.0) -> torch.Tensor:
     """Keys sharing one large component, plus an attention-sink-like first token pointing the other way."""
     common = torch.randn(1, KV_HEADS, 1, HEAD_DIM, generator=gen) * shift / HEAD_DIM**0.5
@@ -197,7 +224,7 @@ def test_key_offset_matches_torch_math():
     config = TQConfig(k_bits=3, v_bits=3)
     gen = torch.Generator().manual_seed(11)
     k1, k2 = shifted_keys(gen, 12), shifted_keys(gen, 3)
-    layer = CompressedLayer(config, residual_tokens=0)
+    layer = CompressedLayer(config, residual_tokens=0, sink_tokens=0)
     layer.update(k1, k1)
     keys, _ = layer.update(k2, k2)
     mu = k1[:, :, KEY_OFFSET_SKIP:].mean(dim=-2, keepdim=True)
@@ -215,7 +242,7 @@ def test_key_offset_shrinks_the_error_of_keys_with_a_common_component():
     k = shifted_keys(gen, 64)
     errors = {}
     for center in (False, True):
-        layer = CompressedLayer(TQConfig(), residual_tokens=0, center_keys=center)
+        layer = CompressedLayer(TQConfig(), residual_tokens=0, center_keys=center, sink_tokens=0)
         layer.update(k, k)
         errors[center] = ((layer.dequantize()[0] - k).norm() / k.norm()).item()
     assert errors[True] < 0.5 * errors[False], errors
@@ -235,7 +262,7 @@ def test_memory_at_8k_tokens_vs_dynamic_cache(bits, bytes_per_head):
     gen = torch.Generator().manual_seed(bits)
     config = TQConfig(k_bits=bits, v_bits=bits)
     packed_only, default, exact = (
-        CompressedDynamicCache(config, residual_tokens=0, center_keys=False),
+        CompressedDynamicCache(config, residual_tokens=0, center_keys=False, sink_tokens=0),
         CompressedDynamicCache(config),
         DynamicCache(),
     )
@@ -245,8 +272,9 @@ def test_memory_at_8k_tokens_vs_dynamic_cache(bits, bytes_per_head):
             cache.update(k, v, layer_idx)
     assert packed_only.memory_bytes() == layers * 2 * KV_HEADS * tokens * bytes_per_head
     window = layers * 2 * KV_HEADS * kv_cache.DEFAULT_RESIDUAL_TOKENS * HEAD_DIM * 2  # bf16 recent K and V
+    sinks = layers * 2 * KV_HEADS * kv_cache.DEFAULT_SINK_TOKENS * HEAD_DIM * 2  # bf16 first K and V
     offsets = layers * KV_HEADS * HEAD_DIM * 4  # one fp32 key offset per layer and head
-    assert default.memory_bytes() == packed_only.memory_bytes() + window + offsets
+    assert default.memory_bytes() == packed_only.memory_bytes() + window + sinks + offsets
     assert dynamic_cache_bytes(exact) == layers * 2 * KV_HEADS * tokens * HEAD_DIM * 2
     ratio = dynamic_cache_bytes(exact) / packed_only.memory_bytes()
     assert ratio == pytest.approx(2 * HEAD_DIM / bytes_per_head)

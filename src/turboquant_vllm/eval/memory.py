@@ -28,8 +28,8 @@ def memory_specs(specs: Sequence[CacheSpec]) -> list[CacheSpec]:
         if spec.config is None:
             continue
         config = replace(spec.config, norm_correction=False)
-        name = spec_name(config, spec.residual_tokens, spec.center_keys)
-        unique.setdefault(name, CacheSpec(name, config, spec.residual_tokens, spec.center_keys))
+        name = spec_name(config, spec.residual_tokens, spec.center_keys, spec.sink_tokens)
+        unique.setdefault(name, CacheSpec(name, config, spec.residual_tokens, spec.center_keys, spec.sink_tokens))
     return list(unique.values())
 
 

@@ -32,19 +32,24 @@ class CacheSpec:
     # False: keys as the vLLM backend stores them by default; True: per-sequence offset (HF default);
     # a path: offsets from `turboquant-vllm calibrate`, as the vLLM backend uses them with key_offsets.
     center_keys: bool | str = False
+    sink_tokens: int = 0  # the sequence's first tokens kept exact (0: as the vLLM backend stores them)
 
     def make(self, model: torch.nn.Module) -> Cache:
         if self.config is None:
             return DynamicCache()
+        window = dict(residual_tokens=self.residual_tokens, sink_tokens=self.sink_tokens)
         if isinstance(self.center_keys, str):
             offsets = load_key_offsets(self.center_keys)
-            return CompressedDynamicCache(self.config, model.config, self.residual_tokens, key_offsets=offsets)
-        return CompressedDynamicCache(self.config, model.config, self.residual_tokens, self.center_keys)
+            return CompressedDynamicCache(self.config, model.config, key_offsets=offsets, **window)
+        return CompressedDynamicCache(self.config, model.config, center_keys=self.center_keys, **window)
 
 
-def spec_name(config: TQConfig, residual_tokens: int = 0, center_keys: bool | str = False) -> str:
+def spec_name(
+    config: TQConfig, residual_tokens: int = 0, center_keys: bool | str = False, sink_tokens: int = 0
+) -> str:
     name = f"k{config.k_bits}v{config.v_bits}" + ("+nc" if config.norm_correction else "")
     name += f"+R{residual_tokens}" if residual_tokens else ""
+    name += f"+S{sink_tokens}" if sink_tokens else ""
     return name + ("+ko" if isinstance(center_keys, str) else "+kc" if center_keys else "")
 
 
@@ -53,16 +58,19 @@ def parse_specs(
     norm_correction: Sequence[bool] = (True, False),
     residual: Sequence[int] = (0,),
     center_keys: Sequence[bool | str] = (False,),
+    sinks: Sequence[int] = (0,),
     **options: Any,
 ) -> list[CacheSpec]:
-    """Bit pairs "4/4,3/3" x norm_correction x residual windows x key offsets (off, per sequence, or a
-    calibration file) -> specs named "k4v4+nc", "k4v4", "k4v4+nc+R64", "k4v4+nc+kc", "k4v4+nc+ko"."""
+    """Bit pairs "4/4,3/3" x norm_correction x residual windows x exact sinks x key offsets (off, per sequence, or
+    a calibration file) -> specs named "k4v4+nc", "k4v4", "k4v4+nc+R64", "k4v4+nc+S4", "k4v4+nc+kc", "k4v4+nc+ko"."""
     specs = []
     for pair in (p.strip() for p in bits.split(",") if p.strip()):
         k_bits, _, v_bits = pair.partition("/")
         for nc in norm_correction:
             cfg = TQConfig(k_bits=int(k_bits), v_bits=int(v_bits or k_bits), norm_correction=nc, **options)
-            specs.extend(CacheSpec(spec_name(cfg, r, c), cfg, r, c) for r in residual for c in center_keys)
+            specs.extend(
+                CacheSpec(spec_name(cfg, r, c, sk), cfg, r, c, sk) for r in residual for sk in sinks for c in center_keys
+            )
     return specs
 
 
