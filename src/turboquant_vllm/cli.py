@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bits", default=DEFAULT_BITS, help=f"K/V bit pairs ({DEFAULT_BITS})")
     ev.add_argument("--norm-correction", default="both", choices=tuple(ON_OFF))
     ev.add_argument("--residual", type=_ints, default=[0], help="exact recent-token windows to try, e.g. 0,64 (0)")
-    ev.add_argument("--sinks", type=_ints, default=[0], help="exact first tokens (attention sinks) to try, e.g. 0,4 (0)")
+    ev.add_argument("--sinks", type=_ints, default=[0], help="exact first tokens (attention sinks) to try, e.g. 0,4")
     ev.add_argument(
         "--center-keys", default="off", choices=tuple(ON_OFF),
         help="also store keys relative to their sequence's common component (off: the vLLM backend's format)",
@@ -210,6 +210,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from turboquant_vllm.eval.kv_error import model_errors
     from turboquant_vllm.eval.provenance import provenance
     from turboquant_vllm.eval.quality import evaluate_quality, parse_specs, quality_steps
+    from turboquant_vllm.kv_cache import DEFAULT_RESIDUAL_TOKENS, DEFAULT_SINK_TOKENS
     from turboquant_vllm.layout import PageLayout
 
     console = _console()
@@ -249,7 +250,10 @@ def run_demo(args: argparse.Namespace) -> None:
     del layers
     console.print(table)
 
-    specs = parse_specs(args.bits, (True,), center_keys=(False, True), rotation=args.rotation)
+    # the vLLM backend's pages, with the per-sequence key offset, and the HF cache's defaults (+ exact window, sinks)
+    specs = parse_specs(args.bits, (True,), center_keys=(False, True), rotation=args.rotation) + parse_specs(
+        args.bits, (True,), (DEFAULT_RESIDUAL_TOKENS,), (True,), (DEFAULT_SINK_TOKENS,), rotation=args.rotation
+    )
     with _progress(console) as progress:
         task = progress.add_task("teacher-forced quality", total=quality_steps(args.tokens, [args.context], args.chunk))
         quality = evaluate_quality(

@@ -7,7 +7,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import takewhile
+from itertools import product, takewhile
 from typing import Any
 
 import torch
@@ -44,9 +44,7 @@ class CacheSpec:
         return CompressedDynamicCache(self.config, model.config, center_keys=self.center_keys, **window)
 
 
-def spec_name(
-    config: TQConfig, residual_tokens: int = 0, center_keys: bool | str = False, sink_tokens: int = 0
-) -> str:
+def spec_name(config: TQConfig, residual_tokens: int = 0, center_keys: bool | str = False, sink_tokens: int = 0) -> str:
     name = f"k{config.k_bits}v{config.v_bits}" + ("+nc" if config.norm_correction else "")
     name += f"+R{residual_tokens}" if residual_tokens else ""
     name += f"+S{sink_tokens}" if sink_tokens else ""
@@ -68,9 +66,8 @@ def parse_specs(
         k_bits, _, v_bits = pair.partition("/")
         for nc in norm_correction:
             cfg = TQConfig(k_bits=int(k_bits), v_bits=int(v_bits or k_bits), norm_correction=nc, **options)
-            specs.extend(
-                CacheSpec(spec_name(cfg, r, c, sk), cfg, r, c, sk) for r in residual for sk in sinks for c in center_keys
-            )
+            for r, sk, c in product(residual, sinks, center_keys):
+                specs.append(CacheSpec(spec_name(cfg, r, c, sk), cfg, r, c, sk))
     return specs
 
 
