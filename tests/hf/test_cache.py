@@ -90,7 +90,8 @@ def ref_greedy(model, ids: torch.Tensor, steps: int, cache: Cache, prefill_chunk
 def test_generate_matches_paged_reference_step_by_step(model, k_bits, v_bits):
     config = TQConfig(k_bits=k_bits, v_bits=v_bits)
     ids = torch.randint(1, 96, (1, 24), generator=torch.Generator().manual_seed(k_bits))
-    cache = CompressedDynamicCache(config, model.config, 0, False, sink_tokens=0)  # vLLM's format
+    vllm_format = dict(residual_tokens=0, center_keys=False, sink_tokens=0)
+    cache = CompressedDynamicCache(config, model.config, **vllm_format)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False,
         return_dict_in_generate=True, output_logits=True, **cache_kwargs(model, cache),
