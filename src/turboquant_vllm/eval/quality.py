@@ -37,11 +37,11 @@ class CacheSpec:
     def make(self, model: torch.nn.Module) -> Cache:
         if self.config is None:
             return DynamicCache()
-        window = dict(residual_tokens=self.residual_tokens, sink_tokens=self.sink_tokens)
+        exact_tokens = dict(residual_tokens=self.residual_tokens, sink_tokens=self.sink_tokens)
         if isinstance(self.center_keys, str):
             offsets = load_key_offsets(self.center_keys)
-            return CompressedDynamicCache(self.config, model.config, key_offsets=offsets, **window)
-        return CompressedDynamicCache(self.config, model.config, center_keys=self.center_keys, **window)
+            return CompressedDynamicCache(self.config, model.config, key_offsets=offsets, **exact_tokens)
+        return CompressedDynamicCache(self.config, model.config, center_keys=self.center_keys, **exact_tokens)
 
 
 def spec_name(config: TQConfig, residual_tokens: int = 0, center_keys: bool | str = False, sink_tokens: int = 0) -> str:
