@@ -10,6 +10,7 @@ MIN_HEAD_DIM = 32
 MAX_HEAD_DIM = 512
 HEAD_DIM_MULTIPLE = 8  # 8 indices of any width fill a whole number of bytes
 ROTATIONS = ("haar", "hadamard")
+MAX_SINK_TOKENS = 16  # every sink must sit in a sequence's first block; vLLM's blocks here hold 16 or more
 DEFAULT_SEED = 20250424  # arXiv 2504.19874: any fixed value works; every process must agree
 
 
@@ -48,6 +49,8 @@ class TQConfig:
         seed: seeds the rotation; all processes and ranks derive the same matrix from it.
         key_offsets: vLLM only: a file from `turboquant-vllm calibrate` for this model; keys are then
             stored relative to their layer's calibrated offset where that shortens them (docs/key-offset.md).
+        sink_tokens: vLLM only: keep each sequence's first this many tokens exact in a side table beside the
+            pages (attention sinks, docs/design-exact-sinks.md); 0 stores every token packed.
     """
 
     k_bits: int = 4
@@ -56,6 +59,7 @@ class TQConfig:
     norm_correction: bool = True
     seed: int = DEFAULT_SEED
     key_offsets: str | None = None
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_bits("k_bits", self.k_bits)
@@ -66,6 +70,13 @@ class TQConfig:
             raise TQConfigError(f"norm_correction must be a bool, got {self.norm_correction!r}.")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise TQConfigError(f"seed must be a non-negative int, got {self.seed!r}.")
+        if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int):
+            raise TQConfigError(f"sink_tokens must be an int, got {self.sink_tokens!r}.")
+        if not 0 <= self.sink_tokens <= MAX_SINK_TOKENS:
+            raise TQConfigError(
+                f"sink_tokens={self.sink_tokens} is out of range: 0 (off) to {MAX_SINK_TOKENS}; 4 is enough for the "
+                "attention sinks of Llama-family models."
+            )
         if self.key_offsets is not None:
             from turboquant_vllm.key_offset import load_key_offsets
 

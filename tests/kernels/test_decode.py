@@ -523,7 +523,7 @@ _HOPPER_COMPILE = """
 import dataclasses, torch, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-from turboquant_vllm.kernels import decode, decode_reduce, decode_tiles, store
+from turboquant_vllm.kernels import decode, decode_reduce, decode_tiles, sinks, store
 from turboquant_vllm.kernels.pdl import pdl_option
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
@@ -541,9 +541,10 @@ ptrs |= {"slot_ptr": "*i64", "ws_ticket_ptr": "*i32"}
 ptrs |= {"cache_ptr": "*u8", "lut_ptr": "*i32", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32"}
 ptrs |= {"qk_scale": "fp32"}
 decode_tiles.TILES[128] = dataclasses.replace(decode_tiles.TILES[128], tail_merge_min_splits=2)
-for num_splits, pdl in ((1, False), (3, True)):  # fused; split with the tail merge and programmatic launch
+ptrs |= {"sink_kv_ptr": "*bf16", "sink_tag_ptr": "*i32"}
+for num_splits, pdl in ((1, False), (3, True)):  # fused; split with the tail merge, programmatic launch and sinks
     meta = decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, 1, 16, num_splits == 1, num_splits, True,
-                                       store_new=True, pdl=pdl)
+                                       store_new=True, pdl=pdl, sinks=4 * pdl)
     assert meta["K_LUT"] and not meta["V_LUT"]  # the byte-permute lookups (PTX) compile for 4-bit keys
     assert meta["TAIL_MERGE"] == (num_splits > 1) and meta["PDL"] == meta.get("launch_pdl", False) == pdl
     options = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
@@ -563,14 +564,18 @@ meta = dict(HEAD_DIM_PAD=128, BLOCK_T=1, BLOCK_K=32, HEADS_PER_PROGRAM=1, **code
 ptrs = dict.fromkeys(("key_ptr", "value_ptr"), "*bf16") | {"cache_ptr": "*u8", "slot_ptr": "*i64"}
 ptrs |= dict.fromkeys(("rot_ptr", "k_bnd_ptr", "k_cent_ptr", "v_bnd_ptr", "v_cent_ptr", "koff_ptr"), "*fp32")
 build(store._store_kv_kernel, ptrs, meta, pdl_option(True))
+ptrs = dict.fromkeys(("k_ptr", "v_ptr", "kv_ptr"), "*bf16") | {"rot_ptr": "*fp32", "tag_ptr": "*i32"}
+ptrs |= dict.fromkeys(("block_table_ptr", "seq_lens_ptr", "qsl_ptr"), "*i32")
+meta = dict(SINKS=4, HEAD_DIM=128, BLOCK_D=128, ROT_CHUNK=sinks.WRITER_ROT_CHUNK, SCAN=sinks.SCAN, PDL=True)
+build(sinks._write_sinks_kernel, ptrs, meta, pdl_option(True) | {"num_warps": 4})
 print("compiled")
 """
 
 
 def test_kernels_compile_for_hopper():
-    """bf16 decode (with a key offset and the fused store; fused, and split with the tail merge and programmatic
-    dependent launch), the split reduce, the query rotation and the store launched after the attention lower to
-    sm_90 cubins on the host, GPU or not.
+    """bf16 decode (with a key offset and the fused store; fused, and split with the tail merge, programmatic
+    dependent launch and exact sinks), the split reduce, the query rotation, the store launched after the attention
+    and the sink writer lower to sm_90 cubins on the host, GPU or not.
 
     The interpreter never exercises GPU lowering (nor the bf16 new-token dots, which run on GPUs
     only), so compile in a fresh process without TRITON_INTERPRET.

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from turboquant_vllm.codec import KVCodec
@@ -361,3 +362,44 @@ def test_layer_with_calibrated_key_offsets_matches_reference(scenario, monkeypat
     assert (out.float().cpu() - ref).abs().max() < 2e-3 * ref.abs().max()
     stored_k, _ = decode_rows_ref(codec, gather_rows_ref(codec, cache, torch.arange(cache.shape[0] * cache.shape[1])))
     assert torch.signbit(stored_k.scales).any()
+
+
+@pytest.mark.parametrize("scenario", ["decode", "chunked"])
+def test_layer_with_exact_sinks_matches_reference(scenario, monkeypatch, device):
+    """config.sink_tokens: a first step prefills every context through the backend (pages + sink writer), the
+    scenario's step then reads each context's first 4 tokens exact, in the paged kernel and the prefill path."""
+    num_heads, num_kv_heads, head_dim, scale = 8, 2, 64, 64**-0.5
+    cfg = TQConfig(k_bits=4, v_bits=3, sink_tokens=4)
+    monkeypatch.setattr(tq_backend, "current_tq_config", lambda: cfg)
+    batch = make_batch(SCENARIOS[scenario], num_heads, num_kv_heads, head_dim, seed=43, device=device,
+                       dtype=torch.float32)  # fmt: skip
+    ctx_lens = [k.shape[0] for k in batch.context_key]
+    prefill = dataclasses.replace(
+        batch,
+        query=torch.randn(sum(ctx_lens), num_heads, head_dim, device=device),
+        key=torch.cat(batch.context_key),
+        value=torch.cat(batch.context_value),
+        slot_mapping=torch.cat(batch.context_slots),
+        seq_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, *torch.tensor(ctx_lens).cumsum(0).tolist()], dtype=torch.int32,
+                                     device=device),
+    )  # fmt: skip
+    codec = KVCodec(cfg, num_kv_heads, head_dim, device)
+    cache = codec.new_cache(batch.num_blocks, batch.block_size)
+    impl = TQ4AttentionImpl(num_heads, head_dim, scale, num_kv_heads)
+    builder = make_builder(num_heads, num_kv_heads, head_dim, device)
+    for step in (prefill, batch):
+        md = builder.build(0, common_metadata(step))
+        out = torch.zeros(step.query.shape, dtype=step.query.dtype, device=device)
+        impl.do_kv_cache_update(None, step.key, step.value, cache, step.slot_mapping)
+        impl.forward(None, step.query, step.key, step.value, cache, md, out)
+    assert impl.sinks(out).tags.ge(0).sum() == sum(min(c + q, 4) for c, q in SCENARIOS[scenario])  # both steps
+
+    args = (batch.query, batch.key, batch.value, cache, batch.block_table, batch.seq_lens, batch.query_start_loc)
+    first_k, first_v = (torch.stack([F.pad(x[:4], (0, 0, 0, 0, 0, 4 - min(4, len(x)))) for x in rows])
+                        for rows in (batch.context_key, batch.context_value))  # fmt: skip
+    held = torch.ones(len(ctx_lens), 4, dtype=torch.bool)
+    ref = paged_attention_ref(codec, *args, scale, exact_first=(first_k, first_v, held))
+    packed = paged_attention_ref(codec, *args, scale)
+    assert (out.float().cpu() - ref).abs().max() < 2e-3 * ref.abs().max()
+    assert (ref - packed).abs().max() > 2e-2 * ref.abs().max()  # the sinks changed the answer

@@ -16,6 +16,7 @@ from turboquant_vllm.kernels.decode_reduce import (
     _reduce_splits_kernel,
     _rotate_queries_kernel,
     _rotate_rows,
+    _rotate_vector,
     _store_unrotated,
     reduce_grid,
 )
@@ -23,6 +24,7 @@ from turboquant_vllm.kernels.decode_tiles import attention_meta, reduce_meta, st
 from turboquant_vllm.kernels.lut import lut_decode_words
 from turboquant_vllm.kernels.page import context_tile, split_words, tile_pages
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
+from turboquant_vllm.kernels.sinks import SinkTable, trusted_sinks
 from turboquant_vllm.kernels.store import check_slots, store_head, store_kv
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
@@ -90,22 +92,6 @@ def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _rotate_vector(x_ptr, stride_d, rot_ptr, stride_r0, stride_r1,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
-    """R @ x for one vector in memory, fp32 [BLOCK_D]: CHUNK columns of R at a time, never the whole matrix."""
-    n = tl.arange(0, BLOCK_D)
-    y = tl.zeros([BLOCK_D], tl.float32)
-    for c0 in range(0, HEAD_DIM, CHUNK):
-        k = c0 + tl.arange(0, CHUNK)
-        k_ok = k < HEAD_DIM
-        x = tl.load(x_ptr + k * stride_d, mask=k_ok, other=0.0).to(tl.float32)
-        r = tl.load(rot_ptr + n[:, None] * stride_r0 + k[None, :] * stride_r1,
-                    mask=(n < HEAD_DIM)[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-        y += tl.sum(r * x[None, :], 1)
-    return y
-
-
-@triton.jit
 def _softmax_probs(s, m_i, TOK_AXIS: tl.constexpr = 1):
     """A score tile s (log2 units; tokens on TOK_AXIS, query rows on the other) against each row's running max
     m_i: the tile's probabilities p, the factor alpha that rescales earlier sums, and the new max. Rows that have
@@ -129,7 +115,8 @@ def _attention_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     rot_ptr, k_cent_ptr, v_cent_ptr, lut_ptr, koff_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, ws_q_ptr,
     ws_ticket_ptr, slot_ptr, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr, v_cent32_ptr, koff_orig_ptr,
-    num_seqs, num_splits, qk_scale,
+    sink_kv_ptr, sink_tag_ptr,
+    num_seqs, num_splits, qk_scale, sink_entries,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od, stride_bt,
     stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ms, stride_r0, stride_r1,
@@ -145,7 +132,8 @@ def _attention_kernel(
     SWAP_AB: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr, Q_ROTATED: tl.constexpr,
     TAIL_MERGE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
-    NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
+    SINK_TILE: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -159,6 +147,8 @@ def _attention_kernel(
     and writes the output, so no reduce launch follows.
     With PDL (kernels/pdl.py) the block table and the first tile's pages are read before waiting for the kernel
     ahead: none of them is written in this step.
+    With SINKS (kernels/sinks.py) split 0 scores the sequence's first SINKS context tokens from the exact side
+    table where it holds them, as one more tile, and masks them out of its first packed tile.
     """
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -209,6 +199,13 @@ def _attention_kernel(
             pages = tile_pages(tile_lo + 1, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
     if PDL:  # queries, this step's K/V and the workspace from here on
         gdc_wait()
+    if SINKS:  # positions of the first tile (split 0's) that the exact tile replaces
+        sink_block = tl.load(bt_row).to(tl.int64)
+        sink_row0 = (sink_block % sink_entries) * SINKS
+        sink_drop = trusted_sinks(tl.arange(0, BLOCK_N), ctx_len, sink_tag_ptr, sink_row0, sink_block, SINKS)
+        sink_drop = sink_drop & (split == 0)
+        if PREFETCH:
+            live = live & ~sink_drop
     if Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr: contiguous [tokens, heads, HEAD_DIM]
         q_rot_off = (tok * (GROUP * tl.num_programs(1)) + head) * HEAD_DIM
         q_rot = tl.load(ws_q_ptr + q_rot_off[:, None] + dim[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -241,6 +238,8 @@ def _attention_kernel(
                 tile, ctx_len, tile_pages(tile, ctx_len, bt_row, BLOCK_N, BLOCK_SIZE), cache_ptr, kh, BLOCK_N,
                 BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES,
                 K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
+            if SINKS:
+                live = live & ~(sink_drop & (tile == 0))
         if K_LUT:
             k = lut_decode_words(k_words, lut_ptr, BLOCK_N, BLOCK_D)
         else:
@@ -277,6 +276,18 @@ def _attention_kernel(
         acc = tl.trans(acc_t)
     if TILE_ROW_SUM:
         l_i = tl.sum(l_tile, TOK_AXIS)
+    if SINKS:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if split == 0:  # the exact sinks, rotated like the pages: one more tile
+            sink = tl.arange(0, SINK_TILE)
+            sink_ok = trusted_sinks(sink, ctx_len, sink_tag_ptr, sink_row0, sink_block, SINKS)
+            sink_off = (sink_row0 + sink).to(tl.int64) * (2 * tl.num_programs(1) * HEAD_DIM) + kh * HEAD_DIM
+            sink_mask = sink_ok[:, None] & dim_ok[None, :]
+            k_sink = tl.load(sink_kv_ptr + sink_off[:, None] + dim[None, :], mask=sink_mask, other=0.0)
+            v_sink = tl.load(sink_kv_ptr + sink_off[:, None] + tl.num_programs(1) * HEAD_DIM + dim[None, :],
+                             mask=sink_mask, other=0.0)  # fmt: skip
+            s = tl.dot(q_rot, tl.trans(k_sink.to(OP_DTYPE)), input_precision=PREC)
+            p, alpha, m_i, l_i = _softmax_step(tl.where(sink_ok[None, :], s, float("-inf")), m_i, l_i)
+            acc = acc * alpha[:, None] + tl.dot(p.to(OP_DTYPE), v_sink.to(OP_DTYPE), input_precision=PREC)
 
     # This step's tokens (last split only), exact and causal: new token j is visible to query i iff j <= i.
     # One token at a time with fp32 vector math: scores in the original basis (q.k = Rq.Rk), V rotated by a
@@ -359,6 +370,7 @@ def paged_attention(
     workspace: AttentionWorkspace | None = None,
     key_offset: KeyOffset | None = None,
     store_slots: torch.Tensor | None = None,
+    sinks: SinkTable | None = None,
 ) -> None:
     """Causal attention of each sequence's new tokens over its packed context plus themselves.
 
@@ -382,6 +394,8 @@ def paged_attention(
             skip) instead of a store_kv before the call, with the bytes store_kv writes: in the attention launch
             where Tiles.fused_store_min_splits says so, else by store_kv right after it (which with programmatic
             dependent launch, kernels/pdl.py, runs alongside the attention's last programs).
+        sinks: exact first tokens (kernels/sinks.py); each sequence's first sinks.sink_tokens context positions
+            are read from it where it holds them, else from the pages.
     """
     lay = codec.layout
     num_tokens, num_heads, head_dim = query.shape
@@ -411,6 +425,8 @@ def paged_attention(
     devices = {t.device for t in (query, key, value, cache, block_table, seq_lens, query_start_loc, out, rot)}
     assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
     offset = check_key_offset(key_offset, num_kv_heads, head_dim, cache.device, rotated=True)
+    if sinks is not None:
+        sinks.check(num_kv_heads, head_dim, cache.device)
     if store_slots is not None:
         check_slots(store_slots, num_tokens, cache.device)
         assert key.stride(2) == 1 and value.stride(2) == 1, "a fused store needs key/value contiguous in head_dim"
@@ -441,7 +457,8 @@ def paged_attention(
     pdl = pdl_launch(query.device)
     store_in_kernel = store_slots is not None and stores_in_attention(head_dim, num_splits)
     meta = attention_meta(codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
-                           num_splits, offset is not None, store_in_kernel, pdl)  # fmt: skip
+                           num_splits, offset is not None, store_in_kernel, pdl,
+                           0 if sinks is None else sinks.sink_tokens)  # fmt: skip
     if meta["Q_ROTATED"]:
         num_rows = num_tokens * num_heads
         _rotate_queries_kernel[reduce_grid(num_rows)](
@@ -462,7 +479,8 @@ def paged_attention(
         rot, *centroids, codec.lut, rot if offset is None else offset, out, acc_buf, max_buf, sum_buf, q_buf,
         tickets, rot if store_slots is None else store_slots, codec.key.boundaries, codec.key.centroids,
         codec.value.boundaries, codec.value.centroids, rot if key_offset is None else key_offset.original,
-        num_seqs, num_splits, float(scale) * LOG2E,
+        *((rot, rot) if sinks is None else (sinks.kv, sinks.tags)),
+        num_seqs, num_splits, float(scale) * LOG2E, 1 if sinks is None else sinks.entries,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         block_table.stride(0),
         *acc_strides, *stat_strides, rot.stride(0), rot.stride(1),

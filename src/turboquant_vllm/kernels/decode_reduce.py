@@ -47,6 +47,22 @@ def _rotate_rows(
     return y
 
 
+@triton.jit
+def _rotate_vector(x_ptr, stride_d, rot_ptr, stride_r0, stride_r1,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """R @ x for one vector in memory, fp32 [BLOCK_D]: CHUNK columns of R at a time, never the whole matrix."""
+    n = tl.arange(0, BLOCK_D)
+    y = tl.zeros([BLOCK_D], tl.float32)
+    for c0 in range(0, HEAD_DIM, CHUNK):
+        k = c0 + tl.arange(0, CHUNK)
+        k_ok = k < HEAD_DIM
+        x = tl.load(x_ptr + k * stride_d, mask=k_ok, other=0.0).to(tl.float32)
+        r = tl.load(rot_ptr + n[:, None] * stride_r0 + k[None, :] * stride_r1,
+                    mask=(n < HEAD_DIM)[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        y += tl.sum(r * x[None, :], 1)
+    return y
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _rotate_queries_kernel(
     q_ptr,  # [num_tokens, NUM_HEADS, HEAD_DIM], original basis, any strides

@@ -22,6 +22,7 @@ from turboquant_vllm.kernels.decode_reduce import (
     REDUCE_STEP_ELEMENTS,
 )
 from turboquant_vllm.kernels.pdl import pdl_option
+from turboquant_vllm.kernels.sinks import SINK_TILE
 from turboquant_vllm.kernels.store import one_token_store_meta
 from turboquant_vllm.quantizer import TINY_NORM
 
@@ -155,10 +156,12 @@ def attention_meta(
     key_offset: bool = False,
     store_new: bool = False,
     pdl: bool = False,
+    sinks: int = 0,
 ) -> dict[str, Any]:
     """Compile-time parameters and launch options of _attention_kernel (shared with compile checks).
 
     pdl: launched with programmatic dependent launch (kernels/pdl.py), as paged_attention decides per device.
+    sinks: exact first tokens per sequence read from a side table (kernels/sinks.py); 0 = none.
     """
     lay = codec.layout
     group = num_heads // lay.num_kv_heads
@@ -194,7 +197,7 @@ def attention_meta(
         TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,
         MERGE_SPLITS=tiles.tail_merge_splits,
         STORE_NEW=store_new, **one_token_store_meta(), NORM_CORRECTION=codec.config.norm_correction,
-        TINY=TINY_NORM, PDL=pdl,
+        TINY=TINY_NORM, PDL=pdl, SINKS=sinks, SINK_TILE=SINK_TILE,
         num_warps=warps, num_stages=tiles.num_stages, **pdl_option(pdl),
     )  # fmt: skip
     if cap:

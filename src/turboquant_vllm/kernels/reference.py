@@ -173,6 +173,7 @@ def paged_attention_ref(
     query_start_loc: torch.Tensor,
     scale: float,
     key_offset: torch.Tensor | None = None,
+    exact_first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its compressed context plus themselves.
 
@@ -188,6 +189,8 @@ def paged_attention_ref(
         seq_lens: int [num_seqs], context plus new tokens.
         query_start_loc: int [num_seqs + 1].
         key_offset: the layer's key offset, if its keys were stored with one.
+        exact_first: (keys, values, held): [num_seqs, S, num_kv_heads, head_dim] twice and bool [num_seqs, S]:
+            context position p < S of sequence s is keys[s, p] / values[s, p] where held[s, p], not the cache's.
     Returns:
         fp32 [num_tokens, num_heads, head_dim] in the original basis.
     """
@@ -203,6 +206,11 @@ def paged_attention_ref(
         context_len = seq_len - q_len
         slots = sequence_slots(block_table[s], context_len, cache.shape[1])
         k_ctx, v_ctx = dequantize_ref(codec, cache, slots, False, key_offset)  # [context_len, Hkv, d]
+        if exact_first is not None:
+            n = min(context_len, exact_first[2].shape[1])
+            held = exact_first[2][s, :n].cpu()
+            k_ctx[:n][held] = exact_first[0][s, :n][held].cpu().float()
+            v_ctx[:n][held] = exact_first[1][s, :n][held].cpu().float()
         k = torch.cat([k_ctx, key[lo:hi].cpu().to(torch.float32)]).repeat_interleave(group, dim=1)
         v = torch.cat([v_ctx, value[lo:hi].cpu().to(torch.float32)]).repeat_interleave(group, dim=1)
         q = query[lo:hi].cpu().to(torch.float32)

@@ -2,7 +2,8 @@
 
 Token path: do_kv_cache_update -> kernels.store.store_kv (new K/V -> packed pages), then forward:
 decode-sized queries -> kernels.decode.paged_attention (context read from the pages in-kernel, this
-step's tokens exact); prefill/extend chunks -> vllm.prefill (context dequantised once, FlashAttention).
+step's tokens exact); prefill/extend chunks -> vllm.prefill (context dequantised once, FlashAttention);
+with sink_tokens, kernels.sinks.write_sinks last (each sequence's first tokens kept exact beside the pages).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from turboquant_vllm.config import TQConfigError, check_head_dim
 from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
 from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits, decode_step_stores
 from turboquant_vllm.kernels.pdl import pdl_launch
+from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.key_offset import KeyOffset, layer_key_offset
 from turboquant_vllm.layout import PageLayout
@@ -40,6 +42,14 @@ from turboquant_vllm.vllm.warmup import warm_up_kernels
 # Split-K is for small decode batches (at most decode_tiles.MAX_SPLITS); larger batches fill the GPU with one split.
 MAX_SPLIT_TOKENS = 256  # query tokens the split workspace holds; bigger batches run unsplit
 CPU_NUM_SMS = 16  # only the CPU test path (Triton interpreter) has no SM count
+
+
+def _max_num_seqs() -> int:
+    """The scheduler's sequence limit in the vLLM config being built (vLLM's default outside one)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    scheduler = getattr(get_current_vllm_config_or_none(), "scheduler_config", None)
+    return getattr(scheduler, "max_num_seqs", None) or 256
 
 
 class TQ4AttentionBackend(AttentionBackend):
@@ -166,12 +176,14 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         self.workspace = AttentionWorkspace.allocate(
             MAX_SPLIT_TOKENS, num_heads, kv_cache_spec.head_size, MAX_SPLITS, device
         )
+        config = current_tq_config()
+        self.sink_tokens = config.sink_tokens
         if on_gpu:  # compile now rather than inside a request (the CPU interpreter has nothing to compile)
-            config = current_tq_config()
             codec = shared_codec(config, self.num_kv_heads, self.head_size, device)
             max_blocks = triton.cdiv(vllm_config.model_config.max_model_len, kv_cache_spec.block_size)  # vLLM's table
             warm_up_kernels(codec, num_heads, vllm_config.model_config.dtype, kv_cache_spec.block_size,
-                            config.key_offsets is not None, self.workspace, max_blocks)  # fmt: skip
+                            config.key_offsets is not None, self.workspace, max_blocks,
+                            config.sink_tokens)  # fmt: skip
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -195,7 +207,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
             seq_lens_host = getattr(cam, "seq_lens_cpu_upper_bound", None)
             prefill = plan_prefill(cam.query_start_loc_cpu, cam.seq_lens if seq_lens_host is None else seq_lens_host,
                                    cam.block_table_tensor, self.kv_cache_spec.block_size, num_decodes,
-                                   cam.num_reqs)  # fmt: skip
+                                   cam.num_reqs, self.sink_tokens)  # fmt: skip
         return TQ4Metadata(
             num_actual_tokens=cam.num_actual_tokens,
             max_query_len=min(cam.max_query_len, decode_q_len),
@@ -255,6 +267,8 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self._key_offset: KeyOffset | None = None
+        self._sinks: SinkTable | None = None
+        self._sink_entries = table_entries(_max_num_seqs())
 
     def codec(self, device: torch.device) -> KVCodec:
         return shared_codec(self.config, self.num_kv_heads, self.head_size, device)
@@ -274,6 +288,18 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
             offset = layer_key_offset(self.config.key_offsets, name, self.num_kv_heads, self.head_size)
             self._key_offset = KeyOffset.build(offset, codec.rotation)
         return self._key_offset
+
+    def sinks(self, like: torch.Tensor) -> SinkTable | None:
+        """This layer's exact-sink table (config.sink_tokens), allocated in vLLM's profiling run so the KV cache is
+        sized after it, in the model's dtype; its address must not change once CUDA graphs are captured."""
+        if not self.config.sink_tokens:
+            return None
+        if self._sinks is None:
+            if like.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("TurboQuant sink tables must be allocated before CUDA graph capture")
+            self._sinks = SinkTable.allocate(self._sink_entries, self.config.sink_tokens, self.num_kv_heads,
+                                             self.head_size, like.dtype, like.device)  # fmt: skip
+        return self._sinks
 
     def do_kv_cache_update(
         self,
@@ -328,6 +354,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         """
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantisation is not supported by the TurboQuant backend")
+        sinks = self.sinks(query)
         if attn_metadata is None:  # profiling run: no cache bound yet
             return output.fill_(0)
         md = attn_metadata
@@ -347,7 +374,10 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
                 workspace=md.workspace,
                 key_offset=key_offset,
                 store_slots=md.slot_mapping[: md.fused_store_tokens] if md.fused_store_tokens else None,
+                sinks=sinks,
             )  # fmt: skip
         if md.prefill is not None:
-            prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output, key_offset)
+            prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output, key_offset, sinks)
+        if sinks is not None:  # after every read of this step (sinks.py)
+            write_sinks(sinks, codec.rotation, key, value, md.block_table, md.seq_lens, md.query_start_loc)
         return output

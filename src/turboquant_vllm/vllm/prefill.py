@@ -15,6 +15,7 @@ import torch
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.dequant import dequantize_kv
+from turboquant_vllm.kernels.sinks import SinkTable, substitute_sinks
 from turboquant_vllm.key_offset import KeyOffset
 
 
@@ -38,6 +39,10 @@ class PrefillPlan:
     cu_k: torch.Tensor  # int32 [P + 1]
     slots: torch.Tensor  # int64 [total_k], cache slot of each buffer row, -1 for new-token rows
     new_rows: torch.Tensor  # int64 [num_tokens], buffer row of each prefill query token
+    # Context rows at positions below sink_tokens (kernels/sinks.py): buffer row, position, the sequence's first block
+    sink_rows: torch.Tensor | None = None
+    sink_pos: torch.Tensor | None = None
+    sink_first_block: torch.Tensor | None = None
 
 
 def plan_prefill(
@@ -47,10 +52,12 @@ def plan_prefill(
     block_size: int,
     first: int,
     num_reqs: int,
+    sink_tokens: int = 0,
 ) -> PrefillPlan:
     """Plan requests [first, num_reqs) of a step (vLLM orders decodes first).
 
     seq_lens may live on the host (no sync) or the device (one sync); only rows [first, num_reqs) are read.
+    sink_tokens: also list the context rows the exact sinks may replace (kernels/sinks.py).
     """
     qsl = query_start_loc_cpu[first : num_reqs + 1].numpy().astype(np.int64)
     q_lens = np.diff(qsl)
@@ -67,6 +74,13 @@ def plan_prefill(
     block = block_table[req_t, pos_t // block_size].long()
     slots = torch.where(torch.from_numpy(is_ctx).to(device), block * block_size + pos_t % block_size, -1)
     new_rows = torch.from_numpy(np.flatnonzero(~is_ctx)).to(device)
+    sinks = {}
+    if sink_tokens:
+        is_sink = is_ctx & (pos < sink_tokens)
+        sink_req = torch.from_numpy(req[is_sink] + first).to(device)
+        sinks = dict(sink_rows=torch.from_numpy(np.flatnonzero(is_sink)).to(device),
+                     sink_pos=torch.from_numpy(pos[is_sink]).to(device),
+                     sink_first_block=block_table[sink_req, 0].long())  # fmt: skip
     return PrefillPlan(
         q_lo=int(qsl[0]),
         num_tokens=int(cu_q[-1]),
@@ -80,6 +94,7 @@ def plan_prefill(
         cu_k=torch.from_numpy(cu_k.astype(np.int32)).to(device),
         slots=slots,
         new_rows=new_rows,
+        **sinks,
     )
 
 
@@ -125,14 +140,22 @@ def prefill_attention(
     scale: float,
     out: torch.Tensor,
     key_offset: KeyOffset | None = None,
+    sinks: SinkTable | None = None,
 ) -> None:
-    """Causal attention of the planned prefill rows of query/key/value; writes the same rows of out."""
+    """Causal attention of the planned prefill rows of query/key/value; writes the same rows of out.
+
+    sinks: exact first tokens (kernels/sinks.py) put over the dequantised context where the table holds them
+    (the plan must list their rows: plan_prefill's sink_tokens).
+    """
     rows = slice(plan.q_lo, plan.q_lo + plan.num_tokens)
     q, k_new, v_new, o = query[rows], key[rows], value[rows], out[rows]
     if plan.has_context:
         k = torch.empty(plan.total_k, *k_new.shape[1:], dtype=query.dtype, device=query.device)
         v = torch.empty_like(k)
         dequantize_kv(codec, cache, plan.slots, rotated=False, out_k=k, out_v=v, key_offset=key_offset)
+        if sinks is not None:
+            assert plan.sink_rows is not None, "plan_prefill was not asked for the sink rows"
+            substitute_sinks(sinks, codec.rotation, plan.sink_first_block, plan.sink_pos, plan.sink_rows, k, v)
         k.index_copy_(0, plan.new_rows, k_new.to(k.dtype))
         v.index_copy_(0, plan.new_rows, v_new.to(v.dtype))
     else:

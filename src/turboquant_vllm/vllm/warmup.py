@@ -17,6 +17,7 @@ from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
 from turboquant_vllm.kernels.decode_tiles import WIDE_MIN_SPLITS, decode_step_stores
 from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.kernels.pdl import pdl_launch
+from turboquant_vllm.kernels.sinks import MIN_ENTRIES, SinkTable, write_sinks
 from turboquant_vllm.kernels.store import LARGE_BATCH_TOKENS, SMALL_BATCH_TOKENS, store_kv
 from turboquant_vllm.key_offset import KeyOffset
 
@@ -32,10 +33,12 @@ def warm_up_kernels(
     key_offset: bool,
     workspace: AttentionWorkspace,
     max_blocks_per_seq: int = 1,
+    sink_tokens: int = 0,
 ) -> None:
     """Run every launch shape once on a small scratch cache (zeros in, results discarded).
 
     max_blocks_per_seq: the width of vLLM's block table, whose row stride the attention kernel is compiled for.
+    sink_tokens: the config's exact sinks: the attention launches read a scratch table, and its writer runs once.
     """
     device = codec.rotation.device
     num_kv_heads, head_dim = codec.num_kv_heads, codec.head_dim
@@ -58,8 +61,12 @@ def warm_up_kernels(
     seq_lens = torch.tensor([tokens + 1], dtype=torch.int32, device=device)
     query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=device)
     out = torch.empty_like(query)
+    sinks = None
+    if sink_tokens:
+        sinks = SinkTable.allocate(MIN_ENTRIES, sink_tokens, num_kv_heads, head_dim, dtype, device)
+        write_sinks(sinks, codec.rotation, kv[:1], kv[:1], block_table, seq_lens, query_start_loc)
     for num_splits in DECODE_SPLITS:  # with the new token's store where pure decode steps hand it over
         for store_slots in (None, slots[:1]) if decode_step_stores(head_dim, num_splits, pdl) else (None,):
             paged_attention(codec, query, kv[:1], kv[:1], cache, block_table, seq_lens, query_start_loc, 1.0, out,
                             max_query_len=1, num_splits=num_splits, workspace=workspace, key_offset=offset,
-                            store_slots=store_slots)  # fmt: skip
+                            store_slots=store_slots, sinks=sinks)  # fmt: skip
