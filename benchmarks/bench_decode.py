@@ -28,6 +28,7 @@ from turboquant_vllm.kernels import decode, decode_tiles, pdl
 from turboquant_vllm.kernels import store as store_kernel
 from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
 from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits
+from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
 from turboquant_vllm.kernels.store import store_kv
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -129,10 +130,18 @@ class Caches:
 
 
 def bench_ours(
-    caches: Caches, shape: Shape, table: torch.Tensor, rep: int, num_splits: int | None = None, store: str = "none"
+    caches: Caches,
+    shape: Shape,
+    table: torch.Tensor,
+    rep: int,
+    num_splits: int | None = None,
+    store: str = "none",
+    sinks: int = 0,
 ) -> dict:
     """Our decode attention; store="separate" adds store_kv of the step's K/V before it, "fused" hands the store
-    to paged_attention (store_slots: in its launch or right after), as a decode step in vLLM needs either way."""
+    to paged_attention (store_slots: in its launch or right after), as a decode step in vLLM needs either way.
+    sinks: every sequence's first `sinks` tokens exact (kernels/sinks.py), plus the writer launch a vLLM step ends
+    with (it writes nothing here: every position is past the sinks)."""
     codec, b = caches.codec, shape.batch
     torch.manual_seed(0)  # the same q/k/v for every call, so sweep variants can be compared for equality
     q = torch.randn(b, shape.hq, shape.d, dtype=torch.bfloat16, device="cuda")
@@ -146,13 +155,21 @@ def bench_ours(
     ws = AttentionWorkspace.allocate(b, shape.hq, shape.d, max(splits, 2), "cuda")
     last = shape.context - 1  # the new token's position: its slot is written, never read
     slots = table[:, last // shape.block_size].long() * shape.block_size + last % shape.block_size
+    sink_table = None
+    if sinks:
+        sink_table = SinkTable.allocate(table_entries(b), sinks, shape.hkv, shape.d, torch.bfloat16, "cuda")
+        sink_table.kv.normal_()
+        first = table[:, 0].long()
+        sink_table.tags[first % sink_table.entries] = first[:, None].int()
 
     def run() -> None:
         if store == "separate":
             store_kv(codec, k, v, caches.ours, slots)
         paged_attention(codec, q, k, v, caches.ours, table, seq_lens, qsl, shape.d**-0.5, out,
                         max_query_len=1, num_splits=splits, workspace=ws,
-                        store_slots=slots if store == "fused" else None)  # fmt: skip
+                        store_slots=slots if store == "fused" else None, sinks=sink_table)  # fmt: skip
+        if sink_table is not None:
+            write_sinks(sink_table, codec.rotation, k, v, table, seq_lens, qsl)
 
     ms, timer = time_ms(run, rep)
     read = b * (shape.context - 1) * codec.layout.bytes_per_token
@@ -334,6 +351,9 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"pdl": False},
         {"pdl": False, "store": "separate"},  # the 16-sequence engine step without PDL: the store ahead
         {"pdl": False, "store": "fused"},  # the one-sequence engine step without PDL: the store in the launch
+        # 4 exact sinks (the sink tile, the first tile's mask, the writer launch), without and with the engine's store
+        {"sinks": 4},
+        {"sinks": 4, "store": "fused"},
     ]
     if args.sweep_keys:
         variants = [v for v in variants if not v or set(v) & set(args.sweep_keys)]
@@ -343,7 +363,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         table = caches.table(shape)
         ref = None
         for change in variants:
-            launch = {k: change[k] for k in ("num_splits", "store") if k in change}  # bench_ours's, not tile fields
+            launch = {k: change[k] for k in ("num_splits", "store", "sinks") if k in change}  # not tile fields
             fields = {k: v for k, v in change.items() if k not in launch and k not in switches}
             decode_tiles.TILES[key] = dataclasses.replace(default, **fields)
             for name, (module, attr) in switches.items():

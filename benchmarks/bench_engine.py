@@ -30,6 +30,7 @@ MODES = {
     "fp8": dict(attention_backend="FLASH_ATTN", kv_cache_dtype="fp8"),
     "tq_native": dict(kv_cache_dtype="turboquant_4bit_nc"),
     "ours": dict(attention_backend="CUSTOM"),
+    "ours_s4": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"sink_tokens": 4}}),
 }
 SHAPES = "4096x1,4096x16,32768x1,32768x16"
 RESULTS = Path(__file__).parent / "results"

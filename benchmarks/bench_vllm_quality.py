@@ -24,7 +24,12 @@ MODES = {
     "ours_4_4_no_norm_corr": dict(
         attention_backend="CUSTOM", additional_config={"turboquant": {"norm_correction": False}}
     ),
-    "ours_4_4_kc": dict(attention_backend="CUSTOM"),  # + key_offsets calibrated on other Austen tokens
+    "ours_4_4_kc": dict(attention_backend="CUSTOM"),  # _kc: + key_offsets calibrated on other Austen tokens
+    "ours_4_4_s4": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"sink_tokens": 4}}),
+    "ours_4_4_kc_s4": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"sink_tokens": 4}}),
+    "ours_4_3_kc_s4": dict(
+        attention_backend="CUSTOM", additional_config={"turboquant": {"k_bits": 4, "v_bits": 3, "sink_tokens": 4}}
+    ),
     "native_turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),
     "native_turboquant_k8v4": dict(kv_cache_dtype="turboquant_k8v4"),
 }
@@ -48,8 +53,9 @@ def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool, key_
     ids = austen_token_stream(tokenizer, windows * window_len)
     prompts = [ids[i * window_len : (i + 1) * window_len] for i in range(windows)]
     kwargs = {"max_num_batched_tokens": 256, **MODES[mode]}
-    if mode.endswith("_kc"):
-        kwargs["additional_config"] = {"turboquant": {"key_offsets": key_offsets}}
+    if "_kc" in mode:
+        settings = {**kwargs.get("additional_config", {}).get("turboquant", {}), "key_offsets": key_offsets}
+        kwargs["additional_config"] = {"turboquant": settings}
     llm = LLM(
         model=model_dir,
         dtype="bfloat16",
@@ -155,7 +161,7 @@ def main() -> None:
 
     smollm2_hf_dir()  # convert the GGUF once here, not inside the first mode's time budget
     offsets_path = calibration = None
-    if any(m.endswith("_kc") for m in args.modes.split(",")):
+    if any("_kc" in m for m in args.modes.split(",")):
         skip = args.windows * args.window_len
         offsets_path = calibrate(skip, args.calibration_tokens, args.out)
         calibration = {"file": offsets_path, "tokens": args.calibration_tokens, "after_the_first": skip}

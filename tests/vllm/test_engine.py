@@ -65,6 +65,7 @@ def test_custom_backend_generates(head_dim, heads, kv_heads, enforce_eager):
     ("extra", "needle"),
     [
         ({"additional_config": {"turboquant": {"k_bits": 5}}}, "k_bits=5"),
+        ({"additional_config": {"turboquant": {"sink_tokens": 17}}}, "sink_tokens=17"),
         ({"kv_cache_dtype": "fp8"}, "kv-cache-dtype fp8"),
         ({"shape": {**SMALL, "head_dim": 100}}, "head_dim=100"),
     ],
@@ -90,3 +91,17 @@ def test_custom_backend_with_key_offsets_under_cuda_graphs(tmp_path):
     save_key_offsets(wrong, torch.zeros(1, SMALL["num_key_value_heads"], SMALL["head_dim"]))  # one layer only
     bad = probe({**spec, "additional_config": {"turboquant": {"key_offsets": str(wrong)}}})
     assert not bad["ok"] and "calibrate for this model" in bad["error"], bad["error"][-2000:]
+
+
+def test_custom_backend_with_exact_sinks_under_cuda_graphs():
+    """sink_tokens=4 with prompts of 1-3 tokens (their sinks arrive in captured decode steps) and longer ones: the
+    same tokens as eager mode, and vLLM's memory profile counts the tables (fewer blocks than without them)."""
+    prompts = [[1 + (i * 37 + j * 11) % 500 for j in range(n)] for i, n in enumerate((1, 2, 3, 40, 70))]
+    spec = dict(shape=SMALL, attention_backend="CUSTOM", max_model_len=2048, prompts=prompts,
+                additional_config={"turboquant": {"sink_tokens": 4}})  # fmt: skip
+    graphs, eager = probe({**spec, "enforce_eager": False}), probe({**spec, "enforce_eager": True})
+    plain = probe({**spec, "enforce_eager": True, "additional_config": {}})
+    assert graphs["ok"] and eager["ok"] and plain["ok"], (graphs.get("error"), eager.get("error"), plain.get("error"))
+    assert all(len(t) == 24 for t in graphs["tokens"])
+    assert graphs["tokens"] == eager["tokens"]
+    assert eager["num_gpu_blocks"] < plain["num_gpu_blocks"]
