@@ -267,8 +267,10 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self._key_offset: KeyOffset | None = None
-        self._sinks: SinkTable | None = None
         self._sink_entries = table_entries(_max_num_seqs())
+        self._sinks: SinkTable | None = None
+        if self.config.sink_tokens:  # vLLM builds the model on its device: the tables count as model memory
+            self._sinks = self._allocate_sinks(torch.get_default_dtype(), torch.get_default_device())
 
     def codec(self, device: torch.device) -> KVCodec:
         return shared_codec(self.config, self.num_kv_heads, self.head_size, device)
@@ -289,16 +291,23 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
             self._key_offset = KeyOffset.build(offset, codec.rotation)
         return self._key_offset
 
+    def _allocate_sinks(self, dtype: torch.dtype, device: torch.device) -> SinkTable:
+        return SinkTable.allocate(self._sink_entries, self.config.sink_tokens, self.num_kv_heads, self.head_size,
+                                  dtype, device)  # fmt: skip
+
     def sinks(self, like: torch.Tensor) -> SinkTable | None:
-        """This layer's exact-sink table (config.sink_tokens), allocated in vLLM's profiling run so the KV cache is
-        sized after it, in the model's dtype; its address must not change once CUDA graphs are captured."""
+        """This layer's exact-sink table (config.sink_tokens) on the device and in the dtype of `like`.
+
+        vLLM constructs the layers under its device and dtype, so the table is allocated then and its memory is
+        counted before the KV cache is sized; elsewhere (tests) on first use. Its address must not change once CUDA
+        graphs are captured."""
         if not self.config.sink_tokens:
             return None
-        if self._sinks is None:
+        table = self._sinks
+        if table is None or table.kv.device != like.device or table.kv.dtype != like.dtype:
             if like.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("TurboQuant sink tables must be allocated before CUDA graph capture")
-            self._sinks = SinkTable.allocate(self._sink_entries, self.config.sink_tokens, self.num_kv_heads,
-                                             self.head_size, like.dtype, like.device)  # fmt: skip
+            self._sinks = self._allocate_sinks(like.dtype, like.device)
         return self._sinks
 
     def do_kv_cache_update(
