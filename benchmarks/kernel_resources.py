@@ -36,7 +36,7 @@ POINTERS = {
     "out_ptr": "*bf16", "ws_acc_ptr": "*fp32", "ws_max_ptr": "*fp32", "ws_sum_ptr": "*fp32", "qk_scale": "fp32",
     "koff_ptr": "*fp32", "lut_ptr": "*i32", "ws_q_ptr": "*fp32", "slot_ptr": "*i64", "k_bnd_ptr": "*fp32",
     "k_cent32_ptr": "*fp32", "v_bnd_ptr": "*fp32", "v_cent32_ptr": "*fp32", "koff_orig_ptr": "*fp32",
-    "ws_ticket_ptr": "*i32",
+    "ws_ticket_ptr": "*i32", "sink_kv_ptr": "*bf16", "sink_tag_ptr": "*i32",
 }  # fmt: skip
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
@@ -151,6 +151,7 @@ def compile_attention(
     change: dict,
     key_offset: bool = False,
     store_new: bool = False,
+    sinks: int = 0,
 ) -> dict:
     """Compile _attention_kernel as paged_attention would launch it for a bf16 decode batch with num_splits
     splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles)."""
@@ -161,7 +162,7 @@ def compile_attention(
     try:
         codec = KVCodec(TQConfig(), num_kv_heads, head_dim)
         meta = decode_tiles.attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, num_splits,
-                                      key_offset=key_offset, store_new=store_new)  # fmt: skip
+                                      key_offset=key_offset, store_new=store_new, sinks=sinks)  # fmt: skip
         launch = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
         signature, constexprs, attrs = runtime_signature(meta, launch_ints(head_dim, num_heads, num_kv_heads, split))
         source = ASTSource(decode._attention_kernel, signature, constexprs, attrs)
@@ -174,7 +175,8 @@ def compile_attention(
     by_regs = REGISTERS_PER_SM // max(1, per_thread * 32 * warps)
     return {
         "head_dim": head_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "split_k": split,
-        "num_splits": num_splits, "key_offset": key_offset, "store_new": store_new, "block_n": meta["BLOCK_N"],
+        "num_splits": num_splits, "key_offset": key_offset, "store_new": store_new, "sinks": sinks,
+        "block_n": meta["BLOCK_N"],
         "swap_ab": meta["SWAP_AB"], "maxnreg": launch.get("maxnreg"),
         "tiles": dataclasses.asdict(dataclasses.replace(default, **change)), **report,
         "shared_bytes": kernel.metadata.shared,
@@ -229,12 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
     cases += [(128, 32, 8, 3, {}, False, True), (128, 32, 8, wide, {}, True, True)]  # with the fused store
     cases += [(128, 32, 8, 3, {"tail_merge_min_splits": 2})]
+    cases += [(128, 32, 8, n, {}, False, False, 4) for n in (1, 3, wide)]  # with 4 exact sinks (kernels/sinks.py)
     rows = []
     for case in cases:
         rows.append(compile_attention(*case))
         r = rows[-1]
         label = str(case[4] or "default") if not r["key_offset"] else "key offset"
         label += " + fused store" if r["store_new"] else ""
+        label += f" + {r['sinks']} sinks" if r["sinks"] else ""
         print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}, context loop "
