@@ -30,7 +30,7 @@ def resources(tmp_path_factory) -> dict:
 def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(resources):
     rows = [r for r in resources["rows"] if r["head_dim"] == 128]
     tiles = decode_tiles.TILES[128]
-    defaults = [r for r in rows if r["tiles"] == dataclasses.asdict(tiles) and not r["store_new"]]
+    defaults = [r for r in rows if r["tiles"] == dataclasses.asdict(tiles) and not r["store_new"] and not r["sinks"]]
     narrow = [r for r in defaults if r["num_splits"] < decode_tiles.WIDE_MIN_SPLITS]
     assert len(narrow) == 4  # split-K and fused launches, without and with key offsets
     for r in narrow:
@@ -45,6 +45,15 @@ def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(resources):
     assert wide_store["tiles"] == dataclasses.asdict(tiles)
     for r in (wide, wide_store):
         assert r["spill_store_bytes"] <= 64, r
+
+
+def test_exact_sinks_keep_the_register_budget(resources):
+    """The sink tile (kernels/sinks.py) adds no program-per-SM loss and no tile's worth of spills at any split count."""
+    rows = [r for r in resources["rows"] if r["sinks"]]
+    assert sorted(r["num_splits"] for r in rows) == [1, 3, decode_tiles.WIDE_MIN_SPLITS]
+    for r in rows:
+        narrow = r["num_splits"] < decode_tiles.WIDE_MIN_SPLITS
+        assert r["programs_per_sm_by_registers"] >= (3 if narrow else 2) and r["spill_store_bytes"] <= 64, r
 
 
 def test_split_reduce_never_spills(resources):
