@@ -388,6 +388,7 @@ def run_calibrate(args: argparse.Namespace) -> None:
     save_key_offsets(args.out, offsets, model=path, tokens=tokens, skip=args.skip, **provenance(sys.argv))
     console.print(f"wrote {args.out}: key offsets {tuple(offsets.shape)} (layers, KV heads, head_dim)")
     console.print(f'vLLM: additional_config={{"turboquant": {{"key_offsets": "{Path(args.out).resolve()}"}}}}')
+    console.print('      add "sink_tokens": 4 to keep the first 4 tokens of each sequence exact (our best quality)')
 
 
 def run_eval(args: argparse.Namespace) -> None:
