@@ -13,6 +13,7 @@ from turboquant_vllm.kernels import decode_tiles
 from turboquant_vllm.kernels import sinks as sinks_module
 from turboquant_vllm.kernels.reference import paged_attention_ref
 from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
+from turboquant_vllm.rotation import haar_rotation
 from turboquant_vllm.vllm.prefill import plan_prefill, prefill_attention
 
 S = 4  # sink tokens in these tests
@@ -50,8 +51,7 @@ def new_table(device, entries=64, kv_heads=2, head_dim=64) -> SinkTable:
 
 
 def rotation(device, head_dim=64) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=torch.Generator().manual_seed(5)))
-    return q.to(device)
+    return haar_rotation(5, head_dim).float().to(device)
 
 
 def test_writer_stores_rotated_rows_of_sink_positions_only(device):

@@ -202,8 +202,8 @@ def _attention_kernel(
     if SINKS:  # positions of the first tile (split 0's) that the exact tile replaces
         sink_block = tl.load(bt_row).to(tl.int64)
         sink_row0 = (sink_block % sink_entries) * SINKS
-        sink_drop = trusted_sinks(tl.arange(0, BLOCK_N), ctx_len, sink_tag_ptr, sink_row0, sink_block, SINKS)
-        sink_drop = sink_drop & (split == 0)
+        sink_ctx = tl.where(split == 0, ctx_len, 0)  # other splits hold no sinks: no tag loads there
+        sink_drop = trusted_sinks(tl.arange(0, BLOCK_N), sink_ctx, sink_tag_ptr, sink_row0, sink_block, SINKS)
         if PREFETCH:
             live = live & ~sink_drop
     if Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr: contiguous [tokens, heads, HEAD_DIM]
@@ -279,7 +279,7 @@ def _attention_kernel(
     if SINKS:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if split == 0:  # the exact sinks, rotated like the pages: one more tile
             sink = tl.arange(0, SINK_TILE)
-            sink_ok = trusted_sinks(sink, ctx_len, sink_tag_ptr, sink_row0, sink_block, SINKS)
+            sink_ok = trusted_sinks(sink, sink_ctx, sink_tag_ptr, sink_row0, sink_block, SINKS)
             sink_off = (sink_row0 + sink).to(tl.int64) * (2 * tl.num_programs(1) * HEAD_DIM) + kh * HEAD_DIM
             sink_mask = sink_ok[:, None] & dim_ok[None, :]
             k_sink = tl.load(sink_kv_ptr + sink_off[:, None] + dim[None, :], mask=sink_mask, other=0.0)
