@@ -295,6 +295,11 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
     variants = [
         {},
         {"lut": False},  # codebook gathers from memory instead of byte permutes in registers
+        {"k_fragment": False},  # keys decoded in page order: Triton moves them to the A fragment through shared memory
+        {"lut_pairs": False},  # the lookup's fp16 pairs split into 16-bit registers and repacked for the MMA
+        {"k_fragment": False, "lut_pairs": False},
+        {"k_fragment": False, "lut_pairs": False, "store": "fused"},
+        {"store": "fused", "maxnreg": None},
         {"block_n": 32},
         {"block_n": 128},
         {"num_warps": 2},

@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             {"block_n": 32},
             {"unrotated_min_splits": 2},
             {"prerotate_q_min_splits": None},
+            {"k_fragment": False},
+            {"lut_pairs": False},
+            {"k_fragment": False, "lut_pairs": False},
         )  # fmt: skip
     ]
     cases += [(128, 32, 8, wide, {"prerotate_q_min_splits": None})]

@@ -83,6 +83,20 @@ def test_ptx_lookup_matches_the_codebook(head_dim):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_ptx_pair_lookup_matches_the_codebook(head_dim):
+    """The packed variant: each 32-bit output holds coordinates 2p (low half) and 2p + 1 of the word."""
+    centroids = torch.tensor(lloyd_max(4, head_dim).centroids, dtype=torch.float32)
+    t = lut.lut_tables(centroids).numpy().astype(np.uint32)
+    words = np.random.default_rng(head_dim + 1).integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)
+    inputs = {"$4": words, **{f"${6 + 2 * i}": np.full_like(words, t[i]) for i in range(4)}}
+    regs = run_ptx(lut._ASM_PAIRS.value, inputs)
+    pairs = np.stack([regs[f"${p}"] for p in range(4)], -1)  # [N, 4] uint32
+    got = np.stack([pairs & 0xFFFF, pairs >> 16], -1).reshape(-1, 8).astype(np.uint16).view(np.float16)
+    nibbles = (words[:, None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
+    np.testing.assert_array_equal(got, centroids.half().numpy()[nibbles])
+
+
 def test_tables_need_a_symmetric_fp16_codebook():
     c = torch.tensor(lloyd_max(4, 128).centroids, dtype=torch.float32)
     assert lut.lut_tables(c) is not None
@@ -107,3 +121,42 @@ def test_planes_interleave_back_to_coordinate_order(device):
     out = torch.empty_like(src)
     _planes_kernel[(1,)](src, out, ROWS=4, BLOCK_D=64)
     torch.testing.assert_close(out, src, rtol=0, atol=0)
+
+
+@triton.jit
+def _pairs_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    G: tl.constexpr = BLOCK_D // 8
+    base = src_ptr + tl.arange(0, ROWS)[:, None, None] * BLOCK_D + tl.arange(0, G)[None, :, None] * 8
+    base += tl.arange(0, 2)[None, None, :]
+    rows = lut.pairs_to_rows(tl.load(base), tl.load(base + 2), tl.load(base + 4), tl.load(base + 6), ROWS, BLOCK_D)
+    tl.store(out_ptr + tl.arange(0, ROWS)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], rows)
+
+
+def test_pairs_interleave_back_to_coordinate_order(device):
+    src = torch.arange(4 * 64, dtype=torch.float32, device=device).view(4, 64)
+    out = torch.empty_like(src)
+    _pairs_kernel[(1,)](src, out, ROWS=4, BLOCK_D=64)
+    torch.testing.assert_close(out, src, rtol=0, atol=0)
+
+
+@triton.jit
+def _lookup_kernel(words_ptr, lut_ptr, out_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAIRS: tl.constexpr):
+    G: tl.constexpr = BLOCK_D // 8
+    words = tl.load(words_ptr + tl.arange(0, ROWS)[:, None] * G + tl.arange(0, G)[None, :])
+    rows = lut.decode_lut(words, lut_ptr, ROWS, BLOCK_D, PAIRS)
+    tl.store(out_ptr + tl.arange(0, ROWS)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pairs", [False, True])
+@pytest.mark.parametrize("rows, head_dim", [(64, 128), (128, 128), (16, 64)])
+def test_lookup_in_a_kernel_matches_the_codebook(cuda, pairs, rows, head_dim):
+    """On the GPU the PTX runs inside Triton's layouts: which elements share an asm call (pack=2) is Triton's choice."""
+    centroids = torch.tensor(lloyd_max(4, head_dim).centroids, dtype=torch.float32)
+    tables = lut.lut_tables(centroids).to(cuda)
+    g = torch.Generator().manual_seed(rows + head_dim)
+    words = torch.randint(-(2**31), 2**31, (rows, head_dim // 8), generator=g, dtype=torch.int64).to(torch.int32)
+    out = torch.empty(rows, head_dim, dtype=torch.float16, device=cuda)
+    _lookup_kernel[(1,)](words.to(cuda), tables, out, ROWS=rows, BLOCK_D=head_dim, PAIRS=pairs)
+    nibbles = ((words.to(torch.int64) & 0xFFFFFFFF)[:, :, None] >> (4 * torch.arange(8))) & 0xF
+    torch.testing.assert_close(out.cpu(), centroids.half()[nibbles.reshape(rows, head_dim)], rtol=0, atol=0)

@@ -21,7 +21,8 @@ from turboquant_vllm.kernels.decode_reduce import (
     reduce_grid,
 )
 from turboquant_vllm.kernels.decode_tiles import attention_meta, reduce_meta, stores_in_attention
-from turboquant_vllm.kernels.lut import lut_decode_words
+from turboquant_vllm.kernels.fragment import fragment_columns, fragment_rows
+from turboquant_vllm.kernels.lut import decode_lut
 from turboquant_vllm.kernels.page import context_tile, split_words, tile_pages
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.kernels.sinks import SinkTable, trusted_sinks
@@ -128,8 +129,8 @@ def _attention_kernel(
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
     PREFETCH: tl.constexpr, PAGES_AHEAD: tl.constexpr, TILE_ROW_SUM: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
-    K_LUT: tl.constexpr, V_LUT: tl.constexpr,
-    SWAP_AB: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr, Q_ROTATED: tl.constexpr,
+    K_LUT: tl.constexpr, V_LUT: tl.constexpr, LUT_PAIRS: tl.constexpr,
+    SWAP_AB: tl.constexpr, K_FRAGMENT: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr, Q_ROTATED: tl.constexpr,
     TAIL_MERGE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
@@ -194,7 +195,7 @@ def _attention_kernel(
         live, k_words, k_scale, v_words, v_scale = context_tile(
             tile_lo, ctx_hi, pages, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
             PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-            V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
+            V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT, bt_row)  # fmt: skip
         if PAGES_AHEAD:
             pages = tile_pages(tile_lo + 1, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
     if PDL:  # queries, this step's K/V and the workspace from here on
@@ -203,7 +204,8 @@ def _attention_kernel(
         sink_block = tl.load(bt_row).to(tl.int64)
         sink_row0 = (sink_block % sink_entries) * SINKS
         sink_ctx = tl.where(split == 0, ctx_len, 0)  # other splits hold no sinks: no tag loads there
-        sink_drop = trusted_sinks(tl.arange(0, BLOCK_N), sink_ctx, sink_tag_ptr, sink_row0, sink_block, SINKS)
+        first_rows = fragment_rows(BLOCK_N) if K_FRAGMENT else tl.arange(0, BLOCK_N)  # in context_tile's order
+        sink_drop = trusted_sinks(first_rows, sink_ctx, sink_tag_ptr, sink_row0, sink_block, SINKS)
         if PREFETCH:
             live = live & ~sink_drop
     if Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr: contiguous [tokens, heads, HEAD_DIM]
@@ -219,7 +221,7 @@ def _attention_kernel(
     TOK_AXIS: tl.constexpr = 0 if SWAP_AB else 1  # the axis of a score tile that holds its tokens
     ROW_AXIS: tl.constexpr = 1 - TOK_AXIS
     if SWAP_AB:  # scores and output transposed: the tile's tokens and head dims fill the MMA's M side
-        q_rot_t = tl.trans(q_rot)
+        q_rot_t = tl.trans(fragment_columns(q_rot, BLOCK_M, BLOCK_D) if K_FRAGMENT else q_rot)
         acc_t = tl.trans(acc)
     if TILE_ROW_SUM:  # per-position partial sums: the row sum crosses warps once, after the loop
         l_tile = tl.zeros([BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N], tl.float32)
@@ -230,22 +232,25 @@ def _attention_kernel(
             nxt = context_tile(
                 tile + 1, ctx_hi, pages, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
                 PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-                V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
+                V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT, bt_row)  # fmt: skip
             if PAGES_AHEAD:
                 pages = tile_pages(tile + 2, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
         else:
             live, k_words, k_scale, v_words, v_scale = context_tile(
                 tile, ctx_len, tile_pages(tile, ctx_len, bt_row, BLOCK_N, BLOCK_SIZE), cache_ptr, kh, BLOCK_N,
                 BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES,
-                K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, INDEX_ALIGN)  # fmt: skip
+                K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT,
+                bt_row)  # fmt: skip
             if SINKS:
                 live = live & ~(sink_drop & (tile == 0))
         if K_LUT:
-            k = lut_decode_words(k_words, lut_ptr, BLOCK_N, BLOCK_D)
+            k = decode_lut(k_words, lut_ptr, BLOCK_N, BLOCK_D, LUT_PAIRS)
         else:
             k = tl.load(k_cent_ptr + split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
+        if K_FRAGMENT:  # key columns (and, in context_tile, the tile's tokens) in the A fragment's order
+            k = fragment_columns(k, BLOCK_N, BLOCK_D)
         if V_LUT:
-            v = lut_decode_words(v_words, lut_ptr + 4, BLOCK_N, BLOCK_D)
+            v = decode_lut(v_words, lut_ptr + 4, BLOCK_N, BLOCK_D, LUT_PAIRS)
         else:
             v = tl.load(v_cent_ptr + split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
         # [BLOCK_N, BLOCK_M] swapped, else [BLOCK_M, BLOCK_N]

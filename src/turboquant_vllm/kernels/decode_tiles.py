@@ -49,6 +49,8 @@ class Tiles:
     rot_chunk: int = ROT_CHUNK  # columns of R per step where the attention launch rotates (new V, queries, output)
     wide_rot_chunk: int | None = None  # rot_chunk of wide launches (None: rot_chunk)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
+    lut_pairs: bool = True  # the lookups' fp16 pairs kept in one register each (lut_decode_pairs)
+    k_fragment: bool = False  # swapped tiles: keys decoded in the wgmma fragment's order (kernels/fragment.py)
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
     reduce_splits: int = 8  # splits the split-K reduce reads per step ([16 rows, this, BLOCK_D] fp32 in registers)
     reduce_rot_chunk: int = ROT_CHUNK  # columns of R per un-rotation step in the reduce (BLOCK_D: one dot)
@@ -91,7 +93,7 @@ TILES = {
     128: Tiles(
         64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, reduce_splits=2,
         reduce_rot_chunk=128, wide_reduce_rows=1, prerotate_q_min_splits=2, fused_store_min_splits=WIDE_MIN_SPLITS,
-        rot_chunk=64,
+        rot_chunk=64, k_fragment=True,
     ),
     256: Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
     512: Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
@@ -192,7 +194,8 @@ def attention_meta(
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
         # timed on decode tiles; a prefill tile's 64 x 64 per-position sums would spill (256 bytes at d=128)
         PAGES_AHEAD=tiles.pages_ahead and not varlen, TILE_ROW_SUM=tiles.tile_row_sum and not varlen,
-        SWAP_AB=swap, K_LUT=k_lut, V_LUT=v_lut, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
+        SWAP_AB=swap, K_FRAGMENT=swap and tiles.k_fragment and block_n % 64 == 0, K_LUT=k_lut, V_LUT=v_lut,
+        LUT_PAIRS=tiles.lut_pairs, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
         TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,
         MERGE_SPLITS=tiles.tail_merge_splits,

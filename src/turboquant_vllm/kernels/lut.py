@@ -24,20 +24,19 @@ LUT_BITS = 4
 # (lo0: ranks 0-3, lo1: 4-7) and high bytes (hi0, hi1) of the 8 fp16 magnitudes; interleaving them
 # gives fp16 pairs, and XOR-ing the sign into each high byte negates. The sign of coordinate k
 # sits at bit 4k+3 of f: g = f << 4 moves the even coordinates' signs to bit 7 of their bytes.
-_ASM = tl.constexpr("""
-{
-.reg .b32 f, fl, sel, selh, la, ha, lb, hb, g, sa, sb, o01, o23, o45, o67;
-not.b32 f, $8;
+_LOOKUP = """
+.reg .b32 f, fl, sel, selh, la, ha, lb, hb, g, sa, sb;
+not.b32 f, {w};
 and.b32 f, f, 0x88888888;
 shr.u32 fl, f, 3;
 sub.u32 fl, f, fl;
-xor.b32 sel, $8, fl;
+xor.b32 sel, {w}, fl;
 and.b32 sel, sel, 0x77777777;
 shr.u32 selh, sel, 16;
-prmt.b32 la, $9, $10, sel;
-prmt.b32 ha, $11, $12, sel;
-prmt.b32 lb, $9, $10, selh;
-prmt.b32 hb, $11, $12, selh;
+prmt.b32 la, {lo0}, {lo1}, sel;
+prmt.b32 ha, {hi0}, {hi1}, sel;
+prmt.b32 lb, {lo0}, {lo1}, selh;
+prmt.b32 hb, {hi0}, {hi1}, selh;
 shl.b32 g, f, 4;
 prmt.b32 sa, g, f, 0x5140;
 prmt.b32 sb, g, f, 0x7362;
@@ -45,16 +44,29 @@ and.b32 sa, sa, 0x80808080;
 and.b32 sb, sb, 0x80808080;
 xor.b32 ha, ha, sa;
 xor.b32 hb, hb, sb;
-prmt.b32 o01, la, ha, 0x5140;
-prmt.b32 o23, la, ha, 0x7362;
-prmt.b32 o45, lb, hb, 0x5140;
-prmt.b32 o67, lb, hb, 0x7362;
-mov.b32 {$0, $1}, o01;
-mov.b32 {$2, $3}, o23;
-mov.b32 {$4, $5}, o45;
-mov.b32 {$6, $7}, o67;
-}
-""")
+"""
+# Outputs as four fp16 pairs (coordinates 0-1, 2-3, 4-5, 6-7), each a 32-bit register o01 .. o67.
+_PAIRS = """
+prmt.b32 {o01}, la, ha, 0x5140;
+prmt.b32 {o23}, la, ha, 0x7362;
+prmt.b32 {o45}, lb, hb, 0x5140;
+prmt.b32 {o67}, lb, hb, 0x7362;
+"""
+# One fp16 per output: $0-$7 (16-bit registers), word $8, tables $9-$12.
+_ASM = tl.constexpr(
+    "{\n.reg .b32 o01, o23, o45, o67;"
+    + _LOOKUP.format(w="$8", lo0="$9", lo1="$10", hi0="$11", hi1="$12")
+    + _PAIRS.format(o01="o01", o23="o23", o45="o45", o67="o67")
+    + "mov.b32 {$0, $1}, o01;\nmov.b32 {$2, $3}, o23;\nmov.b32 {$4, $5}, o45;\nmov.b32 {$6, $7}, o67;\n}"
+)
+# pack=2: a pair per 32-bit output $0-$3; Triton passes each input twice (both elements of the pair axis):
+# the word as $4 $5, the tables as $6 $7 .. $12 $13.
+_ASM_PAIRS = tl.constexpr(
+    "{"
+    + _LOOKUP.format(w="$4", lo0="$6", lo1="$8", hi0="$10", hi1="$12")
+    + _PAIRS.format(o01="$0", o23="$1", o45="$2", o67="$3")
+    + "}"
+)
 
 
 def lut_tables(centroids: torch.Tensor) -> torch.Tensor | None:
@@ -79,6 +91,40 @@ def lut_decode_words(words, lut_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         dtype=(tl.float16,) * 8, is_pure=True, pack=1,
     )  # fmt: skip
     return planes_to_rows(c0, c1, c2, c3, c4, c5, c6, c7, ROWS, BLOCK_D)
+
+
+@triton.jit
+def lut_decode_pairs(words, lut_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """lut_decode_words with the lookup's fp16 pairs kept packed, so no register moves repack them."""
+    lo0 = tl.load(lut_ptr)
+    lo1 = tl.load(lut_ptr + 1)
+    hi0 = tl.load(lut_ptr + 2)
+    hi1 = tl.load(lut_ptr + 3)
+    w2 = tl.join(words, words)  # [ROWS, GROUPS, 2]: a pair axis held by one thread
+    o0, o1, o2, o3 = tl.inline_asm_elementwise(
+        _ASM_PAIRS, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [w2, lo0, lo1, hi0, hi1],
+        dtype=(tl.float16,) * 4, is_pure=True, pack=2,
+    )  # fmt: skip
+    return pairs_to_rows(o0, o1, o2, o3, ROWS, BLOCK_D)
+
+
+@triton.jit
+def decode_lut(words, lut_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAIRS: tl.constexpr):
+    """lut_decode_pairs if PAIRS else lut_decode_words (Tiles.lut_pairs)."""
+    if PAIRS:
+        return lut_decode_pairs(words, lut_ptr, ROWS, BLOCK_D)
+    else:
+        return lut_decode_words(words, lut_ptr, ROWS, BLOCK_D)
+
+
+@triton.jit
+def pairs_to_rows(o0, o1, o2, o3, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Interleave 4 tensors [ROWS, BLOCK_D // 8, 2] (op[.., g, e] = coordinate 2p + e of group g) into rows.
+
+    The joins append the pair index's two bits after e (low bit first); the permute moves e last again.
+    """
+    x = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [ROWS, GROUPS, e, p & 1, p >> 1]
+    return tl.reshape(tl.permute(x, (0, 1, 4, 3, 2)), (ROWS, BLOCK_D))
 
 
 @triton.jit

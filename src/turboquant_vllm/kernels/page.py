@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from turboquant_vllm.kernels.fragment import fragment_rows, fragment_tokens
+
 
 @triton.jit
 def token_fields(
@@ -78,12 +80,13 @@ def context_tile(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
-    INDEX_ALIGN: tl.constexpr,
+    INDEX_ALIGN: tl.constexpr, FRAGMENT: tl.constexpr = False, bt_row=None,
 ):  # fmt: skip
     """Issue the loads of one BLOCK_N tile of cached tokens: K/V index words and scales (0 past ctx_len).
 
     block holds the tile's page ids (tile_pages). Within a page this KV head's tokens are contiguous per field,
-    so the tile reads whole runs.
+    so the tile reads whole runs. With FRAGMENT the tile's tokens come in fragment_tokens' order: the words are
+    reordered after their load, the per-token vectors loaded in that order (their pages read again from bt_row).
     """
     pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     live = pos < ctx_len
@@ -91,7 +94,16 @@ def context_tile(
         cache_ptr, block, (pos % BLOCK_SIZE).to(tl.int64), kh, PAGE_BYTES, RUN_BYTES,
         K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
     k_words = index_words(k_index, live, K_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
-    k_scale = tl.load(k_scale_ptr, mask=live, other=0.0)
     v_words = index_words(v_index, live, V_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
+    if FRAGMENT:
+        k_words = fragment_tokens(k_words, BLOCK_N, BLOCK_D // 8)
+        v_words = fragment_tokens(v_words, BLOCK_N, BLOCK_D // 8)
+        pos = tile * BLOCK_N + fragment_rows(BLOCK_N)
+        live = pos < ctx_len
+        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+        _, k_scale_ptr, _, v_scale_ptr = token_fields(
+            cache_ptr, block, (pos % BLOCK_SIZE).to(tl.int64), kh, PAGE_BYTES, RUN_BYTES,
+            K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
+    k_scale = tl.load(k_scale_ptr, mask=live, other=0.0)
     v_scale = tl.load(v_scale_ptr, mask=live, other=0.0)
     return live, k_words, k_scale, v_words, v_scale
