@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             {"unrotated_min_splits": 2},
             {"prerotate_q_min_splits": None},
             {"k_fragment": False},
-            {"lut_pairs": False},
-            {"k_fragment": False, "lut_pairs": False},
+            {"lut_pairs": True},
+            {"k_fragment": False, "lut_pairs": True},
         )  # fmt: skip
     ]
     cases += [(128, 32, 8, wide, {"prerotate_q_min_splits": None})]

@@ -49,7 +49,7 @@ class Tiles:
     rot_chunk: int = ROT_CHUNK  # columns of R per step where the attention launch rotates (new V, queries, output)
     wide_rot_chunk: int | None = None  # rot_chunk of wide launches (None: rot_chunk)
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
-    lut_pairs: bool = True  # the lookups' fp16 pairs kept in one register each (lut_decode_pairs)
+    lut_pairs: bool = False  # the lookups' fp16 pairs kept in one register each (lut_decode_pairs)
     k_fragment: bool = False  # swapped tiles: keys decoded in the wgmma fragment's order (kernels/fragment.py)
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
     reduce_splits: int = 8  # splits the split-K reduce reads per step ([16 rows, this, BLOCK_D] fp32 in registers)
