@@ -82,6 +82,7 @@ class Tiles:
 # - The reduce un-rotates with all of R in one dot at 3 splits, one row a program by multiply-adds at 32.
 # - The step's queries are rotated once, in a launch of their own; one-sequence launches also store the new K/V.
 # - Block-table entries a tile ahead, softmax sums per position until the loop ends.
+# - Keys decoded in the A fragment's order: no shared-memory round trip for the key tile (kernels/fragment.py).
 # - R in 64-column slices where the launch rotates (the last split's tail waits on each slice's L2 read).
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
