@@ -26,10 +26,11 @@ from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode, decode_tiles, pdl
 from turboquant_vllm.kernels import store as store_kernel
-from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
+from turboquant_vllm.kernels.decode import paged_attention
 from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits
 from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
 from turboquant_vllm.kernels.store import store_kv
+from turboquant_vllm.kernels.workspace import AttentionWorkspace
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VLLM_TQ_PRESET = "turboquant_4bit_nc"  # 4-bit Lloyd-Max keys, 4-bit uniform values: the closest vLLM mode

@@ -18,10 +18,11 @@ from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode_tiles, pdl
 from turboquant_vllm.kernels import store as store_module
-from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
+from turboquant_vllm.kernels.decode import paged_attention
 from turboquant_vllm.kernels.decode_tiles import choose_num_splits
 from turboquant_vllm.kernels.reference import paged_attention_ref, sequence_slots, store_ref
 from turboquant_vllm.kernels.store import store_kv
+from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.key_offset import KeyOffset
 
 POISON = 0xFF  # bytes of pages the kernel must never read: their fp32 scales are NaN

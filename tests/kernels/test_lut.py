@@ -116,13 +116,6 @@ def _planes_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     tl.store(out_ptr + tl.arange(0, ROWS)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], rows)
 
 
-def test_planes_interleave_back_to_coordinate_order(device):
-    src = torch.arange(4 * 64, dtype=torch.float32, device=device).view(4, 64)
-    out = torch.empty_like(src)
-    _planes_kernel[(1,)](src, out, ROWS=4, BLOCK_D=64)
-    torch.testing.assert_close(out, src, rtol=0, atol=0)
-
-
 @triton.jit
 def _pairs_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     G: tl.constexpr = BLOCK_D // 8
@@ -132,10 +125,11 @@ def _pairs_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     tl.store(out_ptr + tl.arange(0, ROWS)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], rows)
 
 
-def test_pairs_interleave_back_to_coordinate_order(device):
+@pytest.mark.parametrize("kernel", [_planes_kernel, _pairs_kernel], ids=["planes", "pairs"])
+def test_interleave_back_to_coordinate_order(device, kernel):
     src = torch.arange(4 * 64, dtype=torch.float32, device=device).view(4, 64)
     out = torch.empty_like(src)
-    _pairs_kernel[(1,)](src, out, ROWS=4, BLOCK_D=64)
+    kernel[(1,)](src, out, ROWS=4, BLOCK_D=64)
     torch.testing.assert_close(out, src, rtol=0, atol=0)
 
 

@@ -17,6 +17,7 @@ import pytest
 from turboquant_vllm.kernels import decode_tiles
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_resources.py"
+V_PROBE = SCRIPT.with_name("probe_v_fragment.py")
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,15 @@ def test_keys_reach_the_mma_without_shared_memory(resources):
         assert fragment["shared_stores"] < page["shared_stores"] and fragment["barriers"] < page["barriers"]
         assert fragment["instructions"] < page["instructions"]
     assert pairs["register_moves"] < default["register_moves"] and pairs["instructions"] < default["instructions"]
+
+
+def test_values_in_fragment_order_would_skip_shared_memory():
+    """docs/design-v-fragment.md rests on this: V^T decoded from the proposed field order reaches wgmma from
+    registers (only P is stored to shared memory), where today's page order stores the tile and reads it back."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(V_PROBE)], env=env, check=True, capture_output=True, text=True)
+    rows = {r["v_order"]: r for r in json.loads(res.stdout)["rows"]}
+    page, fragment = rows["page"], rows["fragment"]
+    assert fragment["shared_memory_conversions"] == 1 < page["shared_memory_conversions"], rows
+    assert fragment["context_loop_sass"]["shared_stores"] < page["context_loop_sass"]["shared_stores"], rows
+    assert fragment["spill_store_bytes"] == 0, fragment

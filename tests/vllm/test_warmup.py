@@ -8,7 +8,7 @@ import torch
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.config import TQConfig
 from turboquant_vllm.kernels import decode, decode_tiles, dequant, store
-from turboquant_vllm.kernels.decode import AttentionWorkspace
+from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.vllm import warmup
 
 

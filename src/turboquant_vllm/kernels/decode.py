@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -27,55 +25,12 @@ from turboquant_vllm.kernels.page import context_tile, split_words, tile_pages
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.kernels.sinks import SinkTable, trusted_sinks
 from turboquant_vllm.kernels.store import check_slots, store_head, store_kv
+from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
 LOG2E = 1.4426950408889634
 QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-@dataclass
-class AttentionWorkspace:
-    """Split-K partials, preallocated once so launches never allocate (CUDA-graph capture).
-
-    acc: fp32 [max_tokens, num_heads, max_splits, head_dim], unnormalised, rotated basis.
-    row_max, row_sum: fp32 [max_tokens, num_heads, max_splits], softmax max (log2 units) and sum.
-    query: fp32 [max_tokens, num_heads, head_dim], contiguous: the step's queries rotated once (q R^T).
-    tickets: int32, one per (query tile, KV head) program row of a launch: how many of its split programs have
-        stored their partials (Tiles.tail_merge_min_splits). Zero between launches: the merging program resets it.
-    """
-
-    acc: torch.Tensor
-    row_max: torch.Tensor
-    row_sum: torch.Tensor
-    query: torch.Tensor
-    tickets: torch.Tensor
-
-    @classmethod
-    def allocate(
-        cls,
-        max_tokens: int,
-        num_heads: int,
-        head_dim: int,
-        max_splits: int,
-        device: torch.device | str,
-        max_seqs: int | None = None,
-    ) -> AttentionWorkspace:
-        """max_seqs: sequences a launch may have (default max_tokens); they bound the launch's query tiles."""
-        acc = torch.empty(max_tokens, num_heads, max_splits, head_dim, dtype=torch.float32, device=device)
-        stats = torch.empty(2, max_tokens, num_heads, max_splits, dtype=torch.float32, device=device)
-        query = torch.empty(max_tokens, num_heads, head_dim, dtype=torch.float32, device=device)
-        q_tiles = max_tokens + (max_tokens if max_seqs is None else max_seqs)  # >= cdiv(tokens, BLOCK_Q) + seqs
-        tickets = torch.zeros(q_tiles * num_heads, dtype=torch.int32, device=device)
-        return cls(acc, stats[0], stats[1], query, tickets)
-
-    @property
-    def max_tokens(self) -> int:
-        return self.acc.shape[0]
-
-    @property
-    def max_splits(self) -> int:
-        return self.acc.shape[2]
 
 
 @triton.jit

@@ -80,26 +80,32 @@ def lut_tables(centroids: torch.Tensor) -> torch.Tensor | None:
 
 
 @triton.jit
-def lut_decode_words(words, lut_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """fp16 centroids [ROWS, BLOCK_D] of int32 words [ROWS, BLOCK_D // 8] (coordinate 8g + j = nibble j of word g)."""
-    lo0 = tl.load(lut_ptr)
-    lo1 = tl.load(lut_ptr + 1)
-    hi0 = tl.load(lut_ptr + 2)
-    hi1 = tl.load(lut_ptr + 3)
-    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+def _table_registers(lut_ptr):
+    """The four table registers of lut_tables: (lo0, lo1, hi0, hi1)."""
+    return tl.load(lut_ptr), tl.load(lut_ptr + 1), tl.load(lut_ptr + 2), tl.load(lut_ptr + 3)
+
+
+@triton.jit
+def lut_planes(words, lut_ptr):
+    """The 8 fp16 centroids of each int32 word (any shape), as 8 tensors of that shape: nibble j in the j-th."""
+    lo0, lo1, hi0, hi1 = _table_registers(lut_ptr)
+    return tl.inline_asm_elementwise(
         _ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [words, lo0, lo1, hi0, hi1],
         dtype=(tl.float16,) * 8, is_pure=True, pack=1,
     )  # fmt: skip
+
+
+@triton.jit
+def lut_decode_words(words, lut_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp16 centroids [ROWS, BLOCK_D] of int32 words [ROWS, BLOCK_D // 8] (coordinate 8g + j = nibble j of word g)."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = lut_planes(words, lut_ptr)
     return planes_to_rows(c0, c1, c2, c3, c4, c5, c6, c7, ROWS, BLOCK_D)
 
 
 @triton.jit
 def lut_decode_pairs(words, lut_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """lut_decode_words with the lookup's fp16 pairs kept packed, so no register moves repack them."""
-    lo0 = tl.load(lut_ptr)
-    lo1 = tl.load(lut_ptr + 1)
-    hi0 = tl.load(lut_ptr + 2)
-    hi1 = tl.load(lut_ptr + 3)
+    lo0, lo1, hi0, hi1 = _table_registers(lut_ptr)
     w2 = tl.join(words, words)  # [ROWS, GROUPS, 2]: a pair axis held by one thread
     o0, o1, o2, o3 = tl.inline_asm_elementwise(
         _ASM_PAIRS, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [w2, lo0, lo1, hi0, hi1],

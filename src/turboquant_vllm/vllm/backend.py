@@ -28,11 +28,12 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from turboquant_vllm.codec import KVCodec, shared_codec
 from turboquant_vllm.config import TQConfigError, check_head_dim
-from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
+from turboquant_vllm.kernels.decode import paged_attention
 from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits, decode_step_stores
 from turboquant_vllm.kernels.pdl import pdl_launch
 from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
 from turboquant_vllm.kernels.store import store_kv
+from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.key_offset import KeyOffset, layer_key_offset
 from turboquant_vllm.layout import PageLayout
 from turboquant_vllm.vllm.prefill import PrefillPlan, plan_prefill, prefill_attention

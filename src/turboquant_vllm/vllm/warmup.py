@@ -13,12 +13,13 @@ import torch
 import triton
 
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels.decode import AttentionWorkspace, paged_attention
+from turboquant_vllm.kernels.decode import paged_attention
 from turboquant_vllm.kernels.decode_tiles import WIDE_MIN_SPLITS, decode_step_stores
 from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.kernels.pdl import pdl_launch
 from turboquant_vllm.kernels.sinks import MIN_ENTRIES, SinkTable, write_sinks
 from turboquant_vllm.kernels.store import LARGE_BATCH_TOKENS, SMALL_BATCH_TOKENS, store_kv
+from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.key_offset import KeyOffset
 
 STORE_TOKENS = (1, SMALL_BATCH_TOKENS + 1, LARGE_BATCH_TOKENS)  # one batch per launch shape of store_kv
