@@ -5,7 +5,9 @@ Two toy loops over 64-token tiles compute acc += V^T . P (V^T from 4-bit words b
 memory), compiled for sm_90a without a GPU:
 - page order: each token's 16 index words together (today's pages), then a transpose;
 - fragment order: the proposed V field (word 2 * (32w + 4q + l) + b of a page holds dim 64b + 16w + 8a + q at
-  tokens 8h + 2l + e as nibble 4h + 2a + e), relabelled into V^T by reshapes and permutes only.
+  tokens 8h + 2l + e as nibble 4h + 2a + e), relabelled into V^T by reshapes and permutes only;
+- relabelled page order: today's pages, each thread reading 2 bytes (4 coordinates, relabelled as its fragment's
+  dims) of each of its 16 tokens, the u16 pairs of tokens 2l and 2l + 1 joined into one lookup word.
 The values are not checked (same words, different meanings); only the compiled code is compared.
 
     python benchmarks/probe_v_fragment.py
@@ -29,17 +31,26 @@ from turboquant_vllm.kernels.lut import lut_decode_words, lut_planes  # noqa: E4
 
 
 @triton.jit
-def _probe_kernel(v_ptr, p_ptr, lut_ptr, out_ptr, n_tiles, FRAGMENT: tl.constexpr):
+def _probe_kernel(v_ptr, p_ptr, lut_ptr, out_ptr, n_tiles, ORDER: tl.constexpr):
     acc = tl.zeros([128, 16], tl.float32)
     for t in range(n_tiles):
         p = tl.load(p_ptr + t * 1024 + tl.arange(0, 64)[:, None] * 16 + tl.arange(0, 16)[None, :])
-        if FRAGMENT:
+        if ORDER == 1:
             col = tl.max_contiguous(tl.multiple_of(tl.arange(0, 256), 2), 2)  # a thread's 8 bytes a page
             words = tl.load(v_ptr + t * 1024 + tl.arange(0, 4)[:, None] * 256 + col[None, :])
             c0, c1, c2, c3, c4, c5, c6, c7 = lut_planes(tl.reshape(words, (4, 128, 2)), lut_ptr)  # nibble 4h+2a+e
             x = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
             x = tl.reshape(x, (4, 4, 8, 4, 2, 2, 2, 2))  # page j, w, q, l, b | e, a, h
             vt = tl.reshape(tl.permute(x, (4, 1, 6, 2, 0, 7, 3, 5)), (128, 64))  # dims (b w a q) x tokens (j h l e)
+        elif ORDER == 2:
+            lane = tl.arange(0, 128)[:, None]  # 32w + 4q + l; the second axis is (j, h, e): 16 tokens a thread
+            tok = (tl.arange(0, 16) // 2 * 8 + tl.arange(0, 16) % 2)[None, :] + (lane % 4) * 2  # 16j + 8h + 2l + e
+            x = tl.load(v_ptr.to(tl.pointer_type(tl.uint16)) + t * 2048 + tok * 32 + lane // 4).to(tl.int32)
+            lo, hi = tl.split(tl.permute(tl.reshape(x, (128, 8, 2)), (1, 0, 2)))  # tokens 2l and 2l + 1
+            c0, c1, c2, c3, c4, c5, c6, c7 = lut_planes(lo | (hi << 16), lut_ptr)  # nibble 4e + 2b + a
+            x = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
+            x = tl.reshape(x, (4, 2, 4, 8, 4, 2, 2, 2))  # page j, h, w, q, l | a, b, e
+            vt = tl.reshape(tl.permute(x, (6, 2, 5, 3, 0, 1, 4, 7)), (128, 64))  # dims (b w a q) x tokens (j h l e)
         else:
             words = tl.load(v_ptr + t * 1024 + tl.arange(0, 64)[:, None] * 16 + tl.arange(0, 16)[None, :])
             vt = tl.trans(lut_decode_words(words, lut_ptr, 64, 128))
@@ -47,15 +58,18 @@ def _probe_kernel(v_ptr, p_ptr, lut_ptr, out_ptr, n_tiles, FRAGMENT: tl.constexp
     tl.store(out_ptr + tl.arange(0, 128)[:, None] * 16 + tl.arange(0, 16)[None, :], acc)
 
 
-def compile_probe(fragment: bool) -> dict:
+ORDERS = ("page", "fragment", "relabelled page")
+
+
+def compile_probe(order: str) -> dict:
     names = _probe_kernel.arg_names
     signature = {"v_ptr": "*i32", "p_ptr": "*fp16", "lut_ptr": "*i32", "out_ptr": "*fp32", "n_tiles": "i32"}
-    signature["FRAGMENT"] = "constexpr"
+    signature["ORDER"] = "constexpr"
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in ("v_ptr", "p_ptr", "lut_ptr", "out_ptr")}
-    source = ASTSource(_probe_kernel, signature, {(names.index("FRAGMENT"),): fragment}, aligned)
+    source = ASTSource(_probe_kernel, signature, {(names.index("ORDER"),): ORDERS.index(order)}, aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
     return {
-        "v_order": "fragment" if fragment else "page",
+        "v_order": order,
         **kernel_resources.ptxas_report(kernel.asm["ptx"], "sm_90a"),
         "shared_memory_conversions": kernel.asm["ttgir"].count("ttg.local_alloc"),
         "context_loop_sass": kernel_resources.context_loop_sass(kernel.asm["cubin"]),
@@ -63,7 +77,7 @@ def compile_probe(fragment: bool) -> dict:
 
 
 def main() -> int:
-    rows = [compile_probe(fragment) for fragment in (False, True)]
+    rows = [compile_probe(order) for order in ORDERS]
     print(json.dumps({"probe": "v_fragment", "target": "sm_90a (compiled, not run)", "triton": triton.__version__,
                       "rows": rows}, indent=1))  # fmt: skip
     return 0
