@@ -301,6 +301,13 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"k_fragment": False, "lut_pairs": False},
         {"k_fragment": False, "lut_pairs": False, "store": "fused"},
         {"store": "fused", "maxnreg": None},
+        # values too in the A fragment's order, from today's pages (docs/design-v-fragment.md): no shared-memory round
+        # trip for the V tile, 16 two-byte loads a thread and tile instead of 4 of 16 bytes; offline 714 -> 678
+        # instructions a tile, uncapped 626
+        {"v_fragment": True},
+        {"v_fragment": True, "maxnreg": None},
+        {"v_fragment": True, "store": "fused"},
+        {"v_fragment": True, "maxnreg": None, "store": "fused"},
         {"block_n": 32},
         {"block_n": 128},
         {"num_warps": 2},

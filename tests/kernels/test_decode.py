@@ -221,6 +221,27 @@ def test_pages_ahead_and_tile_row_sums_agree(device, monkeypatch, swap_ab, pages
     assert not prefill["PAGES_AHEAD"] and not prefill["TILE_ROW_SUM"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("k_fragment", "v_fragment", "block_size"),
+    [(False, False, 16), (True, False, 16), (True, True, 16), (True, True, 32)],
+)
+def test_fragment_orders_agree(device, monkeypatch, dtype, k_fragment, v_fragment, block_size):
+    """Keys and values decoded in the wgmma fragments' orders (kernels/fragment.py) give the same decode attention at
+    head_dim 128: 64-token tiles at 1 and 3 splits and 128-token wide tiles, contexts ending inside a page and inside
+    a 16-token group, poisoned pages around (the value loads read past the context unmasked). On the GPU only the
+    bf16 case swaps operands, so only it takes these paths there."""
+    tiles = dataclasses.replace(decode_tiles.TILES[128], k_fragment=k_fragment, v_fragment=v_fragment)
+    monkeypatch.setitem(decode_tiles.TILES, 128, tiles)
+    b = make_batch(device, [5, 300, 133, 700], [1, 1, 1, 1], num_heads=8, head_dim=128, block_size=block_size,
+                   dtype=dtype, seed=37)  # fmt: skip
+    want = b.expected()
+    for num_splits in (1, 3, decode_tiles.WIDE_MIN_SPLITS):
+        assert_matches(b.run(num_splits=num_splits), want, TOL_FP32 if dtype == torch.float32 else TOL_HALF)
+    meta = decode_tiles.attention_meta(b.codec, 8, dtype, device.type == "cuda", 1, block_size, False, 3)
+    assert (meta["K_FRAGMENT"], meta["V_FRAGMENT"]) == (k_fragment and meta["SWAP_AB"], v_fragment and meta["SWAP_AB"])
+
+
 def test_swap_and_register_cap_only_for_decode_tiles():
     """The d=128 register cap fits the 64-token decode tile; wide and prefill tiles would spill under it, and a
     prefill tile's 64 query rows already fill the MMA's M side. On the GPU only register-lookup tiles swap."""

@@ -108,6 +108,9 @@ def test_keys_reach_the_mma_without_shared_memory(resources):
         assert fragment["shared_stores"] < page["shared_stores"] and fragment["barriers"] < page["barriers"]
         assert fragment["instructions"] < page["instructions"]
     assert pairs["register_moves"] < default["register_moves"] and pairs["instructions"] < default["instructions"]
+    # values in the fragment's order too (Tiles.v_fragment, untimed): the V tile's shared-memory stores go as well
+    values = loop(v_fragment=True)
+    assert values["shared_stores"] < default["shared_stores"] and values["instructions"] < default["instructions"]
 
 
 def test_values_in_fragment_order_would_skip_shared_memory():

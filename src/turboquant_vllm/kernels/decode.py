@@ -19,9 +19,15 @@ from turboquant_vllm.kernels.decode_reduce import (
     reduce_grid,
 )
 from turboquant_vllm.kernels.decode_tiles import attention_meta, reduce_meta, stores_in_attention
-from turboquant_vllm.kernels.fragment import fragment_columns, fragment_rows
-from turboquant_vllm.kernels.lut import decode_lut
-from turboquant_vllm.kernels.page import context_tile, split_words, tile_pages
+from turboquant_vllm.kernels.fragment import (
+    fragment_columns,
+    fragment_rows,
+    value_fragment_dims,
+    value_fragment_probs,
+    value_fragment_tile,
+)
+from turboquant_vllm.kernels.lut import decode_lut, lut_planes
+from turboquant_vllm.kernels.page import centroid_planes, context_tile, split_words, tile_pages
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.kernels.sinks import SinkTable, trusted_sinks
 from turboquant_vllm.kernels.store import check_slots, store_head, store_kv
@@ -85,7 +91,8 @@ def _attention_kernel(
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
     PREFETCH: tl.constexpr, PAGES_AHEAD: tl.constexpr, TILE_ROW_SUM: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, LUT_PAIRS: tl.constexpr,
-    SWAP_AB: tl.constexpr, K_FRAGMENT: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr, Q_ROTATED: tl.constexpr,
+    SWAP_AB: tl.constexpr, K_FRAGMENT: tl.constexpr, V_FRAGMENT: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr,
+    Q_ROTATED: tl.constexpr,
     TAIL_MERGE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
@@ -150,7 +157,7 @@ def _attention_kernel(
         live, k_words, k_scale, v_words, v_scale = context_tile(
             tile_lo, ctx_hi, pages, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
             PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-            V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT, bt_row)  # fmt: skip
+            V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT, bt_row, V_FRAGMENT)  # fmt: skip
         if PAGES_AHEAD:
             pages = tile_pages(tile_lo + 1, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
     if PDL:  # queries, this step's K/V and the workspace from here on
@@ -187,7 +194,7 @@ def _attention_kernel(
             nxt = context_tile(
                 tile + 1, ctx_hi, pages, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
                 PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-                V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT, bt_row)  # fmt: skip
+                V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT, bt_row, V_FRAGMENT)  # fmt: skip
             if PAGES_AHEAD:
                 pages = tile_pages(tile + 2, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
         else:
@@ -195,7 +202,7 @@ def _attention_kernel(
                 tile, ctx_len, tile_pages(tile, ctx_len, bt_row, BLOCK_N, BLOCK_SIZE), cache_ptr, kh, BLOCK_N,
                 BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES,
                 K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT,
-                bt_row)  # fmt: skip
+                bt_row, V_FRAGMENT)  # fmt: skip
             if SINKS:
                 live = live & ~(sink_drop & (tile == 0))
         if K_LUT:
@@ -204,7 +211,13 @@ def _attention_kernel(
             k = tl.load(k_cent_ptr + split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
         if K_FRAGMENT:  # key columns (and, in context_tile, the tile's tokens) in the A fragment's order
             k = fragment_columns(k, BLOCK_N, BLOCK_D)
-        if V_LUT:
+        if V_FRAGMENT:  # V^T decoded straight into the A fragment's order (fragment.py)
+            if V_LUT:
+                c0, c1, c2, c3, c4, c5, c6, c7 = lut_planes(v_words, lut_ptr + 4)
+            else:
+                c0, c1, c2, c3, c4, c5, c6, c7 = centroid_planes(v_words, v_cent_ptr)
+            vt = value_fragment_tile(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N).to(OP_DTYPE)
+        elif V_LUT:
             v = decode_lut(v_words, lut_ptr + 4, BLOCK_N, BLOCK_D, LUT_PAIRS)
         else:
             v = tl.load(v_cent_ptr + split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
@@ -223,7 +236,10 @@ def _attention_kernel(
         else:
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, TOK_AXIS)
         pv = (p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE)
-        if SWAP_AB:
+        if V_FRAGMENT:
+            pv = value_fragment_probs(pv, BLOCK_N, BLOCK_M)
+            acc_t = acc_t * alpha[None, :] + tl.dot(vt, pv, input_precision=PREC)
+        elif SWAP_AB:
             acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), pv, input_precision=PREC)
         else:
             acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PREC)
@@ -234,6 +250,8 @@ def _attention_kernel(
         gdc_launch_dependents()
     if SWAP_AB:
         acc = tl.trans(acc_t)
+    if V_FRAGMENT:
+        acc = value_fragment_dims(acc, BLOCK_M)
     if TILE_ROW_SUM:
         l_i = tl.sum(l_tile, TOK_AXIS)
     if SINKS:  # noqa: SIM102 (a compile-time branch around a run-time one)

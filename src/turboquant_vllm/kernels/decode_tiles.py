@@ -51,6 +51,7 @@ class Tiles:
     lut: bool = True  # 4-bit lookups by byte permute in registers on the GPU (kernels/lut.py)
     lut_pairs: bool = False  # the lookups' fp16 pairs kept in one register each (lut_decode_pairs)
     k_fragment: bool = False  # swapped tiles: keys decoded in the wgmma fragment's order (kernels/fragment.py)
+    v_fragment: bool = False  # with k_fragment: values too (head_dim 128, 4-bit V; docs/design-v-fragment.md)
     swap_ab: bool = False  # decode tiles: K.q^T and V^T.p^T, the tile's tokens (not padded query rows) on the M side
     reduce_splits: int = 8  # splits the split-K reduce reads per step ([16 rows, this, BLOCK_D] fp32 in registers)
     reduce_rot_chunk: int = ROT_CHUNK  # columns of R per un-rotation step in the reduce (BLOCK_D: one dot)
@@ -185,6 +186,9 @@ def attention_meta(
     # for the block_n tile; wide tiles spill under it.
     swap = tiles.swap_ab and not varlen and (k_lut and v_lut or not on_gpu)
     cap = (tiles.wide_maxnreg if wide else tiles.maxnreg) if swap else None
+    k_fragment = swap and tiles.k_fragment and block_n % 64 == 0
+    v_fragment = (k_fragment and tiles.v_fragment and lay.head_dim == 128 and lay.v_bits == 4
+                  and block_size % 16 == 0)  # fmt: skip
     warps = tiles.wide_num_warps if wide and tiles.wide_num_warps else tiles.num_warps
     rot_chunk = tiles.wide_rot_chunk if wide and tiles.wide_rot_chunk else tiles.rot_chunk
     meta = dict(
@@ -195,7 +199,7 @@ def attention_meta(
         FUSED=fused, PREFETCH=tiles.prefetch, HAS_KEY_OFFSET=key_offset,
         # timed on decode tiles; a prefill tile's 64 x 64 per-position sums would spill (256 bytes at d=128)
         PAGES_AHEAD=tiles.pages_ahead and not varlen, TILE_ROW_SUM=tiles.tile_row_sum and not varlen,
-        SWAP_AB=swap, K_FRAGMENT=swap and tiles.k_fragment and block_n % 64 == 0, K_LUT=k_lut, V_LUT=v_lut,
+        SWAP_AB=swap, K_FRAGMENT=k_fragment, V_FRAGMENT=v_fragment, K_LUT=k_lut, V_LUT=v_lut,
         LUT_PAIRS=tiles.lut_pairs, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
         TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,

@@ -50,3 +50,34 @@ def fragment_columns(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     W: tl.constexpr = BLOCK_D // 32
     y = tl.reshape(x, (ROWS, 4, W, 2, 2, 2))
     return tl.reshape(tl.permute(y, (0, 2, 3, 4, 1, 5)), (ROWS, BLOCK_D))
+
+
+# Values (Tiles.v_fragment, docs/design-v-fragment.md): V^T [BLOCK_D = 128 dims, BLOCK_N tokens] is the A operand of
+# the value product. Thread (warp w, lane 4q + l) of its fragment holds dims 64b + 16w + 8a + q and columns
+# 64jp + 16jl + 8h + 2l + e. Read from today's pages: the thread takes 2 bytes (stored coordinates 4(8w + q) ..
+# + 3, relabelled as its dims: nibble 2b + a) of each token of its 16-token groups (page.value_fragment_words),
+# and column c is the tile's token 16(l + 4jp) + 4jl + 2h + e, so each group lies in one page.
+
+
+@triton.jit
+def value_fragment_tile(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N: tl.constexpr):
+    """V^T [128, BLOCK_N] in the A fragment's order from the 8 decoded planes [128 lanes, BLOCK_N // 8] of
+    page.value_fragment_words (plane n: nibble n = 4e + 2b + a of each word)."""
+    x = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
+    x = tl.reshape(x, (4, 8, 4, BLOCK_N // 64, 4, 2, 2, 2, 2))  # w, q, l, jp, jl, h | a, b, e
+    return tl.reshape(tl.permute(x, (7, 0, 6, 1, 3, 4, 5, 2, 8)), (128, BLOCK_N))  # (b w a q) x (jp jl h l e)
+
+
+@triton.jit
+def value_fragment_probs(p, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Rows of p [ROWS, COLS], in fragment_tokens' order, reordered to value_fragment_tile's token columns: row c
+    takes the row r whose bits (0-6) are those of c in the order (0, 3, 4, 2, 5, 1, 6)."""
+    y = tl.reshape(p, (ROWS // 64, 2, 2, 2, 2, 2, 2, COLS))  # row bits 6 | 5 4 3 2 1 0
+    return tl.reshape(tl.permute(y, (0, 2, 4, 5, 3, 1, 6, 7)), (ROWS, COLS))
+
+
+@triton.jit
+def value_fragment_dims(acc, ROWS: tl.constexpr):
+    """acc [ROWS, 128] over value_fragment_tile's dims (64b + 16w + 8a + q) back in page order (4(8w + q) + 2b + a)."""
+    y = tl.reshape(acc, (ROWS, 2, 4, 2, 8))
+    return tl.reshape(tl.permute(y, (0, 2, 4, 1, 3)), (ROWS, 128))

@@ -64,6 +64,45 @@ def split_words(word, BITS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.conste
 
 
 @triton.jit
+def value_fragment_words(
+    tile, ctx_len, bt_row, cache_ptr, kh,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
+    V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr,
+):  # fmt: skip
+    """int32 [128 lanes, BLOCK_N // 8]: the 4-bit V indices thread L = 32w + 4q + l decodes for the value tile in the
+    A fragment's order (fragment.value_fragment_tile; head_dim 128, block_size a multiple of 16).
+
+    Thread L reads bytes 2(8w + q) and + 1 of each token of its BLOCK_N // 64 groups of 16 tokens (group g starts at
+    token 16(l + 4g) of the tile, inside one page), and joins tokens 2k and 2k + 1 into one word (nibble 4e + i =
+    coordinate 4(8w + q) + i of token 2k + e). Tokens past ctx_len read arbitrary indices (see below).
+    """
+    GROUPS: tl.constexpr = BLOCK_N // 64
+    lane = tl.arange(0, 128)
+    first = tile * BLOCK_N + 16 * ((lane % 4)[:, None] + 4 * tl.arange(0, GROUPS)[None, :])  # [128, GROUPS]
+    page = tl.load(bt_row + first // BLOCK_SIZE, mask=first < ctx_len, other=0).to(tl.int64)
+    run = cache_ptr + page * PAGE_BYTES + kh * RUN_BYTES + V_INDEX_OFFSET + (first % BLOCK_SIZE) * V_INDEX_BYTES
+    t = tl.arange(0, 16)[None, None, :]
+    ptr = tl.reshape(run[:, :, None] + t * V_INDEX_BYTES + 2 * (lane // 4)[:, None, None], (128, BLOCK_N // 4))
+    # Unmasked: a group past ctx_len reads page 0, and a token past it within a page reads that page's bytes, so the
+    # loads stay in the cache; those tokens' probabilities are 0 and every decoded index is a finite centroid.
+    x = tl.load(ptr.to(tl.pointer_type(tl.uint16))).to(tl.int32)  # lanes first, as the probe found
+    lo, hi = tl.split(tl.reshape(x, (128, BLOCK_N // 8, 2)))
+    return lo | (hi << 16)
+
+
+@triton.jit
+def centroid_planes(words, cent_ptr):
+    """The codebook gather of each nibble of 4-bit int32 words (any shape), as 8 tensors (nibble n in the n-th):
+    lut.lut_planes for the CPU interpreter, which cannot run PTX."""
+    return (
+        tl.load(cent_ptr + (words & 15)), tl.load(cent_ptr + ((words >> 4) & 15)),
+        tl.load(cent_ptr + ((words >> 8) & 15)), tl.load(cent_ptr + ((words >> 12) & 15)),
+        tl.load(cent_ptr + ((words >> 16) & 15)), tl.load(cent_ptr + ((words >> 20) & 15)),
+        tl.load(cent_ptr + ((words >> 24) & 15)), tl.load(cent_ptr + ((words >> 28) & 15)),
+    )  # fmt: skip
+
+
+@triton.jit
 def tile_pages(tile, ctx_len, bt_row, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Page ids int64 [BLOCK_N] of one tile's token positions, read from the block table row (0 past ctx_len).
 
@@ -80,13 +119,14 @@ def context_tile(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
-    INDEX_ALIGN: tl.constexpr, FRAGMENT: tl.constexpr = False, bt_row=None,
+    INDEX_ALIGN: tl.constexpr, FRAGMENT: tl.constexpr = False, bt_row=None, V_FRAGMENT: tl.constexpr = False,
 ):  # fmt: skip
     """Issue the loads of one BLOCK_N tile of cached tokens: K/V index words and scales (0 past ctx_len).
 
     block holds the tile's page ids (tile_pages). Within a page this KV head's tokens are contiguous per field,
     so the tile reads whole runs. With FRAGMENT the tile's tokens come in fragment_tokens' order: the words are
     reordered after their load, the per-token vectors loaded in that order (their pages read again from bt_row).
+    With V_FRAGMENT the V words are value_fragment_words' instead.
     """
     pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     live = pos < ctx_len
@@ -94,10 +134,15 @@ def context_tile(
         cache_ptr, block, (pos % BLOCK_SIZE).to(tl.int64), kh, PAGE_BYTES, RUN_BYTES,
         K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
     k_words = index_words(k_index, live, K_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
-    v_words = index_words(v_index, live, V_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
+    if V_FRAGMENT:
+        v_words = value_fragment_words(tile, ctx_len, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, PAGE_BYTES,
+                                       RUN_BYTES, V_INDEX_OFFSET, V_INDEX_BYTES)  # fmt: skip
+    else:
+        v_words = index_words(v_index, live, V_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
     if FRAGMENT:
         k_words = fragment_tokens(k_words, BLOCK_N, BLOCK_D // 8)
-        v_words = fragment_tokens(v_words, BLOCK_N, BLOCK_D // 8)
+        if not V_FRAGMENT:
+            v_words = fragment_tokens(v_words, BLOCK_N, BLOCK_D // 8)
         pos = tile * BLOCK_N + fragment_rows(BLOCK_N)
         live = pos < ctx_len
         block = tl.load(bt_row + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
