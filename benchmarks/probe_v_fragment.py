@@ -6,8 +6,9 @@ memory), compiled for sm_90a without a GPU:
 - page order: each token's 16 index words together (today's pages), then a transpose;
 - fragment order: the proposed V field (word 2 * (32w + 4q + l) + b of a page holds dim 64b + 16w + 8a + q at
   tokens 8h + 2l + e as nibble 4h + 2a + e), relabelled into V^T by reshapes and permutes only;
-- relabelled page order: today's pages, each thread reading 2 bytes (4 coordinates, relabelled as its fragment's
-  dims) of each of its 16 tokens, the u16 pairs of tokens 2l and 2l + 1 joined into one lookup word.
+- relabelled page order: today's pages read by the attention kernel's own `Tiles.v_fragment` helpers
+  (page.value_fragment_words, fragment.value_fragment_tile): each thread reads 2 bytes (4 coordinates, relabelled
+  as its fragment's dims) of each of its 16 tokens, the u16 pairs of tokens 2k and 2k + 1 joined into one word.
 The values are not checked (same words, different meanings); only the compiled code is compared.
 
     python benchmarks/probe_v_fragment.py
@@ -27,11 +28,13 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_resources  # noqa: E402  (a sibling script, not a package)
 
+from turboquant_vllm.kernels.fragment import value_fragment_tile  # noqa: E402
 from turboquant_vllm.kernels.lut import lut_decode_words, lut_planes  # noqa: E402
+from turboquant_vllm.kernels.page import value_fragment_words  # noqa: E402
 
 
 @triton.jit
-def _probe_kernel(v_ptr, p_ptr, lut_ptr, out_ptr, n_tiles, ORDER: tl.constexpr):
+def _probe_kernel(v_ptr, bt_ptr, p_ptr, lut_ptr, out_ptr, n_tiles, ORDER: tl.constexpr):
     acc = tl.zeros([128, 16], tl.float32)
     for t in range(n_tiles):
         p = tl.load(p_ptr + t * 1024 + tl.arange(0, 64)[:, None] * 16 + tl.arange(0, 16)[None, :])
@@ -42,15 +45,11 @@ def _probe_kernel(v_ptr, p_ptr, lut_ptr, out_ptr, n_tiles, ORDER: tl.constexpr):
             x = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
             x = tl.reshape(x, (4, 4, 8, 4, 2, 2, 2, 2))  # page j, w, q, l, b | e, a, h
             vt = tl.reshape(tl.permute(x, (4, 1, 6, 2, 0, 7, 3, 5)), (128, 64))  # dims (b w a q) x tokens (j h l e)
-        elif ORDER == 2:
-            lane = tl.arange(0, 128)[:, None]  # 32w + 4q + l; the second axis is (j, h, e): 16 tokens a thread
-            tok = (tl.arange(0, 16) // 2 * 8 + tl.arange(0, 16) % 2)[None, :] + (lane % 4) * 2  # 16j + 8h + 2l + e
-            x = tl.load(v_ptr.to(tl.pointer_type(tl.uint16)) + t * 2048 + tok * 32 + lane // 4).to(tl.int32)
-            lo, hi = tl.split(tl.permute(tl.reshape(x, (128, 8, 2)), (1, 0, 2)))  # tokens 2l and 2l + 1
-            c0, c1, c2, c3, c4, c5, c6, c7 = lut_planes(lo | (hi << 16), lut_ptr)  # nibble 4e + 2b + a
-            x = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
-            x = tl.reshape(x, (4, 2, 4, 8, 4, 2, 2, 2))  # page j, h, w, q, l | a, b, e
-            vt = tl.reshape(tl.permute(x, (6, 2, 5, 3, 0, 1, 4, 7)), (128, 64))  # dims (b w a q) x tokens (j h l e)
+        elif ORDER == 2:  # the attention kernel's own helpers (Tiles.v_fragment), pages in table order
+            words = value_fragment_words(t, n_tiles * 64, bt_ptr, v_ptr.to(tl.pointer_type(tl.uint8)), 0, 64, 16,
+                                         1024, 0, 0, 64)  # fmt: skip
+            c0, c1, c2, c3, c4, c5, c6, c7 = lut_planes(words, lut_ptr)
+            vt = value_fragment_tile(c0, c1, c2, c3, c4, c5, c6, c7, 64)
         else:
             words = tl.load(v_ptr + t * 1024 + tl.arange(0, 64)[:, None] * 16 + tl.arange(0, 16)[None, :])
             vt = tl.trans(lut_decode_words(words, lut_ptr, 64, 128))
@@ -63,9 +62,10 @@ ORDERS = ("page", "fragment", "relabelled page")
 
 def compile_probe(order: str) -> dict:
     names = _probe_kernel.arg_names
-    signature = {"v_ptr": "*i32", "p_ptr": "*fp16", "lut_ptr": "*i32", "out_ptr": "*fp32", "n_tiles": "i32"}
+    signature = {"v_ptr": "*i32", "bt_ptr": "*i32", "p_ptr": "*fp16", "lut_ptr": "*i32", "out_ptr": "*fp32"}
+    signature["n_tiles"] = "i32"
     signature["ORDER"] = "constexpr"
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in ("v_ptr", "p_ptr", "lut_ptr", "out_ptr")}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in signature if n != "n_tiles"}
     source = ASTSource(_probe_kernel, signature, {(names.index("ORDER"),): ORDERS.index(order)}, aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
     return {
