@@ -296,18 +296,13 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
     variants = [
         {},
         {"lut": False},  # codebook gathers from memory instead of byte permutes in registers
-        {"k_fragment": False},  # keys decoded in page order: Triton moves them to the A fragment through shared memory
-        {"lut_pairs": False},  # the lookup's fp16 pairs split into 16-bit registers and repacked for the MMA
-        {"k_fragment": False, "lut_pairs": False},
-        {"k_fragment": False, "lut_pairs": False, "store": "fused"},
+        {"k_fragment": False},  # keys (and so values) in page order: Triton moves them to the A fragment through smem
+        # values in page order (docs/design-v-fragment.md): 4 loads of 16 bytes a thread and tile, and a shared-memory
+        # round trip for the V tile; offline 678 -> 714 instructions a tile
+        {"v_fragment": False},
+        {"v_fragment": False, "store": "fused"},
+        {"lut_pairs": True},  # the lookups' fp16 pairs kept packed, one register each, none repacked for the MMA
         {"store": "fused", "maxnreg": None},
-        # values too in the A fragment's order, from today's pages (docs/design-v-fragment.md): no shared-memory round
-        # trip for the V tile, 16 two-byte loads a thread and tile instead of 4 of 16 bytes; offline 714 -> 678
-        # instructions a tile, uncapped 626
-        {"v_fragment": True},
-        {"v_fragment": True, "maxnreg": None},
-        {"v_fragment": True, "store": "fused"},
-        {"v_fragment": True, "maxnreg": None, "store": "fused"},
         {"block_n": 32},
         {"block_n": 128},
         {"num_warps": 2},

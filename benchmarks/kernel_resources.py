@@ -228,11 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             {"k_fragment": False},
             {"lut_pairs": True},
             {"k_fragment": False, "lut_pairs": True},
-            {"v_fragment": True},
-            {"v_fragment": True, "maxnreg": None},
+            {"v_fragment": False},
         )  # fmt: skip
     ]
-    cases += [(128, 32, 8, wide, {"v_fragment": True})]
+    cases += [(128, 32, 8, wide, {"v_fragment": False})]
     cases += [(128, 32, 8, wide, {"prerotate_q_min_splits": None})]
     cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
     cases += [(128, 32, 8, 3, {}, False, True), (128, 32, 8, wide, {}, True, True)]  # with the fused store

@@ -86,31 +86,29 @@ def test_context_loop_sass_counts_the_tile_loop(resources):
         assert r["context_loop_sass"]["tensor_core"] > 0, r
 
 
-def test_keys_reach_the_mma_without_shared_memory(resources):
+def test_tiles_reach_the_mma_without_shared_memory(resources):
     """Decoded in the A fragment's order (kernels/fragment.py) the key tile skips the shared-memory round trip the
     page order needs (its stores, a barrier, ldmatrix): offline 760 -> 714 instructions a tile, and on the H200
-    16 x 32K 472 -> 403 us (decode_sweep_h200_2026-12-01x.json). Packed lookups (Tiles.lut_pairs) drop the register
-    moves that repack fp16 halves (714 -> 665) yet measured slower there (414 us), so they stay off."""
+    16 x 32K 472 -> 403 us (decode_sweep_h200_2026-12-01x.json). The value tile in that order too (Tiles.v_fragment)
+    drops its own stores: 714 -> 678, and 403 -> 363 us (decode_sweep_h200_2026-12-01y.json). Packed lookups
+    (Tiles.lut_pairs) drop the register moves that repack fp16 halves yet measured slower (414 us), so they stay off."""
     rows = {json.dumps(r["tiles"], sort_keys=True): r for r in resources["rows"]
             if r["head_dim"] == 128 and r["num_splits"] == 3 and not r["key_offset"] and not r["store_new"]
             and not r["sinks"]}  # fmt: skip
     tiles = decode_tiles.TILES[128]
-    assert tiles.k_fragment and not tiles.lut_pairs
+    assert tiles.k_fragment and tiles.v_fragment and not tiles.lut_pairs
 
     def loop(**change) -> dict:
         return rows[json.dumps(dataclasses.asdict(dataclasses.replace(tiles, **change)), sort_keys=True)][
             "context_loop_sass"
         ]
 
-    default, page_order = loop(), loop(k_fragment=False)
+    default, keys_only, page_order = loop(), loop(v_fragment=False), loop(k_fragment=False)
     pairs, page_order_pairs = loop(lut_pairs=True), loop(k_fragment=False, lut_pairs=True)
-    for fragment, page in ((default, page_order), (pairs, page_order_pairs)):
-        assert fragment["shared_stores"] < page["shared_stores"] and fragment["barriers"] < page["barriers"]
+    for fragment, page in ((keys_only, page_order), (pairs, page_order_pairs), (default, keys_only)):
+        assert fragment["shared_stores"] < page["shared_stores"] and fragment["barriers"] <= page["barriers"]
         assert fragment["instructions"] < page["instructions"]
-    assert pairs["register_moves"] < default["register_moves"] and pairs["instructions"] < default["instructions"]
-    # values in the fragment's order too (Tiles.v_fragment, untimed): the V tile's shared-memory stores go as well
-    values = loop(v_fragment=True)
-    assert values["shared_stores"] < default["shared_stores"] and values["instructions"] < default["instructions"]
+    assert keys_only["barriers"] < page_order["barriers"]
 
 
 def test_values_in_fragment_order_would_skip_shared_memory():

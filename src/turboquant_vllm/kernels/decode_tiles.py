@@ -83,7 +83,7 @@ class Tiles:
 # - The reduce un-rotates with all of R in one dot at 3 splits, one row a program by multiply-adds at 32.
 # - The step's queries are rotated once, in a launch of their own; one-sequence launches also store the new K/V.
 # - Block-table entries a tile ahead, softmax sums per position until the loop ends.
-# - Keys decoded in the A fragment's order: no shared-memory round trip for the key tile (kernels/fragment.py).
+# - Keys and values decoded in the A fragment's order: no shared-memory round trip for their tiles (kernels/fragment.py)
 # - R in 64-column slices where the launch rotates (the last split's tail waits on each slice's L2 read).
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
@@ -95,7 +95,7 @@ TILES = {
     128: Tiles(
         64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, reduce_splits=2,
         reduce_rot_chunk=128, wide_reduce_rows=1, prerotate_q_min_splits=2, fused_store_min_splits=WIDE_MIN_SPLITS,
-        rot_chunk=64, k_fragment=True,
+        rot_chunk=64, k_fragment=True, v_fragment=True,
     ),
     256: Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
     512: Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
