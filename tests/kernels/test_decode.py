@@ -264,6 +264,14 @@ def test_swap_and_register_cap_only_for_decode_tiles():
         assert meta(1, decode_tiles.WIDE_MIN_SPLITS)["ROT_CHUNK"] == 128
         assert meta(1, 3) == decode_tile and meta(64, 3) == varlen
     assert not varlen["SWAP_AB"] and "maxnreg" not in varlen and varlen["BLOCK_M"] == tiles.varlen_m
+    # both fragment orders on the swapped tiles by default (4-bit V, 16-token pages); the values' needs a page of
+    # whole 16-token groups and 4-bit V
+    assert all(m["K_FRAGMENT"] and m["V_FRAGMENT"] for m in (decode_tile, wide))
+    assert not varlen["K_FRAGMENT"] and not varlen["V_FRAGMENT"]
+    odd_pages = decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, 1, 8, False, 3)
+    assert odd_pages["K_FRAGMENT"] and not odd_pages["V_FRAGMENT"]
+    v3 = decode_tiles.attention_meta(KVCodec(TQConfig(v_bits=3), 8, 128), 32, torch.bfloat16, False, 1, 16, False, 3)
+    assert v3["K_FRAGMENT"] and not v3["V_FRAGMENT"]
     gathers = KVCodec(TQConfig(k_bits=3, v_bits=3), 8, 128)  # codebook gathers: not swapped on the GPU
     gpu = decode_tiles.attention_meta(gathers, 32, torch.bfloat16, True, 1, 16, False, 3)
     assert not gpu["SWAP_AB"] and not gpu["K_LUT"] and "maxnreg" not in gpu
