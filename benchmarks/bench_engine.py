@@ -9,6 +9,9 @@ prefill chunks, so at 16 sequences it reads high (bf16 4K x 16: 11.3 ms on 2026-
 figure is 7.22).
 Before timing, a warm-up batch runs chunked prefill over cached context, mixed and pure decode batches of every
 size up to max_num_seqs, so no kernel is compiled inside a timed run.
+--repeats N times each shape N times and reports the median (every sample kept): at 16 sequences one two-run TPOT
+moves by a few tenths of a ms between runs (4K x 16, ours 7.57-7.97 over three runs on 2026-12-01), since the two
+runs' 64K-token prefills differ by more than a decode step.
 --profile CONTEXTxSEQS times pure decode steps of that batch (every prompt past its prefill) and lists their GPU
 kernels per step (torch.profiler, engine in-process): where a decode step's time goes.
 Each mode runs in its own process (a fresh GPU); results go to benchmarks/results/engine_<date>.json.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +51,7 @@ def run_mode(
     gpu_util: float,
     tpot: str,
     profile: tuple[int, int] | None = None,
+    repeats: int = 1,
 ) -> dict:
     import os
 
@@ -109,21 +114,39 @@ def run_mode(
     row["warmup_s"] = time.perf_counter() - start - startup_s
     for context, seqs in shapes:
         prompts = prompts_of(context, seqs)
-        t129, per_token = timed(prompts, 129)
-        entry = {"context": context, "seqs": seqs, "t129_s": t129}
-        if per_token is not None:  # vLLM's own timestamps leave the prefill out: less spread than two-runs
-            entry["tpot_metrics_ms"] = per_token * 1e3
-        if tpot == "two-runs" or per_token is None:
-            t1, _ = timed(prompts, 1)
-            entry.update(t1_s=t1, tpot_ms=(t129 - t1) / 128 * 1e3, tpot_method="two-runs")
-        else:
-            entry.update(tpot_ms=per_token * 1e3, tpot_method="metrics")
+        entry = {"context": context, "seqs": seqs, **tpot_entry(timed, prompts, tpot, repeats)}
         row["tpot"].append(entry)
         print(json.dumps(entry), flush=True)
     if profile:
         row["profile"] = profile_decode_steps(llm, prompts_of(*profile))
         print(json.dumps(row["profile"]), flush=True)
     return row
+
+
+def timed_tpot(timed, prompts: list[list[int]], tpot: str) -> dict:
+    """One TPOT sample of a batch: 129 tokens, then (two-runs) 1 token; timed(prompts, n) -> (s, per-token s)."""
+    t129, per_token = timed(prompts, 129)
+    sample = {"t129_s": t129}
+    if per_token is not None:  # vLLM's own timestamps leave the prefill out: less spread than two-runs
+        sample["tpot_metrics_ms"] = per_token * 1e3
+    if tpot == "two-runs" or per_token is None:
+        t1, _ = timed(prompts, 1)
+        sample.update(t1_s=t1, tpot_ms=(t129 - t1) / 128 * 1e3, tpot_method="two-runs")
+    else:
+        sample.update(tpot_ms=per_token * 1e3, tpot_method="metrics")
+    return sample
+
+
+def tpot_entry(timed, prompts: list[list[int]], tpot: str, repeats: int) -> dict:
+    """A shape's row: its first sample's fields, with repeats > 1 every sample and the median TPOTs."""
+    samples = [timed_tpot(timed, prompts, tpot) for _ in range(repeats)]
+    entry = dict(samples[0])
+    if repeats > 1:
+        entry["samples"] = samples
+        for key in ("tpot_ms", "tpot_metrics_ms"):
+            if all(key in s for s in samples):
+                entry[key] = statistics.median(s[key] for s in samples)
+    return entry
 
 
 def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: int = 15) -> dict:
@@ -235,6 +258,7 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--timeout", type=int, default=420, help="seconds per mode")
     parser.add_argument("--tpot", choices=("metrics", "two-runs"), default="two-runs")
+    parser.add_argument("--repeats", type=int, default=1, help="TPOT samples per shape; the median is reported")
     parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, time and profile its pure decode steps")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
     parser.add_argument("--plot", type=Path, nargs="+",
@@ -250,7 +274,8 @@ def main() -> None:
     profile = parse_shapes(args.profile)[0] if args.profile else None
 
     if args.child:
-        row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot, profile)
+        row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot, profile,
+                       args.repeats)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
         return
 
@@ -284,6 +309,8 @@ def main() -> None:
             str(args.gpu_memory_utilization),
             "--tpot",
             args.tpot,
+            "--repeats",
+            str(args.repeats),
         ] + (["--profile", args.profile] if args.profile else [])
         child = run_child(cmd, args.timeout)
         log = args.out.with_name(f"{args.out.stem}_{mode}.log")  # the engine's own log, e.g. JIT warnings

@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(128, 32, 8, wide, {"prerotate_q_min_splits": None})]
     cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
     cases += [(128, 32, 8, 3, {}, False, True), (128, 32, 8, wide, {}, True, True)]  # with the fused store
+    cases += [(128, 32, 8, wide, {}, False, True), (128, 32, 8, wide, {"store_programs": False}, False, True)]
     cases += [(128, 32, 8, 3, {"tail_merge_min_splits": 2})]
     cases += [(128, 32, 8, n, {}, False, False, 4) for n in (1, 3, wide)]  # with 4 exact sinks (kernels/sinks.py)
     rows = []

@@ -47,3 +47,18 @@ def test_merge_keeps_timed_out_rows_and_labels_reruns(bench_engine, tmp_path):
     png = tmp_path / "merged.png"
     bench_engine.plot(merged, png)
     assert png.stat().st_size > 10_000
+
+
+def test_repeated_tpot_reports_the_median_of_its_two_run_samples(bench_engine):
+    """Each sample is (t129 - t1) / 128 of its own pair of runs; the row reports their median and keeps them all."""
+    walls = iter([1.0 + 0.128, 1.0, 2.0 + 0.512, 2.0, 3.0 + 0.256, 3.0])  # samples: 1, 4, 2 ms a token
+
+    def timed(prompts, max_tokens):
+        return next(walls), (0.01 if max_tokens > 1 else None)
+
+    entry = bench_engine.tpot_entry(timed, [[1, 2]], "two-runs", repeats=3)
+    assert [s["tpot_ms"] for s in entry["samples"]] == pytest.approx([1.0, 4.0, 2.0])
+    assert entry["tpot_ms"] == pytest.approx(2.0) and entry["tpot_metrics_ms"] == pytest.approx(10.0)
+    assert entry["t129_s"] == pytest.approx(1.128) and entry["tpot_method"] == "two-runs"
+    once = bench_engine.tpot_entry(lambda prompts, n: (0.5, None), [[1]], "metrics", repeats=1)
+    assert once == {"t129_s": 0.5, "t1_s": 0.5, "tpot_ms": 0.0, "tpot_method": "two-runs"}  # no timestamps

@@ -70,6 +70,29 @@ def _softmax_step(s, m_i, l_i, TOK_AXIS: tl.constexpr = 1):
     return p, alpha, m_new, l_i * alpha + tl.sum(p, TOK_AXIS)
 
 
+@triton.jit
+def _store_step_tokens(
+    k_ptr, v_ptr, slot_ptr, tok0, num_tok, kh, stride_kt, stride_kh, stride_vt, stride_vh,
+    cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, STORE_BLOCK_K: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
+    K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
+    V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
+    STORE_CONTRACT_LAST: tl.constexpr,
+):  # fmt: skip
+    """Store tokens tok0 .. tok0 + num_tok - 1 of KV head kh at their slots, one token at a time (store_head)."""
+    for j in range(0, num_tok):
+        kv_tok = tl.zeros([1], tl.int64) + tok0 + j  # one-token tiles for store_head
+        slot = tl.load(slot_ptr + kv_tok).to(tl.int64)
+        store_head(k_ptr + kv_tok[:, None] * stride_kt + kh * stride_kh,
+                   v_ptr + kv_tok[:, None] * stride_vt + kh * stride_vh, slot >= 0, slot // BLOCK_SIZE,
+                   slot % BLOCK_SIZE, kh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent_ptr,
+                   v_bnd_ptr, v_cent_ptr, koff_ptr, HEAD_DIM, BLOCK_D, 1, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,
+                   RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+                   V_SCALE_OFFSET, NORM_CORRECTION, TINY, "ieee", HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
+
+
 # Counts that change from step to step are not specialised on (Triton would compile a variant for 1, for
 # multiples of 16 and for the rest): a batch size first seen while serving then never stalls on a compile.
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
@@ -94,7 +117,8 @@ def _attention_kernel(
     SWAP_AB: tl.constexpr, K_FRAGMENT: tl.constexpr, V_FRAGMENT: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr,
     Q_ROTATED: tl.constexpr,
     TAIL_MERGE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
-    STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
+    STORE_NEW: tl.constexpr, STORE_PROGRAMS: tl.constexpr, STORE_BLOCK_K: tl.constexpr,
+    STORE_CONTRACT_LAST: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
     SINK_TILE: tl.constexpr,
 ):  # fmt: skip
@@ -104,8 +128,10 @@ def _attention_kernel(
     exact tokens are handled by the last split: scores against q itself, V rotated on the fly.
     With HAS_KEY_OFFSET, a key stored relative to the layer's offset (negative scale) scores
     |k_scale| * (q R^T) . c[k_idx] + (q R^T) . (R offset), koff_ptr holding R offset per KV head.
-    With STORE_NEW the last split also quantises its tile's new K/V into their pages (slot_ptr), as
-    store.store_kv would: no program reads those slots from the pages in this launch.
+    With STORE_NEW the launch also quantises its tiles' new K/V into their pages (slot_ptr), as store.store_kv
+    would: no program reads those slots from the pages in this launch. The last split stores them after its
+    context, or, with STORE_PROGRAMS, one more program per (query tile, KV head) stores them and reads no context,
+    beside the split programs instead of in the tail of one of them.
     With TAIL_MERGE the split program that stores its partials last (a ticket per program row) merges them all
     and writes the output, so no reduce launch follows.
     With PDL (kernels/pdl.py) the block table and the first tile's pages are read before waiting for the kernel
@@ -116,6 +142,8 @@ def _attention_kernel(
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if STORE_PROGRAMS:  # the store programs come first in launch order
+        split -= 1
     seq = tl.maximum(_find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q), 0)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
@@ -124,6 +152,18 @@ def _attention_kernel(
         if PDL:  # every program waits, so the launch never completes before the kernel ahead
             gdc_wait()
         return
+    kh = kv_head.to(tl.int64)
+    if STORE_PROGRAMS:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if split < 0:
+            if PDL:  # this step's K/V come from the kernel ahead
+                gdc_wait()
+            _store_step_tokens(
+                k_ptr, v_ptr, slot_ptr, q_start + q0, tl.minimum(q_len - q0, BLOCK_Q), kh, stride_kt, stride_kh,
+                stride_vt, stride_vh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr,
+                v_cent32_ptr, koff_orig_ptr, HEAD_DIM, BLOCK_D, BLOCK_SIZE, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,
+                RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+                V_SCALE_OFFSET, NORM_CORRECTION, TINY, HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
+            return
     ctx_len = tl.load(seq_lens_ptr + seq) - q_len
 
     row = tl.arange(0, BLOCK_M)
@@ -131,7 +171,6 @@ def _attention_kernel(
     row_ok = (row // GROUP < BLOCK_Q) & (qi < q_len)
     tok = (q_start + qi).to(tl.int64)
     head = kv_head * GROUP + row % GROUP
-    kh = kv_head.to(tl.int64)
     dim = tl.arange(0, BLOCK_D)
     dim_ok = dim < HEAD_DIM
     q_off = tok * stride_qt + head * stride_qh
@@ -282,17 +321,13 @@ def _attention_kernel(
             v_rot = _rotate_vector(v_ptr + kv_tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
                                    stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
             acc = acc * alpha[:, None] + p_new * v_rot[None, :]
-        if STORE_NEW:
-            for j in range(q0, tl.minimum(q_len, q0 + BLOCK_Q)):
-                kv_tok = tl.zeros([1], tl.int64) + q_start + j  # one-token tiles for store_head
-                slot = tl.load(slot_ptr + kv_tok).to(tl.int64)
-                store_head(k_ptr + kv_tok[:, None] * stride_kt + kh * stride_kh,
-                           v_ptr + kv_tok[:, None] * stride_vt + kh * stride_vh, slot >= 0, slot // BLOCK_SIZE,
-                           slot % BLOCK_SIZE, kh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent32_ptr,
-                           v_bnd_ptr, v_cent32_ptr, koff_orig_ptr, HEAD_DIM, BLOCK_D, 1, STORE_BLOCK_K, K_BITS,
-                           V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET,
-                           V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY, "ieee",
-                           HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
+        if STORE_NEW and not STORE_PROGRAMS:
+            _store_step_tokens(
+                k_ptr, v_ptr, slot_ptr, q_start + q0, tl.minimum(q_len - q0, BLOCK_Q), kh, stride_kt, stride_kh,
+                stride_vt, stride_vh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr,
+                v_cent32_ptr, koff_orig_ptr, HEAD_DIM, BLOCK_D, BLOCK_SIZE, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,
+                RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+                V_SCALE_OFFSET, NORM_CORRECTION, TINY, HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
 
     if FUSED or UNROTATED_PARTIALS:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -444,7 +479,7 @@ def paged_attention(
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_R=REDUCE_BLOCK_R,
             CHUNK=meta["ROT_CHUNK"], PREC=meta["PREC"], PDL=pdl, **pdl_option(pdl),
         )  # fmt: skip
-    grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits)
+    grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits + int(meta["STORE_PROGRAMS"]))
     if meta["TAIL_MERGE"]:
         assert grid[0] * num_kv_heads <= tickets.numel(), (
             f"workspace tickets ({tickets.numel()}) cannot count {grid[0]} query tiles x {num_kv_heads} KV heads: "
