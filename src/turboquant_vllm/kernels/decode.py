@@ -30,7 +30,7 @@ from turboquant_vllm.kernels.lut import decode_lut, lut_planes
 from turboquant_vllm.kernels.page import centroid_planes, context_tile, split_words, tile_pages
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.kernels.sinks import SinkTable, trusted_sinks
-from turboquant_vllm.kernels.store import check_slots, store_head, store_kv
+from turboquant_vllm.kernels.store import check_slots, store_kv, store_tokens
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
@@ -68,29 +68,6 @@ def _softmax_step(s, m_i, l_i, TOK_AXIS: tl.constexpr = 1):
     """One online-softmax update: _softmax_probs plus each row's running sum l_i, returned as (p, alpha, max, sum)."""
     p, alpha, m_new = _softmax_probs(s, m_i, TOK_AXIS)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, TOK_AXIS)
-
-
-@triton.jit
-def _store_step_tokens(
-    k_ptr, v_ptr, slot_ptr, tok0, num_tok, kh, stride_kt, stride_kh, stride_vt, stride_vh,
-    cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, STORE_BLOCK_K: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
-    K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
-    V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
-    NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
-    STORE_CONTRACT_LAST: tl.constexpr,
-):  # fmt: skip
-    """Store tokens tok0 .. tok0 + num_tok - 1 of KV head kh at their slots, one token at a time (store_head)."""
-    for j in range(0, num_tok):
-        kv_tok = tl.zeros([1], tl.int64) + tok0 + j  # one-token tiles for store_head
-        slot = tl.load(slot_ptr + kv_tok).to(tl.int64)
-        store_head(k_ptr + kv_tok[:, None] * stride_kt + kh * stride_kh,
-                   v_ptr + kv_tok[:, None] * stride_vt + kh * stride_vh, slot >= 0, slot // BLOCK_SIZE,
-                   slot % BLOCK_SIZE, kh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent_ptr,
-                   v_bnd_ptr, v_cent_ptr, koff_ptr, HEAD_DIM, BLOCK_D, 1, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,
-                   RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-                   V_SCALE_OFFSET, NORM_CORRECTION, TINY, "ieee", HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
 
 
 # Counts that change from step to step are not specialised on (Triton would compile a variant for 1, for
@@ -157,7 +134,7 @@ def _attention_kernel(
         if split < 0:
             if PDL:  # this step's K/V come from the kernel ahead
                 gdc_wait()
-            _store_step_tokens(
+            store_tokens(
                 k_ptr, v_ptr, slot_ptr, q_start + q0, tl.minimum(q_len - q0, BLOCK_Q), kh, stride_kt, stride_kh,
                 stride_vt, stride_vh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr,
                 v_cent32_ptr, koff_orig_ptr, HEAD_DIM, BLOCK_D, BLOCK_SIZE, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,
@@ -322,7 +299,7 @@ def _attention_kernel(
                                    stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
             acc = acc * alpha[:, None] + p_new * v_rot[None, :]
         if STORE_NEW and not STORE_PROGRAMS:
-            _store_step_tokens(
+            store_tokens(
                 k_ptr, v_ptr, slot_ptr, q_start + q0, tl.minimum(q_len - q0, BLOCK_Q), kh, stride_kt, stride_kh,
                 stride_vt, stride_vh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr,
                 v_cent32_ptr, koff_orig_ptr, HEAD_DIM, BLOCK_D, BLOCK_SIZE, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,

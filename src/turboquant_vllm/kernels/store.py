@@ -158,6 +158,30 @@ def store_head(
     tl.store(v_scale_ptr, v_scale, mask=live)
 
 
+@triton.jit
+def store_tokens(
+    k_ptr, v_ptr, slot_ptr, tok0, num_tok, kh, stride_kt, stride_kh, stride_vt, stride_vh,
+    cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, STORE_BLOCK_K: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
+    K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
+    V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
+    STORE_CONTRACT_LAST: tl.constexpr,
+):  # fmt: skip
+    """Store tokens tok0 .. tok0 + num_tok - 1 of KV head kh at their slots, one token at a time (store_head): the
+    attention kernel's fused store (kernels/decode.py)."""
+    for j in range(0, num_tok):
+        kv_tok = tl.zeros([1], tl.int64) + tok0 + j  # one-token tiles for store_head
+        slot = tl.load(slot_ptr + kv_tok).to(tl.int64)
+        store_head(k_ptr + kv_tok[:, None] * stride_kt + kh * stride_kh,
+                   v_ptr + kv_tok[:, None] * stride_vt + kh * stride_vh, slot >= 0, slot // BLOCK_SIZE,
+                   slot % BLOCK_SIZE, kh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent_ptr,
+                   v_bnd_ptr, v_cent_ptr, koff_ptr, HEAD_DIM, BLOCK_D, 1, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,
+                   RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+                   V_SCALE_OFFSET, NORM_CORRECTION, TINY, "ieee", HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["num_tokens"])
 def _store_kv_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, HEAD_DIM] fp16/bf16/fp32, last dim contiguous
