@@ -349,7 +349,6 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"fused_store_min_splits": 2, "store": "fused"},  # in the attention launch at 3 splits too
         {"rot_chunk": 128, "store": "fused"},
         {"store": "fused", "store_contract_last": True},  # store.CONTRACT_LAST in the fused store
-        {"store": "fused", "store_programs": False},  # the last split stores after its context
         {"store": "fused", "wide_block_n": None, "num_splits": 48},  # 8 x 48 capped programs + 8 store programs
         # the split program that finishes last merges the partials instead of a reduce launch (below 32 splits)
         {"tail_merge_min_splits": 2},

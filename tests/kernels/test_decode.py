@@ -412,20 +412,16 @@ def test_prerotated_queries_agree(device, monkeypatch, head_dim, num_splits):
 
 
 @pytest.mark.parametrize(
-    ("num_splits", "offset", "contract_last", "in_kernel", "store_programs"),
-    [(3, False, False, True, False), (2, True, False, True, False), (decode_tiles.WIDE_MIN_SPLITS, False, False,
-     True, False), (3, True, True, True, False), (1, False, False, False, False), (3, True, False, False, False),
-     (3, True, False, True, True), (decode_tiles.WIDE_MIN_SPLITS, False, False, True, True)],
+    ("num_splits", "offset", "contract_last", "in_kernel"),
+    [(3, False, False, True), (2, True, False, True), (decode_tiles.WIDE_MIN_SPLITS, False, False, True),
+     (3, True, True, True), (1, False, False, False), (3, True, False, False)],
 )  # fmt: skip
-def test_fused_store_writes_what_store_kv_writes(
-    device, num_splits, offset, contract_last, in_kernel, store_programs, monkeypatch
-):
+def test_fused_store_writes_what_store_kv_writes(device, num_splits, offset, contract_last, in_kernel, monkeypatch):
     """paged_attention(store_slots=...) writes this step's K/V into the pages byte for byte as store_kv does,
     leaves a negative slot alone, and still attends the new tokens exactly (their slots held poison): in the
     attention launch from Tiles.fused_store_min_splits on (with either form of the one-token rotation,
-    store.CONTRACT_LAST; by the last split or by store programs of its own), else in a store launch after it."""
-    tiles = dataclasses.replace(decode_tiles.TILES[64], fused_store_min_splits=2 if in_kernel else None,
-                                store_programs=store_programs)  # fmt: skip
+    store.CONTRACT_LAST; by store programs of its own), else in a store launch after it."""
+    tiles = dataclasses.replace(decode_tiles.TILES[64], fused_store_min_splits=2 if in_kernel else None)
     monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
     assert decode_tiles.stores_in_attention(64, num_splits) == in_kernel
     monkeypatch.setattr(store_module, "CONTRACT_LAST", contract_last)

@@ -94,8 +94,7 @@ def _attention_kernel(
     SWAP_AB: tl.constexpr, K_FRAGMENT: tl.constexpr, V_FRAGMENT: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr,
     Q_ROTATED: tl.constexpr,
     TAIL_MERGE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
-    STORE_NEW: tl.constexpr, STORE_PROGRAMS: tl.constexpr, STORE_BLOCK_K: tl.constexpr,
-    STORE_CONTRACT_LAST: tl.constexpr,
+    STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
     SINK_TILE: tl.constexpr,
 ):  # fmt: skip
@@ -106,9 +105,8 @@ def _attention_kernel(
     With HAS_KEY_OFFSET, a key stored relative to the layer's offset (negative scale) scores
     |k_scale| * (q R^T) . c[k_idx] + (q R^T) . (R offset), koff_ptr holding R offset per KV head.
     With STORE_NEW the launch also quantises its tiles' new K/V into their pages (slot_ptr), as store.store_kv
-    would: no program reads those slots from the pages in this launch. The last split stores them after its
-    context, or, with STORE_PROGRAMS, one more program per (query tile, KV head) stores them and reads no context,
-    beside the split programs instead of in the tail of one of them.
+    would: no program reads those slots from the pages in this launch. One more program per (query tile, KV head),
+    first in launch order, stores them and reads no context, so no split program's tail grows by a store.
     With TAIL_MERGE the split program that stores its partials last (a ticket per program row) merges them all
     and writes the output, so no reduce launch follows.
     With PDL (kernels/pdl.py) the block table and the first tile's pages are read before waiting for the kernel
@@ -119,7 +117,7 @@ def _attention_kernel(
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if STORE_PROGRAMS:  # the store programs come first in launch order
+    if STORE_NEW:  # the store programs come first in launch order
         split -= 1
     seq = tl.maximum(_find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q), 0)
     q_start = tl.load(qsl_ptr + seq)
@@ -130,7 +128,7 @@ def _attention_kernel(
             gdc_wait()
         return
     kh = kv_head.to(tl.int64)
-    if STORE_PROGRAMS:  # noqa: SIM102 (a compile-time branch around a run-time one)
+    if STORE_NEW:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if split < 0:
             if PDL:  # this step's K/V come from the kernel ahead
                 gdc_wait()
@@ -298,13 +296,6 @@ def _attention_kernel(
             v_rot = _rotate_vector(v_ptr + kv_tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
                                    stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
             acc = acc * alpha[:, None] + p_new * v_rot[None, :]
-        if STORE_NEW and not STORE_PROGRAMS:
-            store_tokens(
-                k_ptr, v_ptr, slot_ptr, q_start + q0, tl.minimum(q_len - q0, BLOCK_Q), kh, stride_kt, stride_kh,
-                stride_vt, stride_vh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr,
-                v_cent32_ptr, koff_orig_ptr, HEAD_DIM, BLOCK_D, BLOCK_SIZE, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,
-                RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-                V_SCALE_OFFSET, NORM_CORRECTION, TINY, HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
 
     if FUSED or UNROTATED_PARTIALS:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -456,7 +447,7 @@ def paged_attention(
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_R=REDUCE_BLOCK_R,
             CHUNK=meta["ROT_CHUNK"], PREC=meta["PREC"], PDL=pdl, **pdl_option(pdl),
         )  # fmt: skip
-    grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits + int(meta["STORE_PROGRAMS"]))
+    grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits + int(meta["STORE_NEW"]))
     if meta["TAIL_MERGE"]:
         assert grid[0] * num_kv_heads <= tickets.numel(), (
             f"workspace tickets ({tickets.numel()}) cannot count {grid[0]} query tiles x {num_kv_heads} KV heads: "

@@ -73,9 +73,6 @@ class Tiles:
     # Launches with at least this many splits also store the step's new K/V (paged_attention store_slots), so the
     # vLLM backend skips its store launch for those tokens (None: never).
     fused_store_min_splits: int | None = None
-    # Such a launch stores them in one more program per (query tile, KV head), beside the split programs, instead
-    # of in the last split after its context (which made it the launch's slowest program).
-    store_programs: bool = False
 
 
 # Why each default, in one line (the H200 measurements behind them, and what lost, are in docs/decode-tuning.md):
@@ -84,8 +81,7 @@ class Tiles:
 # - Wide launches (>= WIDE_MIN_SPLITS splits: one or two sequences) take 128-token tiles, uncapped: more bytes in
 #   flight per program when only ~2 programs share an SM.
 # - The reduce un-rotates with all of R in one dot at 3 splits, one row a program by multiply-adds at 32.
-# - The step's queries are rotated once, in a launch of their own; one-sequence launches also store the new K/V,
-#   in programs of their own beside the split programs.
+# - The step's queries are rotated once, in a launch of their own; one-sequence launches also store the new K/V.
 # - Block-table entries a tile ahead, softmax sums per position until the loop ends.
 # - Keys and values decoded in the A fragment's order: no shared-memory round trip for their tiles (kernels/fragment.py)
 # - R in 64-column slices where the launch rotates (the last split's tail waits on each slice's L2 read).
@@ -99,7 +95,7 @@ TILES = {
     128: Tiles(
         64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, reduce_splits=2,
         reduce_rot_chunk=128, wide_reduce_rows=1, prerotate_q_min_splits=2, fused_store_min_splits=WIDE_MIN_SPLITS,
-        rot_chunk=64, k_fragment=True, v_fragment=True, store_programs=True,
+        rot_chunk=64, k_fragment=True, v_fragment=True,
     ),
     256: Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
     512: Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
@@ -208,7 +204,7 @@ def attention_meta(
         Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
         TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,
         MERGE_SPLITS=tiles.tail_merge_splits,
-        STORE_NEW=store_new, STORE_PROGRAMS=store_new and tiles.store_programs, **one_token_store_meta(),
+        STORE_NEW=store_new, **one_token_store_meta(),
         NORM_CORRECTION=codec.config.norm_correction,
         TINY=TINY_NORM, PDL=pdl, SINKS=sinks, SINK_TILE=SINK_TILE,
         num_warps=warps, num_stages=tiles.num_stages, **pdl_option(pdl),
