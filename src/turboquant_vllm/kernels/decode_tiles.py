@@ -204,8 +204,7 @@ def attention_meta(
         Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
         TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,
         MERGE_SPLITS=tiles.tail_merge_splits,
-        STORE_NEW=store_new, **one_token_store_meta(),
-        NORM_CORRECTION=codec.config.norm_correction,
+        STORE_NEW=store_new, **one_token_store_meta(), NORM_CORRECTION=codec.config.norm_correction,
         TINY=TINY_NORM, PDL=pdl, SINKS=sinks, SINK_TILE=SINK_TILE,
         num_warps=warps, num_stages=tiles.num_stages, **pdl_option(pdl),
     )  # fmt: skip
