@@ -40,6 +40,7 @@ POINTERS = {
 }  # fmt: skip
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
+H200_SMS = 132
 REGISTER_GRANULE = 8  # registers are allocated per warp in 256s, i.e. per thread in multiples of 8
 
 
@@ -102,6 +103,7 @@ def context_loop_sass(cubin: bytes) -> dict[str, int]:
         "tensor_core": tensor_core(ops),
         "global_loads": sum(op.startswith("LDG") for op in ops),
         "shared_stores": sum(op.startswith("STS") for op in ops),
+        "local_accesses": sum(op.startswith(("LDL", "STL")) for op in ops),  # spilled registers
     }
 
 
@@ -154,7 +156,7 @@ def compile_attention(
     sinks: int = 0,
 ) -> dict:
     """Compile _attention_kernel as paged_attention would launch it for a bf16 decode batch with num_splits
-    splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles)."""
+    splits (16 sequences of 8 KV heads take 3; one sequence 48 on the H200's 132 SMs)."""
     split = num_splits > 1
     key = triton.next_power_of_2(head_dim)
     default = decode_tiles.TILES[key]
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    wide = decode_tiles.WIDE_MIN_SPLITS
+    wide = decode_tiles.choose_num_splits(1, 8, decode_tiles.MAX_SPLITS, H200_SMS)  # one sequence's launch
     cases = [(128, 32, 8, 3, {}), (128, 32, 8, 1, {}), (128, 32, 8, wide, {}), (64, 9, 3, 3, {}), (256, 8, 1, 3, {})]
     cases += [
         (128, 32, 8, 3, c)
@@ -236,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
     cases += [(128, 32, 8, 3, {}, False, True), (128, 32, 8, wide, {}, True, True)]  # with the fused store
     cases += [(128, 32, 8, wide, {}, False, True)]  # the one-sequence engine step: store programs in the launch
+    cases += [(128, 32, 8, wide, {"publish_q": False}, False, True)]  # ... with a query-rotation launch ahead
+    old_wide = {"wide_block_n": 128, "resident_programs": None}
+    cases += [(128, 32, 8, decode_tiles.WIDE_MIN_SPLITS, old_wide, False, True)]  # 32 splits of 128-token tiles
     cases += [(128, 32, 8, 3, {"tail_merge_min_splits": 2})]
     cases += [(128, 32, 8, n, {}, False, False, 4) for n in (1, 3, wide)]  # with 4 exact sinks (kernels/sinks.py)
     rows = []

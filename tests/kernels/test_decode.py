@@ -243,8 +243,9 @@ def test_fragment_orders_agree(device, monkeypatch, dtype, k_fragment, v_fragmen
 
 
 def test_swap_and_register_cap_only_for_decode_tiles():
-    """The d=128 register cap fits the 64-token decode tile; wide and prefill tiles would spill under it, and a
-    prefill tile's 64 query rows already fill the MMA's M side. On the GPU only register-lookup tiles swap."""
+    """The d=128 register cap fits the 64-token decode tile, which one sequence's 48 splits take too; prefill tiles
+    would spill under it, and their 64 query rows already fill the MMA's M side. On the GPU only register-lookup
+    tiles swap."""
     codec = KVCodec(TQConfig(), 8, 128)
     tiles = decode_tiles.TILES[128]
     assert tiles.swap_ab and tiles.maxnreg
@@ -255,9 +256,10 @@ def test_swap_and_register_cap_only_for_decode_tiles():
     decode_tile, wide, varlen = meta(1, 3), meta(1, decode_tiles.WIDE_MIN_SPLITS), meta(64, 3)
     assert decode_tile["SWAP_AB"] and decode_tile["maxnreg"] == tiles.maxnreg
     assert decode_tile["ROT_CHUNK"] == wide["ROT_CHUNK"] == tiles.rot_chunk  # the interpreter keeps its own
-    assert wide["SWAP_AB"] and "maxnreg" not in wide and wide["num_warps"] == tiles.num_warps
-    # the wide launch's own warps and cap (bench_decode.py's sweep), leaving the other launches alone
-    wider = dataclasses.replace(tiles, wide_num_warps=2 * tiles.num_warps, wide_maxnreg=128, wide_rot_chunk=128)
+    assert wide["SWAP_AB"] and wide["maxnreg"] == tiles.maxnreg and wide["BLOCK_N"] == tiles.block_n  # one sequence
+    # wide tiles' own warps and cap (bench_decode.py's sweep), leaving the other launches alone
+    wider = dataclasses.replace(tiles, wide_block_n=128, wide_num_warps=2 * tiles.num_warps, wide_maxnreg=128,
+                                wide_rot_chunk=128)  # fmt: skip
     with patch.dict(decode_tiles.TILES, {128: wider}):
         assert meta(1, decode_tiles.WIDE_MIN_SPLITS)["num_warps"] == 2 * tiles.num_warps
         assert meta(1, decode_tiles.WIDE_MIN_SPLITS)["maxnreg"] == 128
@@ -341,7 +343,7 @@ def test_unrotated_partials_agree(device, monkeypatch, head_dim, change):
     ws = AttentionWorkspace.allocate(3, 4, head_dim, 40, device)
     for t in (ws.acc, ws.row_max, ws.row_sum):
         t.fill_(float("nan"))
-    for num_splits in (3, 37):  # 37: past one plain step's splits (at most MAX_SPLITS a step)
+    for num_splits in (3, 37):  # 37: past one plain step's splits (at most REDUCE_MAX_STEP_SPLITS a step)
         assert decode_tiles.at_least(tiles.unrotated_min_splits, num_splits) == (
             num_splits >= tiles.unrotated_min_splits
         )
@@ -409,6 +411,40 @@ def test_prerotated_queries_agree(device, monkeypatch, head_dim, num_splits):
     assert decode_tiles.at_least(tiles.prerotate_q_min_splits, num_splits)
     assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32, rows=5)
     assert torch.isfinite(ws.query[:5]).all() and ws.query[7:].isnan().all()  # 5 query tokens + 2 of padding
+
+
+@pytest.mark.parametrize(("head_dim", "num_splits", "offset"), [(64, 2, False), (64, 29, True), (128, 3, False)])
+def test_published_queries_agree(device, monkeypatch, head_dim, num_splits, offset):
+    """Where the launch has store programs (Tiles.fused_store_min_splits), they rotate the queries for the split
+    programs (Tiles.publish_q) instead of a rotation launch: the same attention and stored pages, with prefill
+    chunks, an empty sequence and padding rows in the batch, and every ticket back at zero afterwards."""
+    tiles = dataclasses.replace(decode_tiles.TILES[head_dim], fused_store_min_splits=2, prerotate_q_min_splits=2,
+                                publish_q=True)  # fmt: skip
+    monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
+    seq_lens, q_lens = [300, 9, 130, 4, 66], [1, 3, 1, 0, 2]
+    b = make_batch(device, seq_lens, q_lens, head_dim=head_dim, extra_tokens=2, seed=30)
+    slots = torch.cat(
+        [
+            sequence_slots(b.block_table[s].cpu(), n, 16)[n - q :]
+            for s, (n, q) in enumerate(zip(seq_lens, q_lens, strict=True))
+        ]
+        + [torch.tensor([-1, -1])]
+    )
+    slots = slots.to(device)  # the two padding tokens are stored nowhere
+    g = torch.Generator().manual_seed(31)
+    key_offset = KeyOffset.build(torch.randn(2, head_dim, generator=g), b.codec.rotation) if offset else None
+    want_cache = b.cache.clone()
+    store_kv(b.codec, b.key, b.value, want_cache, slots, key_offset)
+    ws = AttentionWorkspace.allocate(9, 4, head_dim, 40, device)
+    ws.query.fill_(float("nan"))
+    meta = decode_tiles.attention_meta(b.codec, 4, torch.float32, False, 3, 16, False, num_splits, store_new=True)
+    assert meta["Q_PUBLISHED"] and meta["STORE_NEW"]
+    with patch("turboquant_vllm.kernels.decode._rotate_queries_kernel", None):  # launching it would raise
+        out = b.run(num_splits=num_splits, workspace=ws, store_slots=slots, key_offset=key_offset)
+    assert_matches(out, b.expected(), TOL_FP32, rows=7)  # context stored without the offset: every scale positive
+    assert out[7:].isnan().all() and torch.equal(b.cache, want_cache)
+    assert (ws.tickets == 0).all()
+    assert torch.isfinite(ws.query[:7]).all() and ws.query[7:].isnan().all()
 
 
 @pytest.mark.parametrize(
@@ -483,12 +519,17 @@ def test_rejects_bad_inputs(device):
                         b.query_start_loc, b.scale, b.query.clone(), max_query_len=1, num_splits=1)  # fmt: skip
 
 
-def test_wide_tiles_only_for_heavily_split_launches(device):
+def test_wide_tiles_only_for_heavily_split_launches(device, monkeypatch):
+    """Tiles.wide_block_n (off by default since one sequence takes 48 capped splits) gives launches of
+    >= WIDE_MIN_SPLITS splits their own tile, and they compute the same attention."""
     codec = KVCodec(TQConfig(), 2, 128)
-    tiles = decode_tiles.TILES[128]
+    assert decode_tiles.TILES[128].wide_block_n is None
+    tiles = dataclasses.replace(decode_tiles.TILES[128], wide_block_n=128)
+    monkeypatch.setitem(decode_tiles.TILES, 128, tiles)
     narrow = decode_tiles.attention_meta(codec, 8, torch.bfloat16, True, 1, 16, False, decode_tiles.WIDE_MIN_SPLITS - 1)
     wide = decode_tiles.attention_meta(codec, 8, torch.bfloat16, True, 1, 16, False, decode_tiles.WIDE_MIN_SPLITS)
     assert narrow["BLOCK_N"] == tiles.block_n and wide["BLOCK_N"] == tiles.wide_block_n > tiles.block_n
+    assert "maxnreg" not in wide  # uncapped: the 128-token tile would spill under the 64-token tile's cap
     b = make_batch(device, [300, 77], [1, 1], num_heads=8, num_kv_heads=2, head_dim=128, seed=21)
     assert_matches(b.run(num_splits=decode_tiles.WIDE_MIN_SPLITS), b.expected(), TOL_FP32)
 
@@ -526,23 +567,45 @@ def test_key_offset_scores_match_reference(device, monkeypatch, num_splits, k_bi
 
 
 def test_choose_num_splits():
-    assert choose_num_splits(1, 8, 32, 132) == 32  # 8 programs: split up to the cap
-    assert choose_num_splits(1, 8, 16, 132) == 16
-    assert choose_num_splits(4, 8, 32, 132) == 9  # cdiv(264, 32)
-    assert choose_num_splits(16, 8, 32, 132) == 3
-    assert choose_num_splits(17, 8, 32, 132) == 1  # 136 programs already cover 132 SMs
-    assert choose_num_splits(256, 8, 32, 132) == 1
-    assert choose_num_splits(1, 8, 1, 132) == 1
-    assert choose_num_splits(0, 8, 32, 132) == 32
+    """Tiles without resident_programs (d=64): about two 4-warp programs an SM."""
+    assert choose_num_splits(1, 8, 32, 132, head_dim=64) == 32  # 8 programs: split up to the cap
+    assert choose_num_splits(1, 8, 16, 132, head_dim=64) == 16
+    assert choose_num_splits(4, 8, 32, 132, head_dim=64) == 9  # cdiv(264, 32)
+    assert choose_num_splits(16, 8, 32, 132, head_dim=64) == 3
+    assert choose_num_splits(17, 8, 32, 132, head_dim=64) == 1  # 136 programs already cover 132 SMs
+    assert choose_num_splits(256, 8, 32, 132, head_dim=64) == 1
+    assert choose_num_splits(1, 8, 1, 132, head_dim=64) == 1
+    assert choose_num_splits(0, 8, 32, 132, head_dim=64) == 32
     for seqs in range(1, 70):
-        n = choose_num_splits(seqs, 2, 16, 108)
+        n = choose_num_splits(seqs, 2, 16, 108, head_dim=64)
         assert 1 <= n <= 16 and (n == 1) == (seqs * 2 >= 108)
         assert n in (1, 16) or seqs * 2 * n >= 2 * 108
 
 
+@pytest.mark.parametrize("num_sms", [132, 114, 78])
+def test_split_choice_fills_one_wave_of_resident_programs(num_sms):
+    """d=128 tiles hold 3 programs an SM: a few sequences split until one more split would need a second wave,
+    counting the store programs launches of >= fused_store_min_splits splits add (one per sequence and KV head)."""
+    tiles = decode_tiles.TILES[128]
+    assert tiles.resident_programs == 3
+    assert choose_num_splits(1, 8, 48, 132) == 48  # 8 x 48 + 8 store programs = 392 <= 396
+    assert choose_num_splits(1, 8, 32, 132) == 32  # the workspace's cap
+    assert choose_num_splits(4, 8, 48, 132) == 12
+    assert choose_num_splits(16, 8, 48, 132) == 3
+    assert choose_num_splits(17, 8, 48, 132) == 1  # 136 programs already cover 132 SMs
+
+    def programs(seqs: int, splits: int) -> int:
+        return seqs * 8 * (splits + decode_tiles.at_least(tiles.fused_store_min_splits, splits))
+
+    for seqs in range(1, num_sms // 8 + 1):
+        n = choose_num_splits(seqs, 8, 64, num_sms)
+        assert n >= 2 and programs(seqs, n) <= 3 * num_sms < programs(seqs, n + 1), (seqs, n)
+
+
 def test_narrower_programs_get_more_splits(monkeypatch):
     """2-warp programs: the same warps per SM take twice the programs before splitting stops."""
-    monkeypatch.setitem(decode_tiles.TILES, 128, dataclasses.replace(decode_tiles.TILES[128], num_warps=2))
+    tiles = dataclasses.replace(decode_tiles.TILES[128], num_warps=2, resident_programs=None)
+    monkeypatch.setitem(decode_tiles.TILES, 128, tiles)
     assert choose_num_splits(16, 8, 32, 132) == 5  # cdiv(2 * 132 * 2, 128)
     assert choose_num_splits(17, 8, 32, 132) == 4  # 136 programs no longer fill the SMs
     assert choose_num_splits(33, 8, 32, 132) == 1
@@ -637,7 +700,7 @@ def test_gpu_long_decode(cuda, num_heads, num_kv_heads, head_dim, k_bits, v_bits
                    head_dim=head_dim, k_bits=k_bits, v_bits=v_bits, dtype=dtype, seed=20)  # fmt: skip
     want = b.expected()
     tol = TOL_FP32 if dtype == torch.float32 else TOL_HALF
-    for num_splits in (1, 7, 32):
+    for num_splits in (1, 7, 48):
         assert_matches(b.run(num_splits=num_splits), want, tol)
 
 
@@ -671,13 +734,14 @@ def test_gpu_int64_addressing(cuda):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("num_seqs", "num_splits", "fused_store"), [(16, 3, False), (16, 3, True), (1, 32, True), (40, 1, True)]
+    ("num_seqs", "num_splits", "fused_store"), [(16, 3, False), (16, 3, True), (1, 48, True), (40, 1, True)]
 )
 def test_gpu_programmatic_launch_agrees(cuda, monkeypatch, num_seqs, num_splits, fused_store):
     """With programmatic dependent launch (kernels/pdl.py) a step's store, query rotation, attention and reduce
     overlap; captured in a CUDA graph and replayed, they write the same pages and output (a race would be far off
     bf16 rounding) as plain launches. With
-    fused_store paged_attention stores: in the attention launch (32 splits) or in a store launch after it."""
+    fused_store paged_attention stores: in the attention launch (48 splits, whose store programs also rotate the
+    queries) or in a store launch after it."""
     g = torch.Generator().manual_seed(29)
     seq_lens = [int(x) for x in torch.randint(500, 5000, (num_seqs,), generator=g)]
     b = make_batch(cuda, seq_lens, [1] * num_seqs, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -697,7 +761,7 @@ def test_gpu_programmatic_launch_agrees(cuda, monkeypatch, num_seqs, num_splits,
         monkeypatch.setattr(pdl, "ENABLED", enabled)
         assert pdl.pdl_launch(b.query.device) == enabled
         cache, out = b.cache.clone(), torch.empty_like(b.query)
-        ws = AttentionWorkspace.allocate(num_seqs, 32, 128, 32, cuda)
+        ws = AttentionWorkspace.allocate(num_seqs, 32, 128, 48, cuda)
         step(cache, out, ws)  # compile outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -751,4 +815,29 @@ def test_gpu_tail_merge_under_contention(cuda, monkeypatch, num_seqs, num_splits
     outs = [b.run(num_splits=num_splits, workspace=ws, max_query_len=1) for _ in range(50)]
     for out in outs:
         torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
+    assert (ws.tickets == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("num_seqs", "num_splits"), [(1, 48), (2, 33)])
+def test_gpu_published_queries_under_contention(cuda, monkeypatch, num_seqs, num_splits):
+    """Launches back to back whose store programs publish the rotated queries (Tiles.publish_q) while the split
+    programs wait for them: every launch matches the rotation launch's output within bf16 rounding, and the
+    tickets end at zero."""
+    g = torch.Generator().manual_seed(32)
+    seq_lens = [int(x) for x in torch.randint(1000, 9000, (num_seqs,), generator=g)]
+    b = make_batch(cuda, seq_lens, [1] * num_seqs, num_heads=32, num_kv_heads=8, head_dim=128,
+                   dtype=torch.bfloat16, seed=32)  # fmt: skip
+    slots = torch.cat([sequence_slots(b.block_table[s].cpu(), n, 16)[n - 1 :] for s, n in enumerate(seq_lens)])
+    slots = slots.to(cuda)
+    ws = AttentionWorkspace.allocate(num_seqs, 32, 128, 48, cuda)
+    assert decode_tiles.TILES[128].publish_q and decode_tiles.stores_in_attention(128, num_splits)
+    runs = {}
+    for publish in (False, True):
+        monkeypatch.setitem(decode_tiles.TILES, 128, dataclasses.replace(decode_tiles.TILES[128], publish_q=publish))
+        runs[publish] = [b.run(num_splits=num_splits, workspace=ws, max_query_len=1, store_slots=slots)
+                         for _ in range(1 if not publish else 50)]  # fmt: skip
+    assert_matches(runs[False][0], b.expected(), TOL_HALF)
+    for out in runs[True]:
+        torch.testing.assert_close(out, runs[False][0], rtol=1e-2, atol=1e-2)
     assert (ws.tickets == 0).all()

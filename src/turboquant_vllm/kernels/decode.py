@@ -92,7 +92,7 @@ def _attention_kernel(
     PREFETCH: tl.constexpr, PAGES_AHEAD: tl.constexpr, TILE_ROW_SUM: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, LUT_PAIRS: tl.constexpr,
     SWAP_AB: tl.constexpr, K_FRAGMENT: tl.constexpr, V_FRAGMENT: tl.constexpr, UNROTATED_PARTIALS: tl.constexpr,
-    Q_ROTATED: tl.constexpr,
+    Q_ROTATED: tl.constexpr, Q_PUBLISHED: tl.constexpr,
     TAIL_MERGE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
@@ -107,6 +107,9 @@ def _attention_kernel(
     With STORE_NEW the launch also quantises its tiles' new K/V into their pages (slot_ptr), as store.store_kv
     would: no program reads those slots from the pages in this launch. One more program per (query tile, KV head),
     first in launch order, stores them and reads no context, so no split program's tail grows by a store.
+    With Q_PUBLISHED those programs first rotate their tile's queries into the workspace and publish them with a
+    ticket (release), which the split programs wait for (acquire) after their first page reads; the last reader
+    resets it. The store programs are dispatched first and wait on nothing of this launch, so the wait ends.
     With TAIL_MERGE the split program that stores its partials last (a ticket per program row) merges them all
     and writes the output, so no reduce launch follows.
     With PDL (kernels/pdl.py) the block table and the first tile's pages are read before waiting for the kernel
@@ -128,19 +131,6 @@ def _attention_kernel(
             gdc_wait()
         return
     kh = kv_head.to(tl.int64)
-    if STORE_NEW:  # noqa: SIM102 (a compile-time branch around a run-time one)
-        if split < 0:
-            if PDL:  # this step's K/V come from the kernel ahead
-                gdc_wait()
-            store_tokens(
-                k_ptr, v_ptr, slot_ptr, q_start + q0, tl.minimum(q_len - q0, BLOCK_Q), kh, stride_kt, stride_kh,
-                stride_vt, stride_vh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr,
-                v_cent32_ptr, koff_orig_ptr, HEAD_DIM, BLOCK_D, BLOCK_SIZE, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,
-                RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-                V_SCALE_OFFSET, NORM_CORRECTION, TINY, HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
-            return
-    ctx_len = tl.load(seq_lens_ptr + seq) - q_len
-
     row = tl.arange(0, BLOCK_M)
     qi = q0 + row // GROUP  # query index inside the sequence
     row_ok = (row // GROUP < BLOCK_Q) & (qi < q_len)
@@ -149,6 +139,26 @@ def _attention_kernel(
     dim = tl.arange(0, BLOCK_D)
     dim_ok = dim < HEAD_DIM
     q_off = tok * stride_qt + head * stride_qh
+    q_rot_off = (tok * (GROUP * tl.num_programs(1)) + head) * HEAD_DIM  # workspace queries: [tokens, heads, HEAD_DIM]
+    ticket = ws_ticket_ptr + pid * tl.num_programs(1) + kv_head
+    if STORE_NEW:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if split < 0:
+            if PDL:  # this step's queries and K/V come from the kernel ahead
+                gdc_wait()
+            if Q_PUBLISHED:
+                q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
+                                     HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
+                tl.store(ws_q_ptr + q_rot_off[:, None] + dim[None, :], q_rot, mask=row_ok[:, None] & dim_ok[None, :])
+                tl.debug_barrier()  # every thread's queries are written before the release below
+                tl.atomic_add(ticket, 1, sem="release")
+            store_tokens(
+                k_ptr, v_ptr, slot_ptr, q_start + q0, tl.minimum(q_len - q0, BLOCK_Q), kh, stride_kt, stride_kh,
+                stride_vt, stride_vh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr,
+                v_cent32_ptr, koff_orig_ptr, HEAD_DIM, BLOCK_D, BLOCK_SIZE, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,
+                RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
+                V_SCALE_OFFSET, NORM_CORRECTION, TINY, HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
+            return
+    ctx_len = tl.load(seq_lens_ptr + seq) - q_len
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -184,8 +194,15 @@ def _attention_kernel(
         sink_drop = trusted_sinks(first_rows, sink_ctx, sink_tag_ptr, sink_row0, sink_block, SINKS)
         if PREFETCH:
             live = live & ~sink_drop
-    if Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr: contiguous [tokens, heads, HEAD_DIM]
-        q_rot_off = (tok * (GROUP * tl.num_programs(1)) + head) * HEAD_DIM
+    if Q_PUBLISHED:  # rotated by this tile's store program: wait for its ticket, read past a possibly stale L1
+        seen = tl.atomic_add(ticket, 0, sem="acquire")
+        while seen == 0:
+            seen = tl.atomic_add(ticket, 0, sem="acquire")
+        q_rot = tl.load(ws_q_ptr + q_rot_off[:, None] + dim[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                        other=0.0, cache_modifier=".cg")  # fmt: skip
+        if tl.atomic_add(ticket, 1, sem="relaxed") == num_splits:  # the last reader: ready for the next launch
+            tl.store(ticket, 0)
+    elif Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr
         q_rot = tl.load(ws_q_ptr + q_rot_off[:, None] + dim[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     else:
         q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
@@ -315,7 +332,6 @@ def _attention_kernel(
                      mask=(row_ok & (l_i > 0))[:, None] & dim_ok[None, :])  # fmt: skip
         if TAIL_MERGE:
             tl.debug_barrier()  # every thread's partials are written before the release below
-            ticket = ws_ticket_ptr + pid * tl.num_programs(1) + kv_head
             if tl.atomic_add(ticket, 1, sem="acq_rel") == num_splits - 1:  # the others' partials are visible
                 tl.store(ticket, 0)  # ready for the next launch (CUDA-graph replays)
                 # L2 reads (.cg): this SM's L1 may hold stale lines of the workspace from an earlier launch
@@ -440,7 +456,7 @@ def paged_attention(
     meta = attention_meta(codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
                            num_splits, offset is not None, store_in_kernel, pdl,
                            0 if sinks is None else sinks.sink_tokens)  # fmt: skip
-    if meta["Q_ROTATED"]:
+    if meta["Q_ROTATED"] and not meta["Q_PUBLISHED"]:
         num_rows = num_tokens * num_heads
         _rotate_queries_kernel[reduce_grid(num_rows)](
             query, q_buf, rot, num_rows, *query.stride(), rot.stride(0), rot.stride(1),
@@ -448,7 +464,7 @@ def paged_attention(
             CHUNK=meta["ROT_CHUNK"], PREC=meta["PREC"], PDL=pdl, **pdl_option(pdl),
         )  # fmt: skip
     grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads, num_splits + int(meta["STORE_NEW"]))
-    if meta["TAIL_MERGE"]:
+    if meta["TAIL_MERGE"] or meta["Q_PUBLISHED"]:
         assert grid[0] * num_kv_heads <= tickets.numel(), (
             f"workspace tickets ({tickets.numel()}) cannot count {grid[0]} query tiles x {num_kv_heads} KV heads: "
             "allocate it with max_seqs >= the batch's sequences"

@@ -15,7 +15,9 @@ class AttentionWorkspace:
     row_max, row_sum: fp32 [max_tokens, num_heads, max_splits], softmax max (log2 units) and sum.
     query: fp32 [max_tokens, num_heads, head_dim], contiguous: the step's queries rotated once (q R^T).
     tickets: int32, one per (query tile, KV head) program row of a launch: how many of its split programs have
-        stored their partials (Tiles.tail_merge_min_splits). Zero between launches: the merging program resets it.
+        stored their partials (Tiles.tail_merge_min_splits), or 1 once its store program has published the rotated
+        queries plus how many split programs have read them (Tiles.publish_q). Zero between launches: the merging
+        program, or the last reader, resets it.
     """
 
     acc: torch.Tensor
