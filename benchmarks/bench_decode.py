@@ -309,7 +309,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"num_warps": 2, "block_n": 16},
         {"num_warps": 1, "block_n": 16},
         {"num_warps": 1, "block_n": 32},
-        {"wide_block_n": 128},  # 128-token tiles, uncapped, for launches of >= 32 splits
+        {"wide_block_n": None},  # no wide tiles for heavily split launches
         {"num_stages": 2},
         {"prefetch": False},
         {"pages_ahead": False},  # block-table entries read in the same step as the page reads that need them
@@ -335,7 +335,9 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"num_warps": 8, "block_n": 128, "maxnreg": 128},  # each warpgroup a 64-token half of the tile
         {"num_warps": 8, "block_n": 128, "maxnreg": 128, "num_splits": 2},  # 16 x 8 x 2 programs: one wave
         {"num_warps": 8, "block_n": 128, "maxnreg": 128, "wide_num_warps": 8, "wide_maxnreg": 128},
-        {"num_splits": 64},  # one sequence in capped 64-token programs (3 an SM): 8 x 64 take two waves
+        # one sequence in capped 64-token programs (3 an SM): 8 x 48 = 384 of them fill one wave, 8 x 64 take two
+        {"wide_block_n": None, "num_splits": 48},
+        {"wide_block_n": None, "num_splits": 64},
         # slices of R where the launch rotates the new token's V (the last split's tail) and the queries
         {"rot_chunk": 16},
         {"rot_chunk": 32},
@@ -347,6 +349,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"fused_store_min_splits": 2, "store": "fused"},  # in the attention launch at 3 splits too
         {"rot_chunk": 128, "store": "fused"},
         {"store": "fused", "store_contract_last": True},  # store.CONTRACT_LAST in the fused store
+        {"store": "fused", "wide_block_n": None, "num_splits": 48},  # 8 x 48 capped programs + 8 store programs
         # the split program that finishes last merges the partials instead of a reduce launch (below 32 splits)
         {"tail_merge_min_splits": 2},
         {"tail_merge_min_splits": 2, "store": "separate"},  # the 16-sequence engine step
@@ -357,17 +360,12 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         {"pdl": False},
         {"pdl": False, "store": "separate"},  # the 16-sequence engine step without PDL: the store ahead
         {"pdl": False, "store": "fused"},  # the one-sequence engine step without PDL: the store in the launch
-        # the store programs rotate the queries for the split programs (publish_q) or a rotation launch does; the
-        # engine's one-sequence step
-        {"publish_q": False, "store": "fused"},
+        # the store programs rotate the queries for the split programs (no rotation launch), with 32 wide splits
+        # and with 48 capped ones
         {"publish_q": True, "store": "fused"},
-        {"publish_q": False, "store": "fused", "num_splits": 32},
-        # the split rule before resident_programs (two programs an SM; 128-token tiles for >= 32 splits), at the
-        # one-sequence step's 32 splits with and without the published queries, and at its own choice for more
-        # sequences
-        {"resident_programs": None, "wide_block_n": 128, "num_splits": 32, "store": "fused", "publish_q": False},
-        {"resident_programs": None, "wide_block_n": 128, "num_splits": 32, "store": "fused"},
-        {"resident_programs": None, "wide_block_n": 128},
+        {"store": "fused", "wide_block_n": None, "num_splits": 48, "publish_q": True},
+        # the split rule before resident_programs: about two programs an SM (2-8 sequences take fewer splits)
+        {"resident_programs": None},
         # 4 exact sinks (the sink tile, the first tile's mask, the writer launch), without and with the engine's store
         {"sinks": 4},
         {"sinks": 4, "store": "fused"},

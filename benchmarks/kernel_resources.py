@@ -156,7 +156,7 @@ def compile_attention(
     sinks: int = 0,
 ) -> dict:
     """Compile _attention_kernel as paged_attention would launch it for a bf16 decode batch with num_splits
-    splits (16 sequences of 8 KV heads take 3; one sequence 48 on the H200's 132 SMs)."""
+    splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles)."""
     split = num_splits > 1
     key = triton.next_power_of_2(head_dim)
     default = decode_tiles.TILES[key]
@@ -238,9 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(128, 32, 8, 3, {}, True), (128, 32, 8, 1, {}, True)]  # with calibrated key offsets
     cases += [(128, 32, 8, 3, {}, False, True), (128, 32, 8, wide, {}, True, True)]  # with the fused store
     cases += [(128, 32, 8, wide, {}, False, True)]  # the one-sequence engine step: store programs in the launch
-    cases += [(128, 32, 8, wide, {"publish_q": False}, False, True)]  # ... with a query-rotation launch ahead
-    old_wide = {"wide_block_n": 128, "resident_programs": None}
-    cases += [(128, 32, 8, decode_tiles.WIDE_MIN_SPLITS, old_wide, False, True)]  # 32 splits of 128-token tiles
+    cases += [(128, 32, 8, wide, {"publish_q": True}, False, True)]  # ... whose store programs rotate the queries
+    cases += [(128, 32, 8, 48, {"wide_block_n": None}, False, True)]  # ... in 48 splits of capped 64-token tiles
     cases += [(128, 32, 8, 3, {"tail_merge_min_splits": 2})]
     cases += [(128, 32, 8, n, {}, False, False, 4) for n in (1, 3, wide)]  # with 4 exact sinks (kernels/sinks.py)
     rows = []

@@ -243,9 +243,8 @@ def test_fragment_orders_agree(device, monkeypatch, dtype, k_fragment, v_fragmen
 
 
 def test_swap_and_register_cap_only_for_decode_tiles():
-    """The d=128 register cap fits the 64-token decode tile, which one sequence's 48 splits take too; prefill tiles
-    would spill under it, and their 64 query rows already fill the MMA's M side. On the GPU only register-lookup
-    tiles swap."""
+    """The d=128 register cap fits the 64-token decode tile; wide and prefill tiles would spill under it, and a
+    prefill tile's 64 query rows already fill the MMA's M side. On the GPU only register-lookup tiles swap."""
     codec = KVCodec(TQConfig(), 8, 128)
     tiles = decode_tiles.TILES[128]
     assert tiles.swap_ab and tiles.maxnreg
@@ -256,10 +255,9 @@ def test_swap_and_register_cap_only_for_decode_tiles():
     decode_tile, wide, varlen = meta(1, 3), meta(1, decode_tiles.WIDE_MIN_SPLITS), meta(64, 3)
     assert decode_tile["SWAP_AB"] and decode_tile["maxnreg"] == tiles.maxnreg
     assert decode_tile["ROT_CHUNK"] == wide["ROT_CHUNK"] == tiles.rot_chunk  # the interpreter keeps its own
-    assert wide["SWAP_AB"] and wide["maxnreg"] == tiles.maxnreg and wide["BLOCK_N"] == tiles.block_n  # one sequence
-    # wide tiles' own warps and cap (bench_decode.py's sweep), leaving the other launches alone
-    wider = dataclasses.replace(tiles, wide_block_n=128, wide_num_warps=2 * tiles.num_warps, wide_maxnreg=128,
-                                wide_rot_chunk=128)  # fmt: skip
+    assert wide["SWAP_AB"] and "maxnreg" not in wide and wide["num_warps"] == tiles.num_warps
+    # the wide launch's own warps and cap (bench_decode.py's sweep), leaving the other launches alone
+    wider = dataclasses.replace(tiles, wide_num_warps=2 * tiles.num_warps, wide_maxnreg=128, wide_rot_chunk=128)
     with patch.dict(decode_tiles.TILES, {128: wider}):
         assert meta(1, decode_tiles.WIDE_MIN_SPLITS)["num_warps"] == 2 * tiles.num_warps
         assert meta(1, decode_tiles.WIDE_MIN_SPLITS)["maxnreg"] == 128
@@ -519,17 +517,12 @@ def test_rejects_bad_inputs(device):
                         b.query_start_loc, b.scale, b.query.clone(), max_query_len=1, num_splits=1)  # fmt: skip
 
 
-def test_wide_tiles_only_for_heavily_split_launches(device, monkeypatch):
-    """Tiles.wide_block_n (off by default since one sequence takes 48 capped splits) gives launches of
-    >= WIDE_MIN_SPLITS splits their own tile, and they compute the same attention."""
+def test_wide_tiles_only_for_heavily_split_launches(device):
     codec = KVCodec(TQConfig(), 2, 128)
-    assert decode_tiles.TILES[128].wide_block_n is None
-    tiles = dataclasses.replace(decode_tiles.TILES[128], wide_block_n=128)
-    monkeypatch.setitem(decode_tiles.TILES, 128, tiles)
+    tiles = decode_tiles.TILES[128]
     narrow = decode_tiles.attention_meta(codec, 8, torch.bfloat16, True, 1, 16, False, decode_tiles.WIDE_MIN_SPLITS - 1)
     wide = decode_tiles.attention_meta(codec, 8, torch.bfloat16, True, 1, 16, False, decode_tiles.WIDE_MIN_SPLITS)
     assert narrow["BLOCK_N"] == tiles.block_n and wide["BLOCK_N"] == tiles.wide_block_n > tiles.block_n
-    assert "maxnreg" not in wide  # uncapped: the 128-token tile would spill under the 64-token tile's cap
     b = make_batch(device, [300, 77], [1, 1], num_heads=8, num_kv_heads=2, head_dim=128, seed=21)
     assert_matches(b.run(num_splits=decode_tiles.WIDE_MIN_SPLITS), b.expected(), TOL_FP32)
 
@@ -584,22 +577,26 @@ def test_choose_num_splits():
 
 @pytest.mark.parametrize("num_sms", [132, 114, 78])
 def test_split_choice_fills_one_wave_of_resident_programs(num_sms):
-    """d=128 tiles hold 3 programs an SM: a few sequences split until one more split would need a second wave,
-    counting the store programs launches of >= fused_store_min_splits splits add (one per sequence and KV head)."""
+    """d=128: 2-16 sequences split until one more split would need a second wave of capped programs (3 an SM);
+    one sequence until its wide programs (2 an SM) fill one, counting the store programs launches of
+    >= fused_store_min_splits splits add (one per sequence and KV head)."""
     tiles = decode_tiles.TILES[128]
-    assert tiles.resident_programs == 3
-    assert choose_num_splits(1, 8, 48, 132) == 48  # 8 x 48 + 8 store programs = 392 <= 396
-    assert choose_num_splits(1, 8, 32, 132) == 32  # the workspace's cap
-    assert choose_num_splits(4, 8, 48, 132) == 12
-    assert choose_num_splits(16, 8, 48, 132) == 3
-    assert choose_num_splits(17, 8, 48, 132) == 1  # 136 programs already cover 132 SMs
+    assert (tiles.resident_programs, tiles.wide_resident_programs) == (3, 2) and tiles.wide_block_n
+    assert choose_num_splits(1, 8, 32, 132) == 32  # 8 x 32 wide programs + 8 store programs = 264
+    assert choose_num_splits(1, 8, 48, 132) == 32  # a wider workspace changes nothing: the wave is full
+    assert choose_num_splits(2, 8, 32, 132) == 24  # 16 x 24 = 384 capped programs <= 396
+    assert choose_num_splits(4, 8, 32, 132) == 12
+    assert choose_num_splits(16, 8, 32, 132) == 3
+    assert choose_num_splits(17, 8, 32, 132) == 1  # 136 programs already cover 132 SMs
 
     def programs(seqs: int, splits: int) -> int:
         return seqs * 8 * (splits + decode_tiles.at_least(tiles.fused_store_min_splits, splits))
 
     for seqs in range(1, num_sms // 8 + 1):
         n = choose_num_splits(seqs, 8, 64, num_sms)
-        assert n >= 2 and programs(seqs, n) <= 3 * num_sms < programs(seqs, n + 1), (seqs, n)
+        resident = 2 if n >= decode_tiles.WIDE_MIN_SPLITS else 3
+        assert programs(seqs, n) <= resident * num_sms, (seqs, n)
+        assert programs(seqs, n + 1) > resident * num_sms or n == decode_tiles.WIDE_MIN_SPLITS - 1, (seqs, n)
 
 
 def test_narrower_programs_get_more_splits(monkeypatch):
@@ -700,7 +697,7 @@ def test_gpu_long_decode(cuda, num_heads, num_kv_heads, head_dim, k_bits, v_bits
                    head_dim=head_dim, k_bits=k_bits, v_bits=v_bits, dtype=dtype, seed=20)  # fmt: skip
     want = b.expected()
     tol = TOL_FP32 if dtype == torch.float32 else TOL_HALF
-    for num_splits in (1, 7, 48):
+    for num_splits in (1, 7, 32):
         assert_matches(b.run(num_splits=num_splits), want, tol)
 
 
@@ -734,14 +731,13 @@ def test_gpu_int64_addressing(cuda):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("num_seqs", "num_splits", "fused_store"), [(16, 3, False), (16, 3, True), (1, 48, True), (40, 1, True)]
+    ("num_seqs", "num_splits", "fused_store"), [(16, 3, False), (16, 3, True), (1, 32, True), (40, 1, True)]
 )
 def test_gpu_programmatic_launch_agrees(cuda, monkeypatch, num_seqs, num_splits, fused_store):
     """With programmatic dependent launch (kernels/pdl.py) a step's store, query rotation, attention and reduce
     overlap; captured in a CUDA graph and replayed, they write the same pages and output (a race would be far off
     bf16 rounding) as plain launches. With
-    fused_store paged_attention stores: in the attention launch (48 splits, whose store programs also rotate the
-    queries) or in a store launch after it."""
+    fused_store paged_attention stores: in the attention launch (32 splits) or in a store launch after it."""
     g = torch.Generator().manual_seed(29)
     seq_lens = [int(x) for x in torch.randint(500, 5000, (num_seqs,), generator=g)]
     b = make_batch(cuda, seq_lens, [1] * num_seqs, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -761,7 +757,7 @@ def test_gpu_programmatic_launch_agrees(cuda, monkeypatch, num_seqs, num_splits,
         monkeypatch.setattr(pdl, "ENABLED", enabled)
         assert pdl.pdl_launch(b.query.device) == enabled
         cache, out = b.cache.clone(), torch.empty_like(b.query)
-        ws = AttentionWorkspace.allocate(num_seqs, 32, 128, 48, cuda)
+        ws = AttentionWorkspace.allocate(num_seqs, 32, 128, 32, cuda)
         step(cache, out, ws)  # compile outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -821,9 +817,9 @@ def test_gpu_tail_merge_under_contention(cuda, monkeypatch, num_seqs, num_splits
 @pytest.mark.gpu
 @pytest.mark.parametrize(("num_seqs", "num_splits"), [(1, 48), (2, 33)])
 def test_gpu_published_queries_under_contention(cuda, monkeypatch, num_seqs, num_splits):
-    """Launches back to back whose store programs publish the rotated queries (Tiles.publish_q) while the split
-    programs wait for them: every launch matches the rotation launch's output within bf16 rounding, and the
-    tickets end at zero."""
+    """Launches back to back whose store programs publish the rotated queries (Tiles.publish_q; here with capped
+    64-token tiles, 48 splits for one sequence) while the split programs wait for them: every launch matches the
+    rotation launch's output within bf16 rounding, and the tickets end at zero."""
     g = torch.Generator().manual_seed(32)
     seq_lens = [int(x) for x in torch.randint(1000, 9000, (num_seqs,), generator=g)]
     b = make_batch(cuda, seq_lens, [1] * num_seqs, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -831,10 +827,11 @@ def test_gpu_published_queries_under_contention(cuda, monkeypatch, num_seqs, num
     slots = torch.cat([sequence_slots(b.block_table[s].cpu(), n, 16)[n - 1 :] for s, n in enumerate(seq_lens)])
     slots = slots.to(cuda)
     ws = AttentionWorkspace.allocate(num_seqs, 32, 128, 48, cuda)
-    assert decode_tiles.TILES[128].publish_q and decode_tiles.stores_in_attention(128, num_splits)
+    capped = dataclasses.replace(decode_tiles.TILES[128], wide_block_n=None)
     runs = {}
     for publish in (False, True):
-        monkeypatch.setitem(decode_tiles.TILES, 128, dataclasses.replace(decode_tiles.TILES[128], publish_q=publish))
+        monkeypatch.setitem(decode_tiles.TILES, 128, dataclasses.replace(capped, publish_q=publish))
+        assert decode_tiles.stores_in_attention(128, num_splits)
         runs[publish] = [b.run(num_splits=num_splits, workspace=ws, max_query_len=1, store_slots=slots)
                          for _ in range(1 if not publish else 50)]  # fmt: skip
     assert_matches(runs[False][0], b.expected(), TOL_HALF)

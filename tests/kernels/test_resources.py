@@ -37,25 +37,25 @@ def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(resources):
     for r in narrow:
         assert r["registers"] <= 168 and r["programs_per_sm_by_registers"] >= 3, r
     assert next(r for r in narrow if r["split_k"] and not r["key_offset"])["spill_store_bytes"] == 0
-    # One sequence splits 48 ways (choose_num_splits on 132 SMs) into the same capped tiles, three programs an SM;
-    # with its store programs (which also rotate the queries) a few bytes spill outside the tile loop, never a
-    # tile's worth.
-    one_seq = next(r for r in defaults if r["num_splits"] >= decode_tiles.WIDE_MIN_SPLITS)
-    assert one_seq["block_n"] == tiles.block_n and one_seq["maxnreg"] == tiles.maxnreg, one_seq
-    storing = [r for r in rows if r["store_new"] and r["num_splits"] >= decode_tiles.WIDE_MIN_SPLITS
-               and r["tiles"] == dataclasses.asdict(tiles)]  # fmt: skip
-    assert len(storing) == 2  # without and with key offsets
-    for r in (one_seq, *storing):
-        assert r["programs_per_sm_by_registers"] >= 3 and r["spill_store_bytes"] <= 128, r
-        assert r["context_loop_sass"]["local_accesses"] == 0, r  # no spilled register is touched a tile
+    wide = next(r for r in defaults if r["num_splits"] >= decode_tiles.WIDE_MIN_SPLITS)  # 1 sequence, 32 splits
+    assert wide["block_n"] == tiles.wide_block_n and wide["maxnreg"] is None, wide
+    # Wide launches run uncapped near 255 registers: with 64-column slices of R this one spilled 36 bytes offline
+    # until the keys were decoded in the A fragment's order (none since), and still measured faster, 1 x 32K 46.6 ->
+    # 44.3 us (decode_sweep_h200_2026-12-01p.json); the storing one with key offsets spills a few bytes. A few dozen
+    # bytes at most, never a tile's worth.
+    wide_store = next(r for r in rows if r["store_new"] and r["num_splits"] >= decode_tiles.WIDE_MIN_SPLITS)
+    assert wide_store["tiles"] == dataclasses.asdict(tiles)
+    for r in (wide, wide_store):
+        assert r["spill_store_bytes"] <= 64, r
 
 
 def test_exact_sinks_keep_the_register_budget(resources):
     """The sink tile (kernels/sinks.py) adds no program-per-SM loss and no tile's worth of spills at any split count."""
     rows = [r for r in resources["rows"] if r["sinks"]]
-    assert sorted(r["num_splits"] for r in rows) == [1, 3, 48]
+    assert sorted(r["num_splits"] for r in rows) == [1, 3, decode_tiles.WIDE_MIN_SPLITS]
     for r in rows:
-        assert r["programs_per_sm_by_registers"] >= 3 and r["spill_store_bytes"] <= 64, r
+        narrow = r["num_splits"] < decode_tiles.WIDE_MIN_SPLITS
+        assert r["programs_per_sm_by_registers"] >= (3 if narrow else 2) and r["spill_store_bytes"] <= 64, r
 
 
 def test_split_reduce_never_spills(resources):

@@ -76,34 +76,35 @@ class Tiles:
     # Where a launch has store programs and pre-rotated queries, the store programs rotate the queries and hand them
     # to the split programs through a ticket in the workspace, instead of a rotation launch ahead of the attention.
     publish_q: bool = False
-    # Decode programs of this shape one SM holds at once (registers): choose_num_splits fills exactly one wave of
-    # them, store programs included (None: about two 4-warp programs an SM, the rule for the other head dims).
+    # Decode programs of the block_n tile (wide_block_n's) one SM holds at once (registers): choose_num_splits fills
+    # one wave of them, store programs included (None: about two 4-warp programs an SM, the other head dims' rule).
     resident_programs: int | None = None
+    wide_resident_programs: int = 2
 
 
 # Why each default, in one line (the H200 measurements behind them, and what lost, are in docs/decode-tuning.md):
 # - 4 warps, no software pipelining, 64-token tiles: several small programs per SM hide latency best.
 # - Swapped operands (wgmma) under a 168-register cap: 3 programs per SM for the 64-token decode tile.
-# - A batch of few sequences splits until its capped programs fill one wave, 3 an SM: one sequence takes 48 splits
-#   of 64-token tiles (the 128-token tiles of 32 splits, 2 an SM, were slower).
+# - Wide launches (>= WIDE_MIN_SPLITS splits: one sequence) take 128-token tiles, uncapped: more bytes in flight per
+#   program when only ~2 programs share an SM.
+# - A batch of 2-16 sequences splits until its capped programs fill one wave, 3 an SM; one sequence until its wide
+#   programs fill one wave, 2 an SM (32 splits).
 # - The reduce un-rotates with all of R in one dot at 3 splits, one row a program by multiply-adds at 32.
-# - The step's queries are rotated once, in a launch of their own; one-sequence launches also store the new K/V,
-#   in programs of their own that rotate the queries too (no rotation launch).
+# - The step's queries are rotated once, in a launch of their own; one-sequence launches also store the new K/V.
 # - Block-table entries a tile ahead, softmax sums per position until the loop ends.
 # - Keys and values decoded in the A fragment's order: no shared-memory round trip for their tiles (kernels/fragment.py)
 # - R in 64-column slices where the launch rotates (the last split's tail waits on each slice's L2 read).
 WIDE_MIN_SPLITS = 32
-MAX_SPLITS = 48  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
-REDUCE_MAX_STEP_SPLITS = 32  # splits a dot-free reduce step reads at most (a power of two; 64 spilled at d=256)
+MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg", "launch_pdl")  # keys of attention_meta that are compile options
 # fmt: off
 TILES = {
     32: Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=32, reduce_rot_chunk=32),
     64: Tiles(64, 16, 64, 4, num_stages=1, reduce_splits=16, reduce_rot_chunk=64),
     128: Tiles(
-        64, 16, 64, 4, num_stages=1, swap_ab=True, maxnreg=168, resident_programs=3, reduce_splits=2,
-        reduce_rot_chunk=128, wide_reduce_rows=1, prerotate_q_min_splits=2, fused_store_min_splits=WIDE_MIN_SPLITS,
-        rot_chunk=64, k_fragment=True, v_fragment=True, publish_q=True,
+        64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, resident_programs=3,
+        reduce_splits=2, reduce_rot_chunk=128, wide_reduce_rows=1, prerotate_q_min_splits=2,
+        fused_store_min_splits=WIDE_MIN_SPLITS, rot_chunk=64, k_fragment=True, v_fragment=True,
     ),
     256: Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
     512: Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
@@ -133,7 +134,7 @@ def reduce_meta(
     block_r = tiles.reduce_plain_rows if plain else tiles.wide_reduce_rows if wide else tiles.reduce_rows
     by_dot = not plain and block_r >= REDUCE_BLOCK_R
     per_step = max(1, REDUCE_STEP_ELEMENTS // (block_r * block_d))  # splits (or R columns) a dot-free step takes
-    step_splits = tiles.reduce_splits if by_dot else min(REDUCE_MAX_STEP_SPLITS, per_step)
+    step_splits = tiles.reduce_splits if by_dot else min(MAX_SPLITS, per_step)
     rot_chunk = tiles.reduce_rot_chunk if by_dot else min(block_d, max(1, per_step // 2))  # R slice + product
     return dict(
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, STEP_SPLITS=step_splits,
@@ -144,7 +145,8 @@ def reduce_meta(
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int, head_dim: int = 128) -> int:
     """Splits per sequence so a decode batch's programs fill the SMs: one wave of Tiles.resident_programs an SM
-    (store programs included) where the tiles say how many fit, else about two 4-warp programs' worth an SM.
+    (wide_resident_programs where the launch takes the wide tiles; store programs included) where the tiles say how
+    many fit, else about two 4-warp programs' worth an SM.
 
     One split when (sequence, KV head) programs alone already fill the SMs that way: splitting then
     only adds workspace traffic. Sequence lengths are deliberately ignored so the choice is made on
@@ -157,10 +159,18 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms
         return 1
     if tiles.resident_programs is None:
         return max(1, min(max_splits, triton.cdiv(2 * num_sms * per_sm, programs)))
-    slots = tiles.resident_programs * num_sms
-    splits = min(max_splits, slots // programs)
-    if at_least(tiles.fused_store_min_splits, splits):  # one store program per (sequence, KV head) joins the wave
-        splits = min(max_splits, (slots - programs) // programs)
+
+    def one_wave(resident: int) -> int:
+        slots = resident * num_sms
+        splits = min(max_splits, slots // programs)
+        if at_least(tiles.fused_store_min_splits, splits):  # one store program per (sequence, KV head) joins
+            splits = min(max_splits, (slots - programs) // programs)
+        return splits
+
+    splits = one_wave(tiles.resident_programs)
+    if tiles.wide_block_n is not None and splits >= WIDE_MIN_SPLITS:  # such launches take the wide tiles
+        wide = one_wave(tiles.wide_resident_programs)
+        splits = wide if wide >= WIDE_MIN_SPLITS else WIDE_MIN_SPLITS - 1  # too few for a wave: stay capped
     return max(1, splits)
 
 
