@@ -341,7 +341,7 @@ def test_unrotated_partials_agree(device, monkeypatch, head_dim, change):
     ws = AttentionWorkspace.allocate(3, 4, head_dim, 40, device)
     for t in (ws.acc, ws.row_max, ws.row_sum):
         t.fill_(float("nan"))
-    for num_splits in (3, 37):  # 37: past one plain step's splits (at most REDUCE_MAX_STEP_SPLITS a step)
+    for num_splits in (3, 37):  # 37: past one plain step's splits (at most MAX_SPLITS a step)
         assert decode_tiles.at_least(tiles.unrotated_min_splits, num_splits) == (
             num_splits >= tiles.unrotated_min_splits
         )
