@@ -11,6 +11,8 @@ from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode_reduce import (
     REDUCE_BLOCK_R,
     _merge_splits,
+    _publish_queries,
+    _published_queries,
     _reduce_splits_kernel,
     _rotate_queries_kernel,
     _rotate_rows,
@@ -145,12 +147,9 @@ def _attention_kernel(
         if split < 0:
             if PDL:  # this step's queries and K/V come from the kernel ahead
                 gdc_wait()
-            if Q_PUBLISHED:
-                q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
-                                     HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
-                tl.store(ws_q_ptr + q_rot_off[:, None] + dim[None, :], q_rot, mask=row_ok[:, None] & dim_ok[None, :])
-                tl.debug_barrier()  # every thread's queries are written before the release below
-                tl.atomic_add(ticket, 1, sem="release")
+            if Q_PUBLISHED:  # before the store: the split programs wait for these
+                _publish_queries(q_ptr, q_off, row_ok, stride_qd, ws_q_ptr, q_rot_off, rot_ptr, stride_r0, stride_r1,
+                                 ticket, HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
             store_tokens(
                 k_ptr, v_ptr, slot_ptr, q_start + q0, tl.minimum(q_len - q0, BLOCK_Q), kh, stride_kt, stride_kh,
                 stride_vt, stride_vh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr,
@@ -194,14 +193,8 @@ def _attention_kernel(
         sink_drop = trusted_sinks(first_rows, sink_ctx, sink_tag_ptr, sink_row0, sink_block, SINKS)
         if PREFETCH:
             live = live & ~sink_drop
-    if Q_PUBLISHED:  # rotated by this tile's store program: wait for its ticket, read past a possibly stale L1
-        seen = tl.atomic_add(ticket, 0, sem="acquire")
-        while seen == 0:
-            seen = tl.atomic_add(ticket, 0, sem="acquire")
-        q_rot = tl.load(ws_q_ptr + q_rot_off[:, None] + dim[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                        other=0.0, cache_modifier=".cg")  # fmt: skip
-        if tl.atomic_add(ticket, 1, sem="relaxed") == num_splits:  # the last reader: ready for the next launch
-            tl.store(ticket, 0)
+    if Q_PUBLISHED:  # rotated by this tile's store program
+        q_rot = _published_queries(ws_q_ptr, q_rot_off, row_ok, ticket, num_splits, HEAD_DIM, BLOCK_D)
     elif Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr
         q_rot = tl.load(ws_q_ptr + q_rot_off[:, None] + dim[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     else:

@@ -1,4 +1,5 @@
-"""Split-K combine for paged attention, and the rotation helpers it shares with the attention kernel."""
+"""Split-K combine for paged attention, and the rotation helpers it shares with the attention kernel (including
+the handshake by which store programs hand rotated queries to the split programs of the same launch)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,36 @@ def _rotate_vector(x_ptr, stride_d, rot_ptr, stride_r0, stride_r1,
         r = tl.load(rot_ptr + n[:, None] * stride_r0 + k[None, :] * stride_r1,
                     mask=(n < HEAD_DIM)[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
         y += tl.sum(r * x[None, :], 1)
+    return y
+
+
+@triton.jit
+def _publish_queries(q_ptr, q_off, row_ok, stride_qd, out_ptr, out_off, rot_ptr, stride_r0, stride_r1, ticket_ptr,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr,
+                     PREC: tl.constexpr):  # fmt: skip
+    """Rotate a tile's query rows into the workspace (out_off: each row's offset there) and set its ticket to 1
+    (release), for the split programs of the same launch that wait in _published_queries."""
+    y = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1, HEAD_DIM, BLOCK_D, CHUNK, ROWS,
+                     PREC)  # fmt: skip
+    dim = tl.arange(0, BLOCK_D)
+    tl.store(out_ptr + out_off[:, None] + dim[None, :], y, mask=row_ok[:, None] & (dim < HEAD_DIM)[None, :])
+    tl.debug_barrier()  # every thread's rows are written before the release below
+    tl.atomic_add(ticket_ptr, 1, sem="release")
+
+
+@triton.jit
+def _published_queries(out_ptr, out_off, row_ok, ticket_ptr, num_readers, HEAD_DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr):  # fmt: skip
+    """The rows _publish_queries wrote, once its ticket is set (acquire; read past a possibly stale L1). Each of the
+    num_readers programs counts itself on the ticket, and the last one resets it to 0 for the next launch."""
+    seen = tl.atomic_add(ticket_ptr, 0, sem="acquire")
+    while seen == 0:
+        seen = tl.atomic_add(ticket_ptr, 0, sem="acquire")
+    dim = tl.arange(0, BLOCK_D)
+    y = tl.load(out_ptr + out_off[:, None] + dim[None, :], mask=row_ok[:, None] & (dim < HEAD_DIM)[None, :], other=0.0,
+                cache_modifier=".cg")  # fmt: skip
+    if tl.atomic_add(ticket_ptr, 1, sem="relaxed") == num_readers:
+        tl.store(ticket_ptr, 0)
     return y
 
 
