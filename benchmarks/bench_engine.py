@@ -14,6 +14,9 @@ moves by a few tenths of a ms between runs (4K x 16, ours 7.57-7.97 over three r
 runs' 64K-token prefills differ by more than a decode step.
 --profile CONTEXTxSEQS times pure decode steps of that batch (every prompt past its prefill) and lists their GPU
 kernels per step (torch.profiler, engine in-process): where a decode step's time goes.
+--tiles JSON changes our kernel's d=128 launch shapes (fields of decode_tiles.Tiles, e.g. '{"publish_q": true}') for
+an A/B of two settings in the engine; the engine core then runs in-process so the change reaches its kernels, and
+the other arm should pass --tiles '{}' to run the same way.
 Each mode runs in its own process (a fresh GPU); results go to benchmarks/results/engine_<date>.json.
 """
 
@@ -52,11 +55,16 @@ def run_mode(
     tpot: str,
     profile: tuple[int, int] | None = None,
     repeats: int = 1,
+    tiles_change: dict | None = None,
 ) -> dict:
     import os
 
-    if profile:  # the profiler must see the engine's kernels: keep the engine core in this process
+    if profile or tiles_change is not None:  # the profiler / the tile change must reach the engine's kernels
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if tiles_change is not None:
+        from turboquant_vllm.kernels import decode_tiles
+
+        decode_tiles.TILES[128] = tiles_with(tiles_change)
     from vllm import LLM, SamplingParams
 
     from turboquant_vllm.eval.dummy_model import write_llama_config
@@ -121,6 +129,16 @@ def run_mode(
         row["profile"] = profile_decode_steps(llm, prompts_of(*profile))
         print(json.dumps(row["profile"]), flush=True)
     return row
+
+
+def tiles_with(change: dict):
+    """decode_tiles.TILES[128] with the fields in `change` replaced; unknown fields are an error."""
+    from turboquant_vllm.kernels.decode_tiles import TILES
+
+    unknown = set(change) - {f.name for f in dataclasses.fields(TILES[128])}
+    if unknown:
+        raise SystemExit(f"--tiles: no such Tiles field(s): {', '.join(sorted(unknown))}")
+    return dataclasses.replace(TILES[128], **change)
 
 
 def timed_tpot(timed, prompts: list[list[int]], tpot: str) -> dict:
@@ -260,6 +278,7 @@ def main() -> None:
     parser.add_argument("--tpot", choices=("metrics", "two-runs"), default="two-runs")
     parser.add_argument("--repeats", type=int, default=1, help="TPOT samples per shape; the median is reported")
     parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, time and profile its pure decode steps")
+    parser.add_argument("--tiles", help="JSON of decode_tiles.Tiles fields to change at d=128 (engine in-process)")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
     parser.add_argument("--plot", type=Path, nargs="+",
                         help="only draw: merge the modes of these result JSONs into --out (JSON + PNG)")  # fmt: skip
@@ -272,17 +291,18 @@ def main() -> None:
         return
     shapes = parse_shapes(args.shapes)
     profile = parse_shapes(args.profile)[0] if args.profile else None
+    tiles_change = None if args.tiles is None else json.loads(args.tiles)
+    tiles = tiles_with(tiles_change or {})  # checked before any engine starts
 
     if args.child:
         row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot, profile,
-                       args.repeats)  # fmt: skip
+                       args.repeats, tiles_change)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
         return
 
     from turboquant_vllm.eval.child import run_child
     from turboquant_vllm.eval.provenance import provenance
     from turboquant_vllm.kernels import pdl, store
-    from turboquant_vllm.kernels.decode_tiles import TILES
 
     result = {
         "benchmark": "engine",
@@ -291,7 +311,8 @@ def main() -> None:
         "max_model_len": args.max_model_len,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         **provenance(sys.argv),
-        "decode_tiles_d128": dataclasses.asdict(TILES[128]),  # our kernel's launch shapes at the model's head_dim
+        "decode_tiles_d128": dataclasses.asdict(tiles),  # our kernel's launch shapes at the model's head_dim
+        "tiles_change": tiles_change,  # --tiles (None: the defaults, engine core in its own process)
         "kernel_switches": {"pdl": pdl.ENABLED, "store_contract_last": store.CONTRACT_LAST},
         "modes": [],
     }
@@ -311,7 +332,9 @@ def main() -> None:
             args.tpot,
             "--repeats",
             str(args.repeats),
-        ] + (["--profile", args.profile] if args.profile else [])
+            *(["--profile", args.profile] if args.profile else []),
+            *(["--tiles", args.tiles] if args.tiles else []),
+        ]
         child = run_child(cmd, args.timeout)
         log = args.out.with_name(f"{args.out.stem}_{mode}.log")  # the engine's own log, e.g. JIT warnings
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -62,3 +62,14 @@ def test_repeated_tpot_reports_the_median_of_its_two_run_samples(bench_engine):
     assert entry["t129_s"] == pytest.approx(1.128) and entry["tpot_method"] == "two-runs"
     once = bench_engine.tpot_entry(lambda prompts, n: (0.5, None), [[1]], "metrics", repeats=1)
     assert once == {"t129_s": 0.5, "t1_s": 0.5, "tpot_ms": 0.0, "tpot_method": "two-runs"}  # no timestamps
+
+
+def test_tiles_change_names_real_fields(bench_engine):
+    """--tiles: a change of Tiles fields for an engine A/B; an unknown field stops the run before any engine."""
+    from turboquant_vllm.kernels.decode_tiles import TILES
+
+    assert bench_engine.tiles_with({}) == TILES[128]
+    changed = bench_engine.tiles_with({"publish_q": not TILES[128].publish_q})
+    assert changed.publish_q != TILES[128].publish_q and changed.block_n == TILES[128].block_n
+    with pytest.raises(SystemExit, match="no such Tiles field"):
+        bench_engine.tiles_with({"publish_queries": True})
