@@ -31,6 +31,10 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from turboquant_vllm.kernels.decode_tiles import Tiles
 
 MODES = {
     "bf16": dict(attention_backend="FLASH_ATTN"),
@@ -55,16 +59,16 @@ def run_mode(
     tpot: str,
     profile: tuple[int, int] | None = None,
     repeats: int = 1,
-    tiles_change: dict | None = None,
+    tiles: Tiles | None = None,
 ) -> dict:
     import os
 
-    if profile or tiles_change is not None:  # the profiler / the tile change must reach the engine's kernels
+    if profile or tiles is not None:  # the profiler / the tile change must reach the engine's kernels
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if tiles_change is not None:
+    if tiles is not None:  # --tiles, already checked by tiles_with
         from turboquant_vllm.kernels import decode_tiles
 
-        decode_tiles.TILES[128] = tiles_with(tiles_change)
+        decode_tiles.TILES[128] = tiles
     from vllm import LLM, SamplingParams
 
     from turboquant_vllm.eval.dummy_model import write_llama_config
@@ -131,7 +135,7 @@ def run_mode(
     return row
 
 
-def tiles_with(change: dict):
+def tiles_with(change: dict) -> Tiles:
     """decode_tiles.TILES[128] with the fields in `change` replaced; unknown fields are an error."""
     from turboquant_vllm.kernels.decode_tiles import TILES
 
@@ -296,7 +300,7 @@ def main() -> None:
 
     if args.child:
         row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot, profile,
-                       args.repeats, tiles_change)  # fmt: skip
+                       args.repeats, None if tiles_change is None else tiles)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
         return
 
