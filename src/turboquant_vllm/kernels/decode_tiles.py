@@ -217,6 +217,7 @@ def attention_meta(
                   and block_size % 16 == 0)  # fmt: skip
     warps = tiles.wide_num_warps if wide and tiles.wide_num_warps else tiles.num_warps
     rot_chunk = tiles.wide_rot_chunk if wide and tiles.wide_rot_chunk else tiles.rot_chunk
+    q_rotated = at_least(tiles.prerotate_q_min_splits, num_splits)
     meta = dict(
         GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
         BLOCK_N=block_n, ROT_CHUNK=rot_chunk if on_gpu else INTERPRETER_ROT_CHUNK,
@@ -227,8 +228,7 @@ def attention_meta(
         PAGES_AHEAD=tiles.pages_ahead and not varlen, TILE_ROW_SUM=tiles.tile_row_sum and not varlen,
         SWAP_AB=swap, K_FRAGMENT=k_fragment, V_FRAGMENT=v_fragment, K_LUT=k_lut, V_LUT=v_lut,
         LUT_PAIRS=tiles.lut_pairs, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
-        Q_ROTATED=at_least(tiles.prerotate_q_min_splits, num_splits),
-        Q_PUBLISHED=store_new and tiles.publish_q and at_least(tiles.prerotate_q_min_splits, num_splits),
+        Q_ROTATED=q_rotated, Q_PUBLISHED=q_rotated and store_new and tiles.publish_q,
         TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,
         MERGE_SPLITS=tiles.tail_merge_splits,
         STORE_NEW=store_new, **one_token_store_meta(), NORM_CORRECTION=codec.config.norm_correction,
