@@ -1,0 +1,40 @@
+"""The decode sweep's variants (benchmarks/decode_variants.py) name real Tiles fields, launch keys, switches."""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from turboquant_vllm.kernels.decode_tiles import TILES
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_variants.py"
+
+
+@pytest.fixture(scope="module")
+def variants():
+    spec = importlib.util.spec_from_file_location("decode_variants", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_variant_builds_a_tile_config(variants):
+    fields = {f.name for f in dataclasses.fields(TILES[128])}
+    for change in variants.VARIANTS:
+        tile_keys = set(change) - set(variants.LAUNCH_KEYS) - set(variants.SWITCHES)
+        assert tile_keys <= fields, (change, tile_keys - fields)
+        tiles = dataclasses.replace(TILES[128], **{k: change[k] for k in tile_keys})
+        assert all(getattr(tiles, k) == change[k] for k in tile_keys)
+        assert change.get("store", "separate") in ("separate", "fused"), change
+
+
+def test_switches_name_module_attributes(variants):
+    for module, attribute in variants.SWITCHES.values():
+        assert isinstance(getattr(module, attribute), bool), (module.__name__, attribute)
+
+
+def test_variants_are_distinct_and_start_with_the_defaults(variants):
+    assert variants.VARIANTS[0] == {}
+    keys = [tuple(sorted(change.items())) for change in variants.VARIANTS]
+    assert len(keys) == len(set(keys))
