@@ -1,6 +1,8 @@
 """Without CUDA, Triton kernels run in its CPU interpreter, which must be chosen before triton is imported."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +32,17 @@ def tiny_llama():
         return LlamaForCausalLM(config).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Loader of a script in benchmarks/ (not a package) as a module, for CPU tests of its pure parts."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

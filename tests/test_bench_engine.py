@@ -1,20 +1,14 @@
 """bench_engine.py's result handling on the CPU: rows of a timed-out mode, merged runs, the plot."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
-
 
 @pytest.fixture(scope="module")
-def bench_engine():
-    spec = importlib.util.spec_from_file_location("bench_engine", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench_engine(benchmark_script):
+    return benchmark_script("bench_engine")
 
 
 def row(context: int, seqs: int, tpot_ms: float) -> dict:

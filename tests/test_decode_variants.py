@@ -1,22 +1,15 @@
 """The decode sweep's variants (benchmarks/decode_variants.py) name real Tiles fields, launch keys, switches."""
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from turboquant_vllm.kernels.decode_tiles import TILES
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_variants.py"
-
 
 @pytest.fixture(scope="module")
-def variants():
-    spec = importlib.util.spec_from_file_location("decode_variants", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def variants(benchmark_script):
+    return benchmark_script("decode_variants")
 
 
 def test_every_variant_builds_a_tile_config(variants):
