@@ -71,6 +71,67 @@ def test_kv_cache_shape_follows_the_layout(monkeypatch):
     assert TQ4AttentionBackend.get_kv_cache_shape(10, 16, 8, 128) == (10, 16, 8 * (48 + 4) * 2)
     with pytest.raises(NotImplementedError):
         TQ4AttentionBackend.get_kv_cache_stride_order()
+    try:
+        from vllm.v1.kv_cache_layout import KVCacheLayout  # vLLM >= 0.29 asks the backend for its layouts
+    except ImportError:
+        return
+    layouts = TQ4AttentionBackend.supported_kv_cache_layouts()
+    assert KVCacheLayout.LBHNC in layouts and all(layout.value[0] == 0 for layout in layouts)  # layer outermost
+
+
+def test_spec_describes_one_head_slot_holding_the_packed_row():
+    """vLLM >= 0.28 sizes pages, and from 0.29 shapes each layer's cache view, from num_head_slots and
+    state_content_bytes where its spec has them; on older vLLM the spec has neither and real_page_size_bytes rules."""
+    spec = TQ4FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.uint8, bytes_per_token=1088)
+    assert spec.page_size_bytes == 16 * 1088
+    # vLLM >= 0.31 passes the spec when it picks a kernel block size
+    assert [size.base for size in TQ4AttentionBackend.get_supported_kernel_block_sizes(spec)] == [16]
+    if hasattr(spec, "state_content_bytes"):
+        assert (spec.num_head_slots, spec.state_content_bytes) == (1, 1088)
+        assert spec.copy_with_new_block_size(32).state_content_bytes == 1088
+
+
+def test_layer_takes_the_four_dim_cache_view_of_newer_vllm(monkeypatch, device):
+    """A [blocks, 1, block_size, bytes] view (vLLM >= 0.29) gets the same pages and output as get_kv_cache_shape's
+    [blocks, block_size, bytes] cache; a view with more than one head slot is refused, not misread."""
+    monkeypatch.setattr(tq_backend, "current_tq_config", lambda: TQConfig())
+    head_dim = 64
+    batch = make_batch(SCENARIOS["mixed"], 8, 2, head_dim, seed=3, device=device, dtype=torch.float32)
+    codec = KVCodec(TQConfig(), 2, head_dim, device)
+    md = make_builder(8, 2, head_dim, device).build(0, common_metadata(batch))
+    impl = TQ4AttentionImpl(8, head_dim, head_dim**-0.5, 2)
+    results = []
+    for view in (lambda c: c, lambda c: c.unsqueeze(1)):
+        cache = codec.new_cache(batch.num_blocks, batch.block_size)
+        for k, v, slots in zip(batch.context_key, batch.context_value, batch.context_slots, strict=True):
+            store_ref(codec, k, v, cache, slots)
+        out = torch.zeros(batch.query.shape, dtype=batch.query.dtype, device=device)
+        impl.do_kv_cache_update(None, batch.key, batch.value, view(cache), batch.slot_mapping)
+        impl.forward(None, batch.query, batch.key, batch.value, view(cache), md, out)
+        results.append((cache, out))
+    (cache3, out3), (cache4, out4) = results
+    assert torch.equal(cache3, cache4) and torch.equal(out3, out4)
+    assert out3.abs().sum() > 0
+    two_slots = cache3.view(cache3.shape[0], 2, cache3.shape[1], -1)
+    with pytest.raises(ValueError, match="blocks, 1, block_size, bytes"):
+        impl.forward(None, batch.query, batch.key, batch.value, two_slots, md, out3)
+
+
+def test_newer_vllm_cache_views_are_kernel_pages():
+    """vLLM >= 0.29 allocates caches itself and views each layer by the spec and a layout the backend supports:
+    every such view must become the contiguous [blocks, block_size, bytes_per_token] pages of its own layer."""
+    pytest.importorskip("vllm.v1.kv_cache_layout", reason="vLLM < 0.29 shapes caches by get_kv_cache_shape")
+    from vllm.v1.kv_cache_interface import KVCacheTensor, create_kv_cache_views
+
+    spec = TQ4FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.uint8, bytes_per_token=144)
+    num_blocks, layers, page = 5, ["l0", "l1"], spec.page_size_bytes
+    raw = torch.zeros(page * num_blocks * len(layers), dtype=torch.int8)
+    for layout in TQ4AttentionBackend.supported_kv_cache_layouts():
+        placement = KVCacheTensor(size=raw.numel(), layers=layers, layer_stride=page * num_blocks, block_stride=page)
+        for i, view in enumerate(create_kv_cache_views(raw, spec, num_blocks, layout, placement)):
+            pages = tq_backend.packed_pages(view)
+            assert pages.shape == (num_blocks, 16, 144) and pages.is_contiguous(), (layout, view.stride())
+            assert pages.data_ptr() == raw.data_ptr() + i * page * num_blocks
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,20 @@ def _max_num_seqs() -> int:
     return getattr(scheduler, "max_num_seqs", None) or 256
 
 
+def packed_pages(kv_cache: torch.Tensor) -> torch.Tensor:
+    """A layer's cache as the kernels take it, uint8 [num_blocks, block_size, bytes_per_token].
+
+    vLLM before 0.29 allocates it in get_kv_cache_shape's shape; later releases hand each layer a
+    [num_blocks, heads, block_size, bytes] view built from the spec, whose one head slot
+    (TQ4FullAttentionSpec.num_head_slots) is the whole packed row.
+    """
+    if kv_cache.dim() == 3:
+        return kv_cache
+    if kv_cache.dim() != 4 or kv_cache.shape[1] != 1:
+        raise ValueError(f"TurboQuant cache view must be [blocks, 1, block_size, bytes], got {tuple(kv_cache.shape)}")
+    return kv_cache.squeeze(1)
+
+
 class TQ4AttentionBackend(AttentionBackend):
     """Packed TurboQuant KV cache: (num_blocks, block_size, bytes_per_token) uint8."""
 
@@ -73,8 +87,8 @@ class TQ4AttentionBackend(AttentionBackend):
         return TQ4MetadataBuilder
 
     @staticmethod
-    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
-        return [MultipleOf(16)]
+    def get_supported_kernel_block_sizes(kv_cache_spec: AttentionSpec | None = None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]  # vLLM >= 0.31 passes the layer's spec; any page of 16-token multiples will do
 
     @staticmethod
     def get_kv_cache_shape(
@@ -88,6 +102,15 @@ class TQ4AttentionBackend(AttentionBackend):
     def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
         """Identity layout: raising makes vLLM fall back to the logical shape (as for FlashMLA)."""
         raise NotImplementedError
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple:
+        """vLLM >= 0.29 builds each layer's cache view from the spec instead of get_kv_cache_shape (older vLLM
+        never asks). The kernels need a layer's pages in one contiguous run: the layer-major layouts, which with the
+        spec's single head slot all put the same bytes in the same places."""
+        from vllm.v1.kv_cache_layout import KVCacheLayout
+
+        return tuple(layout for layout in KVCacheLayout if layout.is_layer_compact)
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
@@ -326,6 +349,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
             kv_cache: uint8 [num_blocks, block_size, bytes_per_token].
             slot_mapping: int64 [num_tokens].
         """
+        kv_cache = packed_pages(kv_cache)
         codec = self.codec(kv_cache.device)
         n = self._tokens_stored_by_forward(layer)
         if n:
@@ -368,6 +392,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         if attn_metadata is None:  # profiling run: no cache bound yet
             return output.fill_(0)
         md = attn_metadata
+        kv_cache = packed_pages(kv_cache)
         codec = self.codec(kv_cache.device)
         key_offset = self.key_offset(layer, codec)
         if md.num_decodes:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Self
 
 from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -34,6 +34,9 @@ def current_tq_config() -> TQConfig:
     return tq_config_from(get_current_vllm_config_or_none())
 
 
+_SIZES_PAGES_FROM_CONTENT = "state_content_bytes" in {f.name for f in fields(FullAttentionSpec)}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TQ4FullAttentionSpec(FullAttentionSpec):
     """FullAttentionSpec whose page is `block_size * bytes_per_token` uint8 (layout.PageLayout).
@@ -43,6 +46,18 @@ class TQ4FullAttentionSpec(FullAttentionSpec):
     """
 
     bytes_per_token: int = 0
+
+    def __post_init__(self) -> None:
+        base_post_init = getattr(super(), "__post_init__", None)
+        if base_post_init is not None:
+            base_post_init()
+        if _SIZES_PAGES_FROM_CONTENT:
+            # vLLM >= 0.28 sizes a page as head slots x block_size x content bytes (and from 0.29 views each layer's
+            # cache in that shape): one slot holding the whole packed row. Its merge rebuilds specs from base fields.
+            if not self.bytes_per_token and self.state_content_bytes:
+                object.__setattr__(self, "bytes_per_token", self.state_content_bytes)
+            object.__setattr__(self, "num_head_slots", 1)
+            object.__setattr__(self, "state_content_bytes", self.bytes_per_token)
 
     @property
     def real_page_size_bytes(self) -> int:
