@@ -346,7 +346,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
 
         Args:
             key, value: [num_tokens, num_kv_heads, head_size].
-            kv_cache: uint8 [num_blocks, block_size, bytes_per_token].
+            kv_cache: uint8 [num_blocks, block_size, bytes_per_token] (a 4-D view from vLLM >= 0.29, packed_pages).
             slot_mapping: int64 [num_tokens].
         """
         kv_cache = packed_pages(kv_cache)
