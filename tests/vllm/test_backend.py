@@ -102,9 +102,7 @@ def test_layer_takes_the_four_dim_cache_view_of_newer_vllm(monkeypatch, device):
     impl = TQ4AttentionImpl(8, head_dim, head_dim**-0.5, 2)
     results = []
     for view in (lambda c: c, lambda c: c.unsqueeze(1)):
-        cache = codec.new_cache(batch.num_blocks, batch.block_size)
-        for k, v, slots in zip(batch.context_key, batch.context_value, batch.context_slots, strict=True):
-            store_ref(codec, k, v, cache, slots)
+        cache = cache_with_context(codec, batch)
         out = torch.zeros(batch.query.shape, dtype=batch.query.dtype, device=device)
         impl.do_kv_cache_update(None, batch.key, batch.value, view(cache), batch.slot_mapping)
         impl.forward(None, batch.query, batch.key, batch.value, view(cache), md, out)
@@ -169,6 +167,14 @@ def make_builder(
         block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_dim, dtype=torch.uint8, bytes_per_token=1
     )
     return TQ4MetadataBuilder(spec, ["layer.0"], fake_vllm_config(num_heads), torch.device(device))
+
+
+def cache_with_context(codec: KVCodec, batch) -> torch.Tensor:
+    """Pages holding the batch's cached context, stored by the torch twin (kernels/reference.py)."""
+    cache = codec.new_cache(batch.num_blocks, batch.block_size)
+    for k, v, slots in zip(batch.context_key, batch.context_value, batch.context_slots, strict=True):
+        store_ref(codec, k, v, cache, slots)
+    return cache
 
 
 def common_metadata(batch) -> CommonAttentionMetadata:
@@ -296,9 +302,7 @@ def test_fused_store_writes_the_same_pages_and_output(scenario, in_kernel, monke
         md = dataclasses.replace(built, fused_store_tokens=built.num_decode_tokens if fused else 0)
         context.attn_metadata = {layer.layer_name: md}
         monkeypatch.setattr(tq_backend, "store_kv", lambda *a, **k: (stored.append(a[4].shape[0]), store_kv(*a, **k)))
-        cache = codec.new_cache(batch.num_blocks, batch.block_size)
-        for k, v, slots in zip(batch.context_key, batch.context_value, batch.context_slots, strict=True):
-            store_ref(codec, k, v, cache, slots)
+        cache = cache_with_context(codec, batch)
         impl = TQ4AttentionImpl(8, head_dim, head_dim**-0.5, 2)
         out = torch.zeros(batch.query.shape, dtype=batch.query.dtype, device=device)
         impl.do_kv_cache_update(layer, batch.key, batch.value, cache, batch.slot_mapping)
@@ -360,9 +364,7 @@ def test_layer_output_matches_references(scenario, num_heads, num_kv_heads, bits
     batch = make_batch(SCENARIOS[scenario], num_heads, num_kv_heads, head_dim, seed=len(scenario), device=device,
                        dtype=dtype)  # fmt: skip
     codec = KVCodec(cfg, num_kv_heads, head_dim, device)
-    cache = codec.new_cache(batch.num_blocks, batch.block_size)
-    for k, v, slots in zip(batch.context_key, batch.context_value, batch.context_slots, strict=True):
-        store_ref(codec, k, v, cache, slots)
+    cache = cache_with_context(codec, batch)
     impl = TQ4AttentionImpl(num_heads, head_dim, scale, num_kv_heads)
     md = make_builder(num_heads, num_kv_heads, head_dim, device).build(0, common_metadata(batch))
     out = torch.zeros(batch.query.shape, dtype=batch.query.dtype, device=device)
