@@ -1,4 +1,4 @@
-"""The variants `bench_decode.py --sweep` times against the defaults: evidence for each choice in decode_tiles.Tiles.
+"""The variants bench_decode.py's sweep times against the defaults (unless --no-sweep): evidence for each Tiles choice.
 
 Each variant is a dict of changes. Keys that are `Tiles` fields replace the default tile config; `num_splits`,
 `store` ("separate" or "fused") and `sinks` change the launch; `pdl` and `store_contract_last` set module switches
