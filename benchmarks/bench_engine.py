@@ -14,6 +14,9 @@ moves by a few tenths of a ms between runs (4K x 16, ours 7.57-7.97 over three r
 runs' 64K-token prefills differ by more than a decode step.
 --profile CONTEXTxSEQS times pure decode steps of that batch (every prompt past its prefill) and lists their GPU
 kernels per step (torch.profiler, engine in-process): where a decode step's time goes.
+--trace-steps CONTEXTxSEQS steps that batch's 129-token and 1-token runs by hand and times every step (with the
+number of requests still prefilling and of those decoding): where the two runs' difference goes, mixed steps
+(decodes riding along later prompts' prefill chunks) or the pure decode steps after them.
 --tiles JSON changes our kernel's d=128 launch shapes (fields of decode_tiles.Tiles, e.g. '{"publish_q": true}') for
 an A/B of two settings in the engine; the engine core then runs in-process so the change reaches its kernels, and
 the other arm should pass --tiles '{}' to run the same way.
@@ -60,10 +63,11 @@ def run_mode(
     profile: tuple[int, int] | None = None,
     repeats: int = 1,
     tiles: Tiles | None = None,
+    trace: tuple[int, int] | None = None,
 ) -> dict:
     import os
 
-    if profile or tiles is not None:  # the profiler / the tile change must reach the engine's kernels
+    if profile or trace or tiles is not None:  # the profiler / the tile change must reach the engine's kernels
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if tiles is not None:  # --tiles, already checked by tiles_with
         from turboquant_vllm.kernels import decode_tiles
@@ -132,6 +136,11 @@ def run_mode(
     if profile:
         row["profile"] = profile_decode_steps(llm, prompts_of(*profile))
         print(json.dumps(row["profile"]), flush=True)
+    if trace:
+        prompts = prompts_of(*trace)
+        row["step_trace"] = {"context": trace[0], "seqs": trace[1],
+                             **{f"t{n}": trace_steps(llm, prompts, n) for n in (129, 1)}}  # fmt: skip
+        print(json.dumps(row["step_trace"])[:3000], flush=True)
     return row
 
 
@@ -218,6 +227,45 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
     }
 
 
+def trace_steps(llm, prompts: list[list[int]], max_tokens: int) -> dict:
+    """One batch run by hand: each step's wall ms (synchronised), requests still prefilling and decoding.
+
+    Sums split the run into its mixed steps (some prompt still prefilling) and the pure decode steps after them,
+    the latter by batch size: the two-run TPOT's extra over a pure step is in one or the other.
+    """
+    import torch
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    produced = {f"trace{max_tokens}-{i}": 0 for i in range(len(prompts))}
+    for rid, p in zip(produced, prompts, strict=True):
+        engine.add_request(rid, {"prompt_token_ids": p}, params)
+    steps = []  # [ms, prefilling, decoding] before each step
+    torch.cuda.synchronize()
+    while engine.has_unfinished_requests():
+        live = [n for n in produced.values() if n < max_tokens]
+        t0 = time.perf_counter()
+        outputs = engine.step()
+        torch.cuda.synchronize()
+        steps.append([(time.perf_counter() - t0) * 1e3, sum(n == 0 for n in live), sum(n > 0 for n in live)])
+        produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in outputs)
+    mixed = [ms for ms, prefilling, _ in steps if prefilling]
+    pure: dict[int, list[float]] = {}
+    for ms, prefilling, decoding in steps:
+        if not prefilling:
+            pure.setdefault(decoding, []).append(ms)
+    return {
+        "total_ms": sum(ms for ms, _, _ in steps),
+        "mixed_steps": len(mixed),
+        "mixed_ms": sum(mixed),
+        "pure_by_batch": {
+            b: {"steps": len(v), "ms": sum(v), "median_ms": statistics.median(v)} for b, v in sorted(pure.items())
+        },
+        "steps": [[round(ms, 3), p, d] for ms, p, d in steps],
+    }
+
+
 def printed_rows(stdout: str) -> list[dict]:
     """The TPOT rows a mode printed (one JSON object per line), e.g. before it timed out."""
     return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"context"')]
@@ -282,6 +330,7 @@ def main() -> None:
     parser.add_argument("--tpot", choices=("metrics", "two-runs"), default="two-runs")
     parser.add_argument("--repeats", type=int, default=1, help="TPOT samples per shape; the median is reported")
     parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, time and profile its pure decode steps")
+    parser.add_argument("--trace-steps", help="CONTEXTxSEQS: time every step of its 129- and 1-token runs")
     parser.add_argument("--tiles", help="JSON of decode_tiles.Tiles fields to change at d=128 (engine in-process)")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
     parser.add_argument("--plot", type=Path, nargs="+",
@@ -295,12 +344,13 @@ def main() -> None:
         return
     shapes = parse_shapes(args.shapes)
     profile = parse_shapes(args.profile)[0] if args.profile else None
+    trace = parse_shapes(args.trace_steps)[0] if args.trace_steps else None
     tiles_change = None if args.tiles is None else json.loads(args.tiles)
     tiles = tiles_with(tiles_change or {})  # checked before any engine starts
 
     if args.child:
         row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot, profile,
-                       args.repeats, None if tiles_change is None else tiles)  # fmt: skip
+                       args.repeats, None if tiles_change is None else tiles, trace)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
         return
 
@@ -337,6 +387,7 @@ def main() -> None:
             "--repeats",
             str(args.repeats),
             *(["--profile", args.profile] if args.profile else []),
+            *(["--trace-steps", args.trace_steps] if args.trace_steps else []),
             *(["--tiles", args.tiles] if args.tiles else []),
         ]
         child = run_child(cmd, args.timeout)

@@ -51,7 +51,7 @@ native_turboquant_k8v4,ours_4_3,ours_3_3}" >>"$LOG" 2>&1
     timeout 570 python3 benchmarks/bench_engine.py --out "$RESULTS_DIR/engine.json" \
       --modes "${MODES:-ours,bf16}" --timeout "${MODE_TIMEOUT:-280}" ${MAX_MODEL_LEN:+--max-model-len "$MAX_MODEL_LEN"} \
       ${SHAPES+--shapes "$SHAPES"} ${PROFILE:+--profile "$PROFILE"} ${REPEATS:+--repeats "$REPEATS"} \
-      ${TILES:+--tiles "$TILES"} >>"$LOG" 2>&1
+      ${TILES:+--tiles "$TILES"} ${TRACE:+--trace-steps "$TRACE"} >>"$LOG" 2>&1
     ;;
   profile)
     timeout 120 python3 benchmarks/profile_decode.py --out "$RESULTS_DIR/profile_decode.json" >>"$LOG" 2>&1
