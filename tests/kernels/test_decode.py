@@ -19,7 +19,7 @@ from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode_tiles, pdl
 from turboquant_vllm.kernels import store as store_module
 from turboquant_vllm.kernels.decode import paged_attention
-from turboquant_vllm.kernels.decode_tiles import choose_num_splits
+from turboquant_vllm.kernels.decode_tiles import choose_num_splits, choose_split_grid, live_splits
 from turboquant_vllm.kernels.reference import paged_attention_ref, sequence_slots, store_ref
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
@@ -599,6 +599,40 @@ def test_split_choice_fills_one_wave_of_resident_programs(num_sms):
         assert programs(seqs, n + 1) > resident * num_sms or n == decode_tiles.WIDE_MIN_SPLITS - 1, (seqs, n)
 
 
+@pytest.mark.parametrize(("split_slots", "want_splits"), [(6, 3), (2, 1), (40, 4)])
+def test_live_splits_of_a_padded_batch(device, split_slots, want_splits):
+    """A graph's padding rows (no query, no context) do not count: the 2 live sequences of 4 share split_slots
+    (head_dim 128: the tiles that count live sequences).
+
+    The workspace starts as NaN, so a split the reduce read without its program having run would poison the
+    output; the splits past the live count must stay unwritten, proving those programs left at once."""
+    b = make_batch(device, [150, 0, 45, 0], [1, 0, 2, 0], num_heads=4, num_kv_heads=2, head_dim=128, seed=21)
+    assert live_splits(2, 4, split_slots) == want_splits
+    ws = AttentionWorkspace.allocate(8, 4, 128, 4, device, max_seqs=4)
+    for t in (ws.acc, ws.row_max, ws.row_sum):
+        t.fill_(float("nan"))
+    assert_matches(b.run(num_splits=4, split_slots=split_slots, workspace=ws), b.expected(), TOL_FP32, rows=3)
+    written = ~torch.isnan(ws.row_max[:3].cpu()).any(dim=1)  # [token, split]: -inf where a split saw no token
+    assert written.tolist() == [[s < want_splits for s in range(4)]] * 3
+
+
+def test_split_grid_serves_padded_batches():
+    """d=128 on 132 SMs: a full batch splits as choose_num_splits does; a batch just over half live splits finer in
+    the same grid, and no live count needs more than one wave of capped programs (3 an SM)."""
+    assert choose_split_grid(16, 8, 32, 132) == (5, 49)  # 9 live: 5 splits; 16 live: 3
+    assert choose_split_grid(1, 8, 32, 132) == (32, 0)  # one sequence: the wide tiles, nothing to pad
+    assert choose_split_grid(2, 8, 32, 132) == (24, 49)
+    assert choose_split_grid(17, 8, 32, 132) == (1, 0)  # no split at all
+    assert choose_split_grid(16, 8, 32, 132, head_dim=64) == (3, 0)  # tiles without resident_programs
+    for seqs in range(2, 17):
+        grid, slots = choose_split_grid(seqs, 8, 32, 132)
+        assert live_splits(seqs, grid, slots) == choose_num_splits(seqs, 8, 32, 132)
+        assert grid < decode_tiles.WIDE_MIN_SPLITS
+        for live in range(seqs // 2 + 1, seqs + 1):
+            splits = live_splits(live, grid, slots)
+            assert live * 8 * splits <= 3 * 132 and splits >= live_splits(seqs, grid, slots), (seqs, live)
+
+
 def test_narrower_programs_get_more_splits(monkeypatch):
     """2-warp programs: the same warps per SM take twice the programs before splitting stops."""
     tiles = dataclasses.replace(decode_tiles.TILES[128], num_warps=2, resident_programs=None)
@@ -792,6 +826,32 @@ def test_gpu_cuda_graph_replay(cuda, monkeypatch, tail_merge):
     graph.replay()
     assert_matches(out, b.expected(), TOL_HALF)
     assert (ws.tickets == 0).all()
+
+
+@pytest.mark.gpu
+def test_gpu_padded_graph_replay_splits_live_sequences(cuda):
+    """Captured for 16 sequences with choose_split_grid's grid, replayed with 10 live ones and 6 padding rows (no
+    query, no context, as vLLM pads a batch to a captured size): the live ones take 4 splits instead of 3."""
+    lens = [3000 + 97 * i for i in range(16)]
+    b = make_batch(cuda, lens, [1] * 16, num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, seed=29)
+    num_splits, slots = choose_split_grid(16, 8, decode_tiles.MAX_SPLITS, 132)
+    assert (num_splits, live_splits(16, num_splits, slots), live_splits(10, num_splits, slots)) == (5, 3, 4)
+    ws = AttentionWorkspace.allocate(16, 32, 128, decode_tiles.MAX_SPLITS, cuda, max_seqs=16)
+    out = torch.empty_like(b.query)
+    kwargs = dict(num_splits=num_splits, split_slots=slots, out=out, workspace=ws, max_query_len=1)
+    b.run(**kwargs)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        b.run(**kwargs)
+    graph.replay()
+    assert_matches(out, b.expected(), TOL_HALF)
+    b.seq_lens[10:] = 0
+    b.query_start_loc[11:] = 10  # padding rows: no query
+    ws.row_max.fill_(float("nan"))
+    graph.replay()
+    assert_matches(out, b.expected(), TOL_HALF, rows=10)
+    written = ~torch.isnan(ws.row_max[:10]).any(dim=1)
+    assert written.tolist() == [[s < 4 for s in range(decode_tiles.MAX_SPLITS)]] * 10
 
 
 @pytest.mark.gpu

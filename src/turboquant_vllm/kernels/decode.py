@@ -9,6 +9,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode_reduce import (
+    MAX_LIVE_SEQS,
     REDUCE_BLOCK_R,
     _merge_splits,
     _publish_queries,
@@ -18,9 +19,10 @@ from turboquant_vllm.kernels.decode_reduce import (
     _rotate_rows,
     _rotate_vector,
     _store_unrotated,
+    live_splits,
     reduce_grid,
 )
-from turboquant_vllm.kernels.decode_tiles import attention_meta, reduce_meta, stores_in_attention
+from turboquant_vllm.kernels.decode_tiles import attention_meta, live_split_tiles, reduce_meta, stores_in_attention
 from turboquant_vllm.kernels.fragment import (
     fragment_columns,
     fragment_rows,
@@ -74,13 +76,13 @@ def _softmax_step(s, m_i, l_i, TOK_AXIS: tl.constexpr = 1):
 
 # Counts that change from step to step are not specialised on (Triton would compile a variant for 1, for
 # multiples of 16 and for the rest): a batch size first seen while serving then never stalls on a compile.
-@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "split_slots"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     rot_ptr, k_cent_ptr, v_cent_ptr, lut_ptr, koff_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, ws_q_ptr,
     ws_ticket_ptr, slot_ptr, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr, v_cent32_ptr, koff_orig_ptr,
     sink_kv_ptr, sink_tag_ptr,
-    num_seqs, num_splits, qk_scale, sink_entries,
+    num_seqs, num_splits, split_slots, qk_scale, sink_entries,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od, stride_bt,
     stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ms, stride_r0, stride_r1,
@@ -98,7 +100,7 @@ def _attention_kernel(
     TAIL_MERGE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
-    SINK_TILE: tl.constexpr,
+    SINK_TILE: tl.constexpr, LIVE_SPLITS: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -128,7 +130,8 @@ def _attention_kernel(
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     q0 = (pid - q_start // BLOCK_Q - seq) * BLOCK_Q
-    if (q0 < 0) | (q0 >= q_len):
+    splits = live_splits(qsl_ptr, num_seqs, num_splits, split_slots) if LIVE_SPLITS else num_splits  # padded batches
+    if (q0 < 0) | (q0 >= q_len) | (split >= splits):
         if PDL:  # every program waits, so the launch never completes before the kernel ahead
             gdc_wait()
         return
@@ -165,7 +168,7 @@ def _attention_kernel(
 
     # Cached context: this split's contiguous share of the BLOCK_N tiles, scored in the rotated basis.
     n_tiles = tl.cdiv(ctx_len, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, num_splits)
+    per_split = tl.cdiv(n_tiles, splits)
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
@@ -194,7 +197,7 @@ def _attention_kernel(
         if PREFETCH:
             live = live & ~sink_drop
     if Q_PUBLISHED:  # rotated by this tile's store program
-        q_rot = _published_queries(ws_q_ptr, q_rot_off, row_ok, ticket, num_splits, HEAD_DIM, BLOCK_D)
+        q_rot = _published_queries(ws_q_ptr, q_rot_off, row_ok, ticket, splits, HEAD_DIM, BLOCK_D)
     elif Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr
         q_rot = tl.load(ws_q_ptr + q_rot_off[:, None] + dim[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     else:
@@ -294,7 +297,7 @@ def _attention_kernel(
     # This step's tokens (last split only), exact and causal: new token j is visible to query i iff j <= i.
     # One token at a time with fp32 vector math: scores in the original basis (q.k = Rq.Rk), V rotated by a
     # chunked mat-vec, so the accumulator stays in the rotated basis and no d x d tile ever sits in registers.
-    if split == num_splits - 1:
+    if split == splits - 1:
         q = tl.load(q_ptr + q_off[:, None] + dim[None, :] * stride_qd,
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
         for j in range(0, tl.minimum(q_len, q0 + BLOCK_Q)):
@@ -325,11 +328,11 @@ def _attention_kernel(
                      mask=(row_ok & (l_i > 0))[:, None] & dim_ok[None, :])  # fmt: skip
         if TAIL_MERGE:
             tl.debug_barrier()  # every thread's partials are written before the release below
-            if tl.atomic_add(ticket, 1, sem="acq_rel") == num_splits - 1:  # the others' partials are visible
+            if tl.atomic_add(ticket, 1, sem="acq_rel") == splits - 1:  # the others' partials are visible
                 tl.store(ticket, 0)  # ready for the next launch (CUDA-graph replays)
                 # L2 reads (.cg): this SM's L1 may hold stale lines of the workspace from an earlier launch
                 o = _merge_splits(ws_acc_ptr, ws_max_ptr, ws_sum_ptr, tok * stride_mt + head * stride_mh,
-                                  tok * stride_at + head * stride_ah, row_ok, num_splits, stride_as, stride_ms,
+                                  tok * stride_at + head * stride_ah, row_ok, splits, stride_as, stride_ms,
                                   BLOCK_M, HEAD_DIM, BLOCK_D, MERGE_SPLITS, not UNROTATED_PARTIALS, ".cg")  # fmt: skip
                 _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, row_ok, stride_od, o, rot_ptr,
                                  stride_r0, stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC,
@@ -357,6 +360,7 @@ def paged_attention(
     *,
     max_query_len: int,
     num_splits: int,
+    split_slots: int = 0,
     workspace: AttentionWorkspace | None = None,
     key_offset: KeyOffset | None = None,
     store_slots: torch.Tensor | None = None,
@@ -378,6 +382,9 @@ def paged_attention(
             [query_start_loc[0], query_start_loc[-1]) are left untouched.
         max_query_len: host-side bound on q_len; only picks the tile shape, never the result.
         num_splits: split-K factor over the context (see choose_num_splits); 1 fuses everything.
+        split_slots: with num_splits > 1, the launch instead splits each sequence that has query rows into
+            split_slots // (such sequences) parts, 1 to num_splits (decode_tiles.choose_split_grid): a CUDA graph
+            captured for a padded batch then splits the live sequences of a smaller one finer. 0: num_splits.
         workspace: preallocated split-K buffers; required for allocation-free (graph) launches.
         key_offset: the layer's key offset if its keys were stored with one (key_offset.py).
         store_slots: int32/int64 [num_tokens], optional: also store this step's K/V at these slots (negative =
@@ -411,6 +418,8 @@ def paged_attention(
     assert block_table.dim() == 2 and block_table.stride(1) == 1, "block_table must be [num_seqs, max_blocks]"
     assert block_table.shape[0] >= num_seqs and seq_lens.shape[0] >= num_seqs, "fewer block_table/seq_lens rows"
     assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+    live_ok = num_seqs <= MAX_LIVE_SEQS and live_split_tiles(head_dim, num_splits)
+    assert split_slots == 0 or live_ok, f"split_slots: {num_splits} splits, {num_seqs} seqs (choose_split_grid)"
     rot = codec.rotation
     devices = {t.device for t in (query, key, value, cache, block_table, seq_lens, query_start_loc, out, rot)}
     assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
@@ -470,7 +479,7 @@ def paged_attention(
         tickets, rot if store_slots is None else store_slots, codec.key.boundaries, codec.key.centroids,
         codec.value.boundaries, codec.value.centroids, rot if key_offset is None else key_offset.original,
         *((rot, rot) if sinks is None else (sinks.kv, sinks.tags)),
-        num_seqs, num_splits, float(scale) * LOG2E, 1 if sinks is None else sinks.entries,
+        num_seqs, num_splits, split_slots, float(scale) * LOG2E, 1 if sinks is None else sinks.entries,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         block_table.stride(0),
         *acc_strides, *stat_strides, rot.stride(0), rot.stride(1),
@@ -482,7 +491,8 @@ def paged_attention(
                             meta["PREC"], num_splits, pdl)  # fmt: skip
         _reduce_splits_kernel[reduce_grid(num_rows, rmeta["BLOCK_R"])](
             acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
-            num_seqs, num_rows, num_splits, *acc_strides, *stat_strides, *out.stride(), rot.stride(0), rot.stride(1),
+            num_seqs, num_rows, num_splits, split_slots, *acc_strides, *stat_strides, *out.stride(),
+            rot.stride(0), rot.stride(1),
             **rmeta,
         )  # fmt: skip
     if store_slots is not None and not store_in_kernel:

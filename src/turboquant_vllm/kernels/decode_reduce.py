@@ -8,6 +8,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 REDUCE_BLOCK_R = 16  # rows per program when the reduce un-rotates by a dot (a dot needs 16)
+MAX_LIVE_SEQS = 32  # most sequences a launch counts its live ones among (paged_attention's split_slots)
+_LIVE_SEQS = tl.constexpr(MAX_LIVE_SEQS)
 REDUCE_PLAIN_ROWS = 4  # rows per program for a plain weighted sum: more programs for a one-sequence batch
 REDUCE_STEP_ELEMENTS = 16384  # fp32 values of one step without a dot, [rows, splits or columns, BLOCK_D]: 64 a
 # thread at 8 warps
@@ -176,6 +178,18 @@ def _store_unrotated(
 
 
 @triton.jit
+def live_splits(qsl_ptr, num_seqs, num_splits, split_slots):
+    """Splits per sequence in this launch: num_splits, or with split_slots > 0 as many as share split_slots among
+    the sequences that have query rows (at least 1, at most num_splits). CUDA-graph padding rows have none, so the
+    live sequences of a padded batch split finer in the same grid (decode_tiles.choose_split_grid)."""
+    s = tl.arange(0, _LIVE_SEQS)
+    ok = (s < num_seqs) & (split_slots > 0)
+    q_lens = tl.load(qsl_ptr + s + 1, mask=ok, other=0) - tl.load(qsl_ptr + s, mask=ok, other=0)
+    live = tl.maximum(tl.sum((q_lens > 0).to(tl.int32), 0), 1)
+    return tl.where(split_slots > 0, tl.minimum(tl.maximum(split_slots // live, 1), num_splits), num_splits)
+
+
+@triton.jit
 def _merge_splits(
     ws_acc_ptr,
     ws_max_ptr,
@@ -225,7 +239,7 @@ def _merge_splits(
     return acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_rows", "num_splits"])
+@triton.jit(do_not_specialize=["num_seqs", "num_rows", "num_splits", "split_slots"])
 def _reduce_splits_kernel(
     ws_acc_ptr,  # fp32 [max_tokens, num_heads, max_splits, HEAD_DIM], rotated basis, unnormalised
     ws_max_ptr,  # fp32 [max_tokens, num_heads, max_splits], running max (log2 units)
@@ -236,6 +250,7 @@ def _reduce_splits_kernel(
     num_seqs,
     num_rows,  # num_tokens * NUM_HEADS
     num_splits,
+    split_slots,  # live_splits
     stride_at,
     stride_ah,
     stride_as,
@@ -258,6 +273,7 @@ def _reduce_splits_kernel(
     OP_DTYPE: tl.constexpr,
     PREC: tl.constexpr,
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
+    LIVE_SPLITS: tl.constexpr = False,  # counts live sequences (decode_tiles.live_split_tiles)
 ):
     """One (token, head) row per tile row: merge the splits' softmax partials (_merge_splits), rotate back, store.
 
@@ -272,7 +288,8 @@ def _reduce_splits_kernel(
     ok = (row < num_rows) & (tok >= tl.load(qsl_ptr)) & (tok < tl.load(qsl_ptr + num_seqs))
     m_off = tok * stride_mt + head * stride_mh
     a_off = tok * stride_at + head * stride_ah
-    o = _merge_splits(ws_acc_ptr, ws_max_ptr, ws_sum_ptr, m_off, a_off, ok, num_splits, stride_as, stride_ms,
+    splits = live_splits(qsl_ptr, num_seqs, num_splits, split_slots) if LIVE_SPLITS else num_splits
+    o = _merge_splits(ws_acc_ptr, ws_max_ptr, ws_sum_ptr, m_off, a_off, ok, splits, stride_as, stride_ms,
                       BLOCK_R, HEAD_DIM, BLOCK_D, STEP_SPLITS, ROTATED, "")  # fmt: skip
     _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
                      HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC, UNROTATE_BY_DOT, ROTATED)  # fmt: skip

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode_reduce import (
+    MAX_LIVE_SEQS,
     REDUCE_BLOCK_R,
     REDUCE_NUM_WARPS,
     REDUCE_PLAIN_ROWS,
@@ -139,6 +140,7 @@ def reduce_meta(
     return dict(
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, STEP_SPLITS=step_splits,
         ROTATED=not plain, UNROTATE_BY_DOT=by_dot, ROT_CHUNK=rot_chunk, OP_DTYPE=op_dtype, PREC=prec, PDL=pdl,
+        LIVE_SPLITS=live_split_tiles(head_dim, num_splits),
         num_warps=REDUCE_NUM_WARPS, **pdl_option(pdl),
     )  # fmt: skip
 
@@ -172,6 +174,41 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms
         wide = one_wave(tiles.wide_resident_programs)
         splits = wide if wide >= WIDE_MIN_SPLITS else WIDE_MIN_SPLITS - 1  # too few for a wave: stay capped
     return max(1, splits)
+
+
+def choose_split_grid(
+    num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int, head_dim: int = 128
+) -> tuple[int, int]:
+    """(num_splits, split_slots) for paged_attention: choose_num_splits's grid, grown so that the same launch also
+    fills a wave for fewer live sequences, with the slots each launch shares among its live ones (live_splits).
+
+    vLLM replays the CUDA graph of the next captured batch size, padding the batch with rows that have no query;
+    with choose_num_splits's split count alone, 12 live sequences in the 16-sequence graph would each walk the
+    same share of their context as 16 do, leaving a quarter of the wave idle. The grid is sized for a batch just
+    over half live (captured sizes double up to 8 and are at least 8 apart after), capped tiles only; batches that
+    do not split, one sequence and the other head dims' rule keep (choose_num_splits, 0).
+    """
+    static = choose_num_splits(num_seqs, num_kv_heads, max_splits, num_sms, head_dim)
+    if not (live_split_tiles(head_dim, static) and 2 <= num_seqs <= MAX_LIVE_SEQS):
+        return static, 0
+    fewest_live = num_seqs // 2 + 1
+    grid = min(choose_num_splits(fewest_live, num_kv_heads, max_splits, num_sms, head_dim), WIDE_MIN_SPLITS - 1)
+    return max(grid, static), TILES[triton.next_power_of_2(head_dim)].resident_programs * num_sms // num_kv_heads
+
+
+def live_split_tiles(head_dim: int, num_splits: int) -> bool:
+    """Whether launches of num_splits count their live sequences (split_slots): capped split-K launches of tiles
+    with resident_programs, the only ones whose split rule fills a wave exactly. The others (and the wide
+    one-sequence launches) compile without the count and its registers."""
+    tiles = TILES[triton.next_power_of_2(head_dim)]
+    return tiles.resident_programs is not None and 1 < num_splits < WIDE_MIN_SPLITS
+
+
+def live_splits(live_seqs: int, num_splits: int, split_slots: int) -> int:
+    """Host twin of decode_reduce.live_splits: the splits each live sequence of a launch gets."""
+    if split_slots == 0:
+        return num_splits
+    return min(max(split_slots // max(live_seqs, 1), 1), num_splits)
 
 
 def attention_meta(
@@ -233,6 +270,7 @@ def attention_meta(
         MERGE_SPLITS=tiles.tail_merge_splits,
         STORE_NEW=store_new, **one_token_store_meta(), NORM_CORRECTION=codec.config.norm_correction,
         TINY=TINY_NORM, PDL=pdl, SINKS=sinks, SINK_TILE=SINK_TILE,
+        LIVE_SPLITS=live_split_tiles(lay.head_dim, num_splits),
         num_warps=warps, num_stages=tiles.num_stages, **pdl_option(pdl),
     )  # fmt: skip
     if cap:

@@ -29,7 +29,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from turboquant_vllm.codec import KVCodec, shared_codec
 from turboquant_vllm.config import TQConfigError, check_head_dim
 from turboquant_vllm.kernels.decode import paged_attention
-from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits, decode_step_stores
+from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_split_grid, decode_step_stores
 from turboquant_vllm.kernels.pdl import pdl_launch
 from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
 from turboquant_vllm.kernels.store import store_kv
@@ -172,6 +172,7 @@ class TQ4Metadata:
     num_decodes: int
     num_decode_tokens: int
     num_splits: int
+    split_slots: int  # paged_attention's: the live sequences of a padded (CUDA-graph) batch split finer
     workspace: AttentionWorkspace | None
     prefill: PrefillPlan | None
     # Leading tokens whose K/V paged_attention stores (decode_tiles.decode_step_stores: in the attention launch, or
@@ -218,10 +219,10 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         )
         # Every decode-part query is at most reorder_batch_threshold long; big decode batches need no splits.
         decode_q_len = cam.max_query_len if num_prefills == 0 else self.reorder_batch_threshold
-        split = num_decode_tokens <= MAX_SPLIT_TOKENS
-        num_splits = (
-            choose_num_splits(num_decodes, self.num_kv_heads, MAX_SPLITS, self.num_sms, self.head_size) if split else 1
-        )
+        num_splits, split_slots = 1, 0
+        if num_decode_tokens <= MAX_SPLIT_TOKENS:  # a CUDA graph's padding rows count in num_decodes
+            num_splits, split_slots = choose_split_grid(num_decodes, self.num_kv_heads, MAX_SPLITS, self.num_sms,
+                                                        self.head_size)  # fmt: skip
         # Pure decode steps only: a mixed step's separate store would start at an odd slot_mapping offset (an int64
         # view 8 bytes in), which Triton compiles a variant of its store kernel for, during inference.
         fused_store = num_decodes > 0 and num_prefills == 0 and decode_step_stores(self.head_size, num_splits, self.pdl)
@@ -242,6 +243,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
             num_decodes=num_decodes,
             num_decode_tokens=num_decode_tokens,
             num_splits=num_splits,
+            split_slots=split_slots,
             workspace=self.workspace if num_splits > 1 else None,
             prefill=prefill,
             fused_store_tokens=num_decode_tokens if fused_store else 0,
@@ -406,6 +408,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
                 out=output[:n],
                 max_query_len=md.max_query_len,
                 num_splits=md.num_splits,
+                split_slots=md.split_slots,
                 workspace=md.workspace,
                 key_offset=key_offset,
                 store_slots=md.slot_mapping[: md.fused_store_tokens] if md.fused_store_tokens else None,
