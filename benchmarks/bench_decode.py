@@ -28,7 +28,7 @@ from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode, decode_tiles, pdl
 from turboquant_vllm.kernels import store as store_kernel
 from turboquant_vllm.kernels.decode import paged_attention
-from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits
+from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_split_grid
 from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
@@ -139,24 +139,32 @@ def bench_ours(
     num_splits: int | None = None,
     store: str = "none",
     sinks: int = 0,
+    live: int | None = None,
 ) -> dict:
     """Our decode attention; store="separate" adds store_kv of the step's K/V before it, "fused" hands the store
     to paged_attention (store_slots: in its launch or right after), as a decode step in vLLM needs either way.
     sinks: every sequence's first `sinks` tokens exact (kernels/sinks.py), plus the writer launch a vLLM step ends
-    with (it writes nothing here: every position is past the sinks)."""
+    with (it writes nothing here: every position is past the sinks).
+    live: only the first `live` sequences have a query; the rest are padding rows (no query, no context), as in a
+    CUDA graph vLLM replays for a smaller batch; the grid is choose_split_grid's for the whole batch."""
     codec, b = caches.codec, shape.batch
     torch.manual_seed(0)  # the same q/k/v for every call, so sweep variants can be compared for equality
     q = torch.randn(b, shape.hq, shape.d, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(b, shape.hkv, shape.d, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
     out = torch.empty_like(q)
+    live = b if live is None else min(live, b)
     seq_lens = torch.full((b,), shape.context, dtype=torch.int32, device="cuda")
-    qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+    seq_lens[live:] = 0
+    qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda").clamp_(max=live)
     props = torch.cuda.get_device_properties(0)
-    splits = num_splits or choose_num_splits(b, shape.hkv, MAX_SPLITS, props.multi_processor_count, shape.d)
+    splits, split_slots = choose_split_grid(b, shape.hkv, MAX_SPLITS, props.multi_processor_count, shape.d)
+    if num_splits:
+        splits, split_slots = num_splits, 0
     ws = AttentionWorkspace.allocate(b, shape.hq, shape.d, max(splits, 2), "cuda")
     last = shape.context - 1  # the new token's position: its slot is written, never read
     slots = table[:, last // shape.block_size].long() * shape.block_size + last % shape.block_size
+    slots[live:] = -1
     sink_table = None
     if sinks:
         sink_table = SinkTable.allocate(table_entries(b), sinks, shape.hkv, shape.d, torch.bfloat16, "cuda")
@@ -168,14 +176,15 @@ def bench_ours(
         if store == "separate":
             store_kv(codec, k, v, caches.ours, slots)
         paged_attention(codec, q, k, v, caches.ours, table, seq_lens, qsl, shape.d**-0.5, out,
-                        max_query_len=1, num_splits=splits, workspace=ws,
+                        max_query_len=1, num_splits=splits, split_slots=split_slots, workspace=ws,
                         store_slots=slots if store == "fused" else None, sinks=sink_table)  # fmt: skip
         if sink_table is not None:
             write_sinks(sink_table, codec.rotation, k, v, table, seq_lens, qsl)
 
     ms, timer = time_ms(run, rep)
-    read = b * (shape.context - 1) * codec.layout.bytes_per_token
-    return {"ms": ms, "timer": timer, "num_splits": splits, "bytes_read": read, "gbps": gbps(read, ms), "_out": out}
+    read = live * (shape.context - 1) * codec.layout.bytes_per_token
+    return {"ms": ms, "timer": timer, "num_splits": splits, "split_slots": split_slots, "live": live,
+            "bytes_read": read, "gbps": gbps(read, ms), "_out": out[:live]}  # fmt: skip
 
 
 def bench_fa3(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, fp8: bool) -> dict:
@@ -301,6 +310,8 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         table = caches.table(shape)
         ref = None
         for change in variants:
+            if change.get("live", batch) >= batch:  # nothing to pad
+                continue
             launch = {k: change[k] for k in LAUNCH_KEYS if k in change}
             fields = {k: v for k, v in change.items() if k not in launch and k not in SWITCHES}
             decode_tiles.TILES[key] = dataclasses.replace(default, **fields)
@@ -312,7 +323,8 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
             out = res.pop("_out", None)
             if out is not None:  # every variant must compute what the default computes
                 ref = out.float() if ref is None else ref
-                res["max_rel_diff_vs_default"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                rows_ref = ref[: out.shape[0]]  # a padded batch computes its live rows only
+                res["max_rel_diff_vs_default"] = ((out.float() - rows_ref).abs().max() / rows_ref.abs().max()).item()
             rows.append({"batch": batch, "context": ctx, "change": change,
                          "tiles": dataclasses.asdict(decode_tiles.TILES[key]), **res})  # fmt: skip
             print(f"sweep B={batch} ctx={ctx} {change or 'default'}: {fmt(res)}", flush=True)

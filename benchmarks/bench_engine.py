@@ -242,12 +242,13 @@ def trace_steps(llm, prompts: list[list[int]], max_tokens: int) -> dict:
     for rid, p in zip(produced, prompts, strict=True):
         engine.add_request(rid, {"prompt_token_ids": p}, params)
     steps = []  # [ms, prefilling, decoding] before each step
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    sync()
     while engine.has_unfinished_requests():
         live = [n for n in produced.values() if n < max_tokens]
         t0 = time.perf_counter()
         outputs = engine.step()
-        torch.cuda.synchronize()
+        sync()
         steps.append([(time.perf_counter() - t0) * 1e3, sum(n == 0 for n in live), sum(n > 0 for n in live)])
         produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in outputs)
     mixed = [ms for ms, prefilling, _ in steps if prefilling]

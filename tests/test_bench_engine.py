@@ -1,7 +1,8 @@
-"""bench_engine.py's result handling on the CPU: rows of a timed-out mode, merged runs, the plot."""
+"""bench_engine.py's result handling on the CPU: rows of a timed-out mode, merged runs, the plot, step traces."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -67,3 +68,39 @@ def test_tiles_change_names_real_fields(bench_engine):
     assert changed.publish_q != TILES[128].publish_q and changed.block_n == TILES[128].block_n
     with pytest.raises(SystemExit, match="no such Tiles field"):
         bench_engine.tiles_with({"publish_queries": True})
+
+
+class ScriptedEngine:
+    """Stands in for vLLM's engine: request i prefills in step i + 1, then gains a token per step."""
+
+    def __init__(self) -> None:
+        self.max_tokens: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}
+        self.steps = 0
+
+    def add_request(self, rid, prompt, params) -> None:
+        self.max_tokens[rid] = params.max_tokens
+        self.tokens[rid] = 0
+
+    def has_unfinished_requests(self) -> bool:
+        return any(self.tokens[r] < self.max_tokens[r] for r in self.tokens)
+
+    def step(self) -> list:
+        self.steps += 1
+        out = []
+        for i, rid in enumerate(self.tokens):
+            if self.tokens[rid] < self.max_tokens[rid] and self.steps > i:
+                self.tokens[rid] += 1
+                out.append(SimpleNamespace(request_id=rid, outputs=[SimpleNamespace(token_ids=[0] * self.tokens[rid])]))
+        return out
+
+
+def test_step_trace_splits_mixed_steps_from_pure_ones_by_batch(bench_engine):
+    """Two requests of 4 tokens: step 1 prefills both, step 2 still the second (the first decodes alongside), then
+    two pure steps of 2 live requests and one of 1 (the first is done)."""
+    llm = SimpleNamespace(llm_engine=ScriptedEngine())
+    trace = bench_engine.trace_steps(llm, [[1, 2], [3, 4]], max_tokens=4)
+    assert [s[1:] for s in trace["steps"]] == [[2, 0], [1, 1], [0, 2], [0, 2], [0, 1]]
+    assert trace["mixed_steps"] == 2
+    assert {b: v["steps"] for b, v in trace["pure_by_batch"].items()} == {1: 1, 2: 2}
+    assert trace["total_ms"] >= trace["mixed_ms"] >= 0

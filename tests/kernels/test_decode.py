@@ -616,7 +616,7 @@ def test_live_splits_of_a_padded_batch(device, split_slots, want_splits):
     assert written.tolist() == [[s < want_splits for s in range(4)]] * 3
 
 
-def test_split_grid_serves_padded_batches():
+def test_split_grid_serves_padded_batches(monkeypatch):
     """d=128 on 132 SMs: a full batch splits as choose_num_splits does; a batch just over half live splits finer in
     the same grid, and no live count needs more than one wave of capped programs (3 an SM)."""
     assert choose_split_grid(16, 8, 32, 132) == (5, 49)  # 9 live: 5 splits; 16 live: 3
@@ -631,6 +631,8 @@ def test_split_grid_serves_padded_batches():
         for live in range(seqs // 2 + 1, seqs + 1):
             splits = live_splits(live, grid, slots)
             assert live * 8 * splits <= 3 * 132 and splits >= live_splits(seqs, grid, slots), (seqs, live)
+    monkeypatch.setitem(decode_tiles.TILES, 128, dataclasses.replace(decode_tiles.TILES[128], live_splits=False))
+    assert choose_split_grid(16, 8, 32, 132) == (3, 0)  # Tiles.live_splits off: choose_num_splits, fixed
 
 
 def test_narrower_programs_get_more_splits(monkeypatch):

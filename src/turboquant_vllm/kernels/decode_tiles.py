@@ -77,6 +77,9 @@ class Tiles:
     # Where a launch has store programs and pre-rotated queries, the store programs rotate the queries and hand them
     # to the split programs through a ticket in the workspace, instead of a rotation launch ahead of the attention.
     publish_q: bool = False
+    # Capped split-K launches count the sequences that have query rows and split those finer when a CUDA graph's
+    # padding leaves part of the wave idle (choose_split_grid, docs/decode-tuning.md "Padded batches").
+    live_splits: bool = True
     # Decode programs of the block_n tile (wide_block_n's) one SM holds at once (registers): choose_num_splits fills
     # one wave of them, store programs included (None: about two 4-warp programs an SM, the other head dims' rule).
     resident_programs: int | None = None
@@ -201,7 +204,7 @@ def live_split_tiles(head_dim: int, num_splits: int) -> bool:
     with resident_programs, the only ones whose split rule fills a wave exactly. The others (and the wide
     one-sequence launches) compile without the count and its registers."""
     tiles = TILES[triton.next_power_of_2(head_dim)]
-    return tiles.resident_programs is not None and 1 < num_splits < WIDE_MIN_SPLITS
+    return tiles.live_splits and tiles.resident_programs is not None and 1 < num_splits < WIDE_MIN_SPLITS
 
 
 def live_splits(live_seqs: int, num_splits: int, split_slots: int) -> int:
