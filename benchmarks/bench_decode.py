@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import triton
-from decode_variants import LAUNCH_KEYS, SWITCHES, VARIANTS  # this script's folder is on sys.path
+from decode_variants import LAUNCH_KEYS, SWITCHES, VARIANTS, applies  # this script's folder is on sys.path
 from triton.testing import do_bench
 
 from turboquant_vllm import TQConfig
@@ -310,7 +310,7 @@ def sweep(caches_by_batch: dict[int, Caches], args: argparse.Namespace) -> list[
         table = caches.table(shape)
         ref = None
         for change in variants:
-            if change.get("live", batch) >= batch:  # nothing to pad
+            if not applies(change, batch):
                 continue
             launch = {k: change[k] for k in LAUNCH_KEYS if k in change}
             fields = {k: v for k, v in change.items() if k not in launch and k not in SWITCHES}

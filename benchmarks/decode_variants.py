@@ -14,6 +14,12 @@ from turboquant_vllm.kernels import store as store_kernel
 LAUNCH_KEYS = ("num_splits", "store", "sinks", "live")  # arguments of the launch, not Tiles fields
 SWITCHES = {"store_contract_last": (store_kernel, "CONTRACT_LAST"), "pdl": (pdl, "ENABLED")}  # key: (module, attribute)
 
+
+def applies(change: dict, batch: int) -> bool:
+    """Whether a variant means anything at this batch size: a padded one (`live`) needs padding rows."""
+    return change.get("live", 0) < batch
+
+
 VARIANTS: list[dict] = [
     {},
     {"lut": False},  # codebook gathers from memory instead of byte permutes in registers

@@ -31,3 +31,11 @@ def test_variants_are_distinct_and_start_with_the_defaults(variants):
     assert variants.VARIANTS[0] == {}
     keys = [tuple(sorted(change.items())) for change in variants.VARIANTS]
     assert len(keys) == len(set(keys))
+
+
+def test_padded_variants_run_only_where_there_is_padding(variants):
+    """Every variant runs at 16 sequences; at one sequence only those without `live` (nothing to pad)."""
+    assert all(variants.applies(change, 16) for change in variants.VARIANTS)
+    at_one = [change for change in variants.VARIANTS if variants.applies(change, 1)]
+    assert at_one == [change for change in variants.VARIANTS if "live" not in change]
+    assert len(at_one) < len(variants.VARIANTS)
