@@ -16,7 +16,8 @@ runs' 64K-token prefills differ by more than a decode step.
 kernels per step (torch.profiler, engine in-process): where a decode step's time goes.
 --trace-steps CONTEXTxSEQS steps that batch's 129-token and 1-token runs by hand and times every step (with the
 number of requests still prefilling and of those decoding): where the two runs' difference goes, mixed steps
-(decodes riding along later prompts' prefill chunks) or the pure decode steps after them.
+(decodes riding along later prompts' prefill chunks) or the pure decode steps after them; with --trace-kernels
+each run is also profiled, its GPU kernels' totals listed.
 --tiles JSON changes our kernel's d=128 launch shapes (fields of decode_tiles.Tiles, e.g. '{"publish_q": true}') for
 an A/B of two settings in the engine; the engine core then runs in-process so the change reaches its kernels, and
 the other arm should pass --tiles '{}' to run the same way.
@@ -64,6 +65,7 @@ def run_mode(
     repeats: int = 1,
     tiles: Tiles | None = None,
     trace: tuple[int, int] | None = None,
+    trace_kernels: bool = False,
 ) -> dict:
     import os
 
@@ -139,7 +141,7 @@ def run_mode(
     if trace:
         prompts = prompts_of(*trace)
         row["step_trace"] = {"context": trace[0], "seqs": trace[1],
-                             **{f"t{n}": trace_steps(llm, prompts, n) for n in (129, 1)}}  # fmt: skip
+                             **{f"t{n}": trace_steps(llm, prompts, n, trace_kernels) for n in (129, 1)}}  # fmt: skip
         print(json.dumps(row["step_trace"])[:3000], flush=True)
     return row
 
@@ -214,9 +216,7 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
         profiled_step_ms = run_steps()
     while engine.has_unfinished_requests():
         engine.step()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    kernels = [{"name": e.key[:120], "calls_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
-               for e in sorted(events, key=lambda e: e.device_time_total, reverse=True)]  # fmt: skip
+    kernels = kernel_rows(prof, steps)
     return {
         "context": len(prompts[0]),
         "seqs": len(prompts),
@@ -227,12 +227,23 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
     }
 
 
-def trace_steps(llm, prompts: list[list[int]], max_tokens: int) -> dict:
+def kernel_rows(prof, steps: int) -> list[dict]:
+    """A torch.profiler run's GPU kernels, longest first: calls and device us per step."""
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    return [{"name": e.key[:120], "calls_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
+            for e in sorted(events, key=lambda e: e.device_time_total, reverse=True)]  # fmt: skip
+
+
+def trace_steps(llm, prompts: list[list[int]], max_tokens: int, kernels: bool = False, top: int = 30) -> dict:
     """One batch run by hand: each step's wall ms (synchronised), requests still prefilling and decoding.
 
     Sums split the run into its mixed steps (some prompt still prefilling) and the pure decode steps after them,
-    the latter by batch size: the two-run TPOT's extra over a pure step is in one or the other.
+    the latter by batch size: the two-run TPOT's extra over a pure step is in one or the other. kernels: also
+    profile the run (torch.profiler) and list its `top` GPU kernels' totals, so two runs' tables say which kernels
+    the difference is made of.
     """
+    import contextlib
+
     import torch
     from vllm import SamplingParams
 
@@ -244,13 +255,19 @@ def trace_steps(llm, prompts: list[list[int]], max_tokens: int) -> dict:
     steps = []  # [ms, prefilling, decoding] before each step
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     sync()
-    while engine.has_unfinished_requests():
-        live = [n for n in produced.values() if n < max_tokens]
-        t0 = time.perf_counter()
-        outputs = engine.step()
-        sync()
-        steps.append([(time.perf_counter() - t0) * 1e3, sum(n == 0 for n in live), sum(n > 0 for n in live)])
-        produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in outputs)
+    profiler = contextlib.nullcontext()
+    if kernels:
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU])
+    with profiler as prof:
+        while engine.has_unfinished_requests():
+            live = [n for n in produced.values() if n < max_tokens]
+            t0 = time.perf_counter()
+            outputs = engine.step()
+            sync()
+            steps.append([(time.perf_counter() - t0) * 1e3, sum(n == 0 for n in live), sum(n > 0 for n in live)])
+            produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in outputs)
     mixed = [ms for ms, prefilling, _ in steps if prefilling]
     pure: dict[int, list[float]] = {}
     for ms, prefilling, decoding in steps:
@@ -264,6 +281,7 @@ def trace_steps(llm, prompts: list[list[int]], max_tokens: int) -> dict:
             b: {"steps": len(v), "ms": sum(v), "median_ms": statistics.median(v)} for b, v in sorted(pure.items())
         },
         "steps": [[round(ms, 3), p, d] for ms, p, d in steps],
+        **({"kernels_us": kernel_rows(prof, 1)[:top]} if kernels else {}),
     }
 
 
@@ -332,6 +350,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="TPOT samples per shape; the median is reported")
     parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, time and profile its pure decode steps")
     parser.add_argument("--trace-steps", help="CONTEXTxSEQS: time every step of its 129- and 1-token runs")
+    parser.add_argument("--trace-kernels", action="store_true", help="with --trace-steps: each run's GPU kernels")
     parser.add_argument("--tiles", help="JSON of decode_tiles.Tiles fields to change at d=128 (engine in-process)")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
     parser.add_argument("--plot", type=Path, nargs="+",
@@ -351,7 +370,7 @@ def main() -> None:
 
     if args.child:
         row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot, profile,
-                       args.repeats, None if tiles_change is None else tiles, trace)  # fmt: skip
+                       args.repeats, None if tiles_change is None else tiles, trace, args.trace_kernels)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
         return
 
@@ -389,6 +408,7 @@ def main() -> None:
             str(args.repeats),
             *(["--profile", args.profile] if args.profile else []),
             *(["--trace-steps", args.trace_steps] if args.trace_steps else []),
+            *(["--trace-kernels"] if args.trace_kernels else []),
             *(["--tiles", args.tiles] if args.tiles else []),
         ]
         child = run_child(cmd, args.timeout)

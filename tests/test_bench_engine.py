@@ -104,3 +104,12 @@ def test_step_trace_splits_mixed_steps_from_pure_ones_by_batch(bench_engine):
     assert trace["mixed_steps"] == 2
     assert {b: v["steps"] for b, v in trace["pure_by_batch"].items()} == {1: 1, 2: 2}
     assert trace["total_ms"] >= trace["mixed_ms"] >= 0
+    assert "kernels_us" not in trace
+
+
+def test_step_trace_lists_the_runs_kernels_when_asked(bench_engine):
+    """The profiled form: the same steps, plus the run's GPU kernels (none on a CPU-only engine)."""
+    llm = SimpleNamespace(llm_engine=ScriptedEngine())
+    trace = bench_engine.trace_steps(llm, [[1, 2], [3, 4]], max_tokens=2, kernels=True)
+    assert [s[1:] for s in trace["steps"]] == [[2, 0], [1, 1], [0, 1]]
+    assert isinstance(trace["kernels_us"], list)
