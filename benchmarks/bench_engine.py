@@ -51,6 +51,21 @@ SHAPES = "4096x1,4096x16,32768x1,32768x16"
 RESULTS = Path(__file__).parent / "results"
 
 
+def exact_tokens(n: int):
+    """Sampling that generates exactly n tokens, greedily: every mode and run does the same decode steps."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0)
+
+
+def add_batch(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> dict[str, int]:
+    """Queue the prompts on a hand-stepped engine; returns each request id with the tokens it has produced (0)."""
+    produced = {f"{tag}-{i}": 0 for i in range(len(prompts))}
+    for rid, prompt in zip(produced, prompts, strict=True):
+        engine.add_request(rid, {"prompt_token_ids": prompt}, exact_tokens(max_tokens))
+    return produced
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [(int(c), int(n)) for c, n in (s.split("x") for s in text.split(",") if s)]
 
@@ -75,7 +90,7 @@ def run_mode(
         from turboquant_vllm.kernels import decode_tiles
 
         decode_tiles.TILES[128] = tiles
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     from turboquant_vllm.eval.dummy_model import write_llama_config
 
@@ -109,9 +124,8 @@ def run_mode(
 
     def timed(prompts, max_tokens: int) -> tuple[float, float | None]:
         """Wall seconds, and the mean per-request decode seconds per token from vLLM's timestamps."""
-        params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
         t0 = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        out = llm.generate([{"prompt_token_ids": p} for p in prompts], exact_tokens(max_tokens), use_tqdm=False)
         elapsed = time.perf_counter() - t0
         assert all(len(o.outputs[0].token_ids) == max_tokens for o in out)
         spans = [(o.metrics.last_token_ts - o.metrics.first_token_ts) / (max_tokens - 1)
@@ -192,15 +206,10 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-    from vllm import SamplingParams
 
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=2 * steps + 16, min_tokens=2 * steps + 16, ignore_eos=True, temperature=0.0)
-    ids = [f"profile-{i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts, strict=True):
-        engine.add_request(rid, {"prompt_token_ids": p}, params)
-    produced: dict[str, int] = {}
-    while len(produced) < len(ids) or min(produced.values()) < 2:
+    produced = add_batch(engine, prompts, 2 * steps + 16, "profile")
+    while min(produced.values()) < 2:
         produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in engine.step())
 
     def run_steps() -> float:
@@ -245,13 +254,9 @@ def trace_steps(llm, prompts: list[list[int]], max_tokens: int, kernels: bool = 
     import contextlib
 
     import torch
-    from vllm import SamplingParams
 
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
-    produced = {f"trace{max_tokens}-{i}": 0 for i in range(len(prompts))}
-    for rid, p in zip(produced, prompts, strict=True):
-        engine.add_request(rid, {"prompt_token_ids": p}, params)
+    produced = add_batch(engine, prompts, max_tokens, f"trace{max_tokens}")
     steps = []  # [ms, prefilling, decoding] before each step
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     sync()
