@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms (eager fallback only)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--no-store-variants", dest="store_variants", action="store_false",
+                   help="time only the default store launch (not SMALL_/LARGE_STORE_VARIANTS)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="smoke run: one size, 4/4 only, short timings")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = p.parse_args(argv)
@@ -85,16 +87,28 @@ SMALL_STORE_VARIANTS = [
     {"contract_last": True},  # store.CONTRACT_LAST: the broadcast rotation contracts within warps
     {"contract_last": True, "block_k": 64},  # which fits 64 columns of R a step unspilled (offline)
 ]
+LARGE_STORE_VARIANTS = [  # prefill-sized launches: the rotation is a tl.dot (store.StoreLaunch.precision)
+    {"precision": "ieee"},
+    {"precision": "tf32x3"},
+    {"precision": "tf32x3", "block_k": 64},
+    {"precision": "tf32x3", "block_t": 32},
+    {"precision": "tf32x3", "block_t": 32, "block_k": 64},
+    {"precision": "tf32x3", "block_t": 64, "num_warps": 8},
+    {"precision": "tf32x3", "block_t": 64, "block_k": 64, "num_warps": 8},
+    {"precision": "tf32x3", "block_t": 128, "num_warps": 8},
+]
 
 
 def store_variants(run, num_tokens: int, args: argparse.Namespace) -> list[dict]:
-    """The store of a decode-sized batch timed with other rotation slicing / warps (store._launch_params)."""
+    """The store timed with other launch shapes (store._launch_params's fields) and, for decode-sized batches,
+    the broadcast rotation's other contraction (store.CONTRACT_LAST)."""
     default_params, default_contract = store._launch_params, store.CONTRACT_LAST
+    small = num_tokens < store.LARGE_BATCH_TOKENS
     rows = []
-    for change in SMALL_STORE_VARIANTS:
-        block_t, block_k, heads, num_warps = default_params(num_tokens, args.num_kv_heads)
-        block_k, num_warps = change.get("block_k", block_k), change.get("num_warps", num_warps)
-        store._launch_params = lambda n, h, p=(block_t, block_k, heads, num_warps): p
+    for change in SMALL_STORE_VARIANTS if small else LARGE_STORE_VARIANTS:
+        fields = {k: v for k, v in change.items() if k != "contract_last"}
+        launch = default_params(num_tokens, args.num_kv_heads)._replace(**fields)
+        store._launch_params = lambda n, h, p=launch: p
         store.CONTRACT_LAST = change.get("contract_last", default_contract)
         try:
             rows.append({**change, "ms": bench(run, args)})
@@ -136,7 +150,7 @@ def bench_case(k_bits: int, v_bits: int, num_tokens: int, args: argparse.Namespa
             "total_gbps": gbps(cache_bytes + input_bytes, store_ms),
         },
     }
-    if num_tokens < store.LARGE_BATCH_TOKENS:  # decode-sized launch shapes, where the store is a latency chain
+    if args.store_variants:
         row["store_variants"] = store_variants(lambda: store_kv(codec, key, value, cache, slots), num_tokens, args)
     hadamard = KVCodec(TQConfig(k_bits=k_bits, v_bits=v_bits, rotation="hadamard"), h, d, "cuda")
     had_ms = bench(lambda: store_kv(hadamard, key, value, cache, slots), args)

@@ -39,3 +39,22 @@ def test_padded_variants_run_only_where_there_is_padding(variants):
     at_one = [change for change in variants.VARIANTS if variants.applies(change, 1)]
     assert at_one == [change for change in variants.VARIANTS if "live" not in change]
     assert len(at_one) < len(variants.VARIANTS)
+
+
+def test_store_variants_set_the_launch_they_name(benchmark_script, monkeypatch):
+    """bench_store_dequant's variants change exactly their StoreLaunch fields and leave the default restored."""
+    from turboquant_vllm.kernels import store
+
+    bench = benchmark_script("bench_store_dequant")
+    args = bench.parse_args(["--num-kv-heads", "8"])
+    seen = []
+    monkeypatch.setattr(bench, "bench", lambda run, args: run() or 0.0)
+    for num_tokens, variants in ((16, bench.SMALL_STORE_VARIANTS), (16384, bench.LARGE_STORE_VARIANTS)):
+        seen.clear()
+        rows = bench.store_variants(lambda n=num_tokens: seen.append(store._launch_params(n, 8)), num_tokens, args)
+        default = store._launch_params(num_tokens, 8)
+        assert [r["ms"] for r in rows] == [0.0] * len(variants)
+        for change, launch in zip(variants, seen, strict=True):
+            fields = {k: v for k, v in change.items() if k != "contract_last"}
+            assert launch == default._replace(**fields), change
+    assert store._launch_params(16384, 8).precision in ("ieee", "tf32x3")

@@ -134,8 +134,12 @@ def test_store_rejects_bad_inputs(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
 @pytest.mark.parametrize(("k_bits", "v_bits", "head_dim"), [(4, 4, 256), (3, 2, 128), (2, 3, 96)])
-def test_store_gpu_many_tokens(cuda, k_bits, v_bits, head_dim):
+def test_store_gpu_many_tokens(cuda, monkeypatch, k_bits, v_bits, head_dim, precision):
+    """Prefill-sized launches with either dot precision: tf32x3 must move no more indices than fp32 rounding."""
+    params = store_module._launch_params
+    monkeypatch.setattr(store_module, "_launch_params", lambda n, h: params(n, h)._replace(precision=precision))
     codec = KVCodec(TQConfig(k_bits=k_bits, v_bits=v_bits), 8, head_dim, cuda)
     num_tokens, num_blocks, block_size = 3000, 256, 16
     key, value = fused_kv(num_tokens, 8, head_dim, torch.bfloat16, cuda, seed=5)
@@ -170,16 +174,20 @@ def test_store_gpu_int64_addressing(cuda):
 
 @pytest.mark.parametrize(
     "shape",
-    [(1, 32, 1, False), (4, 8, 1, False), (16, 32, 1, False), (16, 32, 0, False), (1, 64, 1, True), (4, 8, 1, True)],
+    [(1, 32, 1, False, "ieee"), (4, 8, 1, False, "ieee"), (16, 32, 1, False, "ieee"), (16, 32, 0, False, "ieee"),
+     (1, 64, 1, True, "ieee"), (4, 8, 1, True, "ieee"), (32, 64, 1, False, "tf32x3")],
     ids=str,
-)
+)  # fmt: skip
 def test_store_launch_shapes(device, monkeypatch, shape):
-    """Every (tokens, R columns, heads per program; 0 = all heads) launch shape on one small input, and the
-    broadcast rotation's two forms (CONTRACT_LAST; head_dim 96 leaves the last 64-column slice part empty)."""
-    block_t, block_k, heads, contract_last = shape
+    """Every (tokens, R columns, heads per program; 0 = all heads) launch shape on one small input, the broadcast
+    rotation's two forms (CONTRACT_LAST; head_dim 96 leaves the last 64-column slice part empty), and the dot's
+    split-tf32 precision (the interpreter computes any precision in fp32; the GPU tests check its flips)."""
+    block_t, block_k, heads, contract_last, precision = shape
     monkeypatch.setattr(store_module, "CONTRACT_LAST", contract_last)
     monkeypatch.setattr(
-        store_module, "_launch_params", lambda num_tokens, num_kv_heads: (block_t, block_k, heads or num_kv_heads, 4)
+        store_module,
+        "_launch_params",
+        lambda num_tokens, num_kv_heads: store_module.StoreLaunch(block_t, block_k, heads or num_kv_heads, 4, precision),
     )
     codec = KVCodec(TQConfig(k_bits=3, v_bits=4), 4, 96, device)
     key, value = fused_kv(20, 4, 96, torch.bfloat16, device, seed=7)

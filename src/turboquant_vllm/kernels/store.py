@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -14,7 +16,6 @@ from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 from turboquant_vllm.quantizer import TINY_NORM
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-DOT_PRECISION = "ieee"  # full fp32 rotation: tf32 would move coordinates across codebook boundaries
 # Programs of fewer than 16 tokens rotate by a broadcast multiply-sum (_rotate_step). True: its contraction runs
 # over the product's last axis, R's contiguous one, so each output's partial sums stay within a warp; False: over
 # the middle axis, which spreads them over the warps. Offline (sm_90a, one token, d=128) the last-axis form takes 80
@@ -250,25 +251,37 @@ SMALL_BATCH_TOKENS = 32  # up to here one token per program; below LARGE_BATCH_T
 LARGE_BATCH_TOKENS = 256
 
 
-def _launch_params(num_tokens: int, num_kv_heads: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_K, HEADS_PER_PROGRAM, num_warps), tuned on H200 (d=128, 256 to 32K tokens).
+class StoreLaunch(NamedTuple):
+    """How one store_kv launch tiles its work: tokens and KV heads a program, R's columns a rotation step."""
 
-    The fp32 FMA dot, not reading R, bounds this kernel: several heads per program (fewer R
-    reads) measured slower at every batch size, so each program takes one head. A decode step
-    has few tokens: 16-token tiles would leave most SMs idle (16 x 8 heads = 8 programs, 26 us a
-    layer in the engine profile engine_profile_h200_2026-11-30h.json), so small batches take one
-    or four tokens per program; BLOCK_T * BLOCK_K stays at 32 to bound the broadcast product.
+    block_t: int  # tokens a program; from 16 the rotation is a tl.dot, below a broadcast multiply-sum
+    block_k: int  # columns of R a rotation step
+    heads: int  # KV heads a program
+    num_warps: int
+    # tl.dot's input precision. Plain tf32 would move coordinates across codebook boundaries; "tf32x3" splits
+    # each fp32 operand into two tf32 parts on the tensor cores, leaving ~2^-22 of relative error, and bf16/fp16
+    # inputs are exact in tf32. "ieee" is the fp32 FMA dot.
+    precision: str = "ieee"
+
+
+def _launch_params(num_tokens: int, num_kv_heads: int) -> StoreLaunch:
+    """Tuned on H200 (d=128, 256 to 32K tokens).
+
+    A decode step has few tokens: 16-token tiles would leave most SMs idle (16 x 8 heads = 8 programs, 26 us a
+    layer in the engine profile engine_profile_h200_2026-11-30h.json), so small batches take one or four tokens
+    per program; BLOCK_T * BLOCK_K stays at 32 to bound the broadcast product. Several heads per program (fewer
+    R reads) measured slower at every batch size, so each program takes one head.
     """
     if num_tokens <= SMALL_BATCH_TOKENS:
-        return 1, 32, 1, 4
+        return StoreLaunch(1, 32, 1, 4)
     if num_tokens < LARGE_BATCH_TOKENS:
-        return 4, 8, 1, 4
-    return 16, 32, 1, 4
+        return StoreLaunch(4, 8, 1, 4)
+    return StoreLaunch(16, 32, 1, 4)
 
 
 def one_token_store_meta() -> dict[str, int | bool]:
     """How a one-token store rotates, as the attention kernel's fused store takes it (decode.py): the same bytes."""
-    return {"STORE_BLOCK_K": _launch_params(1, 1)[1], "STORE_CONTRACT_LAST": CONTRACT_LAST}
+    return {"STORE_BLOCK_K": _launch_params(1, 1).block_k, "STORE_CONTRACT_LAST": CONTRACT_LAST}
 
 
 def check_slots(slot_mapping: torch.Tensor, num_tokens: int, device: torch.device) -> None:
@@ -327,9 +340,9 @@ def store_kv(
 
     head_dim_pad = triton.next_power_of_2(lay.head_dim)
     pdl = pdl_launch(cache.device)
-    block_t, block_k, heads, num_warps = _launch_params(num_tokens, lay.num_kv_heads)
-    assert lay.num_kv_heads % heads == 0
-    grid = (triton.cdiv(num_tokens, block_t), lay.num_kv_heads // heads)
+    launch = _launch_params(num_tokens, lay.num_kv_heads)
+    assert lay.num_kv_heads % launch.heads == 0
+    grid = (triton.cdiv(num_tokens, launch.block_t), lay.num_kv_heads // launch.heads)
     _store_kv_kernel[grid](
         key,
         value,
@@ -349,17 +362,17 @@ def store_kv(
         codec.rotation.stride(0),
         codec.rotation.stride(1),
         HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_T=block_t,
-        BLOCK_K=block_k,
-        HEADS_PER_PROGRAM=heads,
+        BLOCK_T=launch.block_t,
+        BLOCK_K=launch.block_k,
+        HEADS_PER_PROGRAM=launch.heads,
         **lay.kernel_constants(cache.shape[1]),
         NORM_CORRECTION=codec.config.norm_correction,
         TINY=TINY_NORM,
-        DOT_PRECISION=DOT_PRECISION,
+        DOT_PRECISION=launch.precision,
         HAS_KEY_OFFSET=offset is not None,
-        CONTRACT_LAST=CONTRACT_LAST and block_t < 16,  # from 16 tokens a program the rotation is a dot
+        CONTRACT_LAST=CONTRACT_LAST and launch.block_t < 16,  # from 16 tokens a program the rotation is a dot
         LAUNCH_DEPENDENTS=pdl,
         PDL_AFTER=pdl and after_attention,
-        num_warps=num_warps,
+        num_warps=launch.num_warps,
         **pdl_option(pdl and after_attention),
     )
