@@ -184,11 +184,8 @@ def test_store_launch_shapes(device, monkeypatch, shape):
     split-tf32 precision (the interpreter computes any precision in fp32; the GPU tests check its flips)."""
     block_t, block_k, heads, contract_last, precision = shape
     monkeypatch.setattr(store_module, "CONTRACT_LAST", contract_last)
-    monkeypatch.setattr(
-        store_module,
-        "_launch_params",
-        lambda num_tokens, num_kv_heads: store_module.StoreLaunch(block_t, block_k, heads or num_kv_heads, 4, precision),
-    )
+    launch = store_module.StoreLaunch
+    monkeypatch.setattr(store_module, "_launch_params", lambda n, h: launch(block_t, block_k, heads or h, 4, precision))
     codec = KVCodec(TQConfig(k_bits=3, v_bits=4), 4, 96, device)
     key, value = fused_kv(20, 4, 96, torch.bfloat16, device, seed=7)
     slots = torch.randperm(48, generator=torch.Generator().manual_seed(8))[:20]
