@@ -28,7 +28,7 @@ from triton.runtime.jit import native_specialize_impl
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels import decode, decode_reduce, decode_tiles
+from turboquant_vllm.kernels import decode, decode_reduce, decode_tiles, store
 
 POINTERS = {
     "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
@@ -37,7 +37,14 @@ POINTERS = {
     "koff_ptr": "*fp32", "lut_ptr": "*i32", "ws_q_ptr": "*fp32", "slot_ptr": "*i64", "k_bnd_ptr": "*fp32",
     "k_cent32_ptr": "*fp32", "v_bnd_ptr": "*fp32", "v_cent32_ptr": "*fp32", "koff_orig_ptr": "*fp32",
     "ws_ticket_ptr": "*i32", "sink_kv_ptr": "*bf16", "sink_tag_ptr": "*i32",
+    "key_ptr": "*bf16", "value_ptr": "*bf16", "rot_lo_ptr": "*fp32", "koff_rot_ptr": "*fp32",
 }  # fmt: skip
+STORE_CHANGES = (  # prefill-sized store launches beside the default (store.StoreLaunch fields)
+    {"precision": "tf32x3"},
+    {"precision": "tf32_split"},
+    {"bucket_search": True},
+    {"precision": "tf32_split", "bucket_search": True},
+)
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 H200_SMS = 132
@@ -120,18 +127,20 @@ def launch_ints(head_dim: int, num_heads: int, num_kv_heads: int, split: bool) -
     return dict(zip(names[names.index("stride_qt") : names.index("stride_r1") + 1], strides, strict=True))
 
 
-def runtime_signature(meta: dict, ints: dict[str, int]) -> tuple[dict, dict, dict]:
+def runtime_signature(
+    meta: dict, ints: dict[str, int], fn=decode._attention_kernel, pointers: dict[str, str] = POINTERS
+) -> tuple[dict, dict, dict]:
     """Signature, constexprs and attributes as Triton's launcher derives them from real arguments: pointers
     16-byte aligned, ints equal to 1 become constants and multiples of 16 are marked divisible. Without this
     the offline compile differs from the GPU's own (on the H200 the 168-register decode kernel spilled 0 bytes,
     the unspecialised offline compile 40)."""
-    names = decode._attention_kernel.arg_names
+    names = fn.arg_names
     fixed = dict(meta)
     signature, attrs = {}, {}
     for i, n in enumerate(names):
         if n in meta:
             signature[n] = "constexpr"
-        elif n in ints and n not in decode._attention_kernel.do_not_specialize:
+        elif n in ints and n not in fn.do_not_specialize:
             kind, attr = native_specialize_impl(BaseBackend, ints[n], False, True, True)
             signature[n] = kind
             if kind == "constexpr":
@@ -139,7 +148,7 @@ def runtime_signature(meta: dict, ints: dict[str, int]) -> tuple[dict, dict, dic
             elif attr:
                 attrs[(i,)] = BaseBackend.parse_attr(attr)
         else:
-            signature[n] = POINTERS.get(n, "i32")
+            signature[n] = pointers.get(n, "i32")
             if signature[n].startswith("*"):
                 attrs[(i,)] = BaseBackend.parse_attr("D")
     return signature, {(names.index(k),): v for k, v in fixed.items()}, attrs
@@ -211,6 +220,35 @@ def compile_reduce(block_d: int, plain: bool = False, change: dict | None = None
             **ptxas_report(kernel.asm["ptx"], "sm_90a")}  # fmt: skip
 
 
+def compile_store(launch: store.StoreLaunch, key_offset: bool = False, head_dim: int = 128) -> dict:
+    """Compile _store_kv_kernel as store_kv launches it with `launch` for bf16 K/V (views of a fused qkv of 32
+    query and 8 KV heads) and count its SASS: the whole kernel, which has no loop over tiles."""
+    codec = KVCodec(TQConfig(), 8, head_dim)
+    meta = dict(HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_T=launch.block_t, BLOCK_K=launch.block_k,
+                HEADS_PER_PROGRAM=launch.heads, **codec.layout.kernel_constants(16), NORM_CORRECTION=True,
+                TINY=1e-30, DOT_PRECISION=launch.precision, HAS_KEY_OFFSET=key_offset,
+                CONTRACT_LAST=store.CONTRACT_LAST and launch.block_t < 16, BUCKET_SEARCH=launch.bucket_search,
+                LAUNCH_DEPENDENTS=True, PDL_AFTER=False)  # fmt: skip
+    qkv = 48 * head_dim
+    ints = {"stride_key_t": qkv, "stride_key_h": head_dim, "stride_value_t": qkv, "stride_value_h": head_dim,
+            "stride_rot_0": head_dim, "stride_rot_1": 1}  # fmt: skip
+    fn = store._store_kv_kernel
+    fp32_tables = dict.fromkeys(("k_cent_ptr", "v_cent_ptr"), "*fp32")  # the store's codebooks stay fp32
+    signature, constexprs, attrs = runtime_signature(meta, ints, fn, POINTERS | fp32_tables)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": launch.num_warps})  # fmt: skip
+    nvdisasm = triton_tool("nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    ops = [m.split(".")[0] for m in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)]
+    return {"kernel": "store", "launch": launch._asdict(), "key_offset": key_offset,
+            **ptxas_report(kernel.asm["ptx"], "sm_90a"), "shared_bytes": kernel.metadata.shared,
+            "sass_instructions": len(ops), "fp32_fma": ops.count("FFMA"), "tensor_core": ops.count("HMMA"),
+            "compares_and_selects": sum(ops.count(o) for o in ("FSETP", "FSEL", "SEL"))}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None)
@@ -263,9 +301,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reduce BLOCK_D={r['block_d']} at {r['num_splits']} splits ({r['rows']} rows, "
               f"{r['step_splits']} splits a step, {how}): "
               f"{r['registers']} regs, {r['spill_store_bytes']} B spilled", flush=True)  # fmt: skip
+    prefill = store._launch_params(store.LARGE_BATCH_TOKENS, 8)
+    store_rows = [compile_store(store._launch_params(1, 8)), compile_store(prefill)]
+    store_rows += [compile_store(prefill._replace(**c)) for c in STORE_CHANGES]
+    store_rows += [compile_store(prefill._replace(precision="tf32_split", bucket_search=True), key_offset=True)]
+    for r in store_rows:
+        print(f"store {r['launch']}{' + key offset' if r['key_offset'] else ''}: {r['registers']} regs, "
+              f"{r['spill_store_bytes']} B spilled, {r['sass_instructions']} SASS instructions ({r['fp32_fma']} FFMA, "
+              f"{r['tensor_core']} HMMA, {r['compares_and_selects']} compares and selects)", flush=True)  # fmt: skip
     if args.out:
         result = {"benchmark": "kernel_resources", "target": "sm_90a (compiled, not run)", "triton": triton.__version__,
-                  "command": " ".join([sys.executable, *sys.argv]), "rows": rows, "reduce": reduce_rows}  # fmt: skip
+                  "command": " ".join([sys.executable, *sys.argv]), "rows": rows, "reduce": reduce_rows,
+                  "store": store_rows}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

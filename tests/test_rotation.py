@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from turboquant_vllm.config import TQConfig
-from turboquant_vllm.rotation import haar_rotation, hadamard_matrix, randomized_hadamard, rotation_matrix
+from turboquant_vllm.rotation import haar_rotation, hadamard_matrix, randomized_hadamard, rotation_matrix, tf32_parts
 
 
 @pytest.mark.parametrize("make", [haar_rotation, randomized_hadamard])
@@ -55,3 +55,14 @@ def test_haar_coordinates_follow_the_sphere_law():
     e[0] = 1
     coords = torch.stack([haar_rotation(s, d) @ e for s in range(400)])
     assert coords.var().item() == pytest.approx(1 / d, rel=0.1)
+
+
+def test_tf32_parts_are_exact_in_tf32_and_sum_to_r():
+    """The store's "tf32_split" operands: no bit below tf32's mantissa, hi + lo within 2^-21 of R."""
+    r = rotation_matrix(TQConfig(), 128)
+    hi, lo = tf32_parts(r)
+    low_bits = (1 << 13) - 1
+    assert not (hi.view(torch.int32) & low_bits).any() and not (lo.view(torch.int32) & low_bits).any()
+    err = (hi.double() + lo.double() - r.double()).abs()
+    assert (err <= r.double().abs() * 2.0**-21).all()
+    assert ((hi.double() - r.double()).abs() > 0).any()  # the low part carries something

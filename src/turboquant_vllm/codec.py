@@ -10,6 +10,7 @@ from turboquant_vllm.config import TQConfig
 from turboquant_vllm.kernels.lut import LUT_BITS, lut_tables
 from turboquant_vllm.layout import PageLayout
 from turboquant_vllm.quantizer import MSEQuantizer
+from turboquant_vllm.rotation import tf32_parts
 
 
 class KVCodec:
@@ -33,6 +34,8 @@ class KVCodec:
         self.rotation = self.key.rotation  # fp32 [d, d]: rotated = x @ R.T
         # R rounded once for 16-bit un-rotation GEMMs (dequantize_kv into half outputs).
         self.rotation_half = {dt: self.rotation.to(dt) for dt in (torch.float16, torch.bfloat16)}
+        # R as two tf32-exact parts for the store's "tf32_split" rotation (kernels/store.py).
+        self.rotation_tf32 = tf32_parts(self.rotation)
         # The attention kernel's 16-bit operands: the tables pre-rounded, so no per-element conversion.
         self.centroids_fp16 = (self.key.centroids.half(), self.value.centroids.half())
         # Register tables for 4-bit lookups by byte permute (kernels/lut.py): K's then V's, int32 [8].

@@ -50,3 +50,15 @@ def rotation_matrix(config: TQConfig, head_dim: int, device: torch.device | str 
     """The orthogonal R [d, d] (float32) with rotated = x @ R.T and x = rotated @ R."""
     config.check_head_dim(head_dim)
     return _rotation_cpu(config.rotation, config.seed, head_dim).to(device)
+
+
+def tf32_parts(rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """R as hi + lo, each exactly representable in tf32 (low 13 mantissa bits zero), hi + lo within ~2^-21 of R
+    relative: the operands of the store's "tf32_split" rotation."""
+    mask = torch.tensor(-(1 << 13), dtype=torch.int32, device=rotation.device)  # 0xFFFFE000
+
+    def truncate(x: torch.Tensor) -> torch.Tensor:
+        return (x.contiguous().view(torch.int32) & mask).view(torch.float32)
+
+    hi = truncate(rotation.float())
+    return hi, truncate(rotation.float() - hi)

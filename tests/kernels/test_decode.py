@@ -686,10 +686,14 @@ for pdl in (False, True):
           pdl_option(pdl))
 meta = dict(HEAD_DIM_PAD=128, BLOCK_T=1, BLOCK_K=32, HEADS_PER_PROGRAM=1, **codec.layout.kernel_constants(16),
             NORM_CORRECTION=True, TINY=1e-30, DOT_PRECISION="ieee", HAS_KEY_OFFSET=False, CONTRACT_LAST=False,
-            LAUNCH_DEPENDENTS=True, PDL_AFTER=True)  # the store launched after the attention, with PDL
+            BUCKET_SEARCH=False, LAUNCH_DEPENDENTS=True, PDL_AFTER=True)  # the store after the attention, with PDL
 ptrs = dict.fromkeys(("key_ptr", "value_ptr"), "*bf16") | {"cache_ptr": "*u8", "slot_ptr": "*i64"}
-ptrs |= dict.fromkeys(("rot_ptr", "k_bnd_ptr", "k_cent_ptr", "v_bnd_ptr", "v_cent_ptr", "koff_ptr"), "*fp32")
+ptrs |= dict.fromkeys(("rot_ptr", "rot_lo_ptr", "k_bnd_ptr", "k_cent_ptr", "v_bnd_ptr", "v_cent_ptr"), "*fp32")
+ptrs |= dict.fromkeys(("koff_ptr", "koff_rot_ptr"), "*fp32")
 build(store._store_kv_kernel, ptrs, meta, pdl_option(True))
+# a prefill-sized store: two tf32 dots on R's parts, binary-search indices, keys relative to an offset
+meta |= dict(BLOCK_T=16, DOT_PRECISION="tf32_split", BUCKET_SEARCH=True, HAS_KEY_OFFSET=True, PDL_AFTER=False)
+build(store._store_kv_kernel, ptrs, meta, pdl_option(False))
 ptrs = dict.fromkeys(("k_ptr", "v_ptr", "kv_ptr"), "*bf16") | {"rot_ptr": "*fp32", "tag_ptr": "*i32"}
 ptrs |= dict.fromkeys(("block_table_ptr", "seq_lens_ptr", "qsl_ptr"), "*i32")
 meta = dict(SINKS=4, HEAD_DIM=128, BLOCK_D=128, ROT_CHUNK=sinks.WRITER_ROT_CHUNK, SCAN=sinks.SCAN, PDL=True)

@@ -134,15 +134,24 @@ def test_store_rejects_bad_inputs(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize(
+    ("precision", "bucket_search", "dtype"),
+    [("ieee", False, torch.bfloat16), ("tf32x3", False, torch.bfloat16), ("tf32_split", True, torch.bfloat16),
+     ("tf32_split", False, torch.float16), ("tf32_split", True, torch.float32)],
+)  # fmt: skip
 @pytest.mark.parametrize(("k_bits", "v_bits", "head_dim"), [(4, 4, 256), (3, 2, 128), (2, 3, 96)])
-def test_store_gpu_many_tokens(cuda, monkeypatch, k_bits, v_bits, head_dim, precision):
-    """Prefill-sized launches with either dot precision: tf32x3 must move no more indices than fp32 rounding."""
+def test_store_gpu_many_tokens(cuda, monkeypatch, k_bits, v_bits, head_dim, precision, bucket_search, dtype):
+    """Prefill-sized launches with each dot precision: the tensor-core ones must move no more indices than fp32
+    rounding does (fp32 inputs under "tf32_split" fall back to the fp32 dot)."""
     params = store_module._launch_params
-    monkeypatch.setattr(store_module, "_launch_params", lambda n, h: params(n, h)._replace(precision=precision))
+    monkeypatch.setattr(
+        store_module,
+        "_launch_params",
+        lambda n, h: params(n, h)._replace(precision=precision, bucket_search=bucket_search),
+    )
     codec = KVCodec(TQConfig(k_bits=k_bits, v_bits=v_bits), 8, head_dim, cuda)
     num_tokens, num_blocks, block_size = 3000, 256, 16
-    key, value = fused_kv(num_tokens, 8, head_dim, torch.bfloat16, cuda, seed=5)
+    key, value = fused_kv(num_tokens, 8, head_dim, dtype, cuda, seed=5)
     slots = torch.randperm(num_blocks * block_size)[:num_tokens]
     slots[::97] = -1
     run_store(codec, key, value, slots.to(cuda), num_blocks, block_size)
@@ -175,17 +184,18 @@ def test_store_gpu_int64_addressing(cuda):
 @pytest.mark.parametrize(
     "shape",
     [(1, 32, 1, False, "ieee"), (4, 8, 1, False, "ieee"), (16, 32, 1, False, "ieee"), (16, 32, 0, False, "ieee"),
-     (1, 64, 1, True, "ieee"), (4, 8, 1, True, "ieee"), (32, 64, 1, False, "tf32x3")],
+     (1, 64, 1, True, "ieee"), (4, 8, 1, True, "ieee"), (32, 64, 1, False, "tf32x3"), (16, 32, 1, False, "tf32_split")],
     ids=str,
 )  # fmt: skip
-def test_store_launch_shapes(device, monkeypatch, shape):
+@pytest.mark.parametrize("bucket_search", [False, True])
+def test_store_launch_shapes(device, monkeypatch, shape, bucket_search):
     """Every (tokens, R columns, heads per program; 0 = all heads) launch shape on one small input, the broadcast
-    rotation's two forms (CONTRACT_LAST; head_dim 96 leaves the last 64-column slice part empty), and the dot's
-    split-tf32 precision (the interpreter computes any precision in fp32; the GPU tests check its flips)."""
+    rotation's two forms (CONTRACT_LAST; head_dim 96 leaves the last 64-column slice part empty), the dot's
+    precisions (the interpreter computes any in fp32; the GPU tests check their flips) and both index searches."""
     block_t, block_k, heads, contract_last, precision = shape
     monkeypatch.setattr(store_module, "CONTRACT_LAST", contract_last)
-    launch = store_module.StoreLaunch
-    monkeypatch.setattr(store_module, "_launch_params", lambda n, h: launch(block_t, block_k, heads or h, 4, precision))
+    launch = store_module.StoreLaunch(block_t, block_k, heads, 4, precision, bucket_search)
+    monkeypatch.setattr(store_module, "_launch_params", lambda n, h: launch._replace(heads=heads or h))
     codec = KVCodec(TQConfig(k_bits=3, v_bits=4), 4, 96, device)
     key, value = fused_kv(20, 4, 96, torch.bfloat16, device, seed=7)
     slots = torch.randperm(48, generator=torch.Generator().manual_seed(8))[:20]
@@ -202,8 +212,15 @@ def offset_keys(num_tokens: int, num_kv_heads: int, head_dim: int, seed: int):
     return key, offset
 
 
+PREFILL_SPLIT = store_module.StoreLaunch(16, 32, 1, 4, "tf32_split", True)
+
+
 @pytest.mark.parametrize(("k_bits", "dtype"), [(4, torch.bfloat16), (3, torch.float32)])
-def test_store_with_key_offset_matches_reference(device, k_bits, dtype):
+@pytest.mark.parametrize("launch", [None, PREFILL_SPLIT], ids=["default", "tf32_split"])
+def test_store_with_key_offset_matches_reference(device, monkeypatch, k_bits, dtype, launch):
+    """Keys stored relative to the offset; with "tf32_split" the offset's rotation is subtracted after the dot."""
+    if launch is not None:
+        monkeypatch.setattr(store_module, "_launch_params", lambda n, h: launch)
     num_kv_heads, head_dim, num_blocks, block_size = 2, 64, 3, 8
     codec = KVCodec(TQConfig(k_bits=k_bits, v_bits=2), num_kv_heads, head_dim, device)
     ref = KVCodec(codec.config, num_kv_heads, head_dim)
@@ -225,3 +242,19 @@ def test_store_with_key_offset_matches_reference(device, k_bits, dtype):
     stored = torch.where(shifted.unsqueeze(-1), key32 - offset, key32)
     check_tensor(ref.key, stored, *(QuantizedVectors(x.indices, x.scales.abs()) for x in (gk, wk)))
     check_tensor(ref.value, value, gv, wv)
+
+
+def test_store_bucket_search_writes_the_same_bytes(device, monkeypatch):
+    """Binary search over the boundaries finds exactly the linear scan's indices, at every bit width."""
+    codec = KVCodec(TQConfig(k_bits=4, v_bits=3), 2, 64, device)
+    key, value = fused_kv(40, 2, 64, torch.bfloat16, device, seed=11)
+    slots = torch.arange(40, device=device)
+    caches = []
+    for search in (False, True):
+        monkeypatch.setattr(store_module, "_launch_params", lambda n, h, s=search: PREFILL_SPLIT._replace(
+            precision="ieee", bucket_search=s))  # fmt: skip
+        caches.append(codec.new_cache(5, 8))
+        store_kv(codec, key, value, caches[-1], slots)
+    assert torch.equal(caches[0], caches[1])
+    rows = gather_rows_ref(codec, caches[0].cpu(), slots.cpu())
+    assert len(set(decode_rows_ref(codec, rows)[1].indices.flatten().tolist())) == 8  # every 3-bit index occurs

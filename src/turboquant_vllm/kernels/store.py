@@ -38,14 +38,29 @@ def _bucketize(y, bnd_ptr, cent_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _rotate_step(unit, rot, acc, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr, CONTRACT_LAST: tl.constexpr):
+def _bucketize_search(y, bnd_ptr, cent_ptr, BITS: tl.constexpr):
+    """_bucketize by binary search over the sorted boundaries: BITS gathered compares instead of 2^BITS - 1."""
+    idx = tl.zeros(y.shape, tl.int32)
+    for level in tl.static_range(BITS):
+        idx += tl.where(y > tl.load(bnd_ptr + idx + ((1 << (BITS - 1 - level)) - 1)), 1 << (BITS - 1 - level), 0)
+    return idx, tl.load(cent_ptr + idx)
+
+
+@triton.jit
+def _rotate_step(unit, rot, rot_lo, acc, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 CONTRACT_LAST: tl.constexpr):  # fmt: skip
     """acc + unit @ R[:, kd].T in fp32 for one slice kd of the contraction, rot being that slice as R[:, kd] if
     CONTRACT_LAST, else its transpose. Below tl.dot's 16 rows a broadcast multiply-sum (same FMAs) contracting over
-    the product's last (CONTRACT_LAST) or middle axis. One return: Triton checks every return's shape."""
+    the product's last (CONTRACT_LAST) or middle axis. With DOT_PRECISION "tf32_split" rot and rot_lo are the slices
+    of R's tf32 high and low parts (tf32_parts) and unit is exact in tf32: two plain tf32 dots then multiply
+    exactly and leave only the low part's ~2^-21 of R's rounding. One return: Triton checks every return's shape."""
     if CONTRACT_LAST:
         out = acc + tl.sum(unit[:, None, :] * rot[None, :, :], axis=2)
     elif BLOCK_T >= 16:
-        out = tl.dot(unit, rot, acc, input_precision=DOT_PRECISION)
+        if DOT_PRECISION == "tf32_split":
+            out = tl.dot(unit, rot_lo, tl.dot(unit, rot, acc, input_precision="tf32"), input_precision="tf32")
+        else:
+            out = tl.dot(unit, rot, acc, input_precision=DOT_PRECISION)
     else:
         out = acc + tl.sum(unit[:, :, None] * rot[None, :, :], axis=1)
     return out
@@ -86,17 +101,21 @@ def store_head(
     block,  # int64 [BLOCK_T]: page of each token
     t,  # int64 [BLOCK_T]: position in its page
     head,  # int64: KV head
-    cache_ptr, rot_ptr, stride_rot_0, stride_rot_1, k_bnd_ptr, k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr,
+    cache_ptr, rot_ptr, rot_lo_ptr, stride_rot_0, stride_rot_1, k_bnd_ptr, k_cent_ptr, v_bnd_ptr, v_cent_ptr,
+    koff_ptr, koff_rot_ptr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
-    CONTRACT_LAST: tl.constexpr,
+    CONTRACT_LAST: tl.constexpr, BUCKET_SEARCH: tl.constexpr = False,
 ):  # fmt: skip
     """Quantise BLOCK_T tokens' K and V of one head and write indices and scales into their pages.
 
-    Shared by the store kernel and the attention kernel's fused store (kernels/decode.py)."""
+    Shared by the store kernel and the attention kernel's fused store (kernels/decode.py). With DOT_PRECISION
+    "tf32_split" rot_ptr / rot_lo_ptr hold R's tf32 parts (tf32_parts), and a key stored relative to the offset
+    is rotated whole, its rotated offset (koff_rot_ptr) subtracted after: the dot's operand stays exact in tf32."""
+    SPLIT: tl.constexpr = DOT_PRECISION == "tf32_split"
     dim = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dim < HEAD_DIM
     x_mask = live[:, None] & dim_ok[None, :]
@@ -124,22 +143,30 @@ def store_head(
         kd_ok = kd < HEAD_DIM
         chunk_mask = live[:, None] & kd_ok[None, :]
         k_part = tl.load(k_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
-        if HAS_KEY_OFFSET:
+        if HAS_KEY_OFFSET and not SPLIT:
             k_part -= shift[:, None] * tl.load(koff_ptr + head * HEAD_DIM + kd, mask=kd_ok, other=0.0)[None, :]
         v_part = tl.load(v_ptr + kd[None, :], mask=chunk_mask, other=0.0).to(tl.float32)
         if CONTRACT_LAST:  # rot[i, j] = R[i, k0 + j], read once for K and V
-            rot = tl.load(rot_ptr + dim[:, None] * stride_rot_0 + kd[None, :] * stride_rot_1,
-                          mask=dim_ok[:, None] & kd_ok[None, :], other=0.0)  # fmt: skip
+            rot_off = dim[:, None] * stride_rot_0 + kd[None, :] * stride_rot_1
+            rot_mask = dim_ok[:, None] & kd_ok[None, :]
         else:  # rot[i, j] = R[j, k0 + i]
-            rot = tl.load(rot_ptr + dim[None, :] * stride_rot_0 + kd[:, None] * stride_rot_1,
-                          mask=kd_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
-        k_rot = _rotate_step(k_part, rot, k_rot, BLOCK_T, DOT_PRECISION, CONTRACT_LAST)
-        v_rot = _rotate_step(v_part, rot, v_rot, BLOCK_T, DOT_PRECISION, CONTRACT_LAST)
+            rot_off = dim[None, :] * stride_rot_0 + kd[:, None] * stride_rot_1
+            rot_mask = kd_ok[:, None] & dim_ok[None, :]
+        rot = tl.load(rot_ptr + rot_off, mask=rot_mask, other=0.0)
+        rot_lo = tl.load(rot_lo_ptr + rot_off, mask=rot_mask, other=0.0) if SPLIT else rot
+        k_rot = _rotate_step(k_part, rot, rot_lo, k_rot, BLOCK_T, DOT_PRECISION, CONTRACT_LAST)
+        v_rot = _rotate_step(v_part, rot, rot_lo, v_rot, BLOCK_T, DOT_PRECISION, CONTRACT_LAST)
+    if HAS_KEY_OFFSET and SPLIT:  # R (k - offset) = R k - R offset
+        k_rot -= shift[:, None] * tl.load(koff_rot_ptr + head * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :]
     k_rot = tl.math.div_rn(k_rot, k_den)
     v_rot = tl.math.div_rn(v_rot, v_den)
 
-    k_idx, k_cent = _bucketize(k_rot, k_bnd_ptr, k_cent_ptr, K_BITS)
-    v_idx, v_cent = _bucketize(v_rot, v_bnd_ptr, v_cent_ptr, V_BITS)
+    if BUCKET_SEARCH:
+        k_idx, k_cent = _bucketize_search(k_rot, k_bnd_ptr, k_cent_ptr, K_BITS)
+        v_idx, v_cent = _bucketize_search(v_rot, v_bnd_ptr, v_cent_ptr, V_BITS)
+    else:
+        k_idx, k_cent = _bucketize(k_rot, k_bnd_ptr, k_cent_ptr, K_BITS)
+        v_idx, v_cent = _bucketize(v_rot, v_bnd_ptr, v_cent_ptr, V_BITS)
     k_head_ptr, k_scale_ptr, v_head_ptr, v_scale_ptr = token_fields(
         cache_ptr, block, t, head, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET,
         V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
@@ -177,10 +204,11 @@ def store_tokens(
         slot = tl.load(slot_ptr + kv_tok).to(tl.int64)
         store_head(k_ptr + kv_tok[:, None] * stride_kt + kh * stride_kh,
                    v_ptr + kv_tok[:, None] * stride_vt + kh * stride_vh, slot >= 0, slot // BLOCK_SIZE,
-                   slot % BLOCK_SIZE, kh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent_ptr,
-                   v_bnd_ptr, v_cent_ptr, koff_ptr, HEAD_DIM, BLOCK_D, 1, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,
-                   RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-                   V_SCALE_OFFSET, NORM_CORRECTION, TINY, "ieee", HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
+                   slot % BLOCK_SIZE, kh, cache_ptr, rot_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent_ptr,
+                   v_bnd_ptr, v_cent_ptr, koff_ptr, koff_ptr, HEAD_DIM, BLOCK_D, 1, STORE_BLOCK_K, K_BITS, V_BITS,
+                   PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET,
+                   V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY, "ieee", HAS_KEY_OFFSET,
+                   STORE_CONTRACT_LAST)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -189,12 +217,14 @@ def _store_kv_kernel(
     value_ptr,  # [num_tokens, num_kv_heads, HEAD_DIM]
     cache_ptr,  # uint8 pages [num_blocks, PAGE_BYTES], laid out as layout.py says
     slot_ptr,  # int32/int64 [num_tokens]; negative = skip
-    rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM], any strides: rotated = x @ R.T
+    rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM], any strides: rotated = x @ R.T (R's tf32 high part with "tf32_split")
+    rot_lo_ptr,  # R's tf32 low part, the same strides (read only with DOT_PRECISION "tf32_split")
     k_bnd_ptr,  # fp32 [2^K_BITS - 1]
     k_cent_ptr,  # fp32 [2^K_BITS]
     v_bnd_ptr,  # fp32 [2^V_BITS - 1]
     v_cent_ptr,  # fp32 [2^V_BITS]
     koff_ptr,  # fp32 [num_kv_heads, HEAD_DIM] key offset, original basis (read only if HAS_KEY_OFFSET)
+    koff_rot_ptr,  # the same offset in the rotated basis (read only with HAS_KEY_OFFSET and "tf32_split")
     num_tokens,
     stride_key_t,
     stride_key_h,
@@ -223,6 +253,7 @@ def _store_kv_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_KEY_OFFSET: tl.constexpr,
     CONTRACT_LAST: tl.constexpr,
+    BUCKET_SEARCH: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,  # kernels/pdl.py: the next kernel may start now (it waits for this one's writes)
     PDL_AFTER: tl.constexpr,  # launched with PDL after a kernel whose writes it does not read (paged_attention)
 ):
@@ -238,11 +269,11 @@ def _store_kv_kernel(
         head = tl.program_id(1).to(tl.int64) * HEADS_PER_PROGRAM + hh
         k_ptr = key_ptr + tok[:, None] * stride_key_t + head * stride_key_h  # [BLOCK_T, 1]
         v_ptr = value_ptr + tok[:, None] * stride_value_t + head * stride_value_h
-        store_head(k_ptr, v_ptr, live, block, t, head, cache_ptr, rot_ptr, stride_rot_0, stride_rot_1, k_bnd_ptr,
-                   k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_K, K_BITS,
-                   V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET,
-                   V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY, DOT_PRECISION, HAS_KEY_OFFSET,
-                   CONTRACT_LAST)  # fmt: skip
+        store_head(k_ptr, v_ptr, live, block, t, head, cache_ptr, rot_ptr, rot_lo_ptr, stride_rot_0, stride_rot_1,
+                   k_bnd_ptr, k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr, koff_rot_ptr, HEAD_DIM, HEAD_DIM_PAD,
+                   BLOCK_T, BLOCK_K, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES,
+                   K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY,
+                   DOT_PRECISION, HAS_KEY_OFFSET, CONTRACT_LAST, BUCKET_SEARCH)  # fmt: skip
     if PDL_AFTER:  # this launch completes only after the kernel ahead does
         gdc_wait()
 
@@ -258,10 +289,12 @@ class StoreLaunch(NamedTuple):
     block_k: int  # columns of R a rotation step
     heads: int  # KV heads a program
     num_warps: int
-    # tl.dot's input precision. Plain tf32 would move coordinates across codebook boundaries; "tf32x3" splits
-    # each fp32 operand into two tf32 parts on the tensor cores, leaving ~2^-22 of relative error, and bf16/fp16
-    # inputs are exact in tf32. "ieee" is the fp32 FMA dot.
+    # tl.dot's input precision (from 16 tokens a program). Plain tf32 would move coordinates across codebook
+    # boundaries. "ieee": the fp32 FMA dot. "tf32x3": Triton splits both operands into tf32 parts in the kernel.
+    # "tf32_split": R's parts are split once (tf32_parts) and 16-bit inputs are exact in tf32, so two plain tf32
+    # dots keep fp32's precision (fp32 inputs fall back to "ieee").
     precision: str = "ieee"
+    bucket_search: bool = False  # indices by binary search over the boundaries (_bucketize_search)
 
 
 def _launch_params(num_tokens: int, num_kv_heads: int) -> StoreLaunch:
@@ -271,6 +304,12 @@ def _launch_params(num_tokens: int, num_kv_heads: int) -> StoreLaunch:
     layer in the engine profile engine_profile_h200_2026-11-30h.json), so small batches take one or four tokens
     per program; BLOCK_T * BLOCK_K stays at 32 to bound the broadcast product. Several heads per program (fewer
     R reads) measured slower at every batch size, so each program takes one head.
+
+    Prefill-sized launches (store_dequant_h200_2026-12-02d.json, 16K bf16 tokens): 474.6 us with the fp32 FMA dot,
+    439.9 with "tf32x3", slower with 32-128 tokens a program; a copy of the input takes 33 us. The dot is not what
+    bounds them: offline (kernel_resources.py) the program is ~4,900 SASS instructions at 254 registers, a fifth
+    of them the 15 compares and selects a coordinate of _bucketize. "tf32_split" and bucket_search (141 registers,
+    ~4,500 instructions together, offline) are untimed; the GPU tests of their indices have not run yet either.
     """
     if num_tokens <= SMALL_BATCH_TOKENS:
         return StoreLaunch(1, 32, 1, 4)
@@ -341,6 +380,10 @@ def store_kv(
     head_dim_pad = triton.next_power_of_2(lay.head_dim)
     pdl = pdl_launch(cache.device)
     launch = _launch_params(num_tokens, lay.num_kv_heads)
+    if launch.precision == "tf32_split" and torch.float32 in (key.dtype, value.dtype):
+        launch = launch._replace(precision="ieee")  # fp32 inputs are not exact in tf32
+    split = launch.precision == "tf32_split" and launch.block_t >= 16
+    rot_hi, rot_lo = codec.rotation_tf32 if split else (codec.rotation, codec.rotation)
     assert lay.num_kv_heads % launch.heads == 0
     grid = (triton.cdiv(num_tokens, launch.block_t), lay.num_kv_heads // launch.heads)
     _store_kv_kernel[grid](
@@ -348,19 +391,21 @@ def store_kv(
         value,
         cache,
         slot_mapping,
-        codec.rotation,
+        rot_hi,
+        rot_lo,
         codec.key.boundaries,
         codec.key.centroids,
         codec.value.boundaries,
         codec.value.centroids,
         codec.rotation if offset is None else offset,  # any fp32 pointer when there is no offset
+        codec.rotation if offset is None else key_offset.rotated,
         num_tokens,
         key.stride(0),
         key.stride(1),
         value.stride(0),
         value.stride(1),
-        codec.rotation.stride(0),
-        codec.rotation.stride(1),
+        rot_hi.stride(0),
+        rot_hi.stride(1),
         HEAD_DIM_PAD=head_dim_pad,
         BLOCK_T=launch.block_t,
         BLOCK_K=launch.block_k,
@@ -371,6 +416,7 @@ def store_kv(
         DOT_PRECISION=launch.precision,
         HAS_KEY_OFFSET=offset is not None,
         CONTRACT_LAST=CONTRACT_LAST and launch.block_t < 16,  # from 16 tokens a program the rotation is a dot
+        BUCKET_SEARCH=launch.bucket_search,
         LAUNCH_DEPENDENTS=pdl,
         PDL_AFTER=pdl and after_attention,
         num_warps=launch.num_warps,
