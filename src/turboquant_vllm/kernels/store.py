@@ -380,10 +380,9 @@ def store_kv(
     head_dim_pad = triton.next_power_of_2(lay.head_dim)
     pdl = pdl_launch(cache.device)
     launch = _launch_params(num_tokens, lay.num_kv_heads)
-    if launch.precision == "tf32_split" and torch.float32 in (key.dtype, value.dtype):
-        launch = launch._replace(precision="ieee")  # fp32 inputs are not exact in tf32
-    split = launch.precision == "tf32_split" and launch.block_t >= 16
-    rot_hi, rot_lo = codec.rotation_tf32 if split else (codec.rotation, codec.rotation)
+    if launch.precision == "tf32_split" and (launch.block_t < 16 or torch.float32 in (key.dtype, value.dtype)):
+        launch = launch._replace(precision="ieee")  # no dot below 16 tokens; fp32 inputs are not exact in tf32
+    rot_hi, rot_lo = codec.rotation_tf32 if launch.precision == "tf32_split" else (codec.rotation, codec.rotation)
     assert lay.num_kv_heads % launch.heads == 0
     grid = (triton.cdiv(num_tokens, launch.block_t), lay.num_kv_heads // launch.heads)
     _store_kv_kernel[grid](
