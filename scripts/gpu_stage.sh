@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run one stage of the GPU-host proof; logs and JSON results go to $RESULTS_DIR (the device's $OUT).
 #   kernels: GPU kernel tests + store/dequant and decode benchmarks (needs only torch + triton)
+#   store:   the store's GPU tests (indices of every dot precision) + its prefill-sized launch variants
+#            (bench_store_dequant.py's LARGE_STORE_VARIANTS at 16K and 32K tokens; torch + triton only)
 #   vllm:    vLLM backend tests: real engines, then layer level on the GPU (needs the bundle)
 #   quality: SmolLM2 teacher-forced quality through vLLM, MODES of bench_vllm_quality.py (bundle + .assets);
 #            vLLM's native modes needed > 110 s on a cold host, ~40 s once warm
@@ -32,6 +34,12 @@ case "$1" in
       2>&1 | tail -60 >>"$LOG"
     [ -n "${SKIP_STORE_BENCH:-}" ] ||
       timeout 150 python3 benchmarks/bench_store_dequant.py --bits 4/4 --tokens 1 16 128 16384 32768 --out "$RESULTS_DIR/store_dequant.json" >>"$LOG" 2>&1
+    ;;
+  store)
+    timeout -s INT 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -m gpu tests/kernels/test_store.py \
+      tests/kernels/test_dequant.py 2>&1 | tail -20 >>"$LOG"
+    timeout 200 python3 benchmarks/bench_store_dequant.py --bits 4/4 --tokens 16384 32768 \
+      --out "$RESULTS_DIR/store_dequant.json" >>"$LOG" 2>&1
     ;;
   vllm)
     # SIGINT on timeout: pytest still prints its summary of what ran.
