@@ -95,6 +95,7 @@ LARGE_STORE_VARIANTS = [  # prefill-sized launches: the rotation is a tl.dot (st
     {"precision": "tf32_split", "bucket_search": True},
     {"precision": "tf32_split", "bucket_search": True, "block_t": 32},
     {"precision": "tf32_split", "bucket_search": True, "block_k": 64},
+    {"precision": "tf32_split", "bucket_search": True, "block_t": 64, "num_warps": 8},  # wgmma (offline)
 ]
 
 

@@ -245,7 +245,8 @@ def compile_store(launch: store.StoreLaunch, key_offset: bool = False, head_dim:
     ops = [m.split(".")[0] for m in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)]
     return {"kernel": "store", "launch": launch._asdict(), "key_offset": key_offset,
             **ptxas_report(kernel.asm["ptx"], "sm_90a"), "shared_bytes": kernel.metadata.shared,
-            "sass_instructions": len(ops), "fp32_fma": ops.count("FFMA"), "tensor_core": ops.count("HMMA"),
+            "sass_instructions": len(ops), "fp32_fma": ops.count("FFMA"),
+            "tensor_core": ops.count("HMMA") + ops.count("HGMMA"),
             "compares_and_selects": sum(ops.count(o) for o in ("FSETP", "FSEL", "SEL"))}  # fmt: skip
 
 
