@@ -244,9 +244,10 @@ def test_store_with_key_offset_matches_reference(device, monkeypatch, k_bits, dt
     check_tensor(ref.value, value, gv, wv)
 
 
-def test_store_bucket_search_writes_the_same_bytes(device, monkeypatch):
-    """Binary search over the boundaries finds exactly the linear scan's indices, at every bit width."""
-    codec = KVCodec(TQConfig(k_bits=4, v_bits=3), 2, 64, device)
+@pytest.mark.parametrize(("k_bits", "v_bits"), [(4, 3), (2, 4)])
+def test_store_bucket_search_writes_the_same_bytes(device, monkeypatch, k_bits, v_bits):
+    """Binary search over the boundaries finds exactly the linear scan's indices, at 2, 3 and 4 bits."""
+    codec = KVCodec(TQConfig(k_bits=k_bits, v_bits=v_bits), 2, 64, device)
     key, value = fused_kv(40, 2, 64, torch.bfloat16, device, seed=11)
     slots = torch.arange(40, device=device)
     caches = []
@@ -256,5 +257,5 @@ def test_store_bucket_search_writes_the_same_bytes(device, monkeypatch):
         caches.append(codec.new_cache(5, 8))
         store_kv(codec, key, value, caches[-1], slots)
     assert torch.equal(caches[0], caches[1])
-    rows = gather_rows_ref(codec, caches[0].cpu(), slots.cpu())
-    assert len(set(decode_rows_ref(codec, rows)[1].indices.flatten().tolist())) == 8  # every 3-bit index occurs
+    k, v = decode_rows_ref(codec, gather_rows_ref(codec, caches[0].cpu(), slots.cpu()))
+    assert k.indices.unique().numel() == 2**k_bits and v.indices.unique().numel() == 2**v_bits  # every index occurs
