@@ -68,15 +68,20 @@ def ptxas_report(ptx: str, arch: str) -> dict[str, int]:
     return {"registers": int(regs.group(1)) if regs else -1, "spill_store_bytes": int(spills.group(1)) if spills else 0}
 
 
-def context_loop_sass(cubin: bytes) -> dict[str, int]:
-    """Instruction counts of the context loop (one pass per BLOCK_N tile) in the SASS of `cubin`, disassembled with
-    the nvdisasm Triton ships: the largest loop (a branch back to an earlier label) with tensor-core instructions
-    (the tile's two dots; the fused store's loop has none)."""
-    nvdisasm = triton_tool("nvdisasm")
+def disassemble(cubin: bytes) -> str:
+    """The SASS of `cubin`, by the nvdisasm Triton ships."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        sass = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(triton_tool("nvdisasm")), "-c", str(path)], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+
+
+def context_loop_sass(cubin: bytes) -> dict[str, int]:
+    """Instruction counts of the context loop (one pass per BLOCK_N tile) in the SASS of `cubin`: the largest loop
+    (a branch back to an earlier label) with tensor-core instructions (the tile's two dots; the fused store's loop
+    has none)."""
+    sass = disassemble(cubin)
     labels: dict[str, int] = {}
     code: list[tuple[int, str, str | None]] = []  # address, opcode (predicate dropped), branch target label
     pending: list[str] = []
@@ -237,11 +242,7 @@ def compile_store(launch: store.StoreLaunch, key_offset: bool = False, head_dim:
     signature, constexprs, attrs = runtime_signature(meta, ints, fn, POINTERS | fp32_tables)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": launch.num_warps})  # fmt: skip
-    nvdisasm = triton_tool("nvdisasm")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.cubin"
-        path.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    sass = disassemble(kernel.asm["cubin"])
     ops = [m.split(".")[0] for m in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)]
     return {"kernel": "store", "launch": launch._asdict(), "key_offset": key_offset,
             **ptxas_report(kernel.asm["ptx"], "sm_90a"), "shared_bytes": kernel.metadata.shared,

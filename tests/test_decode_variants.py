@@ -49,12 +49,16 @@ def test_store_variants_set_the_launch_they_name(benchmark_script, monkeypatch):
     args = bench.parse_args(["--num-kv-heads", "8"])
     seen = []
     monkeypatch.setattr(bench, "bench", lambda run, args: run() or 0.0)
+    params, contract_last = store._launch_params, store.CONTRACT_LAST
     for num_tokens, variants in ((16, bench.SMALL_STORE_VARIANTS), (16384, bench.LARGE_STORE_VARIANTS)):
         seen.clear()
-        rows = bench.store_variants(lambda n=num_tokens: seen.append(store._launch_params(n, 8)), num_tokens, args)
+        rows = bench.store_variants(lambda n=num_tokens: seen.append((store._launch_params(n, 8), store.CONTRACT_LAST)),
+                                    num_tokens, args)  # fmt: skip
         default = store._launch_params(num_tokens, 8)
         assert [r["ms"] for r in rows] == [0.0] * len(variants)
-        for change, launch in zip(variants, seen, strict=True):
+        for change, (launch, contract) in zip(variants, seen, strict=True):
             fields = {k: v for k, v in change.items() if k != "contract_last"}
             assert launch == default._replace(**fields), change
-    assert store._launch_params(16384, 8).precision in ("ieee", "tf32x3")
+            assert contract == change.get("contract_last", contract_last), change
+    assert store._launch_params is params
+    assert store.CONTRACT_LAST is contract_last
