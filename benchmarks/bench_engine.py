@@ -243,13 +243,19 @@ def kernel_rows(prof, steps: int) -> list[dict]:
             for e in sorted(events, key=lambda e: e.device_time_total, reverse=True)]  # fmt: skip
 
 
+def mixed_kernels(prof, top: int) -> dict:
+    """The profiled mixed steps' `top` kernels and all their kernels' summed device time."""
+    rows = kernel_rows(prof, 1)
+    return {"mixed_kernels_ms": sum(r["us_per_step"] for r in rows) / 1e3, "mixed_kernels_us": rows[:top]}
+
+
 def trace_steps(llm, prompts: list[list[int]], max_tokens: int, kernels: bool = False, top: int = 30) -> dict:
     """One batch run by hand: each step's wall ms (synchronised), requests still prefilling and decoding.
 
     Sums split the run into its mixed steps (some prompt still prefilling) and the pure decode steps after them,
     the latter by batch size: the two-run TPOT's extra over a pure step is in one or the other. kernels: also
-    profile the run (torch.profiler) and list its `top` GPU kernels' totals, so two runs' tables say which kernels
-    the difference is made of.
+    profile the mixed steps (torch.profiler) and list their `top` GPU kernels' totals and the kernels' summed time,
+    so two runs' tables say which kernels the mixed steps' difference is made of, and how much of it is no kernel.
     """
     import contextlib
 
@@ -260,14 +266,19 @@ def trace_steps(llm, prompts: list[list[int]], max_tokens: int, kernels: bool = 
     steps = []  # [ms, prefilling, decoding] before each step
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     sync()
-    profiler = contextlib.nullcontext()
+    prof = None
     if kernels:
         from torch.profiler import ProfilerActivity, profile
 
-        profiler = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU])
-    with profiler as prof:
+        prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU])
+    profiling = contextlib.ExitStack()  # open while the mixed steps run
+    with profiling:
+        if prof is not None:
+            profiling.enter_context(prof)
         while engine.has_unfinished_requests():
             live = [n for n in produced.values() if n < max_tokens]
+            if not any(n == 0 for n in live):
+                profiling.close()  # the mixed steps are over
             t0 = time.perf_counter()
             outputs = engine.step()
             sync()
@@ -286,7 +297,7 @@ def trace_steps(llm, prompts: list[list[int]], max_tokens: int, kernels: bool = 
             b: {"steps": len(v), "ms": sum(v), "median_ms": statistics.median(v)} for b, v in sorted(pure.items())
         },
         "steps": [[round(ms, 3), p, d] for ms, p, d in steps],
-        **({"kernels_us": kernel_rows(prof, 1)[:top]} if kernels else {}),
+        **(mixed_kernels(prof, top) if prof is not None else {}),
     }
 
 

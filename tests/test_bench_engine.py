@@ -104,12 +104,15 @@ def test_step_trace_splits_mixed_steps_from_pure_ones_by_batch(bench_engine):
     assert trace["mixed_steps"] == 2
     assert {b: v["steps"] for b, v in trace["pure_by_batch"].items()} == {1: 1, 2: 2}
     assert trace["total_ms"] >= trace["mixed_ms"] >= 0
-    assert "kernels_us" not in trace
+    assert "mixed_kernels_us" not in trace
 
 
 def test_step_trace_lists_the_runs_kernels_when_asked(bench_engine):
-    """The profiled form: the same steps, plus the run's GPU kernels (none on a CPU-only engine)."""
+    """The profiled form: the same steps, plus the mixed steps' GPU kernels (none on a CPU-only engine); the
+    profiler stops before the first pure step and a second trace can profile again."""
     llm = SimpleNamespace(llm_engine=ScriptedEngine())
     trace = bench_engine.trace_steps(llm, [[1, 2], [3, 4]], max_tokens=2, kernels=True)
     assert [s[1:] for s in trace["steps"]] == [[2, 0], [1, 1], [0, 1]]
-    assert isinstance(trace["kernels_us"], list)
+    assert isinstance(trace["mixed_kernels_us"], list) and trace["mixed_kernels_ms"] >= 0
+    again = bench_engine.trace_steps(SimpleNamespace(llm_engine=ScriptedEngine()), [[1, 2]], max_tokens=1, kernels=True)
+    assert again["mixed_steps"] == 1 and "mixed_kernels_us" in again
