@@ -87,15 +87,14 @@ SMALL_STORE_VARIANTS = [
     {"contract_last": True},  # store.CONTRACT_LAST: the broadcast rotation contracts within warps
     {"contract_last": True, "block_k": 64},  # which fits 64 columns of R a step unspilled (offline)
 ]
-LARGE_STORE_VARIANTS = [  # prefill-sized launches: the rotation is a tl.dot (store.StoreLaunch's fields)
-    {"precision": "ieee"},
-    {"precision": "tf32x3"},  # 2026-12-02d: 7% faster than ieee at 16K and 32K tokens; wider tiles slower
-    {"precision": "tf32_split"},
-    {"bucket_search": True},
-    {"precision": "tf32_split", "bucket_search": True},
-    {"precision": "tf32_split", "bucket_search": True, "block_t": 32},
-    {"precision": "tf32_split", "bucket_search": True, "block_k": 64},
-    {"precision": "tf32_split", "bucket_search": True, "block_t": 64, "num_warps": 8},  # wgmma (offline)
+LARGE_STORE_VARIANTS = [  # prefill-sized launches, changes to the default (32 tokens a program, split tf32, search)
+    {"block_t": 16, "precision": "ieee", "bucket_search": False},  # the default before 2026-12-02e
+    {"block_t": 16, "precision": "tf32x3", "bucket_search": False},
+    {"block_t": 16, "bucket_search": False},
+    {"block_t": 16},
+    {"bucket_search": False},
+    {"block_k": 64},
+    {"block_t": 64, "num_warps": 8},  # wgmma (offline)
 ]
 
 

@@ -14,6 +14,7 @@ from turboquant_vllm.kernels import sinks as sinks_module
 from turboquant_vllm.kernels.reference import paged_attention_ref
 from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
 from turboquant_vllm.rotation import haar_rotation
+from turboquant_vllm.vllm import prefill
 from turboquant_vllm.vllm.prefill import plan_prefill, prefill_attention
 
 S = 4  # sink tokens in these tests
@@ -162,12 +163,15 @@ def test_attention_without_prefetch_reads_the_same_sinks(device, monkeypatch):
     assert_matches(b.run(num_splits=2, sinks=table), want, TOL_FP32)
 
 
-def test_prefill_puts_held_sinks_over_the_dequantised_context(device):
-    """Chunks over contexts of 2, 0 and 40 tokens (the dense path: dequantise, substitute, attend)."""
+@pytest.mark.parametrize("rotated", [False, True])
+def test_prefill_puts_held_sinks_over_the_dequantised_context(device, rotated, monkeypatch):
+    """Chunks over contexts of 2, 0 and 40 tokens (the dense path: dequantise, substitute, attend), attending in
+    the original basis or the rotated one."""
+    monkeypatch.setattr(prefill, "attends_rotated", lambda *sizes: rotated)
     b = make_batch(device, [2 + 9, 7, 40 + 20], [9, 7, 20], seed=14)
     table, exact_first = sinks_for(b, device, seed=5)
     plan = plan_prefill(b.query_start_loc.cpu(), b.seq_lens.cpu(), b.block_table, 16, 0, 3, sink_tokens=S)
-    assert plan.sink_pos.tolist() == [0, 1, 0, 1, 2, 3]
+    assert [r.sink_pos.tolist() if r.has_context else None for r in plan.runs] == [[0, 1], None, [0, 1, 2, 3]]
     out = torch.full_like(b.query, float("nan"))
     prefill_attention(b.codec, plan, b.query, b.key, b.value, b.cache, b.scale, out, sinks=table)
     want = paged_attention_ref(b.ref_codec, b.query.cpu(), b.key.cpu(), b.value.cpu(), b.cache.cpu(),

@@ -184,7 +184,8 @@ def test_store_gpu_int64_addressing(cuda):
 @pytest.mark.parametrize(
     "shape",
     [(1, 32, 1, False, "ieee"), (4, 8, 1, False, "ieee"), (16, 32, 1, False, "ieee"), (16, 32, 0, False, "ieee"),
-     (1, 64, 1, True, "ieee"), (4, 8, 1, True, "ieee"), (32, 64, 1, False, "tf32x3"), (16, 32, 1, False, "tf32_split")],
+     (1, 64, 1, True, "ieee"), (4, 8, 1, True, "ieee"), (32, 64, 1, False, "tf32x3"), (16, 32, 1, False, "tf32_split"),
+     (32, 32, 1, False, "tf32_split")],
     ids=str,
 )  # fmt: skip
 @pytest.mark.parametrize("bucket_search", [False, True])

@@ -21,6 +21,7 @@ from turboquant_vllm.kernels.reference import (
 )
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.vllm import backend as tq_backend
+from turboquant_vllm.vllm import prefill as prefill_module
 from turboquant_vllm.vllm.backend import TQ4AttentionBackend, TQ4AttentionImpl, TQ4MetadataBuilder
 from turboquant_vllm.vllm.spec import TQ4FullAttentionSpec
 
@@ -198,14 +199,38 @@ def test_builder_routes_decodes_to_the_kernel_and_chunks_to_prefill():
     assert decode.num_decodes == 4 and decode.num_decode_tokens == 4
     mixed = builder.build(0, common_metadata(make_batch(SCENARIOS["mixed"], 8, 2, 64)))
     assert (mixed.num_decodes, mixed.num_decode_tokens, mixed.max_query_len) == (2, 2, 1)
-    plan = mixed.prefill  # requests (0, 40) and (31, 9): 40 + 40 buffer rows, 49 query rows
-    assert plan.q_lo == 2 and plan.num_tokens == 49 and plan.cu_k_host == [0, 40, 80] and plan.has_context
-    assert (plan.slots[:40] == -1).all() and (plan.slots[40:71] >= 0).all() and (plan.slots[71:] == -1).all()
-    assert plan.new_rows.tolist() == list(range(40)) + list(range(71, 80))
+    # Requests (0, 40) and (31, 9): a run without context (its own 40 rows) and one reading 31 + 9 buffer rows.
+    new_prompt, chunk = mixed.prefill.runs
+    assert (new_prompt.q_lo, new_prompt.num_tokens, new_prompt.cu_k_host, new_prompt.has_context) == (2, 40, [0, 40],
+                                                                                                       False)  # fmt: skip
+    assert new_prompt.slots is None and new_prompt.new_rows is None
+    assert (chunk.q_lo, chunk.num_tokens, chunk.cu_k_host, chunk.context_rows) == (42, 9, [0, 40], 31)
+    assert (chunk.slots[:31] >= 0).all() and (chunk.slots[31:] == -1).all()
+    assert chunk.new_rows.tolist() == list(range(31, 40)) and mixed.prefill.has_context
     prefill = builder.build(0, common_metadata(make_batch(SCENARIOS["prefill"], 8, 2, 64)))
-    assert prefill.num_decodes == 0 and not prefill.prefill.has_context
+    assert prefill.num_decodes == 0 and not prefill.prefill.has_context and len(prefill.prefill.runs) == 1
     big = make_batch([(3, 1)] * (tq_backend.MAX_SPLIT_TOKENS + 1), 8, 2, 64)
     assert builder.build(0, common_metadata(big)).num_splits == 1
+
+
+def test_prefill_plan_groups_requests_into_runs_by_context():
+    """New prompts and continuing chunks alternate: each maximal run is one FlashAttention call, and only runs
+    with context get a buffer."""
+    batch = make_batch([(3, 1), (0, 5), (0, 2), (20, 4), (7, 3), (0, 6)], 8, 2, 64)
+    plan = make_builder(8, 2, 64).build(0, common_metadata(batch)).prefill
+    assert [(r.q_lo, r.num_tokens, r.has_context) for r in plan.runs] == [(1, 7, False), (8, 7, True), (15, 6, False)]
+    middle = plan.runs[1]
+    assert middle.cu_q_host == [0, 4, 7] and middle.cu_k_host == [0, 24, 34] and middle.max_k == 24
+    assert middle.new_rows.tolist() == [20, 21, 22, 23, 31, 32, 33]
+    assert torch.equal(middle.slots[:20], batch.context_slots[3]) and torch.equal(middle.slots[24:31],
+                                                                                  batch.context_slots[4])  # fmt: skip
+
+
+@pytest.mark.parametrize(("num_tokens", "context_rows", "rotated"), [(100, 32768, True), (16384, 16384, False),
+                                                                     (1000, 4999, False), (1000, 5001, True)])  # fmt: skip
+def test_chunks_far_shorter_than_their_context_attend_rotated(num_tokens, context_rows, rotated):
+    """32 query and 8 KV heads: a chunk rotates 40 head rows a token, against 8 a context token un-rotated."""
+    assert prefill_module.attends_rotated(num_tokens, context_rows, 32, 8) is rotated
 
 
 def test_prefill_plan_reads_vllms_host_seq_lens_when_given():
@@ -216,7 +241,8 @@ def test_prefill_plan_reads_vllms_host_seq_lens_when_given():
     host = cam.seq_lens.cpu().clone()
     poisoned = cam.replace(seq_lens=torch.full_like(cam.seq_lens, 10**6), seq_lens_cpu_upper_bound=host)
     plan = builder.build(0, poisoned).prefill
-    assert plan.cu_k_host == expected.cu_k_host and torch.equal(plan.slots, expected.slots)
+    assert [r.cu_k_host for r in plan.runs] == [r.cu_k_host for r in expected.runs]
+    assert torch.equal(plan.runs[1].slots, expected.runs[1].slots)
 
 
 class Recorder:
@@ -391,16 +417,19 @@ def test_layer_output_matches_references(scenario, num_heads, num_kv_heads, bits
     assert cos.mean().item() > {4: 0.98, 3: 0.96, 2: 0.75}[min(bits)], cos
 
 
-@pytest.mark.parametrize("scenario", ["decode", "mixed", "chunked"])
-def test_layer_with_calibrated_key_offsets_matches_reference(scenario, monkeypatch, tmp_path, device):
+@pytest.mark.parametrize(("scenario", "rotated"), [("decode", False), ("mixed", False), ("chunked", False),
+                                                    ("mixed", True), ("chunked", True)])  # fmt: skip
+def test_layer_with_calibrated_key_offsets_matches_reference(scenario, rotated, monkeypatch, tmp_path, device):
     """config.key_offsets reaches the store, decode and prefill paths: fp32 output against the torch twin.
 
-    The prefill path un-rotates its context 7 rows at a time here, so block edges fall inside sequences.
+    The prefill path attends in the basis `rotated` names; un-rotating, it does its context 7 rows at a time, so
+    block edges fall inside sequences.
     """
     from turboquant_vllm.kernels import dequant
     from turboquant_vllm.key_offset import save_key_offsets
 
     monkeypatch.setattr(dequant, "UNROTATE_ROWS", 7)
+    monkeypatch.setattr(prefill_module, "attends_rotated", lambda *sizes: rotated)
 
     num_heads, num_kv_heads, head_dim, scale = 8, 2, 64, 64**-0.5
     offsets = torch.randn(3, num_kv_heads, head_dim, generator=torch.Generator().manual_seed(40)) * 2
@@ -427,10 +456,12 @@ def test_layer_with_calibrated_key_offsets_matches_reference(scenario, monkeypat
     assert torch.signbit(stored_k.scales).any()
 
 
-@pytest.mark.parametrize("scenario", ["decode", "chunked"])
-def test_layer_with_exact_sinks_matches_reference(scenario, monkeypatch, device):
+@pytest.mark.parametrize(("scenario", "rotated"), [("decode", False), ("chunked", False), ("chunked", True)])
+def test_layer_with_exact_sinks_matches_reference(scenario, rotated, monkeypatch, device):
     """config.sink_tokens: a first step prefills every context through the backend (pages + sink writer), the
-    scenario's step then reads each context's first 4 tokens exact, in the paged kernel and the prefill path."""
+    scenario's step then reads each context's first 4 tokens exact, in the paged kernel and the prefill path
+    (attending in the basis `rotated` names)."""
+    monkeypatch.setattr(prefill_module, "attends_rotated", lambda *sizes: rotated)
     num_heads, num_kv_heads, head_dim, scale = 8, 2, 64, 64**-0.5
     cfg = TQConfig(k_bits=4, v_bits=3, sink_tokens=4)
     monkeypatch.setattr(tq_backend, "current_tq_config", lambda: cfg)

@@ -165,14 +165,15 @@ def write_sinks(
 
 def substitute_sinks(
     table: SinkTable,
-    rotation: torch.Tensor,
+    rotation: torch.Tensor | None,
     first_block: torch.Tensor,
     pos: torch.Tensor,
     rows: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
 ) -> None:
-    """Overwrite rows of dequantised context k/v (original basis) with the exact sinks the table holds for them.
+    """Overwrite rows of dequantised context k/v with the exact sinks the table holds for them: in the original
+    basis (the table's rows times R), or in the rotated one, the table's own, where rotation is None.
 
     first_block, pos, rows: int64 [n] on the device: each row's sequence's first block, its position (< sink_tokens,
     inside the cached context) and its index in k/v. No host sync: rows the table does not hold keep their values.
@@ -181,6 +182,8 @@ def substitute_sinks(
         return
     entry = first_block % table.entries
     held = (table.tags[entry, pos] == first_block)[:, None, None]
-    exact = table.kv[entry, pos].float() @ rotation  # rows were stored as x @ R.T
+    exact = table.kv[entry, pos].float()  # rows were stored as x @ R.T
+    if rotation is not None:
+        exact = exact @ rotation
     k[rows] = torch.where(held, exact[:, 0].to(k.dtype), k[rows])
     v[rows] = torch.where(held, exact[:, 1].to(v.dtype), v[rows])

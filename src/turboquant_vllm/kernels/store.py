@@ -305,17 +305,18 @@ def _launch_params(num_tokens: int, num_kv_heads: int) -> StoreLaunch:
     per program; BLOCK_T * BLOCK_K stays at 32 to bound the broadcast product. Several heads per program (fewer
     R reads) measured slower at every batch size, so each program takes one head.
 
-    Prefill-sized launches (store_dequant_h200_2026-12-02d.json, 16K bf16 tokens): 474.6 us with the fp32 FMA dot,
-    439.9 with "tf32x3", slower with 32-128 tokens a program; a copy of the input takes 33 us. The dot is not what
-    bounds them: offline (kernel_resources.py) the program is ~4,900 SASS instructions at 254 registers, a fifth
-    of them the 15 compares and selects a coordinate of _bucketize. "tf32_split" and bucket_search (141 registers,
-    ~4,500 instructions together, offline) are untimed; the GPU tests of their indices have not run yet either.
+    Prefill-sized launches take 32 tokens a program, R split into two tf32-exact parts and indices by binary
+    search (store_dequant_h200_2026-12-02e.json, 16K / 32K bf16 tokens): 351.1 / 692.2 us, against 473.4 / 938.1
+    with 16 tokens and the fp32 FMA dot, 388.8 / 773.4 with "tf32_split" alone (16 tokens), 437.8 / 870.0 with
+    "tf32x3". Offline (kernel_resources.py) the fp32 dot's 16-token program is ~4,900 SASS instructions at 254
+    registers, a fifth of them the linear index scan; split and searched, 141 registers, which leaves room for
+    32 tokens a program.
     """
     if num_tokens <= SMALL_BATCH_TOKENS:
         return StoreLaunch(1, 32, 1, 4)
     if num_tokens < LARGE_BATCH_TOKENS:
         return StoreLaunch(4, 8, 1, 4)
-    return StoreLaunch(16, 32, 1, 4)
+    return StoreLaunch(32, 32, 1, 4, "tf32_split", bucket_search=True)
 
 
 def one_token_store_meta() -> dict[str, int | bool]:
