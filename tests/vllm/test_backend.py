@@ -201,8 +201,8 @@ def test_builder_routes_decodes_to_the_kernel_and_chunks_to_prefill():
     assert (mixed.num_decodes, mixed.num_decode_tokens, mixed.max_query_len) == (2, 2, 1)
     # Requests (0, 40) and (31, 9): a run without context (its own 40 rows) and one reading 31 + 9 buffer rows.
     new_prompt, chunk = mixed.prefill.runs
-    assert (new_prompt.q_lo, new_prompt.num_tokens, new_prompt.cu_k_host, new_prompt.has_context) == (2, 40, [0, 40],
-                                                                                                       False)  # fmt: skip
+    assert (new_prompt.q_lo, new_prompt.num_tokens, new_prompt.cu_k_host) == (2, 40, [0, 40])
+    assert not new_prompt.has_context
     assert new_prompt.slots is None and new_prompt.new_rows is None
     assert (chunk.q_lo, chunk.num_tokens, chunk.cu_k_host, chunk.context_rows) == (42, 9, [0, 40], 31)
     assert (chunk.slots[:31] >= 0).all() and (chunk.slots[31:] == -1).all()
@@ -226,8 +226,10 @@ def test_prefill_plan_groups_requests_into_runs_by_context():
                                                                                   batch.context_slots[4])  # fmt: skip
 
 
-@pytest.mark.parametrize(("num_tokens", "context_rows", "rotated"), [(100, 32768, True), (16384, 16384, False),
-                                                                     (1000, 4999, False), (1000, 5001, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("num_tokens", "context_rows", "rotated"),
+    [(100, 32768, True), (16384, 16384, False), (1000, 4999, False), (1000, 5001, True)],
+)
 def test_chunks_far_shorter_than_their_context_attend_rotated(num_tokens, context_rows, rotated):
     """32 query and 8 KV heads: a chunk rotates 40 head rows a token, against 8 a context token un-rotated."""
     assert prefill_module.attends_rotated(num_tokens, context_rows, 32, 8) is rotated
