@@ -98,6 +98,7 @@ VARIANTS: list[dict] = [
     {"sinks": 4, "store": "fused"},
     # a 16-sequence CUDA graph replayed for 10 and 12 live sequences (6 and 4 padding rows), with the live ones split
     # finer (the default) and with the grid's split count fixed (choose_num_splits of 16)
+    {"live_splits": False},  # a full batch: the live count is read, but splits as before
     {"live": 10},
     {"live": 10, "live_splits": False},
     {"live": 12},
