@@ -10,7 +10,7 @@
 #            each mode needs ~95 s of start-up plus its shapes, two modes fit one 10-minute call);
 #            SHAPES, MAX_MODEL_LEN, REPEATS (TPOT samples a shape, median reported), PROFILE (CONTEXTxSEQS,
 #            pure decode steps), TILES (JSON of decode_tiles.Tiles fields: an A/B in the engine), TRACE
-#            (CONTEXTxSEQS, every step of its two runs timed) and TRACE_KERNELS=1 (those runs' kernels too) pass
+#            (CONTEXTxSEQS, every step of its two runs timed) and TRACE_KERNELS=1 (those runs' mixed steps' kernels) pass
 #            through to bench_engine.py
 #   profile: where decode time goes (benchmarks/profile_decode.py)
 #   hf:      HF path (issue 5): GPU tests of the HF cache and eval, then the full `turboquant-vllm eval` on CUDA

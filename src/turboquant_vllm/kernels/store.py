@@ -310,7 +310,8 @@ def _launch_params(num_tokens: int, num_kv_heads: int) -> StoreLaunch:
     with 16 tokens and the fp32 FMA dot, 388.8 / 773.4 with "tf32_split" alone (16 tokens), 437.8 / 870.0 with
     "tf32x3". Offline (kernel_resources.py) the fp32 dot's 16-token program is ~4,900 SASS instructions at 254
     registers, a fifth of them the linear index scan; split and searched, 141 registers, which leaves room for
-    32 tokens a program.
+    32 tokens a program. At 32 tokens the linear scan ties the search (352.7 / 692.1 us against 350.6 / 691.6,
+    store_dequant_h200_2026-12-02f.json).
     """
     if num_tokens <= SMALL_BATCH_TOKENS:
         return StoreLaunch(1, 32, 1, 4)
