@@ -382,7 +382,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention for this step's queries: decodes in one paged-kernel launch (two with split-K),
-        prefill/extend chunks through vllm.prefill (dequantise context, one FlashAttention call).
+        prefill/extend chunks through vllm.prefill (dequantise context, a FlashAttention call per run of requests).
 
         Args:
             query: [num_tokens, num_heads, head_size]; key/value: [num_tokens, num_kv_heads, head_size].
