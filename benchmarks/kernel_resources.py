@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.backends.nvidia as nvidia_backend
 import triton.language as tl
+from bench_store_dequant import LARGE_STORE_VARIANTS  # this script's folder is on sys.path
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
@@ -39,12 +40,6 @@ POINTERS = {
     "ws_ticket_ptr": "*i32", "sink_kv_ptr": "*bf16", "sink_tag_ptr": "*i32",
     "key_ptr": "*bf16", "value_ptr": "*bf16", "rot_lo_ptr": "*fp32", "koff_rot_ptr": "*fp32",
 }  # fmt: skip
-STORE_CHANGES = (  # prefill-sized store launches beside the default (store.StoreLaunch fields)
-    {"precision": "tf32x3"},
-    {"precision": "tf32_split"},
-    {"bucket_search": True},
-    {"precision": "tf32_split", "bucket_search": True},
-)
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 H200_SMS = 132
@@ -305,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['registers']} regs, {r['spill_store_bytes']} B spilled", flush=True)  # fmt: skip
     prefill = store._launch_params(store.LARGE_BATCH_TOKENS, 8)
     store_rows = [compile_store(store._launch_params(1, 8)), compile_store(prefill)]
-    store_rows += [compile_store(prefill._replace(**c)) for c in STORE_CHANGES]
-    store_rows += [compile_store(prefill._replace(precision="tf32_split", bucket_search=True), key_offset=True)]
+    store_rows += [compile_store(prefill._replace(**c)) for c in LARGE_STORE_VARIANTS]  # the ones the H200 times
+    store_rows += [compile_store(prefill, key_offset=True)]
     for r in store_rows:
         print(f"store {r['launch']}{' + key offset' if r['key_offset'] else ''}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['sass_instructions']} SASS instructions ({r['fp32_fma']} FFMA, "
