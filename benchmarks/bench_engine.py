@@ -20,7 +20,9 @@ number of requests still prefilling and of those decoding): where the two runs' 
 each run's mixed steps are also profiled, their GPU kernels' totals listed.
 --tiles JSON changes our kernel's d=128 launch shapes (fields of decode_tiles.Tiles, e.g. '{"publish_q": true}') for
 an A/B of two settings in the engine; the engine core then runs in-process so the change reaches its kernels, and
-the other arm should pass --tiles '{}' to run the same way.
+the other arm should pass --tiles '{}' to run the same way. A JSON list runs every mode once per element, in order
+(e.g. '[{"live_splits": false}, {}, {"live_splits": false}, {}]': alternating arms in one call, so drift within a
+lease falls on both); each row keeps its arm as `tiles_change`.
 Each mode runs in its own process (a fresh GPU); results go to benchmarks/results/engine_<date>.json.
 """
 
@@ -158,6 +160,19 @@ def run_mode(
                              **{f"t{n}": trace_steps(llm, prompts, n, trace_kernels) for n in (129, 1)}}  # fmt: skip
         print(json.dumps(row["step_trace"])[:3000], flush=True)
     return row
+
+
+def tile_arms(text: str | None) -> list[dict | None]:
+    """--tiles as the arms to run: None (the defaults, engine core in its own process), one change, or a list."""
+    if text is None:
+        return [None]
+    arms = json.loads(text)
+    arms = arms if isinstance(arms, list) else [arms]
+    for arm in arms:
+        if not isinstance(arm, dict):
+            raise SystemExit(f"--tiles: each arm is a JSON object of Tiles fields, not {arm!r}")
+        tiles_with(arm)  # checked before any engine starts
+    return arms
 
 
 def tiles_with(change: dict) -> Tiles:
@@ -381,12 +396,12 @@ def main() -> None:
     shapes = parse_shapes(args.shapes)
     profile = parse_shapes(args.profile)[0] if args.profile else None
     trace = parse_shapes(args.trace_steps)[0] if args.trace_steps else None
-    tiles_change = None if args.tiles is None else json.loads(args.tiles)
-    tiles = tiles_with(tiles_change or {})  # checked before any engine starts
+    arms = tile_arms(args.tiles)
 
     if args.child:
+        tiles = None if arms[0] is None else tiles_with(arms[0])
         row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot, profile,
-                       args.repeats, None if tiles_change is None else tiles, trace, args.trace_kernels)  # fmt: skip
+                       args.repeats, tiles, trace, args.trace_kernels)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
         return
 
@@ -401,12 +416,12 @@ def main() -> None:
         "max_model_len": args.max_model_len,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         **provenance(sys.argv),
-        "decode_tiles_d128": dataclasses.asdict(tiles),  # our kernel's launch shapes at the model's head_dim
-        "tiles_change": tiles_change,  # --tiles (None: the defaults, engine core in its own process)
+        "decode_tiles_d128": dataclasses.asdict(tiles_with({})),  # our kernel's default launch shapes at d=128
+        "tiles_change": arms if len(arms) > 1 else arms[0],  # --tiles (None: defaults, engine core in its process)
         "kernel_switches": {"pdl": pdl.ENABLED, "store_contract_last": store.CONTRACT_LAST},
         "modes": [],
     }
-    for mode in args.modes.split(","):
+    for a, arm, mode in [(a, arm, mode) for a, arm in enumerate(arms) for mode in args.modes.split(",")]:
         cmd = [
             sys.executable,
             __file__,
@@ -425,10 +440,11 @@ def main() -> None:
             *(["--profile", args.profile] if args.profile else []),
             *(["--trace-steps", args.trace_steps] if args.trace_steps else []),
             *(["--trace-kernels"] if args.trace_kernels else []),
-            *(["--tiles", args.tiles] if args.tiles else []),
+            *(["--tiles", json.dumps(arm)] if arm is not None else []),
         ]
         child = run_child(cmd, args.timeout)
-        log = args.out.with_name(f"{args.out.stem}_{mode}.log")  # the engine's own log, e.g. JIT warnings
+        arm_tag = f"_arm{a}" if len(arms) > 1 else ""
+        log = args.out.with_name(f"{args.out.stem}_{mode}{arm_tag}.log")  # the engine's own log, e.g. JIT warnings
         args.out.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(child.stdout + child.stderr)
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -440,6 +456,8 @@ def main() -> None:
             result["modes"].append({"mode": mode, "error": timeout, "tpot": rows, "partial": child.stdout[-3000:]})
         else:
             result["modes"].append({"mode": mode, "error": (child.stderr or child.stdout)[-3000:]})
+        if len(arms) > 1:
+            result["modes"][-1].update(tiles_change=arm, label=f"{mode} {json.dumps(arm)}")
         print(json.dumps(result["modes"][-1])[:2000], flush=True)
         args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

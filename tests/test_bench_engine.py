@@ -70,6 +70,19 @@ def test_tiles_change_names_real_fields(bench_engine):
         bench_engine.tiles_with({"publish_queries": True})
 
 
+def test_tiles_list_runs_alternating_arms(bench_engine):
+    """--tiles '[...]': one arm per element, in order, each checked before any engine; no --tiles is the one
+    default arm whose engine core runs in its own process."""
+    assert bench_engine.tile_arms(None) == [None]
+    assert bench_engine.tile_arms('{"publish_q": true}') == [{"publish_q": True}]
+    arms = bench_engine.tile_arms('[{"live_splits": false}, {}, {"live_splits": false}, {}]')
+    assert arms == [{"live_splits": False}, {}, {"live_splits": False}, {}]
+    with pytest.raises(SystemExit, match="no such Tiles field"):
+        bench_engine.tile_arms('[{}, {"live_split": false}]')
+    with pytest.raises(SystemExit, match="each arm is a JSON object"):
+        bench_engine.tile_arms("[true]")
+
+
 class ScriptedEngine:
     """Stands in for vLLM's engine: request i prefills in step i + 1, then gains a token per step."""
 
