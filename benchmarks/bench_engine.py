@@ -12,8 +12,9 @@ size up to max_num_seqs, so no kernel is compiled inside a timed run.
 --repeats N times each shape N times and reports the median (every sample kept): at 16 sequences one two-run TPOT
 moves by a few tenths of a ms between runs (4K x 16, ours 7.57-7.97 over three runs on 2026-12-01), since the two
 runs' 64K-token prefills differ by more than a decode step.
---profile CONTEXTxSEQS times pure decode steps of that batch (every prompt past its prefill) and lists their GPU
-kernels per step (torch.profiler, engine in-process): where a decode step's time goes.
+--profile CONTEXTxSEQS times pure decode steps of that batch (every prompt past its prefill), lists the GPU kernels
+of as many more per step (torch.profiler, engine in-process) and times as many after them again: where a decode
+step's time goes, and whether the wall time before the profiled steps was a steady state.
 --trace-steps CONTEXTxSEQS steps that batch's 129-token and 1-token runs by hand and times every step (with the
 number of requests still prefilling and of those decoding): where the two runs' difference goes, mixed steps
 (decodes riding along later prompts' prefill chunks) or the pure decode steps after them; with --trace-kernels
@@ -223,7 +224,7 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
     from torch.profiler import profile as torch_profile
 
     engine = llm.llm_engine
-    produced = add_batch(engine, prompts, 2 * steps + 16, "profile")
+    produced = add_batch(engine, prompts, 3 * steps + 16, "profile")
     while min(produced.values()) < 2:
         produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in engine.step())
 
@@ -238,6 +239,7 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
     step_ms = run_steps()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         profiled_step_ms = run_steps()
+    step_ms_after = run_steps()  # the same steps' wall time once more: is the first window's a steady state?
     while engine.has_unfinished_requests():
         engine.step()
     kernels = kernel_rows(prof, steps)
@@ -246,6 +248,7 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
         "seqs": len(prompts),
         "step_ms": step_ms,
         "profiled_step_ms": profiled_step_ms,
+        "step_ms_after": step_ms_after,
         "kernel_ms_per_step": sum(k["us_per_step"] for k in kernels) / 1e3,
         "kernels": kernels[:top],
     }
