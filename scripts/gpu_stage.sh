@@ -9,9 +9,9 @@
 #   engine:  the engine table (KV capacity, TPOT) for MODES (default ours,bf16; then MODES=fp8,tq_native:
 #            each mode needs ~95 s of start-up plus its shapes, two modes fit one 10-minute call);
 #            SHAPES, MAX_MODEL_LEN, REPEATS (TPOT samples a shape, median reported), PROFILE (CONTEXTxSEQS,
-#            pure decode steps), TILES (JSON of decode_tiles.Tiles fields: an A/B in the engine), TRACE
-#            (CONTEXTxSEQS, every step of its two runs timed) and TRACE_KERNELS=1 (those runs' mixed steps' kernels) pass
-#            through to bench_engine.py
+#            pure decode steps), TILES (JSON of decode_tiles.Tiles fields, or a list of them: the arms of an A/B,
+#            run in order), TRACE (CONTEXTxSEQS, every step of its two runs timed) and TRACE_KERNELS=1 (those
+#            runs' mixed steps' kernels) pass through to bench_engine.py
 #   profile: where decode time goes (benchmarks/profile_decode.py)
 #   hf:      HF path (issue 5): GPU tests of the HF cache and eval, then the full `turboquant-vllm eval` on CUDA
 #            (KV memory at 8K; 50K tokens x contexts 512/2048/8192 x 5 bit pairs x norm correction on/off;
