@@ -83,6 +83,32 @@ def test_tiles_list_runs_alternating_arms(bench_engine):
         bench_engine.tile_arms("[true]")
 
 
+def test_arms_run_every_mode_in_order_each_with_its_change(bench_engine, tmp_path, monkeypatch):
+    """Each arm's child gets that arm's --tiles; rows and engine logs say which arm they are."""
+    from turboquant_vllm.eval import child
+
+    calls = []
+
+    def fake_child(cmd, timeout):
+        calls.append(cmd)
+        mode = cmd[cmd.index("--child") + 1]
+        return child.ChildResult("log line\nRESULT " + json.dumps({"mode": mode, "tpot": []}), "", False)
+
+    monkeypatch.setattr(child, "run_child", fake_child)
+    out = tmp_path / "ab.json"
+    arms = '[{"live_splits": false}, {}]'
+    monkeypatch.setattr("sys.argv", ["bench_engine.py", "--modes", "ours,bf16", "--shapes", "", "--tiles", arms,
+                                     "--out", str(out)])  # fmt: skip
+    bench_engine.main()
+    sent = [(c[c.index("--child") + 1], json.loads(c[c.index("--tiles") + 1])) for c in calls]
+    assert sent == [("ours", {"live_splits": False}), ("bf16", {"live_splits": False}), ("ours", {}), ("bf16", {})]
+    result = json.loads(out.read_text())
+    assert [(m["mode"], m["tiles_change"]) for m in result["modes"]] == sent
+    assert result["tiles_change"] == [{"live_splits": False}, {}]
+    assert sorted(p.name for p in tmp_path.glob("ab_*.log")) == [
+        "ab_bf16_arm0.log", "ab_bf16_arm1.log", "ab_ours_arm0.log", "ab_ours_arm1.log"]  # fmt: skip
+
+
 class ScriptedEngine:
     """Stands in for vLLM's engine: request i prefills in step i + 1, then gains a token per step."""
 
