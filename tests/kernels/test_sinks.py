@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_decode import TOL_FP32, assert_matches, make_batch
+from decode_batch import TOL_FP32, assert_matches, make_batch
 
 from turboquant_vllm.kernels import decode_tiles
 from turboquant_vllm.kernels import sinks as sinks_module
