@@ -337,8 +337,9 @@ def merge_results(results: list[dict], paths: list[Path]) -> dict:
         for mode in result["modes"]:
             if not mode.get("tpot") and "partial" in mode:
                 mode = {**mode, "tpot": printed_rows(mode["partial"])}
-            if any(m["mode"] == mode["mode"] for m in merged["modes"]):  # a rerun: its own line in the plot
-                mode = {**mode, "label": f"{mode['mode']} ({path.stem})"}
+            label = mode.get("label", mode["mode"])  # an arm of --tiles keeps its own label
+            if any(m.get("label", m["mode"]) == label for m in merged["modes"]):  # a rerun: its own line in the plot
+                mode = {**mode, "label": f"{label} ({path.stem})"}
             merged["modes"].append(mode)
     return merged
 

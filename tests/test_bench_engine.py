@@ -37,6 +37,11 @@ def test_merge_keeps_timed_out_rows_and_labels_reruns(bench_engine, tmp_path):
     assert [m.get("label", m["mode"]) for m in merged["modes"]] == ["ours", "bf16", "tq", "ours (r2)"]
     assert merged["modes"][2]["tpot"] == [row(1024, 16, 9.0)] and merged["modes"][2]["error"].startswith("timeout")
     assert [r["command"] for r in merged["runs"]] == ["a", "b"] and merged["gpu"] == "H"
+    arms = {"modes": [{"mode": "ours", "label": 'ours {"live_splits": false}', "tpot": []},
+                      {"mode": "ours", "label": "ours {}", "tpot": []}]}  # fmt: skip
+    again = bench_engine.merge_results([arms, arms], [Path("a1.json"), Path("a2.json")])
+    assert [m["label"] for m in again["modes"]] == ['ours {"live_splits": false}', "ours {}",
+                                                    'ours {"live_splits": false} (a2)', "ours {} (a2)"]  # fmt: skip
 
     pytest.importorskip("matplotlib")
     png = tmp_path / "merged.png"
