@@ -224,11 +224,7 @@ def compile_store(launch: store.StoreLaunch, key_offset: bool = False, head_dim:
     """Compile _store_kv_kernel as store_kv launches it with `launch` for bf16 K/V (views of a fused qkv of 32
     query and 8 KV heads) and count its SASS: the whole kernel, which has no loop over tiles."""
     codec = KVCodec(TQConfig(), 8, head_dim)
-    meta = dict(HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_T=launch.block_t, BLOCK_K=launch.block_k,
-                HEADS_PER_PROGRAM=launch.heads, **codec.layout.kernel_constants(16), NORM_CORRECTION=True,
-                TINY=1e-30, DOT_PRECISION=launch.precision, HAS_KEY_OFFSET=key_offset,
-                CONTRACT_LAST=store.CONTRACT_LAST and launch.block_t < 16, BUCKET_SEARCH=launch.bucket_search,
-                LAUNCH_DEPENDENTS=True, PDL_AFTER=False)  # fmt: skip
+    meta = store.store_meta(codec, launch, 16, key_offset, pdl=True, after_attention=False)
     qkv = 48 * head_dim
     ints = {"stride_key_t": qkv, "stride_key_h": head_dim, "stride_value_t": qkv, "stride_value_h": head_dim,
             "stride_rot_0": head_dim, "stride_rot_1": 1}  # fmt: skip

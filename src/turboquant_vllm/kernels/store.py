@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -320,6 +320,28 @@ def _launch_params(num_tokens: int, num_kv_heads: int) -> StoreLaunch:
     return StoreLaunch(32, 32, 1, 4, "tf32_split", bucket_search=True)
 
 
+def store_meta(codec: KVCodec, launch: StoreLaunch, block_size: int, key_offset: bool, pdl: bool,
+               after_attention: bool) -> dict[str, Any]:  # fmt: skip
+    """_store_kv_kernel's compile-time arguments for `launch`: what store_kv launches, and what
+    benchmarks/kernel_resources.py compiles offline."""
+    lay = codec.layout
+    return dict(
+        HEAD_DIM_PAD=triton.next_power_of_2(lay.head_dim),
+        BLOCK_T=launch.block_t,
+        BLOCK_K=launch.block_k,
+        HEADS_PER_PROGRAM=launch.heads,
+        **lay.kernel_constants(block_size),
+        NORM_CORRECTION=codec.config.norm_correction,
+        TINY=TINY_NORM,
+        DOT_PRECISION=launch.precision,
+        HAS_KEY_OFFSET=key_offset,
+        CONTRACT_LAST=CONTRACT_LAST and launch.block_t < 16,  # from 16 tokens a program the rotation is a dot
+        BUCKET_SEARCH=launch.bucket_search,
+        LAUNCH_DEPENDENTS=pdl,
+        PDL_AFTER=pdl and after_attention,
+    )
+
+
 def one_token_store_meta() -> dict[str, int | bool]:
     """How a one-token store rotates, as the attention kernel's fused store takes it (decode.py): the same bytes."""
     return {"STORE_BLOCK_K": _launch_params(1, 1).block_k, "STORE_CONTRACT_LAST": CONTRACT_LAST}
@@ -379,7 +401,6 @@ def store_kv(
     if num_tokens == 0:
         return
 
-    head_dim_pad = triton.next_power_of_2(lay.head_dim)
     pdl = pdl_launch(cache.device)
     launch = _launch_params(num_tokens, lay.num_kv_heads)
     if launch.precision == "tf32_split" and (launch.block_t < 16 or torch.float32 in (key.dtype, value.dtype)):
@@ -407,19 +428,7 @@ def store_kv(
         value.stride(1),
         rot_hi.stride(0),
         rot_hi.stride(1),
-        HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_T=launch.block_t,
-        BLOCK_K=launch.block_k,
-        HEADS_PER_PROGRAM=launch.heads,
-        **lay.kernel_constants(cache.shape[1]),
-        NORM_CORRECTION=codec.config.norm_correction,
-        TINY=TINY_NORM,
-        DOT_PRECISION=launch.precision,
-        HAS_KEY_OFFSET=offset is not None,
-        CONTRACT_LAST=CONTRACT_LAST and launch.block_t < 16,  # from 16 tokens a program the rotation is a dot
-        BUCKET_SEARCH=launch.bucket_search,
-        LAUNCH_DEPENDENTS=pdl,
-        PDL_AFTER=pdl and after_attention,
+        **store_meta(codec, launch, cache.shape[1], offset is not None, pdl, after_attention),
         num_warps=launch.num_warps,
         **pdl_option(pdl and after_attention),
     )
