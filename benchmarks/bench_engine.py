@@ -344,8 +344,24 @@ def merge_results(results: list[dict], paths: list[Path]) -> dict:
     return merged
 
 
+def tpot_lines(result: dict, base: str = "bf16") -> dict[int, dict[str, list[tuple[int, float, float | None]]]]:
+    """Per sequence count, per mode (or arm label): (context, TPOT ms, TPOT / `base`'s TPOT at that shape or None)."""
+    rows = [(m.get("label", m["mode"]), t) for m in result["modes"] for t in m.get("tpot", [])]
+    base_ms = {(t["seqs"], t["context"]): t["tpot_ms"] for label, t in rows if label == base}
+    lines: dict[int, dict[str, list]] = {}
+    for label, t in rows:
+        ref = base_ms.get((t["seqs"], t["context"]))
+        point = (t["context"], t["tpot_ms"], t["tpot_ms"] / ref if ref else None)
+        lines.setdefault(t["seqs"], {}).setdefault(label, []).append(point)
+    return {n: {label: sorted(pts) for label, pts in modes.items()} for n, modes in sorted(lines.items())}
+
+
 def plot(result: dict, path: Path) -> None:
-    """TPOT against context, one panel per sequence count, one line per mode (skipped without matplotlib)."""
+    """TPOT against context, one column per sequence count, one line per mode (skipped without matplotlib).
+
+    TPOT is on a log axis (vLLM's TurboQuant runs up to 20x the others); with a bf16 line a second row shows each
+    mode's TPOT divided by bf16's at the same shape.
+    """
     try:
         import matplotlib
     except ImportError:
@@ -353,22 +369,39 @@ def plot(result: dict, path: Path) -> None:
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-    rows = [(m.get("label", m["mode"]), t) for m in result["modes"] for t in m.get("tpot", [])]
-    seqs = sorted({t["seqs"] for _, t in rows})
-    if not seqs:
+    lines = tpot_lines(result)
+    if not lines:
         return
-    fig, axes = plt.subplots(1, len(seqs), figsize=(6 * len(seqs), 4.5), squeeze=False)
-    for ax, n in zip(axes[0], seqs, strict=True):
-        for mode in dict.fromkeys(m for m, _ in rows):
-            pts = sorted((t["context"], t["tpot_ms"]) for m, t in rows if m == mode and t["seqs"] == n)
-            ax.plot([c for c, _ in pts], [ms for _, ms in pts], marker="o", label=mode)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context tokens per sequence")
-        ax.set_ylabel("TPOT (ms)")
-        ax.set_title(f"{n} sequence(s), {result.get('gpu') or 'GPU'}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    relative = any(r is not None for modes in lines.values() for pts in modes.values() for _, _, r in pts)
+    fig, axes = plt.subplots(1 + relative, len(lines), figsize=(6 * len(lines), 4.5 + 3 * relative), squeeze=False)
+    for col, (n, modes) in enumerate(lines.items()):
+        top = axes[0][col]
+        for label, pts in modes.items():
+            top.plot([c for c, _, _ in pts], [ms for _, ms, _ in pts], marker="o", label=label)
+            rel = [(c, r) for c, _, r in pts if r is not None]
+            if rel:
+                axes[1][col].plot([c for c, _ in rel], [r for _, r in rel], marker="o", label=label)
+        top.set_yscale("log")
+        top.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        top.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        top.yaxis.set_minor_formatter(NullFormatter())
+        top.set_ylabel("TPOT (ms, log scale)")
+        top.set_title(f"{n} sequence(s), {result.get('gpu') or 'GPU'}")
+        top.legend(fontsize=8)
+        shown = [top]
+        if relative and axes[1][col].has_data():
+            axes[1][col].set_ylabel("TPOT / bf16 TPOT")
+            axes[1][col].axhline(1.0, color="grey", linewidth=0.8)
+            axes[1][col].set_ylim(0.8, 1.3)  # vLLM's TurboQuant (2-5x) leaves the frame; its TPOT is in the row above
+            shown.append(axes[1][col])
+        elif relative:
+            axes[1][col].set_visible(False)  # no bf16 run at this sequence count
+        for ax in shown:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context tokens per sequence")
+            ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")

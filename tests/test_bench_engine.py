@@ -49,6 +49,18 @@ def test_merge_keeps_timed_out_rows_and_labels_reruns(bench_engine, tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def test_tpot_lines_divide_by_bf16_at_the_same_shape(bench_engine):
+    """The plot's lower row: a mode's TPOT over bf16's at its (seqs, context); None where bf16 has no row."""
+    bf16 = {"mode": "bf16", "tpot": [row(4096, 1, 5.0), row(1024, 1, 4.0)]}
+    ours = {"mode": "ours", "tpot": [row(1024, 1, 5.0), row(4096, 1, 4.5), row(4096, 16, 7.0)]}
+    result = {"modes": [bf16, ours]}
+    lines = bench_engine.tpot_lines(result)
+    assert list(lines) == [1, 16]
+    assert lines[1]["bf16"] == [(1024, 4.0, 1.0), (4096, 5.0, 1.0)]
+    assert lines[1]["ours"] == [(1024, 5.0, 1.25), (4096, 4.5, 0.9)]
+    assert lines[16] == {"ours": [(4096, 7.0, None)]}
+
+
 def test_repeated_tpot_reports_the_median_of_its_two_run_samples(bench_engine):
     """Each sample is (t129 - t1) / 128 of its own pair of runs; the row reports their median and keeps them all."""
     walls = iter([1.0 + 0.128, 1.0, 2.0 + 0.512, 2.0, 3.0 + 0.256, 3.0])  # samples: 1, 4, 2 ms a token
