@@ -303,7 +303,9 @@ def _launch_params(num_tokens: int, num_kv_heads: int) -> StoreLaunch:
     A decode step has few tokens: 16-token tiles would leave most SMs idle (16 x 8 heads = 8 programs, 26 us a
     layer in the engine profile engine_profile_h200_2026-11-30h.json), so small batches take one or four tokens
     per program; BLOCK_T * BLOCK_K stays at 32 to bound the broadcast product. Several heads per program (fewer
-    R reads) measured slower at every batch size, so each program takes one head.
+    R reads) measured slower at every batch size, so each program takes one head. Fewer warps (whose reductions
+    need fewer barriers) lost at 1 and 16 tokens: 5.3 / 5.6 us with 4 warps, 5.5 / 5.8 with 2, 6.3 / 6.5 with one
+    warp and 16 columns of R a step (store_dequant_h200_2026-12-02h.json).
 
     Prefill-sized launches take 32 tokens a program, R split into two tf32-exact parts and indices by binary
     search (store_dequant_h200_2026-12-02e.json, 16K / 32K bf16 tokens): 351.1 / 692.2 us, against 473.4 / 938.1
