@@ -1,0 +1,163 @@
+"""Offline probe: does splitting a decode tile's tokens among the warps, each warp with its own online softmax,
+take the cross-warp traffic out of the context loop?
+
+In today's kernel a 64-token tile is one wgmma M side spread over 4 warps: each tile's row max crosses warps
+(shared memory and a barrier) and P goes through shared memory to the P.V wgmma, so every tile waits on its
+slowest warp (docs/decode-tuning.md, "Where the 16 x 32K launch's time goes"). Here the tile becomes a batch of 4
+slices of 16 tokens, one per warp (a 3-D `tl.dot`, which Triton lowers to mma.sync with the batch on the warps):
+each warp keeps its own max, sum and accumulator for its rows, and the 4 are merged once after the loop, as
+split-K partials are. Three toy loops over 64-token tiles (4-bit K and V words, per-token scales, the byte-permute
+lookup, 16 query rows), compiled for sm_90a without a GPU:
+- cta: today's shape (scores and output transposed, one softmax per tile for the whole program);
+- warp: the batched form, scores and output transposed as in cta;
+- warp_rows: the batched form with query rows on the MMA's M side (FlashAttention-2's order within a warp).
+Only the compiled code is compared here; tests/test_probe_warp_softmax.py checks all three against fp32 torch on the
+CPU (with a codebook gather in place of the lookup, which the interpreter cannot run).
+
+    python benchmarks/probe_warp_softmax.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_resources  # noqa: E402  (a sibling script, not a package)
+
+from turboquant_vllm.kernels.lut import lut_decode_words  # noqa: E402
+from turboquant_vllm.kernels.page import split_words  # noqa: E402
+
+TILE = 64  # tokens a tile
+ROWS = 16  # query rows (a GQA group padded to the MMA's N)
+DIM = 128
+WORDS = DIM // 8  # int32 words of 4-bit indices a token
+WARPS = 4
+
+
+@triton.jit
+def _tile(ptr, t, lut_ptr, cent_ptr, LUT: tl.constexpr, TILE: tl.constexpr, DIM: tl.constexpr, WORDS: tl.constexpr):
+    """fp16 centroids [TILE, DIM] of tile t's 4-bit words: the byte-permute lookup, or (LUT=False, for the CPU
+    interpreter, which cannot run PTX) a gather from the fp16 codebook."""
+    words = tl.load(ptr + t * TILE * WORDS + tl.arange(0, TILE)[:, None] * WORDS + tl.arange(0, WORDS)[None, :])
+    if LUT:
+        return lut_decode_words(words, lut_ptr, TILE, DIM)
+    else:
+        return tl.load(cent_ptr + split_words(words, 4, DIM, TILE))
+
+
+@triton.jit
+def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_ptr, n_tiles,
+                  WARP_SPLIT: tl.constexpr, LUT: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr,
+                  DIM: tl.constexpr, WORDS: tl.constexpr, WARPS: tl.constexpr):  # fmt: skip
+    """out [ROWS, DIM] = softmax(q K^T) V over n_tiles * TILE tokens, q in log2 units (exp2 softmax)."""
+    dim = tl.arange(0, DIM)
+    q_t = tl.load(q_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None]).to(tl.float16)  # [DIM, ROWS]
+    if WARP_SPLIT == 2:  # rows on the M side: P leaves the score MMA in the layout the P.V MMA takes it in
+        SLICE: tl.constexpr = TILE // WARPS
+        q3 = tl.broadcast_to(tl.trans(q_t)[None, :, :], (WARPS, ROWS, DIM))
+        m3 = tl.full([WARPS, ROWS], float("-inf"), tl.float32)
+        l3 = tl.zeros([WARPS, ROWS], tl.float32)
+        acc3 = tl.zeros([WARPS, ROWS, DIM], tl.float32)
+        for t in range(n_tiles):
+            k3 = tl.reshape(_tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS),
+                            (WARPS, SLICE, DIM))  # fmt: skip
+            v3 = tl.reshape(_tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS),
+                            (WARPS, SLICE, DIM))  # fmt: skip
+            ks = tl.reshape(tl.load(ks_ptr + t * TILE + tl.arange(0, TILE)), (WARPS, SLICE))
+            vs = tl.reshape(tl.load(vs_ptr + t * TILE + tl.arange(0, TILE)), (WARPS, SLICE))
+            s = tl.dot(q3, tl.permute(k3, (0, 2, 1))) * ks[:, None, :]  # [WARPS, ROWS, SLICE tokens]
+            m_new = tl.maximum(m3, tl.max(s, 2))
+            p = tl.exp2(s - m_new[:, :, None])
+            alpha = tl.exp2(m3 - m_new)
+            l3 = l3 * alpha + tl.sum(p, 2)
+            pv = (p * vs[:, None, :]).to(tl.float16)
+            acc3 = acc3 * alpha[:, :, None] + tl.dot(pv, v3)
+            m3 = m_new
+        m = tl.max(m3, 0)
+        w = tl.exp2(m3 - m[None, :])
+        acc_t = tl.trans(tl.sum(acc3 * w[:, :, None], 0))
+        l_i = tl.sum(l3 * w, 0)
+    elif WARP_SPLIT == 1:
+        SLICE: tl.constexpr = TILE // WARPS
+        q3 = tl.broadcast_to(q_t[None, :, :], (WARPS, DIM, ROWS))
+        m3 = tl.full([WARPS, ROWS], float("-inf"), tl.float32)
+        l3 = tl.zeros([WARPS, ROWS], tl.float32)
+        acc3 = tl.zeros([WARPS, DIM, ROWS], tl.float32)
+        for t in range(n_tiles):
+            k3 = tl.reshape(_tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS),
+                            (WARPS, SLICE, DIM))  # fmt: skip
+            v3 = tl.reshape(_tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS),
+                            (WARPS, SLICE, DIM))  # fmt: skip
+            ks = tl.reshape(tl.load(ks_ptr + t * TILE + tl.arange(0, TILE)), (WARPS, SLICE))
+            vs = tl.reshape(tl.load(vs_ptr + t * TILE + tl.arange(0, TILE)), (WARPS, SLICE))
+            s = tl.dot(k3, q3) * ks[:, :, None]  # [WARPS, SLICE tokens, ROWS]: each warp its own tokens
+            m_new = tl.maximum(m3, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None, :])
+            alpha = tl.exp2(m3 - m_new)
+            l3 = l3 * alpha + tl.sum(p, 1)
+            pv = (p * vs[:, :, None]).to(tl.float16)
+            acc3 = acc3 * alpha[:, None, :] + tl.dot(tl.permute(v3, (0, 2, 1)), pv)
+            m3 = m_new
+        m = tl.max(m3, 0)  # the warps' partials merged once, as split-K partials are
+        w = tl.exp2(m3 - m[None, :])
+        acc_t = tl.sum(acc3 * w[:, None, :], 0)
+        l_i = tl.sum(l3 * w, 0)
+    else:
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc_t = tl.zeros([DIM, ROWS], tl.float32)
+        for t in range(n_tiles):
+            k = _tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
+            v = _tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
+            ks = tl.load(ks_ptr + t * TILE + tl.arange(0, TILE))
+            vs = tl.load(vs_ptr + t * TILE + tl.arange(0, TILE))
+            s = tl.dot(k, q_t) * ks[:, None]  # [TILE tokens, ROWS]: the tile's tokens across all warps
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            p = tl.exp2(s - m_new[None, :])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            pv = (p * vs[:, None]).to(tl.float16)
+            acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), pv)
+            m_i = m_new
+    out = acc_t / l_i[None, :]
+    tl.store(out_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None], out)
+
+
+FORMS = {"cta": 0, "warp": 1, "warp_rows": 2}
+CONSTANTS = {"TILE": TILE, "ROWS": ROWS, "DIM": DIM, "WORDS": WORDS, "WARPS": WARPS}
+
+
+def compile_probe(form: str) -> dict:
+    names = _probe_kernel.arg_names
+    pointers = {"k_ptr": "*i32", "v_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "q_ptr": "*fp32",
+                "lut_ptr": "*i32", "cent_ptr": "*fp16", "out_ptr": "*fp32"}  # fmt: skip
+    signature = {**pointers, "n_tiles": "i32", **dict.fromkeys(["WARP_SPLIT", "LUT", *CONSTANTS], "constexpr")}
+    constexprs = {(names.index("WARP_SPLIT"),): FORMS[form], (names.index("LUT"),): True}
+    constexprs |= {(names.index(k),): v for k, v in CONSTANTS.items()}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    source = ASTSource(_probe_kernel, signature, constexprs, aligned)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS, "num_stages": 1})
+    return {
+        "form": form,
+        **kernel_resources.ptxas_report(kernel.asm["ptx"], "sm_90a"),
+        "shared_memory_conversions": kernel.asm["ttgir"].count("ttg.local_alloc"),
+        "context_loop_sass": kernel_resources.context_loop_sass(kernel.asm["cubin"]),
+    }
+
+
+def main() -> int:
+    rows = [compile_probe(form) for form in FORMS]
+    print(json.dumps({"probe": "warp_softmax", "target": "sm_90a (compiled, not run)", "triton": triton.__version__,
+                      "rows": rows}, indent=1))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
