@@ -359,8 +359,8 @@ def tpot_lines(result: dict, base: str = "bf16") -> dict[int, dict[str, list[tup
 def plot(result: dict, path: Path) -> None:
     """TPOT against context, one column per sequence count, one line per mode (skipped without matplotlib).
 
-    TPOT is on a log axis (vLLM's TurboQuant runs up to 20x the others); with a bf16 line a second row shows each
-    mode's TPOT divided by bf16's at the same shape.
+    TPOT is on a log axis (vLLM's TurboQuant runs several times the others' TPOT); with a bf16 line a second row
+    shows each mode's TPOT divided by bf16's at the same shape.
     """
     try:
         import matplotlib
@@ -394,7 +394,7 @@ def plot(result: dict, path: Path) -> None:
         if relative and axes[1][col].has_data():
             axes[1][col].set_ylabel("TPOT / bf16 TPOT")
             axes[1][col].axhline(1.0, color="grey", linewidth=0.8)
-            axes[1][col].set_ylim(0.8, 1.3)  # vLLM's TurboQuant (2-5x) leaves the frame; its TPOT is in the row above
+            axes[1][col].set_ylim(0.8, 1.3)  # vLLM's TurboQuant leaves the frame; its TPOT is in the row above
             shown.append(axes[1][col])
         elif relative:
             axes[1][col].set_visible(False)  # no bf16 run at this sequence count
