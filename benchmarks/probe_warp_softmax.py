@@ -6,12 +6,14 @@ In today's kernel a 64-token tile is one wgmma M side spread over 4 warps: each 
 slowest warp (docs/decode-tuning.md, "Where the 16 x 32K launch's time goes"). Here the tile becomes a batch of 4
 slices of 16 tokens, one per warp (a 3-D `tl.dot`, which Triton lowers to mma.sync with the batch on the warps):
 each warp keeps its own max, sum and accumulator for its rows, and the 4 are merged once after the loop, as
-split-K partials are. Three toy loops over 64-token tiles (4-bit K and V words, per-token scales, the byte-permute
+split-K partials are. Toy loops over 64-token tiles (4-bit K and V words, per-token scales, the byte-permute
 lookup, 16 query rows), compiled for sm_90a without a GPU:
 - cta: today's shape (scores and output transposed, one softmax per tile for the whole program);
 - warp: the batched form, scores and output transposed as in cta;
-- warp_rows: the batched form with query rows on the MMA's M side (FlashAttention-2's order within a warp).
-Only the compiled code is compared here; tests/test_probe_warp_softmax.py checks all three against fp32 torch on the
+- warp_rows: the batched form with query rows on the MMA's M side (FlashAttention-2's order within a warp);
+- warp_rows_k_fragment, warp_k_fragment: the two batched forms with the key columns relabelled as `k_fragment`
+  relabels them for wgmma (fragment.fragment_columns), the query's the same way.
+Only the compiled code is compared here; tests/test_probe_warp_softmax.py checks each against fp32 torch on the
 CPU (with a codebook gather in place of the lookup, which the interpreter cannot run).
 
     python benchmarks/probe_warp_softmax.py
@@ -31,6 +33,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_resources  # noqa: E402  (a sibling script, not a package)
 
+from turboquant_vllm.kernels.fragment import fragment_columns  # noqa: E402
 from turboquant_vllm.kernels.lut import lut_decode_words  # noqa: E402
 from turboquant_vllm.kernels.page import split_words  # noqa: E402
 
@@ -59,15 +62,21 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_pt
     """out [ROWS, DIM] = softmax(q K^T) V over n_tiles * TILE tokens, q in log2 units (exp2 softmax)."""
     dim = tl.arange(0, DIM)
     q_t = tl.load(q_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None]).to(tl.float16)  # [DIM, ROWS]
-    if WARP_SPLIT == 2:  # rows on the M side: P leaves the score MMA in the layout the P.V MMA takes it in
+    if WARP_SPLIT >= 2:  # rows on the M side: P leaves the score MMA in the layout the P.V MMA takes it in
         SLICE: tl.constexpr = TILE // WARPS
-        q3 = tl.broadcast_to(tl.trans(q_t)[None, :, :], (WARPS, ROWS, DIM))
+        K_FRAG: tl.constexpr = WARP_SPLIT == 3  # key columns relabelled for the mma.sync B fragment
+        q = tl.trans(q_t)
+        if K_FRAG:
+            q = fragment_columns(q, ROWS, DIM)
+        q3 = tl.broadcast_to(q[None, :, :], (WARPS, ROWS, DIM))
         m3 = tl.full([WARPS, ROWS], float("-inf"), tl.float32)
         l3 = tl.zeros([WARPS, ROWS], tl.float32)
         acc3 = tl.zeros([WARPS, ROWS, DIM], tl.float32)
         for t in range(n_tiles):
-            k3 = tl.reshape(_tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS),
-                            (WARPS, SLICE, DIM))  # fmt: skip
+            k = _tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
+            if K_FRAG:
+                k = fragment_columns(k, TILE, DIM)
+            k3 = tl.reshape(k, (WARPS, SLICE, DIM))
             v3 = tl.reshape(_tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS),
                             (WARPS, SLICE, DIM))  # fmt: skip
             ks = tl.reshape(tl.load(ks_ptr + t * TILE + tl.arange(0, TILE)), (WARPS, SLICE))
@@ -84,15 +93,20 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_pt
         w = tl.exp2(m3 - m[None, :])
         acc_t = tl.trans(tl.sum(acc3 * w[:, :, None], 0))
         l_i = tl.sum(l3 * w, 0)
-    elif WARP_SPLIT == 1:
+    elif WARP_SPLIT == 1 or WARP_SPLIT == 4:
         SLICE: tl.constexpr = TILE // WARPS
+        K_FRAG: tl.constexpr = WARP_SPLIT == 4  # key columns relabelled for the mma.sync A fragment
+        if K_FRAG:
+            q_t = tl.trans(fragment_columns(tl.trans(q_t), ROWS, DIM))
         q3 = tl.broadcast_to(q_t[None, :, :], (WARPS, DIM, ROWS))
         m3 = tl.full([WARPS, ROWS], float("-inf"), tl.float32)
         l3 = tl.zeros([WARPS, ROWS], tl.float32)
         acc3 = tl.zeros([WARPS, DIM, ROWS], tl.float32)
         for t in range(n_tiles):
-            k3 = tl.reshape(_tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS),
-                            (WARPS, SLICE, DIM))  # fmt: skip
+            k = _tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
+            if K_FRAG:
+                k = fragment_columns(k, TILE, DIM)
+            k3 = tl.reshape(k, (WARPS, SLICE, DIM))
             v3 = tl.reshape(_tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS),
                             (WARPS, SLICE, DIM))  # fmt: skip
             ks = tl.reshape(tl.load(ks_ptr + t * TILE + tl.arange(0, TILE)), (WARPS, SLICE))
@@ -130,7 +144,7 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_pt
     tl.store(out_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None], out)
 
 
-FORMS = {"cta": 0, "warp": 1, "warp_rows": 2}
+FORMS = {"cta": 0, "warp": 1, "warp_rows": 2, "warp_rows_k_fragment": 3, "warp_k_fragment": 4}
 CONSTANTS = {"TILE": TILE, "ROWS": ROWS, "DIM": DIM, "WORDS": WORDS, "WARPS": WARPS}
 
 

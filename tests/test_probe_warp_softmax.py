@@ -8,7 +8,7 @@ from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 
 
-@pytest.mark.parametrize("form", ["cta", "warp", "warp_rows"])
+@pytest.mark.parametrize("form", ["cta", "warp", "warp_rows", "warp_rows_k_fragment", "warp_k_fragment"])
 def test_probe_forms_compute_attention(benchmark_script, device, form):
     probe = benchmark_script("probe_warp_softmax")
     n_tiles, g = 3, torch.Generator().manual_seed(5)
