@@ -62,7 +62,7 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_pt
     """out [ROWS, DIM] = softmax(q K^T) V over n_tiles * TILE tokens, q in log2 units (exp2 softmax)."""
     dim = tl.arange(0, DIM)
     q_t = tl.load(q_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None]).to(tl.float16)  # [DIM, ROWS]
-    if WARP_SPLIT >= 2:  # rows on the M side: P leaves the score MMA in the layout the P.V MMA takes it in
+    if WARP_SPLIT == 2 or WARP_SPLIT == 3:  # rows on M: P leaves the score MMA in the layout P.V takes it in
         SLICE: tl.constexpr = TILE // WARPS
         K_FRAG: tl.constexpr = WARP_SPLIT == 3  # key columns relabelled for the mma.sync B fragment
         q = tl.trans(q_t)
