@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton
@@ -111,6 +112,24 @@ def context_loop_sass(cubin: bytes) -> dict[str, int]:
         "global_loads": sum(op.startswith("LDG") for op in ops),
         "shared_stores": sum(op.startswith("STS") for op in ops),
         "local_accesses": sum(op.startswith(("LDL", "STL")) for op in ops),  # spilled registers
+    }
+
+
+def compile_toy_loop(fn, pointers: dict[str, str], constexprs: dict[str, Any], num_warps: int = 4) -> dict:
+    """Registers, shared-memory conversions and context-loop SASS of an offline probe's toy kernel for sm_90a.
+
+    fn's arguments are `pointers` (name: Triton pointer type, 16-byte aligned), one i32 `n_tiles` and `constexprs`.
+    """
+    names = fn.arg_names
+    signature = {**pointers, "n_tiles": "i32", **dict.fromkeys(constexprs, "constexpr")}
+    values = {(names.index(k),): v for k, v in constexprs.items()}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    kernel = triton.compile(ASTSource(fn, signature, values, aligned), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": 1})  # fmt: skip
+    return {
+        **ptxas_report(kernel.asm["ptx"], "sm_90a"),
+        "shared_memory_conversions": kernel.asm["ttgir"].count("ttg.local_alloc"),
+        "context_loop_sass": context_loop_sass(kernel.asm["cubin"]),
     }
 
 

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_resources  # noqa: E402  (a sibling script, not a package)
@@ -61,19 +59,9 @@ ORDERS = ("page", "fragment", "relabelled page")
 
 
 def compile_probe(order: str) -> dict:
-    names = _probe_kernel.arg_names
-    signature = {"v_ptr": "*i32", "bt_ptr": "*i32", "p_ptr": "*fp16", "lut_ptr": "*i32", "out_ptr": "*fp32"}
-    signature["n_tiles"] = "i32"
-    signature["ORDER"] = "constexpr"
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in signature if n != "n_tiles"}
-    source = ASTSource(_probe_kernel, signature, {(names.index("ORDER"),): ORDERS.index(order)}, aligned)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
-    return {
-        "v_order": order,
-        **kernel_resources.ptxas_report(kernel.asm["ptx"], "sm_90a"),
-        "shared_memory_conversions": kernel.asm["ttgir"].count("ttg.local_alloc"),
-        "context_loop_sass": kernel_resources.context_loop_sass(kernel.asm["cubin"]),
-    }
+    pointers = {"v_ptr": "*i32", "bt_ptr": "*i32", "p_ptr": "*fp16", "lut_ptr": "*i32", "out_ptr": "*fp32"}
+    return {"v_order": order,
+            **kernel_resources.compile_toy_loop(_probe_kernel, pointers, {"ORDER": ORDERS.index(order)})}  # fmt: skip
 
 
 def main() -> int:

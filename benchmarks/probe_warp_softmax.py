@@ -27,8 +27,6 @@ from pathlib import Path
 
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_resources  # noqa: E402  (a sibling script, not a package)
@@ -56,6 +54,22 @@ def _tile(ptr, t, lut_ptr, cent_ptr, LUT: tl.constexpr, TILE: tl.constexpr, DIM:
 
 
 @triton.jit
+def _warp_slices(k_ptr, v_ptr, ks_ptr, vs_ptr, t, lut_ptr, cent_ptr, LUT: tl.constexpr, K_FRAG: tl.constexpr,
+                 TILE: tl.constexpr, DIM: tl.constexpr, WORDS: tl.constexpr, WARPS: tl.constexpr):  # fmt: skip
+    """Tile t as WARPS slices of TILE // WARPS tokens: K [WARPS, SLICE, DIM] (columns relabelled by
+    fragment_columns if K_FRAG), V likewise in page order, and their scales [WARPS, SLICE]."""
+    SLICE: tl.constexpr = TILE // WARPS
+    k = _tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
+    if K_FRAG:
+        k = fragment_columns(k, TILE, DIM)
+    v = _tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
+    ks = tl.load(ks_ptr + t * TILE + tl.arange(0, TILE))
+    vs = tl.load(vs_ptr + t * TILE + tl.arange(0, TILE))
+    return (tl.reshape(k, (WARPS, SLICE, DIM)), tl.reshape(v, (WARPS, SLICE, DIM)), tl.reshape(ks, (WARPS, SLICE)),
+            tl.reshape(vs, (WARPS, SLICE)))  # fmt: skip
+
+
+@triton.jit
 def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_ptr, n_tiles,
                   WARP_SPLIT: tl.constexpr, LUT: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr,
                   DIM: tl.constexpr, WORDS: tl.constexpr, WARPS: tl.constexpr):  # fmt: skip
@@ -63,7 +77,6 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_pt
     dim = tl.arange(0, DIM)
     q_t = tl.load(q_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None]).to(tl.float16)  # [DIM, ROWS]
     if WARP_SPLIT == 2 or WARP_SPLIT == 3:  # rows on M: P leaves the score MMA in the layout P.V takes it in
-        SLICE: tl.constexpr = TILE // WARPS
         K_FRAG: tl.constexpr = WARP_SPLIT == 3  # key columns relabelled for the mma.sync B fragment
         q = tl.trans(q_t)
         if K_FRAG:
@@ -73,14 +86,8 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_pt
         l3 = tl.zeros([WARPS, ROWS], tl.float32)
         acc3 = tl.zeros([WARPS, ROWS, DIM], tl.float32)
         for t in range(n_tiles):
-            k = _tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
-            if K_FRAG:
-                k = fragment_columns(k, TILE, DIM)
-            k3 = tl.reshape(k, (WARPS, SLICE, DIM))
-            v3 = tl.reshape(_tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS),
-                            (WARPS, SLICE, DIM))  # fmt: skip
-            ks = tl.reshape(tl.load(ks_ptr + t * TILE + tl.arange(0, TILE)), (WARPS, SLICE))
-            vs = tl.reshape(tl.load(vs_ptr + t * TILE + tl.arange(0, TILE)), (WARPS, SLICE))
+            k3, v3, ks, vs = _warp_slices(k_ptr, v_ptr, ks_ptr, vs_ptr, t, lut_ptr, cent_ptr, LUT, K_FRAG, TILE, DIM,
+                                          WORDS, WARPS)  # fmt: skip
             s = tl.dot(q3, tl.permute(k3, (0, 2, 1))) * ks[:, None, :]  # [WARPS, ROWS, SLICE tokens]
             m_new = tl.maximum(m3, tl.max(s, 2))
             p = tl.exp2(s - m_new[:, :, None])
@@ -94,7 +101,6 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_pt
         acc_t = tl.trans(tl.sum(acc3 * w[:, :, None], 0))
         l_i = tl.sum(l3 * w, 0)
     elif WARP_SPLIT == 1 or WARP_SPLIT == 4:
-        SLICE: tl.constexpr = TILE // WARPS
         K_FRAG: tl.constexpr = WARP_SPLIT == 4  # key columns relabelled for the mma.sync A fragment
         if K_FRAG:
             q_t = tl.trans(fragment_columns(tl.trans(q_t), ROWS, DIM))
@@ -103,14 +109,8 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_pt
         l3 = tl.zeros([WARPS, ROWS], tl.float32)
         acc3 = tl.zeros([WARPS, DIM, ROWS], tl.float32)
         for t in range(n_tiles):
-            k = _tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
-            if K_FRAG:
-                k = fragment_columns(k, TILE, DIM)
-            k3 = tl.reshape(k, (WARPS, SLICE, DIM))
-            v3 = tl.reshape(_tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS),
-                            (WARPS, SLICE, DIM))  # fmt: skip
-            ks = tl.reshape(tl.load(ks_ptr + t * TILE + tl.arange(0, TILE)), (WARPS, SLICE))
-            vs = tl.reshape(tl.load(vs_ptr + t * TILE + tl.arange(0, TILE)), (WARPS, SLICE))
+            k3, v3, ks, vs = _warp_slices(k_ptr, v_ptr, ks_ptr, vs_ptr, t, lut_ptr, cent_ptr, LUT, K_FRAG, TILE, DIM,
+                                          WORDS, WARPS)  # fmt: skip
             s = tl.dot(k3, q3) * ks[:, :, None]  # [WARPS, SLICE tokens, ROWS]: each warp its own tokens
             m_new = tl.maximum(m3, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None, :])
@@ -149,21 +149,10 @@ CONSTANTS = {"TILE": TILE, "ROWS": ROWS, "DIM": DIM, "WORDS": WORDS, "WARPS": WA
 
 
 def compile_probe(form: str) -> dict:
-    names = _probe_kernel.arg_names
     pointers = {"k_ptr": "*i32", "v_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "q_ptr": "*fp32",
                 "lut_ptr": "*i32", "cent_ptr": "*fp16", "out_ptr": "*fp32"}  # fmt: skip
-    signature = {**pointers, "n_tiles": "i32", **dict.fromkeys(["WARP_SPLIT", "LUT", *CONSTANTS], "constexpr")}
-    constexprs = {(names.index("WARP_SPLIT"),): FORMS[form], (names.index("LUT"),): True}
-    constexprs |= {(names.index(k),): v for k, v in CONSTANTS.items()}
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
-    source = ASTSource(_probe_kernel, signature, constexprs, aligned)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS, "num_stages": 1})
-    return {
-        "form": form,
-        **kernel_resources.ptxas_report(kernel.asm["ptx"], "sm_90a"),
-        "shared_memory_conversions": kernel.asm["ttgir"].count("ttg.local_alloc"),
-        "context_loop_sass": kernel_resources.context_loop_sass(kernel.asm["cubin"]),
-    }
+    constexprs = {"WARP_SPLIT": FORMS[form], "LUT": True, **CONSTANTS}
+    return {"form": form, **kernel_resources.compile_toy_loop(_probe_kernel, pointers, constexprs, WARPS)}
 
 
 def main() -> int:
