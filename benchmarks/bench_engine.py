@@ -24,6 +24,8 @@ an A/B of two settings in the engine; the engine core then runs in-process so th
 the other arm should pass --tiles '{}' to run the same way. A JSON list runs every mode once per element, in order
 (e.g. '[{"live_splits": false}, {}, {"live_splits": false}, {}]': alternating arms in one call, so drift within a
 lease falls on both); each row keeps its arm as `tiles_change`.
+--telemetry samples the GPU's SM clock, power, temperature and clock-event reasons (NVML, gpu_telemetry.py) through
+every timed run, profile window and traced run: whether two windows of the same steps ran at the same clock.
 Each mode runs in its own process (a fresh GPU); results go to benchmarks/results/engine_<date>.json.
 """
 
@@ -84,8 +86,11 @@ def run_mode(
     tiles: Tiles | None = None,
     trace: tuple[int, int] | None = None,
     trace_kernels: bool = False,
+    telemetry: bool = False,
 ) -> dict:
     import os
+
+    from gpu_telemetry import GpuTelemetry
 
     if profile or trace or tiles is not None:  # the profiler / the tile change must reach the engine's kernels
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -113,6 +118,7 @@ def run_mode(
         **MODES[mode],
     )
     startup_s = time.perf_counter() - start
+    gpu = GpuTelemetry.start() if telemetry else GpuTelemetry.off()
     cache = llm.llm_engine.vllm_config.cache_config
     row = {
         "mode": mode,
@@ -128,7 +134,8 @@ def run_mode(
     def timed(prompts, max_tokens: int) -> tuple[float, float | None]:
         """Wall seconds, and the mean per-request decode seconds per token from vLLM's timestamps."""
         t0 = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": p} for p in prompts], exact_tokens(max_tokens), use_tqdm=False)
+        with gpu.phase(f"{len(prompts[0])}x{len(prompts)} t{max_tokens}"):
+            out = llm.generate([{"prompt_token_ids": p} for p in prompts], exact_tokens(max_tokens), use_tqdm=False)
         elapsed = time.perf_counter() - t0
         assert all(len(o.outputs[0].token_ids) == max_tokens for o in out)
         spans = [(o.metrics.last_token_ts - o.metrics.first_token_ts) / (max_tokens - 1)
@@ -153,13 +160,16 @@ def run_mode(
         row["tpot"].append(entry)
         print(json.dumps(entry), flush=True)
     if profile:
-        row["profile"] = profile_decode_steps(llm, prompts_of(*profile))
+        row["profile"] = profile_decode_steps(llm, prompts_of(*profile), phase=gpu.phase)
         print(json.dumps(row["profile"]), flush=True)
     if trace:
         prompts = prompts_of(*trace)
         row["step_trace"] = {"context": trace[0], "seqs": trace[1],
-                             **{f"t{n}": trace_steps(llm, prompts, n, trace_kernels) for n in (129, 1)}}  # fmt: skip
+                             **{f"t{n}": trace_steps(llm, prompts, n, trace_kernels, phase=gpu.phase)
+                                for n in (129, 1)}}  # fmt: skip
         print(json.dumps(row["step_trace"])[:3000], flush=True)
+    if telemetry:
+        row["telemetry"] = gpu.stop()
     return row
 
 
@@ -212,13 +222,16 @@ def tpot_entry(timed, prompts: list[list[int]], tpot: str, repeats: int) -> dict
     return entry
 
 
-def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: int = 15) -> dict:
+def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: int = 15, phase=None) -> dict:
     """Pure decode steps of one batch: wall ms per step, then its GPU kernels per step (torch.profiler).
 
     Requests are stepped by hand until each has its first token, so every timed step decodes the whole
     batch and no prefill chunk rides along. The kernels' summed device time against the wall time says
-    whether a step waits on the GPU or on the host.
+    whether a step waits on the GPU or on the host. phase(name): a context manager around each timed window
+    (GpuTelemetry.phase).
     """
+    import contextlib
+
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -228,18 +241,22 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
     while min(produced.values()) < 2:
         produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in engine.step())
 
-    def run_steps() -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / steps * 1e3
+    window = phase or (lambda name: contextlib.nullcontext())
+    shape = f"{len(prompts[0])}x{len(prompts)}"
 
-    step_ms = run_steps()
+    def run_steps(name: str) -> float:
+        torch.cuda.synchronize()
+        with window(f"{shape} profile {name}"):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / steps * 1e3
+
+    step_ms = run_steps("step_ms")
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        profiled_step_ms = run_steps()
-    step_ms_after = run_steps()  # the same steps' wall time once more: is the first window's a steady state?
+        profiled_step_ms = run_steps("profiled_step_ms")
+    step_ms_after = run_steps("step_ms_after")  # once more: was the first window's wall time a steady state?
     while engine.has_unfinished_requests():
         engine.step()
     kernels = kernel_rows(prof, steps)
@@ -267,13 +284,16 @@ def mixed_kernels(prof, top: int) -> dict:
     return {"mixed_kernels_ms": sum(r["us_per_step"] for r in rows) / 1e3, "mixed_kernels_us": rows[:top]}
 
 
-def trace_steps(llm, prompts: list[list[int]], max_tokens: int, kernels: bool = False, top: int = 30) -> dict:
+def trace_steps(
+    llm, prompts: list[list[int]], max_tokens: int, kernels: bool = False, top: int = 30, phase=None
+) -> dict:
     """One batch run by hand: each step's wall ms (synchronised), requests still prefilling and decoding.
 
     Sums split the run into its mixed steps (some prompt still prefilling) and the pure decode steps after them,
     the latter by batch size: the two-run TPOT's extra over a pure step is in one or the other. kernels: also
     profile the mixed steps (torch.profiler) and list their `top` GPU kernels' totals and the kernels' summed time,
     so two runs' tables say which kernels the mixed steps' difference is made of, and how much of it is no kernel.
+    phase(name): a context manager around the run (GpuTelemetry.phase).
     """
     import contextlib
 
@@ -290,7 +310,8 @@ def trace_steps(llm, prompts: list[list[int]], max_tokens: int, kernels: bool = 
 
         prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU])
     profiling = contextlib.ExitStack()  # open while the mixed steps run
-    with profiling:
+    window = phase(f"{len(prompts[0])}x{len(prompts)} trace t{max_tokens}") if phase else contextlib.nullcontext()
+    with window, profiling:
         if prof is not None:
             profiling.enter_context(prof)
         while engine.has_unfinished_requests():
@@ -419,6 +440,7 @@ def main() -> None:
     parser.add_argument("--profile", help="CONTEXTxSEQS: after the timings, time and profile its pure decode steps")
     parser.add_argument("--trace-steps", help="CONTEXTxSEQS: time every step of its 129- and 1-token runs")
     parser.add_argument("--trace-kernels", action="store_true", help="with --trace-steps: each run's GPU kernels")
+    parser.add_argument("--telemetry", action="store_true", help="sample SM clock, power, temperature (NVML)")
     parser.add_argument("--tiles", help="JSON of decode_tiles.Tiles fields to change at d=128 (engine in-process)")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
     parser.add_argument("--plot", type=Path, nargs="+",
@@ -438,7 +460,7 @@ def main() -> None:
     if args.child:
         tiles = None if arms[0] is None else tiles_with(arms[0])
         row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot, profile,
-                       args.repeats, tiles, trace, args.trace_kernels)  # fmt: skip
+                       args.repeats, tiles, trace, args.trace_kernels, args.telemetry)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
         return
 
@@ -477,6 +499,7 @@ def main() -> None:
             *(["--profile", args.profile] if args.profile else []),
             *(["--trace-steps", args.trace_steps] if args.trace_steps else []),
             *(["--trace-kernels"] if args.trace_kernels else []),
+            *(["--telemetry"] if args.telemetry else []),
             *(["--tiles", json.dumps(arm)] if arm is not None else []),
         ]
         child = run_child(cmd, args.timeout)

@@ -11,7 +11,8 @@
 #            SHAPES, MAX_MODEL_LEN, REPEATS (TPOT samples a shape, median reported), PROFILE (CONTEXTxSEQS,
 #            pure decode steps), TILES (JSON of decode_tiles.Tiles fields, or a list of them: the arms of an A/B,
 #            run in order), TRACE (CONTEXTxSEQS, every step of its two runs timed) and TRACE_KERNELS=1 (those
-#            runs' mixed steps' kernels) pass through to bench_engine.py
+#            runs' mixed steps' kernels) and TELEMETRY=1 (SM clock, power, temperature through each timed
+#            window, NVML) pass through to bench_engine.py
 #   profile: where decode time goes (benchmarks/profile_decode.py)
 #   hf:      HF path (issue 5): GPU tests of the HF cache and eval, then the full `turboquant-vllm eval` on CUDA
 #            (KV memory at 8K; 50K tokens x contexts 512/2048/8192 x 5 bit pairs x norm correction on/off;
@@ -60,7 +61,8 @@ native_turboquant_k8v4,ours_4_3,ours_3_3}" >>"$LOG" 2>&1
     timeout 570 python3 benchmarks/bench_engine.py --out "$RESULTS_DIR/engine.json" \
       --modes "${MODES:-ours,bf16}" --timeout "${MODE_TIMEOUT:-280}" ${MAX_MODEL_LEN:+--max-model-len "$MAX_MODEL_LEN"} \
       ${SHAPES+--shapes "$SHAPES"} ${PROFILE:+--profile "$PROFILE"} ${REPEATS:+--repeats "$REPEATS"} \
-      ${TILES:+--tiles "$TILES"} ${TRACE:+--trace-steps "$TRACE"} ${TRACE_KERNELS:+--trace-kernels} >>"$LOG" 2>&1
+      ${TILES:+--tiles "$TILES"} ${TRACE:+--trace-steps "$TRACE"} ${TRACE_KERNELS:+--trace-kernels} \
+      ${TELEMETRY:+--telemetry} >>"$LOG" 2>&1
     ;;
   profile)
     timeout 120 python3 benchmarks/profile_decode.py --out "$RESULTS_DIR/profile_decode.json" >>"$LOG" 2>&1

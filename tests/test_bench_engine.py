@@ -1,5 +1,6 @@
 """bench_engine.py's result handling on the CPU: rows of a timed-out mode, merged runs, the plot, step traces."""
 
+import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,7 +156,10 @@ def test_step_trace_splits_mixed_steps_from_pure_ones_by_batch(bench_engine):
     """Two requests of 4 tokens: step 1 prefills both, step 2 still the second (the first decodes alongside), then
     two pure steps of 2 live requests and one of 1 (the first is done)."""
     llm = SimpleNamespace(llm_engine=ScriptedEngine())
-    trace = bench_engine.trace_steps(llm, [[1, 2], [3, 4]], max_tokens=4)
+    windows = []  # the run is one telemetry window (GpuTelemetry.phase)
+    trace = bench_engine.trace_steps(llm, [[1, 2], [3, 4]], max_tokens=4,
+                                     phase=lambda name: windows.append(name) or contextlib.nullcontext())  # fmt: skip
+    assert windows == ["2x2 trace t4"]
     assert [s[1:] for s in trace["steps"]] == [[2, 0], [1, 1], [0, 2], [0, 2], [0, 1]]
     assert trace["mixed_steps"] == 2
     assert {b: v["steps"] for b, v in trace["pure_by_batch"].items()} == {1: 1, 2: 2}
