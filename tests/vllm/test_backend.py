@@ -197,22 +197,16 @@ def test_builder_routes_decodes_to_the_kernel_and_chunks_to_prefill():
     decode = builder.build(0, common_metadata(make_batch(SCENARIOS["decode"], 8, 2, 64)))
     assert decode.num_splits > 1 and decode.workspace is builder.workspace and decode.prefill is None
     assert decode.num_decodes == 4 and decode.num_decode_tokens == 4
-    batch = make_batch(SCENARIOS["mixed"], 8, 2, 64)
-    mixed = builder.build(0, common_metadata(batch))
+    mixed = builder.build(0, common_metadata(make_batch(SCENARIOS["mixed"], 8, 2, 64)))
     assert (mixed.num_decodes, mixed.num_decode_tokens, mixed.max_query_len) == (2, 2, 1)
-    # Requests (0, 40), (31, 36) and (45, 7): a run without context (its own 40 rows), one reading 31 + 36 buffer
-    # rows, and a short chunk that the paged kernel attends over its pages.
-    new_prompt, chunk, tail = mixed.prefill.runs
+    # Requests (0, 40) and (31, 9): a run without context (its own 40 rows) and one reading 31 + 9 buffer rows.
+    new_prompt, chunk = mixed.prefill.runs
     assert (new_prompt.q_lo, new_prompt.num_tokens, new_prompt.cu_k_host) == (2, 40, [0, 40])
-    assert not new_prompt.has_context and not new_prompt.paged
+    assert not new_prompt.has_context
     assert new_prompt.slots is None and new_prompt.new_rows is None
-    assert (chunk.q_lo, chunk.num_tokens, chunk.cu_k_host, chunk.context_rows) == (42, 36, [0, 67], 31)
-    assert (chunk.slots[:31] >= 0).all() and (chunk.slots[31:] == -1).all() and not chunk.paged
-    assert chunk.new_rows.tolist() == list(range(31, 67)) and mixed.prefill.has_context
-    assert (tail.q_lo, tail.num_tokens, tail.max_q, tail.max_k, tail.paged) == (78, 7, 7, 52, True)
-    assert tail.slots is None and tail.cu_q.tolist() == [0, 7] and tail.seq_lens.tolist() == [52]
-    assert torch.equal(tail.block_table, batch.block_table[4:5]) and tail.block_table.data_ptr() % 16 == 0
-    assert tail.num_splits > 1 and mixed.prefill.workspace is builder.workspace
+    assert (chunk.q_lo, chunk.num_tokens, chunk.cu_k_host, chunk.context_rows) == (42, 9, [0, 40], 31)
+    assert (chunk.slots[:31] >= 0).all() and (chunk.slots[31:] == -1).all()
+    assert chunk.new_rows.tolist() == list(range(31, 40)) and mixed.prefill.has_context
     prefill = builder.build(0, common_metadata(make_batch(SCENARIOS["prefill"], 8, 2, 64)))
     assert prefill.num_decodes == 0 and not prefill.prefill.has_context and len(prefill.prefill.runs) == 1
     big = make_batch([(3, 1)] * (tq_backend.MAX_SPLIT_TOKENS + 1), 8, 2, 64)
@@ -220,29 +214,16 @@ def test_builder_routes_decodes_to_the_kernel_and_chunks_to_prefill():
 
 
 def test_prefill_plan_groups_requests_into_runs_by_context():
-    """New prompts, continuing chunks and short chunks alternate: each maximal run is one FlashAttention call (or,
-    short chunks over context, one paged launch), and only the dequantised runs get a buffer."""
-    batch = make_batch([(3, 1), (0, 5), (0, 2), (20, 34), (7, 33), (40, 3), (9, 32), (0, 6)], 8, 2, 64)
+    """New prompts and continuing chunks alternate: each maximal run is one FlashAttention call, and only runs
+    with context get a buffer."""
+    batch = make_batch([(3, 1), (0, 5), (0, 2), (20, 4), (7, 3), (0, 6)], 8, 2, 64)
     plan = make_builder(8, 2, 64).build(0, common_metadata(batch)).prefill
-    assert [(r.q_lo, r.num_tokens, r.has_context, r.paged) for r in plan.runs] == [
-        (1, 7, False, False), (8, 67, True, False), (75, 35, True, True), (110, 6, False, False)]  # fmt: skip
-    middle, short = plan.runs[1:3]
-    assert middle.cu_q_host == [0, 34, 67] and middle.cu_k_host == [0, 54, 94] and middle.max_k == 54
-    assert middle.new_rows.tolist() == [*range(20, 54), *range(61, 94)]
-    assert torch.equal(middle.slots[:20], batch.context_slots[3]) and torch.equal(middle.slots[54:61],
+    assert [(r.q_lo, r.num_tokens, r.has_context) for r in plan.runs] == [(1, 7, False), (8, 7, True), (15, 6, False)]
+    middle = plan.runs[1]
+    assert middle.cu_q_host == [0, 4, 7] and middle.cu_k_host == [0, 24, 34] and middle.max_k == 24
+    assert middle.new_rows.tolist() == [20, 21, 22, 23, 31, 32, 33]
+    assert torch.equal(middle.slots[:20], batch.context_slots[3]) and torch.equal(middle.slots[24:31],
                                                                                   batch.context_slots[4])  # fmt: skip
-    assert short.cu_q_host == [0, 3, 35] and short.max_q == 32 and short.max_k == 43
-    assert torch.equal(short.block_table, batch.block_table[5:7]) and short.seq_lens.tolist() == [43, 41]
-    many = make_batch([(40, 32)] * 9, 8, 2, 64)  # 288 tokens: more than the split workspace holds
-    assert make_builder(8, 2, 64).build(0, common_metadata(many)).prefill.runs[0].num_splits == 1
-
-
-def test_plan_without_paged_runs_keeps_every_chunk_dequantised():
-    """plan_prefill's default (paged_max_q=0): short chunks over context read a dequantised buffer too."""
-    batch = make_batch([(40, 3), (9, 32)], 8, 2, 64)
-    plan = prefill_module.plan_prefill(batch.query_start_loc.cpu(), batch.seq_lens.cpu(), batch.block_table,
-                                       batch.block_size, 0, 2)  # fmt: skip
-    assert [(r.num_tokens, r.paged, r.context_rows) for r in plan.runs] == [(35, False, 49)]
 
 
 @pytest.mark.parametrize(
@@ -477,8 +458,7 @@ def test_layer_with_calibrated_key_offsets_matches_reference(scenario, rotated, 
     assert torch.signbit(stored_k.scales).any()
 
 
-@pytest.mark.parametrize(("scenario", "rotated"), [("decode", False), ("chunked", False), ("chunked", True),
-                                                    ("prefix_hit", False)])  # fmt: skip
+@pytest.mark.parametrize(("scenario", "rotated"), [("decode", False), ("chunked", False), ("chunked", True)])
 def test_layer_with_exact_sinks_matches_reference(scenario, rotated, monkeypatch, device):
     """config.sink_tokens: a first step prefills every context through the backend (pages + sink writer), the
     scenario's step then reads each context's first 4 tokens exact, in the paged kernel and the prefill path

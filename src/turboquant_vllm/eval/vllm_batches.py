@@ -10,8 +10,8 @@ import torch
 SCENARIOS: dict[str, list[tuple[int, int]]] = {
     "decode": [(37, 1), (1, 1), (80, 1), (16, 1)],
     "prefill": [(0, 33), (0, 7), (0, 64)],
-    "mixed": [(50, 1), (17, 1), (0, 40), (31, 36), (45, 7)],  # the last a short chunk: the prefill path's paged run
-    "chunked": [(64, 40), (100, 33)],  # chunks longer than prefill.PAGED_MAX_Q: dequantised context
+    "mixed": [(50, 1), (17, 1), (0, 40), (31, 9)],
+    "chunked": [(64, 32), (100, 28)],
     "prefix_hit": [(48, 5), (32, 17)],
 }
 

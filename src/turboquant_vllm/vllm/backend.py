@@ -29,14 +29,14 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from turboquant_vllm.codec import KVCodec, shared_codec
 from turboquant_vllm.config import TQConfigError, check_head_dim
 from turboquant_vllm.kernels.decode import paged_attention
-from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_num_splits, choose_split_grid, decode_step_stores
+from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_split_grid, decode_step_stores
 from turboquant_vllm.kernels.pdl import pdl_launch
 from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.key_offset import KeyOffset, layer_key_offset
 from turboquant_vllm.layout import PageLayout
-from turboquant_vllm.vllm.prefill import PAGED_MAX_Q, PrefillPlan, plan_prefill, prefill_attention
+from turboquant_vllm.vllm.prefill import PrefillPlan, plan_prefill, prefill_attention
 from turboquant_vllm.vllm.spec import current_tq_config
 from turboquant_vllm.vllm.warmup import warm_up_kernels
 
@@ -232,8 +232,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
             seq_lens_host = getattr(cam, "seq_lens_cpu_upper_bound", None)
             prefill = plan_prefill(cam.query_start_loc_cpu, cam.seq_lens if seq_lens_host is None else seq_lens_host,
                                    cam.block_table_tensor, self.kv_cache_spec.block_size, num_decodes,
-                                   cam.num_reqs, self.sink_tokens, PAGED_MAX_Q, cam.seq_lens)  # fmt: skip
-            self._split_paged_runs(prefill)
+                                   cam.num_reqs, self.sink_tokens)  # fmt: skip
         return TQ4Metadata(
             num_actual_tokens=cam.num_actual_tokens,
             max_query_len=min(cam.max_query_len, decode_q_len),
@@ -249,15 +248,6 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
             prefill=prefill,
             fused_store_tokens=num_decode_tokens if fused_store else 0,
         )
-
-    def _split_paged_runs(self, plan: PrefillPlan) -> None:
-        """Split-K for the plan's paged runs (short chunks over context), launched eagerly: one wave, as for a
-        decode batch of as many sequences."""
-        for run in plan.runs:
-            if run.paged and run.num_tokens <= MAX_SPLIT_TOKENS:
-                run.num_splits = choose_num_splits(len(run.cu_q_host) - 1, self.num_kv_heads, MAX_SPLITS,
-                                                   self.num_sms, self.head_size)  # fmt: skip
-        plan.workspace = self.workspace
 
 
 class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):

@@ -2,10 +2,8 @@
 
 A chunk of q tokens over c cached tokens does O(q * c) work; reading the packed pages once per
 chunk and handing bf16 K/V to FlashAttention keeps that work on the tensor cores. Decode-sized
-queries stay on the paged kernel, which reads the pages without the round trip through HBM, and so do
-chunks of at most PAGED_MAX_Q tokens over cached context (a prompt's last few tokens once decodes took
-part of the step's token budget): for them, dequantising the whole context costs far more than the attention.
-The pages hold K/V in the rotated basis: a longer chunk much shorter than its context attends there
+queries stay on the paged kernel, which reads the pages without the round trip through HBM.
+The pages hold K/V in the rotated basis: a chunk much shorter than its context attends there
 (its queries, new K/V and output rotated) instead of un-rotating the whole context.
 """
 
@@ -18,33 +16,23 @@ import numpy as np
 import torch
 
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels.decode import paged_attention
 from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.kernels.sinks import SinkTable, substitute_sinks
-from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.key_offset import KeyOffset
-
-# Chunks over cached context of at most this many tokens attend on the paged kernel (plan_prefill's paged_max_q in
-# the vLLM backend). A 32K context dequantised for a short chunk was 27 ms of dequantisation and 59 ms of
-# FlashAttention calls per 129-token run at 16 x 32K (engine_trace_kernels_32kx16_h200_2026-12-02f.json); the
-# paged kernel reads the same context packed, as a one-sequence decode launch of up to 32 splits does.
-PAGED_MAX_Q = 32
 
 
 @dataclass
 class PrefillRun:
-    """Consecutive prefill requests that all have cached context, or all have none: one FlashAttention call,
-    or for short chunks over context (`paged`) one paged-kernel launch.
+    """Consecutive prefill requests that all have cached context, or all have none: one FlashAttention call.
 
     Request i owns query rows [q_lo + cu_q[i], q_lo + cu_q[i+1]) of the step. With context, it owns rows
     [cu_k[i], cu_k[i+1]) of a packed [context | new] K/V buffer: first its cached context (read through `slots`),
     then its new tokens. Without, its keys are its own query rows of the step's K/V (cu_k == cu_q, no buffer).
-    A paged run has no buffer: the kernel reads the context through its requests' block-table rows.
     """
 
     q_lo: int  # first query row of the run in the step
     num_tokens: int  # query rows of the run
-    total_k: int  # rows of the packed K/V buffer (num_tokens without context, or for a paged run)
+    total_k: int  # rows of the packed K/V buffer (num_tokens without context)
     max_q: int
     max_k: int
     has_context: bool
@@ -58,10 +46,6 @@ class PrefillRun:
     sink_rows: torch.Tensor | None = None
     sink_pos: torch.Tensor | None = None
     sink_first_block: torch.Tensor | None = None
-    paged: bool = False
-    block_table: torch.Tensor | None = None  # paged: the requests' rows of the step's block table
-    seq_lens: torch.Tensor | None = None  # paged: int32 [P], the requests' seq_lens on the device
-    num_splits: int = 1  # paged: split-K factor (the backend's builder sets it; 1 needs no workspace)
 
     @property
     def context_rows(self) -> int:
@@ -75,7 +59,6 @@ class PrefillPlan:
     a long new prompt beside it."""
 
     runs: list[PrefillRun]
-    workspace: AttentionWorkspace | None = None  # the paged runs' split-K buffers (the decode launch's, reused)
 
     @property
     def has_context(self) -> bool:
@@ -127,43 +110,21 @@ def plan_prefill(
     first: int,
     num_reqs: int,
     sink_tokens: int = 0,
-    paged_max_q: int = 0,
-    device_seq_lens: torch.Tensor | None = None,
 ) -> PrefillPlan:
     """Plan requests [first, num_reqs) of a step (vLLM orders decodes first).
 
     seq_lens may live on the host (no sync) or the device (one sync); only rows [first, num_reqs) are read.
     sink_tokens: also list the context rows the exact sinks may replace (kernels/sinks.py).
-    paged_max_q: chunks over context of at most this many tokens form paged runs (0: none), which read
-        device_seq_lens (the step's seq_lens on the device).
     """
     qsl = query_start_loc_cpu[first : num_reqs + 1].numpy().astype(np.int64)
     q_lens = np.diff(qsl)
     ctx = seq_lens[first:num_reqs].cpu().numpy().astype(np.int64) - q_lens
-    kind = np.where(ctx > 0, np.where(q_lens <= paged_max_q, 2, 1), 0)  # no context, dequantised, paged
-    assert device_seq_lens is not None or not (kind == 2).any(), "paged runs read the device's seq_lens"
-    edges = [0, *(np.flatnonzero(kind[1:] != kind[:-1]) + 1).tolist(), len(q_lens)]
+    with_ctx = ctx > 0
+    edges = [0, *(np.flatnonzero(with_ctx[1:] != with_ctx[:-1]) + 1).tolist(), len(q_lens)]
     return PrefillPlan([
-        _plan_paged_run(q_lens[a:b], ctx[a:b], int(qsl[a]), first + a, block_table, device_seq_lens) if kind[a] == 2
-        else _plan_run(q_lens[a:b], ctx[a:b], int(qsl[a]), first + a, block_table, block_size, sink_tokens)
+        _plan_run(q_lens[a:b], ctx[a:b], int(qsl[a]), first + a, block_table, block_size, sink_tokens)
         for a, b in zip(edges[:-1], edges[1:], strict=True)
     ])  # fmt: skip
-
-
-def _plan_paged_run(q_lens: np.ndarray, ctx: np.ndarray, q_lo: int, first: int, block_table: torch.Tensor,
-                    device_seq_lens: torch.Tensor) -> PrefillRun:  # fmt: skip
-    """Requests first, first + 1, ... as one paged-kernel launch: no buffer, their block-table rows read in place."""
-    cu_q = np.concatenate([[0], np.cumsum(q_lens)])
-    cu_q_dev = torch.from_numpy(cu_q.astype(np.int32)).to(block_table.device)
-    rows = slice(first, first + len(q_lens))
-    # Copies, not views: a view's start need not be 16-byte aligned, and Triton compiles another variant of the
-    # kernel (inside a request) for a pointer that is not.
-    return PrefillRun(
-        q_lo=q_lo, num_tokens=int(cu_q[-1]), total_k=int(cu_q[-1]), max_q=int(q_lens.max()),
-        max_k=int((ctx + q_lens).max()), has_context=True, cu_q_host=cu_q.tolist(), cu_k_host=cu_q.tolist(),
-        cu_q=cu_q_dev, cu_k=cu_q_dev, paged=True, block_table=block_table[rows].clone(),
-        seq_lens=device_seq_lens[rows].clone(),
-    )  # fmt: skip
 
 
 @cache
@@ -244,12 +205,6 @@ def prefill_attention(
     for run in plan.runs:
         rows = slice(run.q_lo, run.q_lo + run.num_tokens)
         q, k_new, v_new, o = query[rows], key[rows], value[rows], out[rows]
-        if run.paged:
-            paged_attention(codec, q, k_new, v_new, cache, run.block_table, run.seq_lens, run.cu_q, scale, o,
-                            max_query_len=run.max_q, num_splits=run.num_splits,
-                            workspace=plan.workspace if run.num_splits > 1 else None, key_offset=key_offset,
-                            sinks=sinks)  # fmt: skip
-            continue
         if not run.has_context:
             _attend(q, k_new, v_new, run, scale, o)
             continue

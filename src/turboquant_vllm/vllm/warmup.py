@@ -1,9 +1,8 @@
 """Compile the backend's Triton launch shapes while vLLM starts, not when a request first needs them.
 
 CUDA-graph capture compiles only the decode launches of pure decode batches. The store kernel's launch shapes, the
-prefill path's dequantisation, the decode launches of mixed steps (which, unlike pure one-decode steps, do not
-store the new K/V) and the prefill path's paged launches of short chunks (taller query tiles) would otherwise
-compile inside a running request, a stall of about a second each that vLLM's JIT
+prefill path's dequantisation and the decode launches of mixed steps (which, unlike pure one-decode steps, do not
+store the new K/V) would otherwise compile inside a running request, a stall of about a second each that vLLM's JIT
 monitor logs (engine_h200_2026-11-30j_ours.log, engine_h200_2026-12-01i_ours.log). Triton compiles a variant per
 16-divisibility of integer arguments, so the block table here is as wide as vLLM's: its row stride is one of them.
 """
@@ -22,7 +21,6 @@ from turboquant_vllm.kernels.sinks import MIN_ENTRIES, SinkTable, write_sinks
 from turboquant_vllm.kernels.store import LARGE_BATCH_TOKENS, SMALL_BATCH_TOKENS, store_kv
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.key_offset import KeyOffset
-from turboquant_vllm.vllm.prefill import PAGED_MAX_Q
 
 STORE_TOKENS = (1, SMALL_BATCH_TOKENS + 1, LARGE_BATCH_TOKENS)  # one batch per launch shape of store_kv
 DECODE_SPLITS = (1, 2, WIDE_MIN_SPLITS)  # fused, split-K, split-K with the wide tiles
@@ -73,9 +71,3 @@ def warm_up_kernels(
             paged_attention(codec, query, kv[:1], kv[:1], cache, block_table, seq_lens, query_start_loc, 1.0, out,
                             max_query_len=1, num_splits=num_splits, workspace=workspace, key_offset=offset,
                             store_slots=store_slots, sinks=sinks)  # fmt: skip
-    chunk = torch.zeros(PAGED_MAX_Q, num_heads, head_dim, dtype=dtype, device=device)  # prefill.py's paged runs
-    chunk_start_loc = torch.tensor([0, PAGED_MAX_Q], dtype=torch.int32, device=device)
-    for num_splits in DECODE_SPLITS:
-        paged_attention(codec, chunk, kv[:PAGED_MAX_Q], kv[:PAGED_MAX_Q], cache, block_table, seq_lens,
-                        chunk_start_loc, 1.0, torch.empty_like(chunk), max_query_len=PAGED_MAX_Q,
-                        num_splits=num_splits, workspace=workspace, key_offset=offset, sinks=sinks)  # fmt: skip
