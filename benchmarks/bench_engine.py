@@ -285,7 +285,7 @@ def mixed_kernels(prof, top: int) -> dict:
 
 
 def trace_steps(
-    llm, prompts: list[list[int]], max_tokens: int, kernels: bool = False, top: int = 30, phase=None
+    llm, prompts: list[list[int]], max_tokens: int, kernels: bool = False, top: int = 60, phase=None
 ) -> dict:
     """One batch run by hand: each step's wall ms (synchronised), requests still prefilling and decoding.
 
