@@ -42,6 +42,10 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_steps import exact_tokens, profile_decode_steps, trace_steps  # noqa: E402  (sibling scripts)
+from gpu_telemetry import GpuTelemetry  # noqa: E402
+
 if TYPE_CHECKING:
     from turboquant_vllm.kernels.decode_tiles import Tiles
 
@@ -54,21 +58,6 @@ MODES = {
 }
 SHAPES = "4096x1,4096x16,32768x1,32768x16"
 RESULTS = Path(__file__).parent / "results"
-
-
-def exact_tokens(n: int):
-    """Sampling that generates exactly n tokens, greedily: every mode and run does the same decode steps."""
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0)
-
-
-def add_batch(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> dict[str, int]:
-    """Queue the prompts on a hand-stepped engine; returns each request id with the tokens it has produced (0)."""
-    produced = {f"{tag}-{i}": 0 for i in range(len(prompts))}
-    for rid, prompt in zip(produced, prompts, strict=True):
-        engine.add_request(rid, {"prompt_token_ids": prompt}, exact_tokens(max_tokens))
-    return produced
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -89,8 +78,6 @@ def run_mode(
     telemetry: bool = False,
 ) -> dict:
     import os
-
-    from gpu_telemetry import GpuTelemetry
 
     if profile or trace or tiles is not None:  # the profiler / the tile change must reach the engine's kernels
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -220,124 +207,6 @@ def tpot_entry(timed, prompts: list[list[int]], tpot: str, repeats: int) -> dict
             if all(key in s for s in samples):
                 entry[key] = statistics.median(s[key] for s in samples)
     return entry
-
-
-def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: int = 15, phase=None) -> dict:
-    """Pure decode steps of one batch: wall ms per step, then its GPU kernels per step (torch.profiler).
-
-    Requests are stepped by hand until each has its first token, so every timed step decodes the whole
-    batch and no prefill chunk rides along. The kernels' summed device time against the wall time says
-    whether a step waits on the GPU or on the host. phase(name): a context manager around each timed window
-    (GpuTelemetry.phase).
-    """
-    import contextlib
-
-    import torch
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    engine = llm.llm_engine
-    produced = add_batch(engine, prompts, 3 * steps + 16, "profile")
-    while min(produced.values()) < 2:
-        produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in engine.step())
-
-    window = phase or (lambda name: contextlib.nullcontext())
-    shape = f"{len(prompts[0])}x{len(prompts)}"
-
-    def run_steps(name: str) -> float:
-        torch.cuda.synchronize()
-        with window(f"{shape} profile {name}"):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                engine.step()
-            torch.cuda.synchronize()
-            return (time.perf_counter() - t0) / steps * 1e3
-
-    step_ms = run_steps("step_ms")
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        profiled_step_ms = run_steps("profiled_step_ms")
-    step_ms_after = run_steps("step_ms_after")  # once more: was the first window's wall time a steady state?
-    while engine.has_unfinished_requests():
-        engine.step()
-    kernels = kernel_rows(prof, steps)
-    return {
-        "context": len(prompts[0]),
-        "seqs": len(prompts),
-        "step_ms": step_ms,
-        "profiled_step_ms": profiled_step_ms,
-        "step_ms_after": step_ms_after,
-        "kernel_ms_per_step": sum(k["us_per_step"] for k in kernels) / 1e3,
-        "kernels": kernels[:top],
-    }
-
-
-def kernel_rows(prof, steps: int) -> list[dict]:
-    """A torch.profiler run's GPU kernels, longest first: calls and device us per step."""
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    return [{"name": e.key[:120], "calls_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
-            for e in sorted(events, key=lambda e: e.device_time_total, reverse=True)]  # fmt: skip
-
-
-def mixed_kernels(prof, top: int) -> dict:
-    """The profiled mixed steps' `top` kernels and all their kernels' summed device time."""
-    rows = kernel_rows(prof, 1)
-    return {"mixed_kernels_ms": sum(r["us_per_step"] for r in rows) / 1e3, "mixed_kernels_us": rows[:top]}
-
-
-def trace_steps(
-    llm, prompts: list[list[int]], max_tokens: int, kernels: bool = False, top: int = 60, phase=None
-) -> dict:
-    """One batch run by hand: each step's wall ms (synchronised), requests still prefilling and decoding.
-
-    Sums split the run into its mixed steps (some prompt still prefilling) and the pure decode steps after them,
-    the latter by batch size: the two-run TPOT's extra over a pure step is in one or the other. kernels: also
-    profile the mixed steps (torch.profiler) and list their `top` GPU kernels' totals and the kernels' summed time,
-    so two runs' tables say which kernels the mixed steps' difference is made of, and how much of it is no kernel.
-    phase(name): a context manager around the run (GpuTelemetry.phase).
-    """
-    import contextlib
-
-    import torch
-
-    engine = llm.llm_engine
-    produced = add_batch(engine, prompts, max_tokens, f"trace{max_tokens}")
-    steps = []  # [ms, prefilling, decoding] before each step
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    sync()
-    prof = None
-    if kernels:
-        from torch.profiler import ProfilerActivity, profile
-
-        prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU])
-    profiling = contextlib.ExitStack()  # open while the mixed steps run
-    window = phase(f"{len(prompts[0])}x{len(prompts)} trace t{max_tokens}") if phase else contextlib.nullcontext()
-    with window, profiling:
-        if prof is not None:
-            profiling.enter_context(prof)
-        while engine.has_unfinished_requests():
-            live = [n for n in produced.values() if n < max_tokens]
-            if not any(n == 0 for n in live):
-                profiling.close()  # the mixed steps are over
-            t0 = time.perf_counter()
-            outputs = engine.step()
-            sync()
-            steps.append([(time.perf_counter() - t0) * 1e3, sum(n == 0 for n in live), sum(n > 0 for n in live)])
-            produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in outputs)
-    mixed = [ms for ms, prefilling, _ in steps if prefilling]
-    pure: dict[int, list[float]] = {}
-    for ms, prefilling, decoding in steps:
-        if not prefilling:
-            pure.setdefault(decoding, []).append(ms)
-    return {
-        "total_ms": sum(ms for ms, _, _ in steps),
-        "mixed_steps": len(mixed),
-        "mixed_ms": sum(mixed),
-        "pure_by_batch": {
-            b: {"steps": len(v), "ms": sum(v), "median_ms": statistics.median(v)} for b, v in sorted(pure.items())
-        },
-        "steps": [[round(ms, 3), p, d] for ms, p, d in steps],
-        **(mixed_kernels(prof, top) if prof is not None else {}),
-    }
 
 
 def printed_rows(stdout: str) -> list[dict]:

@@ -1,9 +1,7 @@
-"""bench_engine.py's result handling on the CPU: rows of a timed-out mode, merged runs, the plot, step traces."""
+"""bench_engine.py's result handling on the CPU: rows of a timed-out mode, merged runs, the plot, repeats, arms."""
 
-import contextlib
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -125,54 +123,3 @@ def test_arms_run_every_mode_in_order_each_with_its_change(bench_engine, tmp_pat
     assert result["tiles_change"] == [{"live_splits": False}, {}]
     assert sorted(p.name for p in tmp_path.glob("ab_*.log")) == [
         "ab_bf16_arm0.log", "ab_bf16_arm1.log", "ab_ours_arm0.log", "ab_ours_arm1.log"]  # fmt: skip
-
-
-class ScriptedEngine:
-    """Stands in for vLLM's engine: request i prefills in step i + 1, then gains a token per step."""
-
-    def __init__(self) -> None:
-        self.max_tokens: dict[str, int] = {}
-        self.tokens: dict[str, int] = {}
-        self.steps = 0
-
-    def add_request(self, rid, prompt, params) -> None:
-        self.max_tokens[rid] = params.max_tokens
-        self.tokens[rid] = 0
-
-    def has_unfinished_requests(self) -> bool:
-        return any(self.tokens[r] < self.max_tokens[r] for r in self.tokens)
-
-    def step(self) -> list:
-        self.steps += 1
-        out = []
-        for i, rid in enumerate(self.tokens):
-            if self.tokens[rid] < self.max_tokens[rid] and self.steps > i:
-                self.tokens[rid] += 1
-                out.append(SimpleNamespace(request_id=rid, outputs=[SimpleNamespace(token_ids=[0] * self.tokens[rid])]))
-        return out
-
-
-def test_step_trace_splits_mixed_steps_from_pure_ones_by_batch(bench_engine):
-    """Two requests of 4 tokens: step 1 prefills both, step 2 still the second (the first decodes alongside), then
-    two pure steps of 2 live requests and one of 1 (the first is done)."""
-    llm = SimpleNamespace(llm_engine=ScriptedEngine())
-    windows = []  # the run is one telemetry window (GpuTelemetry.phase)
-    trace = bench_engine.trace_steps(llm, [[1, 2], [3, 4]], max_tokens=4,
-                                     phase=lambda name: windows.append(name) or contextlib.nullcontext())  # fmt: skip
-    assert windows == ["2x2 trace t4"]
-    assert [s[1:] for s in trace["steps"]] == [[2, 0], [1, 1], [0, 2], [0, 2], [0, 1]]
-    assert trace["mixed_steps"] == 2
-    assert {b: v["steps"] for b, v in trace["pure_by_batch"].items()} == {1: 1, 2: 2}
-    assert trace["total_ms"] >= trace["mixed_ms"] >= 0
-    assert "mixed_kernels_us" not in trace
-
-
-def test_step_trace_lists_the_runs_kernels_when_asked(bench_engine):
-    """The profiled form: the same steps, plus the mixed steps' GPU kernels (none on a CPU-only engine); the
-    profiler stops before the first pure step and a second trace can profile again."""
-    llm = SimpleNamespace(llm_engine=ScriptedEngine())
-    trace = bench_engine.trace_steps(llm, [[1, 2], [3, 4]], max_tokens=2, kernels=True)
-    assert [s[1:] for s in trace["steps"]] == [[2, 0], [1, 1], [0, 1]]
-    assert isinstance(trace["mixed_kernels_us"], list) and trace["mixed_kernels_ms"] >= 0
-    again = bench_engine.trace_steps(SimpleNamespace(llm_engine=ScriptedEngine()), [[1, 2]], max_tokens=1, kernels=True)
-    assert again["mixed_steps"] == 1 and "mixed_kernels_us" in again
