@@ -5,6 +5,8 @@ TPOT = (t129 - t1) / 128 splits exactly into two parts of the traced runs:
   less the 1-token run, whose steps are all prefill; the decodes that ride along later prompts' prefill chunks;
 - pure: the decode steps after the last prefill, whose batch shrinks as requests finish.
 With telemetry, each part's SM clock and power (samples inside its steps' windows) say whether a part ran throttled.
+With --trace-kernels, the mixed steps' kernel excess (129-token run less 1-token run, ms over the run) per kernel
+family says which kernels the mixed extra is made of; only the kernels each run listed (its top ones) are counted.
 The traced steps are synchronised one by one, so both parts carry the host's time per step as well; the
 untraced TPOT of the same lease is the figure to quote.
 
@@ -20,6 +22,17 @@ import statistics
 from pathlib import Path
 
 DECODE_TOKENS = 128  # t129 - t1: the decode steps a two-run TPOT divides by
+# Kernel name fragments -> family, first match wins (ours, FlashAttention, the GEMMs, everything else).
+KERNEL_FAMILIES = (
+    ("_attention_kernel", "ours: attention"),
+    ("_rotate_queries", "ours: query rotation"),
+    ("_reduce_splits", "ours: split-K reduce"),
+    ("_dequant", "ours: dequantise"),
+    ("_store", "ours: store"),
+    ("flash::", "FlashAttention"),
+    ("nvjet", "GEMM"),
+    ("index", "index copies"),
+)
 
 
 def step_windows(steps: list[list]) -> list[tuple[float, float, int, int]]:
@@ -63,6 +76,24 @@ def split_tpot(trace: dict, series: list[list] | None = None) -> dict:
     return out
 
 
+def kernel_family(name: str) -> str:
+    return next((family for fragment, family in KERNEL_FAMILIES if fragment in name), "other")
+
+
+def mixed_kernel_excess(trace: dict) -> dict[str, float] | None:
+    """ms of GPU kernels by family in the 129-token run's mixed steps less the 1-token run's (None: not profiled)."""
+    long, short = trace["t129"], trace["t1"]
+    if "mixed_kernels_us" not in long or "mixed_kernels_us" not in short:
+        return None
+    excess: dict[str, float] = {}
+    for rows, sign in ((long["mixed_kernels_us"], 1), (short["mixed_kernels_us"], -1)):
+        for row in rows:
+            family = kernel_family(row["name"])
+            excess[family] = excess.get(family, 0.0) + sign * row["us_per_step"] / 1e3
+    return {"all_kernels": round(long["mixed_kernels_ms"] - short["mixed_kernels_ms"], 3),
+            **{f: round(ms, 3) for f, ms in sorted(excess.items())}}  # fmt: skip
+
+
 def report(result: dict) -> list[dict]:
     """One row per traced mode of a bench_engine result."""
     rows = []
@@ -72,7 +103,11 @@ def report(result: dict) -> list[dict]:
             continue
         phases = mode.get("telemetry", {}).get("phases", [])
         t129 = [p["series"] for p in phases if p["phase"].endswith("trace t129")]
-        rows.append({"mode": mode.get("label", mode["mode"]), **split_tpot(trace, t129[0] if t129 else None)})
+        row = {"mode": mode.get("label", mode["mode"]), **split_tpot(trace, t129[0] if t129 else None)}
+        excess = mixed_kernel_excess(trace)
+        if excess is not None:
+            row["mixed_kernel_excess_ms"] = excess
+        rows.append(row)
     return rows
 
 
@@ -88,6 +123,8 @@ def main() -> None:
         print(f"{row['mode']:>10} {row['context']}x{row['seqs']}: traced TPOT {row['traced_tpot_ms']:.2f} ms = "
               f"mixed extra {row['mixed_extra_ms']:.2f} + pure {row['pure_ms']:.2f}; "
               f"full-batch step {row['full_batch_step_ms']:.2f} ms{clocks}")  # fmt: skip
+        if "mixed_kernel_excess_ms" in row:
+            print("    mixed steps' kernel excess, ms:", json.dumps(row["mixed_kernel_excess_ms"]))
     if args.out:
         args.out.write_text(json.dumps({"benchmark": "trace_report", "rows": rows}, indent=1))
         print(f"wrote {args.out}")

@@ -61,3 +61,21 @@ def test_report_reads_every_traced_mode(trace_report, tmp_path, monkeypatch, cap
     trace_report.main()
     assert json.loads(out.read_text())["rows"][0]["source"] == "trace.json"
     assert "mixed extra 0.06 + pure 8.12" in capsys.readouterr().out
+
+
+def test_mixed_kernel_excess_by_family(trace_report):
+    """--trace-kernels rows of both runs: the 129-token run's mixed-step kernels less the 1-token run's, by family;
+    a kernel only one run listed counts on its side alone."""
+    trace = two_runs()
+    trace["t129"].update(mixed_kernels_ms=30.0, mixed_kernels_us=[
+        {"name": "_attention_kernel", "us_per_step": 5000.0}, {"name": "_dequant_kv_kernel", "us_per_step": 4000.0},
+        {"name": "void cutlass::device_kernel<flash::FlashAttnFwdSm90<", "us_per_step": 20000.0},
+        {"name": "nvjet_sm90_tst_128x16", "us_per_step": 1000.0}])  # fmt: skip
+    trace["t1"].update(mixed_kernels_ms=24.0, mixed_kernels_us=[
+        {"name": "_dequant_kv_kernel", "us_per_step": 3000.0},
+        {"name": "void cutlass::device_kernel<flash::FlashAttnFwdSm90<", "us_per_step": 20500.0},
+        {"name": "elementwise_kernel", "us_per_step": 500.0}])  # fmt: skip
+    assert trace_report.mixed_kernel_excess(trace) == {
+        "all_kernels": 6.0, "FlashAttention": -0.5, "GEMM": 1.0, "other": -0.5, "ours: attention": 5.0,
+        "ours: dequantise": 1.0}  # fmt: skip
+    assert trace_report.mixed_kernel_excess(two_runs()) is None
