@@ -16,9 +16,9 @@ runs' 64K-token prefills differ by more than a decode step.
 of as many more per step (torch.profiler, engine in-process) and times as many after them again: where a decode
 step's time goes, and whether the wall time before the profiled steps was a steady state.
 --trace-steps CONTEXTxSEQS steps that batch's 129-token and 1-token runs by hand and times every step (with the
-number of requests still prefilling and of those decoding): where the two runs' difference goes, mixed steps
-(decodes riding along later prompts' prefill chunks) or the pure decode steps after them; with --trace-kernels
-each run's mixed steps are also profiled, their GPU kernels' totals listed.
+number of requests still prefilling and of those decoding, and the prompt chunks each step ran): where the two
+runs' difference goes, mixed steps (decodes riding along later prompts' prefill chunks) or the pure decode steps
+after them; with --trace-kernels each run's mixed steps are also profiled, their GPU kernels' totals listed.
 --tiles JSON changes our kernel's d=128 launch shapes (fields of decode_tiles.Tiles, e.g. '{"publish_q": true}') for
 an A/B of two settings in the engine; the engine core then runs in-process so the change reaches its kernels, and
 the other arm should pass --tiles '{}' to run the same way. A JSON list runs every mode once per element, in order

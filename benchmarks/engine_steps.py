@@ -95,13 +95,16 @@ def trace_steps(
     the latter by batch size: the two-run TPOT's extra over a pure step is in one or the other. kernels: also
     profile the mixed steps (torch.profiler) and list their `top` GPU kernels' totals and the kernels' summed time,
     so two runs' tables say which kernels the mixed steps' difference is made of, and how much of it is no kernel.
-    phase(name): a context manager around the run (GpuTelemetry.phase).
+    phase(name): a context manager around the run (GpuTelemetry.phase). Where the engine core runs in this
+    process, `prefill_chunks` lists each step's prompt chunks as [tokens, cached context before them].
     """
     import torch
 
     engine = llm.llm_engine
     produced = add_batch(engine, prompts, max_tokens, f"trace{max_tokens}")
     steps = []  # [ms, prefilling, decoding] before each step
+    requests = scheduler_requests(engine)
+    chunks: list[list[list[int]]] = []  # per step: [tokens, context] of each prompt chunk it ran
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     sync()
     prof = None
@@ -118,10 +121,13 @@ def trace_steps(
             live = [n for n in produced.values() if n < max_tokens]
             if not any(n == 0 for n in live):
                 profiling.close()  # the mixed steps are over
+            before = prompt_progress(requests)
             t0 = time.perf_counter()
             outputs = engine.step()
             sync()
             steps.append([(time.perf_counter() - t0) * 1e3, sum(n == 0 for n in live), sum(n > 0 for n in live)])
+            if requests is not None:
+                chunks.append(prompt_chunks(before, prompt_progress(requests)))
             produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in outputs)
     mixed = [ms for ms, prefilling, _ in steps if prefilling]
     pure: dict[int, list[float]] = {}
@@ -136,5 +142,33 @@ def trace_steps(
             b: {"steps": len(v), "ms": sum(v), "median_ms": statistics.median(v)} for b, v in sorted(pure.items())
         },
         "steps": [[round(ms, 3), p, d] for ms, p, d in steps],
+        **({"prefill_chunks": chunks} if requests is not None else {}),
         **(mixed_kernels(prof, top) if prof is not None else {}),
     }
+
+
+def scheduler_requests(engine) -> dict | None:
+    """The scheduler's live requests where vLLM's engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0:
+    LLMEngine -> InprocClient -> EngineCore -> Scheduler), else None. vLLM internals: read, never changed."""
+    core = getattr(getattr(engine, "engine_core", None), "engine_core", None)
+    requests = getattr(getattr(core, "scheduler", None), "requests", None)
+    return requests if isinstance(requests, dict) else None
+
+
+def prompt_progress(requests: dict | None) -> dict[str, tuple[int, int]]:
+    """(prompt tokens computed so far, prompt tokens) of each live request."""
+    if requests is None:
+        return {}
+    return {rid: (min(r.num_computed_tokens, r.num_prompt_tokens), r.num_prompt_tokens)
+            for rid, r in list(requests.items())}  # fmt: skip
+
+
+def prompt_chunks(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[list[int]]:
+    """[tokens, cached context] of the prompt chunk each request ran in a step, from its progress before and after;
+    a request gone after the step (finished) had computed its whole prompt."""
+    chunks = []
+    for rid, (done, total) in before.items():
+        end = after[rid][0] if rid in after else total
+        if end > done:
+            chunks.append([end - done, done])
+    return chunks

@@ -5,6 +5,8 @@ TPOT = (t129 - t1) / 128 splits exactly into two parts of the traced runs:
   less the 1-token run, whose steps are all prefill; the decodes that ride along later prompts' prefill chunks;
 - pure: the decode steps after the last prefill, whose batch shrinks as requests finish.
 With telemetry, each part's SM clock and power (samples inside its steps' windows) say whether a part ran throttled.
+Where the trace lists each step's prompt chunks, the sizes of those over cached context (the 129-token run's
+shrink by the decodes riding along) are listed for both runs.
 With --trace-kernels, the mixed steps' kernel excess (129-token run less 1-token run, ms over the run) per kernel
 family says which kernels the mixed extra is made of; only the kernels each run listed (its top ones) are counted.
 The traced steps are synchronised one by one, so both parts carry the host's time per step as well; the
@@ -69,6 +71,9 @@ def split_tpot(trace: dict, series: list[list] | None = None) -> dict:
         "decodes_in_mixed_steps": sum(d for _, p, d in long["steps"] if p),
         "full_batch_step_ms": long["pure_by_batch"][str(full)]["median_ms"],
     }
+    for name, run in (("t129", long), ("t1", short)):  # in-process traces list each step's prompt chunks
+        if "prefill_chunks" in run:
+            out[f"chunks_over_context_{name}"] = sorted(t for step in run["prefill_chunks"] for t, ctx in step if ctx)
     if series is not None:
         windows = step_windows(long["steps"])
         out["clock_mixed"] = clock_in(series, [w for w in windows if w[2]])

@@ -60,3 +60,56 @@ def test_step_trace_lists_the_runs_kernels_when_asked(engine_steps):
     assert isinstance(trace["mixed_kernels_us"], list) and trace["mixed_kernels_ms"] >= 0
     again = engine_steps.trace_steps(SimpleNamespace(llm_engine=ScriptedEngine()), [[1, 2]], max_tokens=1, kernels=True)
     assert again["mixed_steps"] == 1 and "mixed_kernels_us" in again
+
+
+class ChunkedEngine:
+    """Stands in for vLLM's engine with its core in this process: each step runs the decodes first, then prompt
+    chunks in order within a token budget; a request leaves the scheduler once it has all its tokens."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.requests: dict[str, SimpleNamespace] = {}
+        self.engine_core = SimpleNamespace(
+            engine_core=SimpleNamespace(scheduler=SimpleNamespace(requests=self.requests))
+        )
+
+    def add_request(self, rid, prompt, params) -> None:
+        self.requests[rid] = SimpleNamespace(num_computed_tokens=0, num_prompt_tokens=len(prompt["prompt_token_ids"]),
+                                             max_tokens=params.max_tokens, tokens=0)  # fmt: skip
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list:
+        budget, out = self.budget, []
+        for rid, r in list(self.requests.items()):
+            if r.num_computed_tokens == r.num_prompt_tokens:
+                budget, r.tokens = budget - 1, r.tokens + 1
+                out.append(rid)
+        for rid, r in self.requests.items():
+            chunk = min(r.num_prompt_tokens - r.num_computed_tokens, budget)
+            if rid not in out and chunk > 0:
+                r.num_computed_tokens += chunk
+                budget -= chunk
+                if r.num_computed_tokens == r.num_prompt_tokens:
+                    r.tokens = 1
+                    out.append(rid)
+        outputs = [SimpleNamespace(request_id=rid, outputs=[SimpleNamespace(token_ids=[0] * self.requests[rid].tokens)])
+                   for rid in out]  # fmt: skip
+        for rid in out:
+            if self.requests[rid].tokens >= self.requests[rid].max_tokens:
+                del self.requests[rid]
+        return outputs
+
+
+def test_step_trace_lists_each_steps_prompt_chunks(engine_steps):
+    """Three 10-token prompts, 8 tokens a step: decodes take their token first, so the chunks shift and the third
+    prompt's last chunk is 1 token over 9 of context. A request that finishes in a step (1-token run) still counts
+    its last chunk."""
+    prompts = [list(range(10))] * 3
+    long = engine_steps.trace_steps(SimpleNamespace(llm_engine=ChunkedEngine(8)), prompts, max_tokens=3)
+    assert long["prefill_chunks"] == [[[8, 0]], [[2, 8], [6, 0]], [[4, 6], [3, 0]], [[6, 3]], [[1, 9]], [], []]
+    assert [s[1:] for s in long["steps"]] == [[3, 0], [3, 0], [2, 1], [1, 2], [1, 1], [0, 1], [0, 1]]
+    short = engine_steps.trace_steps(SimpleNamespace(llm_engine=ChunkedEngine(8)), prompts, max_tokens=1)
+    assert short["prefill_chunks"] == [[[8, 0]], [[2, 8], [6, 0]], [[4, 6], [4, 0]], [[6, 4]]]
+    assert "prefill_chunks" not in engine_steps.trace_steps(SimpleNamespace(llm_engine=ScriptedEngine()), [[1]], 1)

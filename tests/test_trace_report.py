@@ -79,3 +79,12 @@ def test_mixed_kernel_excess_by_family(trace_report):
         "all_kernels": 6.0, "FlashAttention": -0.5, "GEMM": 1.0, "other": -0.5, "ours: attention": 5.0,
         "ours: dequantise": 1.0}  # fmt: skip
     assert trace_report.mixed_kernel_excess(two_runs()) is None
+
+
+def test_chunks_over_cached_context_are_listed_per_run(trace_report):
+    """Traces that list each step's prompt chunks: the sizes of those with cached context, smallest first."""
+    trace = two_runs()
+    trace["t129"]["prefill_chunks"] = [[[8, 0]], [[2, 8], [6, 0]], [[4, 6], [3, 0]], [[6, 3]], [[1, 9]], [], []]
+    trace["t1"]["prefill_chunks"] = [[[8, 0]], [[2, 8], [6, 0]]]
+    row = trace_report.split_tpot(trace)
+    assert row["chunks_over_context_t129"] == [1, 2, 4, 6] and row["chunks_over_context_t1"] == [2]
