@@ -11,6 +11,11 @@ import statistics
 import time
 
 
+def no_window(name: str) -> contextlib.AbstractContextManager:
+    """The default `phase` of the windows below: marks nothing (GpuTelemetry.phase marks a telemetry window)."""
+    return contextlib.nullcontext()
+
+
 def exact_tokens(n: int):
     """Sampling that generates exactly n tokens, greedily: every mode and run does the same decode steps."""
     from vllm import SamplingParams
@@ -26,7 +31,7 @@ def add_batch(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> di
     return produced
 
 
-def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: int = 15, phase=None) -> dict:
+def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: int = 15, phase=no_window) -> dict:
     """Pure decode steps of one batch: wall ms per step, then its GPU kernels per step (torch.profiler).
 
     Requests are stepped by hand until each has its first token, so every timed step decodes the whole
@@ -43,12 +48,11 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
     while min(produced.values()) < 2:
         produced.update((o.request_id, len(o.outputs[0].token_ids)) for o in engine.step())
 
-    window = phase or (lambda name: contextlib.nullcontext())
     shape = f"{len(prompts[0])}x{len(prompts)}"
 
     def run_steps(name: str) -> float:
         torch.cuda.synchronize()
-        with window(f"{shape} profile {name}"):
+        with phase(f"{shape} profile {name}"):
             t0 = time.perf_counter()
             for _ in range(steps):
                 engine.step()
@@ -87,7 +91,7 @@ def mixed_kernels(prof, top: int) -> dict:
 
 
 def trace_steps(
-    llm, prompts: list[list[int]], max_tokens: int, kernels: bool = False, top: int = 60, phase=None
+    llm, prompts: list[list[int]], max_tokens: int, kernels: bool = False, top: int = 60, phase=no_window
 ) -> dict:
     """One batch run by hand: each step's wall ms (synchronised), requests still prefilling and decoding.
 
@@ -113,8 +117,7 @@ def trace_steps(
 
         prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU])
     profiling = contextlib.ExitStack()  # open while the mixed steps run
-    window = phase(f"{len(prompts[0])}x{len(prompts)} trace t{max_tokens}") if phase else contextlib.nullcontext()
-    with window, profiling:
+    with phase(f"{len(prompts[0])}x{len(prompts)} trace t{max_tokens}"), profiling:
         if prof is not None:
             profiling.enter_context(prof)
         while engine.has_unfinished_requests():
