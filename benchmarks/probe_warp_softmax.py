@@ -13,26 +13,35 @@ lookup, 16 query rows), compiled for sm_90a without a GPU:
 - warp_rows: the batched form with query rows on the MMA's M side (FlashAttention-2's order within a warp);
 - warp_rows_k_fragment, warp_k_fragment: the two batched forms with the key columns relabelled as `k_fragment`
   relabels them for wgmma (fragment.fragment_columns), the query's the same way.
-Only the compiled code is compared here; tests/test_probe_warp_softmax.py checks each against fp32 torch on the
-CPU (with a codebook gather in place of the lookup, which the interpreter cannot run).
+By default only the compiled code is compared; `--time` runs the forms on a GPU, each launch a grid of programs
+over tiles of their own (by default the 16 x 32K and 16 x 4K launches' 384 programs of 171 and 21 tiles), timed in
+a CUDA graph, each form's output checked against the cta form's. tests/test_probe_warp_softmax.py checks each form
+against fp32 torch on the CPU (with a codebook gather in place of the lookup, which the interpreter cannot run).
 
     python benchmarks/probe_warp_softmax.py
+    python benchmarks/probe_warp_softmax.py --time --out benchmarks/results/probe_warp_softmax_h200_DATE.json
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
+import shlex
 import sys
 from pathlib import Path
 
+import torch
 import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_resources  # noqa: E402  (a sibling script, not a package)
 
+from turboquant_vllm import TQConfig  # noqa: E402
+from turboquant_vllm.codec import KVCodec  # noqa: E402
 from turboquant_vllm.kernels.fragment import fragment_columns  # noqa: E402
-from turboquant_vllm.kernels.lut import lut_decode_words  # noqa: E402
+from turboquant_vllm.kernels.lut import lut_decode_words, lut_tables  # noqa: E402
 from turboquant_vllm.kernels.page import split_words  # noqa: E402
 
 TILE = 64  # tokens a tile
@@ -73,7 +82,14 @@ def _warp_slices(k_ptr, v_ptr, ks_ptr, vs_ptr, t, lut_ptr, cent_ptr, LUT: tl.con
 def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_ptr, n_tiles,
                   WARP_SPLIT: tl.constexpr, LUT: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr,
                   DIM: tl.constexpr, WORDS: tl.constexpr, WARPS: tl.constexpr):  # fmt: skip
-    """out [ROWS, DIM] = softmax(q K^T) V over n_tiles * TILE tokens, q in log2 units (exp2 softmax)."""
+    """out [ROWS, DIM] = softmax(q K^T) V over n_tiles * TILE tokens, q in log2 units (exp2 softmax).
+    Program p reads its own n_tiles tiles (the p-th block of the K/V words and scales) and writes out[p]."""
+    pid = tl.program_id(0)
+    k_ptr += pid * n_tiles * TILE * WORDS
+    v_ptr += pid * n_tiles * TILE * WORDS
+    ks_ptr += pid * n_tiles * TILE
+    vs_ptr += pid * n_tiles * TILE
+    out_ptr += pid * ROWS * DIM
     dim = tl.arange(0, DIM)
     q_t = tl.load(q_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None]).to(tl.float16)  # [DIM, ROWS]
     if WARP_SPLIT == 2 or WARP_SPLIT == 3:  # rows on M: P leaves the score MMA in the layout P.V takes it in
@@ -155,10 +171,87 @@ def compile_probe(form: str) -> dict:
     return {"form": form, **kernel_resources.compile_toy_loop(_probe_kernel, pointers, constexprs, WARPS)}
 
 
-def main() -> int:
-    rows = [compile_probe(form) for form in FORMS]
-    print(json.dumps({"probe": "warp_softmax", "target": "sm_90a (compiled, not run)", "triton": triton.__version__,
-                      "rows": rows}, indent=1))  # fmt: skip
+def probe_inputs(programs: int, n_tiles: int, device: str, seed: int = 0) -> dict:
+    """Random 4-bit K/V words and scales for `programs` programs of n_tiles tiles each, a query, the codebook
+    (fp16) and its lookup tables: the toy kernel's arguments, by name."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    tokens = programs * n_tiles * TILE
+    centroids = KVCodec(TQConfig(), 1, DIM).key.centroids.to(torch.float16)
+    lut = lut_tables(centroids)
+    assert lut is not None, "the 4-bit codebook is symmetric in fp16, so the lookup tables exist"
+    words = torch.randint(-(2**31), 2**31 - 1, (2, tokens, WORDS), generator=g, dtype=torch.int64).to(torch.int32)
+    scales = torch.rand(2, tokens, generator=g) * 0.5 + 0.5
+    args = {"k_ptr": words[0], "v_ptr": words[1], "ks_ptr": scales[0], "vs_ptr": scales[1],
+            "q_ptr": torch.randn(ROWS, DIM, generator=g) * 2, "lut_ptr": lut, "cent_ptr": centroids}  # fmt: skip
+    return {name: t.to(device) for name, t in args.items()}
+
+
+def time_probe(form: str, inputs: dict, programs: int, n_tiles: int, rep: int) -> tuple[dict, torch.Tensor]:
+    """One form's launch of `programs` programs on the GPU, timed in a CUDA graph: us, packed bytes read a second
+    (136 bytes a token: 2 x 64 bytes of words, 2 fp32 scales), the compiled registers; and its output."""
+    out = torch.empty(programs, ROWS, DIM, device="cuda")
+
+    def launch():
+        return _probe_kernel[(programs,)](*inputs.values(), out, n_tiles, WARP_SPLIT=FORMS[form], LUT=True,
+                                          num_warps=WARPS, **CONSTANTS)  # fmt: skip
+
+    kernel = launch()
+    torch.cuda.synchronize()
+    ms = float(triton.testing.do_bench_cudagraph(launch, rep=rep))
+    nbytes = programs * n_tiles * TILE * (2 * WORDS * 4 + 2 * 4)
+    row = {"form": form, "programs": programs, "tiles_a_program": n_tiles, "us": ms * 1e3,
+           "us_a_tile_round": ms * 1e3 / n_tiles, "packed_tb_per_s": nbytes / ms / 1e9,
+           "registers": kernel.n_regs, "spills": kernel.n_spills}  # fmt: skip
+    return row, out.clone()
+
+
+def time_forms(shapes: list[tuple[int, int]], rep: int) -> list[dict]:
+    """Every form at each (programs, tiles a program); each form's output checked against the cta form's."""
+    rows = []
+    for programs, n_tiles in shapes:
+        inputs = probe_inputs(programs, n_tiles, "cuda")
+        reference = None
+        for form in FORMS:
+            row, out = time_probe(form, inputs, programs, n_tiles, rep)
+            if reference is None:
+                reference = out
+            row["max_rel_diff_vs_cta"] = float((out - reference).abs().max() / reference.abs().max())
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del inputs
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--time", action="store_true", help="time the forms on the GPU instead of compiling offline")
+    p.add_argument(
+        "--shapes",
+        default="384x171,384x21",
+        help="PROGRAMSxTILES launches to time (default: 16 x 32K and 16 x 4K at 3 splits, 8 KV heads)",
+    )
+    p.add_argument("--rep", type=int, default=200, help="do_bench_cudagraph repetition time, ms")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.time:
+        result = {"probe": "warp_softmax", "target": "sm_90a (compiled, not run)", "triton": triton.__version__,
+                  "rows": [compile_probe(form) for form in FORMS]}  # fmt: skip
+    elif not torch.cuda.is_available():
+        print("--time needs a CUDA GPU; none found.")
+        return 2
+    else:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        result = {"probe": "warp_softmax", "target": torch.cuda.get_device_name(), "triton": triton.__version__,
+                  "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                  "command": shlex.join([sys.executable, *sys.argv]), "rows": time_forms(shapes, args.rep)}  # fmt: skip
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
     return 0
 
 
