@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -62,6 +63,62 @@ def _tile(ptr, t, lut_ptr, cent_ptr, LUT: tl.constexpr, TILE: tl.constexpr, DIM:
         return tl.load(cent_ptr + split_words(words, 4, DIM, TILE))
 
 
+# One word's 8 coordinates as e4m3 bytes (coordinates 0-3 in $0, 4-7 in $1) from the 4 bytes of the word ($2) and
+# an 8-byte table of magnitudes ($3: ranks 0-3, $7: ranks 4-7; Triton passes each 32-bit table 4 times at pack=4):
+# lut.py's sign and rank arithmetic, then one byte permute picks 4 magnitudes and the sign bits are ORed in.
+_FP8_ASM = tl.constexpr("""{
+.reg .b32 f, fl, sel, selh, g, ma, mb, sa, sb;
+not.b32 f, $2;
+and.b32 f, f, 0x88888888;
+shr.u32 fl, f, 3;
+sub.u32 fl, f, fl;
+xor.b32 sel, $2, fl;
+and.b32 sel, sel, 0x77777777;
+shr.u32 selh, sel, 16;
+prmt.b32 ma, $3, $7, sel;
+prmt.b32 mb, $3, $7, selh;
+shl.b32 g, f, 4;
+prmt.b32 sa, g, f, 0x5140;
+prmt.b32 sb, g, f, 0x7362;
+and.b32 sa, sa, 0x80808080;
+and.b32 sb, sb, 0x80808080;
+or.b32 $0, ma, sa;
+or.b32 $1, mb, sb;
+}""")
+
+
+def fp8_alpha(centroids: torch.Tensor) -> float:
+    """A power of two that puts the codebook's largest magnitude in [2, 4): every centroid then stays a normal e4m3
+    number, rounded to 3 mantissa bits (the scores divide by it again)."""
+    return float(2.0 ** (1 - math.floor(math.log2(centroids.abs().max().item()))))
+
+
+def fp8_table(centroids: torch.Tensor, alpha: float) -> torch.Tensor:
+    """int32 [2]: the e4m3 bytes of alpha * |c| for magnitude ranks 0-7 (centroid 8 + r), as _FP8_ASM reads them."""
+    mags = (centroids[8:].float() * alpha).to(torch.float8_e4m3fn).view(torch.uint8)
+    return mags.contiguous().view(torch.int32)
+
+
+@triton.jit
+def _tile_fp8(ptr, t, lut8_ptr, cent_ptr, LUT: tl.constexpr, ALPHA: tl.constexpr, TILE: tl.constexpr,
+              DIM: tl.constexpr, WORDS: tl.constexpr):  # fmt: skip
+    """e4m3 ALPHA * centroids [TILE, DIM] of tile t's 4-bit words: _FP8_ASM over the words' bytes, or (LUT=False,
+    for the CPU interpreter) the fp16 codebook gathered, scaled and rounded."""
+    if LUT:
+        nbytes: tl.constexpr = WORDS * 4
+        b = tl.load(ptr.to(tl.pointer_type(tl.uint8)) + t * TILE * nbytes + tl.arange(0, TILE)[:, None] * nbytes
+                    + tl.arange(0, nbytes)[None, :])  # fmt: skip
+        lo, hi = tl.load(lut8_ptr), tl.load(lut8_ptr + 1)
+        c03, c47 = tl.inline_asm_elementwise(_FP8_ASM, "=r,=r,r,r,r,r,r,r,r,r,r", [b, lo, hi],
+                                             dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True, pack=4)  # fmt: skip
+        # c03[.., 4w + j] is coordinate 8w + j, c47[.., 4w + j] coordinate 8w + 4 + j
+        x = tl.join(tl.reshape(c03, (TILE, WORDS, 4)), tl.reshape(c47, (TILE, WORDS, 4)))  # [TILE, WORDS, 4, 2]
+        return tl.reshape(tl.permute(x, (0, 1, 3, 2)), (TILE, DIM))
+    else:
+        words = tl.load(ptr + t * TILE * WORDS + tl.arange(0, TILE)[:, None] * WORDS + tl.arange(0, WORDS)[None, :])
+        return (tl.load(cent_ptr + split_words(words, 4, DIM, TILE)).to(tl.float32) * ALPHA).to(tl.float8e4nv)
+
+
 @triton.jit
 def _warp_slices(k_ptr, v_ptr, ks_ptr, vs_ptr, t, lut_ptr, cent_ptr, LUT: tl.constexpr, K_FRAG: tl.constexpr,
                  TILE: tl.constexpr, DIM: tl.constexpr, WORDS: tl.constexpr, WARPS: tl.constexpr):  # fmt: skip
@@ -79,9 +136,9 @@ def _warp_slices(k_ptr, v_ptr, ks_ptr, vs_ptr, t, lut_ptr, cent_ptr, LUT: tl.con
 
 
 @triton.jit
-def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_ptr, n_tiles,
+def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, lut8_ptr, cent_ptr, out_ptr, n_tiles,
                   WARP_SPLIT: tl.constexpr, LUT: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr,
-                  DIM: tl.constexpr, WORDS: tl.constexpr, WARPS: tl.constexpr):  # fmt: skip
+                  DIM: tl.constexpr, WORDS: tl.constexpr, WARPS: tl.constexpr, FP8_ALPHA: tl.constexpr):  # fmt: skip
     """out [ROWS, DIM] = softmax(q K^T) V over n_tiles * TILE tokens, q in log2 units (exp2 softmax).
     Program p reads its own n_tiles tiles (the p-th block of the K/V words and scales) and writes out[p]."""
     pid = tl.program_id(0)
@@ -139,16 +196,27 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_pt
         w = tl.exp2(m3 - m[None, :])
         acc_t = tl.sum(acc3 * w[:, None, :], 0)
         l_i = tl.sum(l3 * w, 0)
-    else:
+    else:  # cta, and cta_fp8_k: keys looked up as e4m3 bytes, the score MMA in fp8 (queries rounded to e4m3)
+        FP8_K: tl.constexpr = WARP_SPLIT == 5
+        if FP8_K:
+            q8_t = (tl.load(q_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None])).to(tl.float8e4nv)
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
         acc_t = tl.zeros([DIM, ROWS], tl.float32)
         for t in range(n_tiles):
-            k = _tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
             v = _tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
             ks = tl.load(ks_ptr + t * TILE + tl.arange(0, TILE))
             vs = tl.load(vs_ptr + t * TILE + tl.arange(0, TILE))
-            s = tl.dot(k, q_t) * ks[:, None]  # [TILE tokens, ROWS]: the tile's tokens across all warps
+            if FP8_K:  # [TILE tokens, ROWS]
+                k8 = _tile_fp8(k_ptr, t, lut8_ptr, cent_ptr, LUT, FP8_ALPHA, TILE, DIM, WORDS)
+                if LUT:  # noqa: SIM108 (a compile-time branch: the interpreter takes the other)
+                    s = tl.dot(k8, q8_t)
+                else:  # the CPU interpreter's fp8 dot is not exact: the same e4m3 values, multiplied in fp32
+                    s = tl.dot(k8.to(tl.float32), q8_t.to(tl.float32))
+                s = s * (ks * (1.0 / FP8_ALPHA))[:, None]
+            else:  # the tile's tokens across all warps
+                k = _tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
+                s = tl.dot(k, q_t) * ks[:, None]
             m_new = tl.maximum(m_i, tl.max(s, 0))
             p = tl.exp2(s - m_new[None, :])
             alpha = tl.exp2(m_i - m_new)
@@ -160,30 +228,55 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, cent_ptr, out_pt
     tl.store(out_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None], out)
 
 
-FORMS = {"cta": 0, "warp": 1, "warp_rows": 2, "warp_rows_k_fragment": 3, "warp_k_fragment": 4}
-CONSTANTS = {"TILE": TILE, "ROWS": ROWS, "DIM": DIM, "WORDS": WORDS, "WARPS": WARPS}
+FORMS = {"cta": 0, "warp": 1, "warp_rows": 2, "warp_rows_k_fragment": 3, "warp_k_fragment": 4, "cta_fp8_k": 5}
+CENTROIDS = KVCodec(TQConfig(), 1, DIM).key.centroids.to(torch.float16)  # 4-bit keys and values alike
+FP8_ALPHA = fp8_alpha(CENTROIDS)
+CONSTANTS = {"TILE": TILE, "ROWS": ROWS, "DIM": DIM, "WORDS": WORDS, "WARPS": WARPS, "FP8_ALPHA": FP8_ALPHA}
 
 
 def compile_probe(form: str) -> dict:
     pointers = {"k_ptr": "*i32", "v_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "q_ptr": "*fp32",
-                "lut_ptr": "*i32", "cent_ptr": "*fp16", "out_ptr": "*fp32"}  # fmt: skip
+                "lut_ptr": "*i32", "lut8_ptr": "*i32", "cent_ptr": "*fp16", "out_ptr": "*fp32"}  # fmt: skip
     constexprs = {"WARP_SPLIT": FORMS[form], "LUT": True, **CONSTANTS}
     return {"form": form, **kernel_resources.compile_toy_loop(_probe_kernel, pointers, constexprs, WARPS)}
 
 
 def probe_inputs(programs: int, n_tiles: int, device: str, seed: int = 0) -> dict:
     """Random 4-bit K/V words and scales for `programs` programs of n_tiles tiles each, a query, the codebook
-    (fp16) and its lookup tables: the toy kernel's arguments, by name."""
+    (fp16) and its lookup tables (fp16 pairs, e4m3 bytes): the toy kernel's arguments, by name."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     tokens = programs * n_tiles * TILE
-    centroids = KVCodec(TQConfig(), 1, DIM).key.centroids.to(torch.float16)
-    lut = lut_tables(centroids)
+    lut = lut_tables(CENTROIDS)
     assert lut is not None, "the 4-bit codebook is symmetric in fp16, so the lookup tables exist"
     words = torch.randint(-(2**31), 2**31 - 1, (2, tokens, WORDS), generator=g, dtype=torch.int64).to(torch.int32)
     scales = torch.rand(2, tokens, generator=g) * 0.5 + 0.5
     args = {"k_ptr": words[0], "v_ptr": words[1], "ks_ptr": scales[0], "vs_ptr": scales[1],
-            "q_ptr": torch.randn(ROWS, DIM, generator=g) * 2, "lut_ptr": lut, "cent_ptr": centroids}  # fmt: skip
+            "q_ptr": torch.randn(ROWS, DIM, generator=g) * 2, "lut_ptr": lut,
+            "lut8_ptr": fp8_table(CENTROIDS, FP8_ALPHA), "cent_ptr": CENTROIDS}  # fmt: skip
     return {name: t.to(device) for name, t in args.items()}
+
+
+def torch_reference(inputs: dict, program: int, n_tiles: int, fp8_k: bool = False) -> torch.Tensor:
+    """fp32 torch attention of one program's tiles: indices unpacked from the words (coordinate 8w + j = nibble j).
+    With fp8_k, keys and queries rounded to e4m3 as the cta_fp8_k form rounds them (keys scaled by FP8_ALPHA)."""
+    rows = slice(program * n_tiles * TILE, (program + 1) * n_tiles * TILE)
+    shifts = 4 * torch.arange(8, device=inputs["k_ptr"].device)
+    cent = inputs["cent_ptr"].float()
+
+    def dequantise(words: torch.Tensor, scales: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+        idx = (words[rows].to(torch.int64)[..., None] >> shifts) & 15  # [tokens, WORDS, 8]
+        return centroids[idx.flatten(1)] * scales[rows, None]
+
+    v = dequantise(inputs["v_ptr"], inputs["vs_ptr"], cent)
+    if fp8_k:
+        e4m3 = torch.float8_e4m3fn
+        k = dequantise(inputs["k_ptr"], inputs["ks_ptr"], (cent * FP8_ALPHA).to(e4m3).float() / FP8_ALPHA)
+        q = inputs["q_ptr"].to(e4m3).float()
+    else:
+        k = dequantise(inputs["k_ptr"], inputs["ks_ptr"], cent)
+        q = inputs["q_ptr"].half().float()
+    p = torch.softmax((q @ k.T) * math.log(2.0), dim=-1)  # exp2 softmax
+    return p @ v
 
 
 def time_probe(form: str, inputs: dict, programs: int, n_tiles: int, rep: int) -> tuple[dict, torch.Tensor]:
@@ -206,7 +299,8 @@ def time_probe(form: str, inputs: dict, programs: int, n_tiles: int, rep: int) -
 
 
 def time_forms(shapes: list[tuple[int, int]], rep: int) -> list[dict]:
-    """Every form at each (programs, tiles a program); each form's output checked against the cta form's."""
+    """Every form at each (programs, tiles a program); each form's output checked against the cta form's, and its
+    first program's against fp32 torch (torch_reference)."""
     rows = []
     for programs, n_tiles in shapes:
         inputs = probe_inputs(programs, n_tiles, "cuda")
@@ -216,6 +310,11 @@ def time_forms(shapes: list[tuple[int, int]], rep: int) -> list[dict]:
             if reference is None:
                 reference = out
             row["max_rel_diff_vs_cta"] = float((out - reference).abs().max() / reference.abs().max())
+            want = torch_reference(inputs, 0, n_tiles, fp8_k=form == "cta_fp8_k")  # program 0 in fp32 torch
+            row["max_rel_err_vs_torch"] = float((out[0] - want).abs().max() / want.abs().max())
+            if form == "cta_fp8_k":  # what rounding keys and queries to e4m3 costs against the fp16 codebook
+                exact = torch_reference(inputs, 0, n_tiles)
+                row["max_rel_err_vs_torch_unrounded"] = float((out[0] - exact).abs().max() / exact.abs().max())
             rows.append(row)
             print(json.dumps(row), flush=True)
         del inputs
