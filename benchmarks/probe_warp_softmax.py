@@ -12,11 +12,15 @@ lookup, 16 query rows), compiled for sm_90a without a GPU:
 - warp: the batched form, scores and output transposed as in cta;
 - warp_rows: the batched form with query rows on the MMA's M side (FlashAttention-2's order within a warp);
 - warp_rows_k_fragment, warp_k_fragment: the two batched forms with the key columns relabelled as `k_fragment`
-  relabels them for wgmma (fragment.fragment_columns), the query's the same way.
+  relabels them for wgmma (fragment.fragment_columns), the query's the same way;
+- cta_fp8_k: cta with the keys looked up as e4m3 bytes and the score MMA in fp8 (queries rounded to e4m3);
+- cta_fragment, cta_fp8_k_fragment: the two with the tile's tokens and key columns in the wgmma A fragment's order,
+  as the real kernel's `k_fragment` (fp8_fragment_columns for the 8-bit fragment).
 By default only the compiled code is compared; `--time` runs the forms on a GPU, each launch a grid of programs
 over tiles of their own (by default the 16 x 32K and 16 x 4K launches' 384 programs of 171 and 21 tiles), timed in
-a CUDA graph, each form's output checked against the cta form's. tests/test_probe_warp_softmax.py checks each form
-against fp32 torch on the CPU (with a codebook gather in place of the lookup, which the interpreter cannot run).
+a CUDA graph, each form's output checked against the first form's and fp32 torch. tests/test_probe_warp_softmax.py
+checks each form against fp32 torch on the CPU (with a codebook gather in place of the lookup, which the
+interpreter cannot run).
 
     python benchmarks/probe_warp_softmax.py
     python benchmarks/probe_warp_softmax.py --time --out benchmarks/results/probe_warp_softmax_h200_DATE.json
@@ -41,7 +45,7 @@ import kernel_resources  # noqa: E402  (a sibling script, not a package)
 
 from turboquant_vllm import TQConfig  # noqa: E402
 from turboquant_vllm.codec import KVCodec  # noqa: E402
-from turboquant_vllm.kernels.fragment import fragment_columns  # noqa: E402
+from turboquant_vllm.kernels.fragment import fragment_columns, fragment_rows, fragment_tokens  # noqa: E402
 from turboquant_vllm.kernels.lut import lut_decode_words, lut_tables  # noqa: E402
 from turboquant_vllm.kernels.page import split_words  # noqa: E402
 
@@ -53,10 +57,13 @@ WARPS = 4
 
 
 @triton.jit
-def _tile(ptr, t, lut_ptr, cent_ptr, LUT: tl.constexpr, TILE: tl.constexpr, DIM: tl.constexpr, WORDS: tl.constexpr):
+def _tile(ptr, t, lut_ptr, cent_ptr, LUT: tl.constexpr, TILE: tl.constexpr, DIM: tl.constexpr, WORDS: tl.constexpr,
+          FRAG: tl.constexpr = False):  # fmt: skip
     """fp16 centroids [TILE, DIM] of tile t's 4-bit words: the byte-permute lookup, or (LUT=False, for the CPU
-    interpreter, which cannot run PTX) a gather from the fp16 codebook."""
+    interpreter, which cannot run PTX) a gather from the fp16 codebook. FRAG: tokens in fragment_tokens' order."""
     words = tl.load(ptr + t * TILE * WORDS + tl.arange(0, TILE)[:, None] * WORDS + tl.arange(0, WORDS)[None, :])
+    if FRAG:
+        words = fragment_tokens(words, TILE, WORDS)
     if LUT:
         return lut_decode_words(words, lut_ptr, TILE, DIM)
     else:
@@ -100,23 +107,45 @@ def fp8_table(centroids: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 @triton.jit
+def fp8_fragment_columns(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Columns of x [ROWS, BLOCK_D] (coordinate d = 8 * word + nibble) relabelled for wgmma's 8-bit A fragment.
+
+    A thread of the load holds words l * W .. l * W + W - 1 (W = BLOCK_D // 32, l = lane % 4), the lookup one
+    register of 4 bytes for each half h of a word; the k32 fragment gives that thread bytes 4l .. 4l + 3 and
+    16 + 4l .. 16 + 4l + 3 of each 32 columns. So coordinate d = 8 (W l + i) + 4 h + b goes to column
+    32 i + 16 h + 4 l + b: fragment.fragment_columns' idea with byte quads instead of fp16 pairs.
+    """
+    W: tl.constexpr = BLOCK_D // 32
+    y = tl.reshape(x, (ROWS, 4, W, 2, 4))
+    return tl.reshape(tl.permute(y, (0, 2, 3, 1, 4)), (ROWS, BLOCK_D))
+
+
+@triton.jit
 def _tile_fp8(ptr, t, lut8_ptr, cent_ptr, LUT: tl.constexpr, ALPHA: tl.constexpr, TILE: tl.constexpr,
-              DIM: tl.constexpr, WORDS: tl.constexpr):  # fmt: skip
+              DIM: tl.constexpr, WORDS: tl.constexpr, FRAG: tl.constexpr = False):  # fmt: skip
     """e4m3 ALPHA * centroids [TILE, DIM] of tile t's 4-bit words: _FP8_ASM over the words' bytes, or (LUT=False,
-    for the CPU interpreter) the fp16 codebook gathered, scaled and rounded."""
+    for the CPU interpreter) the fp16 codebook gathered, scaled and rounded. FRAG: tokens in fragment_tokens'
+    order, columns in fp8_fragment_columns'."""
     if LUT:
         nbytes: tl.constexpr = WORDS * 4
         b = tl.load(ptr.to(tl.pointer_type(tl.uint8)) + t * TILE * nbytes + tl.arange(0, TILE)[:, None] * nbytes
                     + tl.arange(0, nbytes)[None, :])  # fmt: skip
+        if FRAG:
+            b = fragment_tokens(b, TILE, nbytes)
         lo, hi = tl.load(lut8_ptr), tl.load(lut8_ptr + 1)
         c03, c47 = tl.inline_asm_elementwise(_FP8_ASM, "=r,=r,r,r,r,r,r,r,r,r,r", [b, lo, hi],
                                              dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True, pack=4)  # fmt: skip
         # c03[.., 4w + j] is coordinate 8w + j, c47[.., 4w + j] coordinate 8w + 4 + j
         x = tl.join(tl.reshape(c03, (TILE, WORDS, 4)), tl.reshape(c47, (TILE, WORDS, 4)))  # [TILE, WORDS, 4, 2]
-        return tl.reshape(tl.permute(x, (0, 1, 3, 2)), (TILE, DIM))
+        k = tl.reshape(tl.permute(x, (0, 1, 3, 2)), (TILE, DIM))
     else:
         words = tl.load(ptr + t * TILE * WORDS + tl.arange(0, TILE)[:, None] * WORDS + tl.arange(0, WORDS)[None, :])
-        return (tl.load(cent_ptr + split_words(words, 4, DIM, TILE)).to(tl.float32) * ALPHA).to(tl.float8e4nv)
+        if FRAG:
+            words = fragment_tokens(words, TILE, WORDS)
+        k = (tl.load(cent_ptr + split_words(words, 4, DIM, TILE)).to(tl.float32) * ALPHA).to(tl.float8e4nv)
+    if FRAG:
+        k = fp8_fragment_columns(k, TILE, DIM)
+    return k
 
 
 @triton.jit
@@ -197,25 +226,32 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, lut8_ptr, cent_p
         acc_t = tl.sum(acc3 * w[:, None, :], 0)
         l_i = tl.sum(l3 * w, 0)
     else:  # cta, and cta_fp8_k: keys looked up as e4m3 bytes, the score MMA in fp8 (queries rounded to e4m3)
-        FP8_K: tl.constexpr = WARP_SPLIT == 5
+        FP8_K: tl.constexpr = WARP_SPLIT == 5 or WARP_SPLIT == 7
+        FRAG: tl.constexpr = WARP_SPLIT == 6 or WARP_SPLIT == 7  # tokens and key columns in the A fragment's order
         if FP8_K:
-            q8_t = (tl.load(q_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None])).to(tl.float8e4nv)
+            q8 = tl.load(q_ptr + tl.arange(0, ROWS)[:, None] * DIM + dim[None, :]).to(tl.float8e4nv)
+            q8_t = tl.trans(fp8_fragment_columns(q8, ROWS, DIM) if FRAG else q8)
+        elif FRAG:
+            q_t = tl.trans(fragment_columns(tl.trans(q_t), ROWS, DIM))
+        rows = fragment_rows(TILE) if FRAG else tl.arange(0, TILE)  # the scales in the tiles' token order
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
         acc_t = tl.zeros([DIM, ROWS], tl.float32)
         for t in range(n_tiles):
-            v = _tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
-            ks = tl.load(ks_ptr + t * TILE + tl.arange(0, TILE))
-            vs = tl.load(vs_ptr + t * TILE + tl.arange(0, TILE))
+            v = _tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS, FRAG)
+            ks = tl.load(ks_ptr + t * TILE + rows)
+            vs = tl.load(vs_ptr + t * TILE + rows)
             if FP8_K:  # [TILE tokens, ROWS]
-                k8 = _tile_fp8(k_ptr, t, lut8_ptr, cent_ptr, LUT, FP8_ALPHA, TILE, DIM, WORDS)
+                k8 = _tile_fp8(k_ptr, t, lut8_ptr, cent_ptr, LUT, FP8_ALPHA, TILE, DIM, WORDS, FRAG)
                 if LUT:  # noqa: SIM108 (a compile-time branch: the interpreter takes the other)
                     s = tl.dot(k8, q8_t)
                 else:  # the CPU interpreter's fp8 dot is not exact: the same e4m3 values, multiplied in fp32
                     s = tl.dot(k8.to(tl.float32), q8_t.to(tl.float32))
                 s = s * (ks * (1.0 / FP8_ALPHA))[:, None]
             else:  # the tile's tokens across all warps
-                k = _tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS)
+                k = _tile(k_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS, FRAG)
+                if FRAG:
+                    k = fragment_columns(k, TILE, DIM)
                 s = tl.dot(k, q_t) * ks[:, None]
             m_new = tl.maximum(m_i, tl.max(s, 0))
             p = tl.exp2(s - m_new[None, :])
@@ -228,7 +264,16 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, lut8_ptr, cent_p
     tl.store(out_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None], out)
 
 
-FORMS = {"cta": 0, "warp": 1, "warp_rows": 2, "warp_rows_k_fragment": 3, "warp_k_fragment": 4, "cta_fp8_k": 5}
+FORMS = {
+    "cta": 0,
+    "warp": 1,
+    "warp_rows": 2,
+    "warp_rows_k_fragment": 3,
+    "warp_k_fragment": 4,
+    "cta_fp8_k": 5,
+    "cta_fragment": 6,
+    "cta_fp8_k_fragment": 7,
+}
 CENTROIDS = KVCodec(TQConfig(), 1, DIM).key.centroids.to(torch.float16)  # 4-bit keys and values alike
 FP8_ALPHA = fp8_alpha(CENTROIDS)
 CONSTANTS = {"TILE": TILE, "ROWS": ROWS, "DIM": DIM, "WORDS": WORDS, "WARPS": WARPS, "FP8_ALPHA": FP8_ALPHA}
@@ -298,21 +343,21 @@ def time_probe(form: str, inputs: dict, programs: int, n_tiles: int, rep: int) -
     return row, out.clone()
 
 
-def time_forms(shapes: list[tuple[int, int]], rep: int) -> list[dict]:
-    """Every form at each (programs, tiles a program); each form's output checked against the cta form's, and its
+def time_forms(shapes: list[tuple[int, int]], rep: int, forms: list[str]) -> list[dict]:
+    """The forms at each (programs, tiles a program); each form's output checked against the first form's, and its
     first program's against fp32 torch (torch_reference)."""
     rows = []
     for programs, n_tiles in shapes:
         inputs = probe_inputs(programs, n_tiles, "cuda")
         reference = None
-        for form in FORMS:
+        for form in forms:
             row, out = time_probe(form, inputs, programs, n_tiles, rep)
             if reference is None:
                 reference = out
-            row["max_rel_diff_vs_cta"] = float((out - reference).abs().max() / reference.abs().max())
-            want = torch_reference(inputs, 0, n_tiles, fp8_k=form == "cta_fp8_k")  # program 0 in fp32 torch
+            row["max_rel_diff_vs_first"] = float((out - reference).abs().max() / reference.abs().max())
+            want = torch_reference(inputs, 0, n_tiles, fp8_k="fp8_k" in form)  # program 0 in fp32 torch
             row["max_rel_err_vs_torch"] = float((out[0] - want).abs().max() / want.abs().max())
-            if form == "cta_fp8_k":  # what rounding keys and queries to e4m3 costs against the fp16 codebook
+            if "fp8_k" in form:  # what rounding keys and queries to e4m3 costs against the fp16 codebook
                 exact = torch_reference(inputs, 0, n_tiles)
                 row["max_rel_err_vs_torch_unrounded"] = float((out[0] - exact).abs().max() / exact.abs().max())
             rows.append(row)
@@ -329,6 +374,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="384x171,384x21",
         help="PROGRAMSxTILES launches to time (default: 16 x 32K and 16 x 4K at 3 splits, 8 KV heads)",
     )
+    p.add_argument("--forms", default=",".join(FORMS), help="comma-separated forms to time, the first the baseline")
     p.add_argument("--rep", type=int, default=200, help="do_bench_cudagraph repetition time, ms")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return p.parse_args(argv)
@@ -344,9 +390,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     else:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-        result = {"probe": "warp_softmax", "target": torch.cuda.get_device_name(), "triton": triton.__version__,
-                  "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  "command": shlex.join([sys.executable, *sys.argv]), "rows": time_forms(shapes, args.rep)}  # fmt: skip
+        forms = args.forms.split(",")
+        result = {
+            "probe": "warp_softmax",
+            "target": torch.cuda.get_device_name(),
+            "triton": triton.__version__,
+            "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "rows": time_forms(shapes, args.rep, forms),
+        }
     text = json.dumps(result, indent=1)
     print(text)
     if args.out is not None:
