@@ -346,7 +346,7 @@ def compiled_variants() -> list[dict]:
     """Registers and spills of each attention-kernel variant this run compiled, from the driver: the GPU's own
     compile specialises on the launch's arguments, which kernel_resources.py (offline) cannot reproduce."""
     names = decode._attention_kernel.arg_names
-    wanted = ("BLOCK_M", "BLOCK_N", "SWAP_AB", "FUSED", "HAS_KEY_OFFSET", "K_LUT")
+    wanted = ("BLOCK_M", "BLOCK_N", "SWAP_AB", "FUSED", "HAS_KEY_OFFSET", "K_LUT", "FP8_KEYS")
     rows = []
     for kernel_cache, *_ in decode._attention_kernel.device_caches.values():
         for kernel in kernel_cache.values():

@@ -93,3 +93,23 @@ def lloyd_max(bits: int, head_dim: int, tol: float = 1e-13, max_iter: int = 2000
     centroids = (centroids - centroids[::-1]) / 2
     boundaries = (centroids[1:] + centroids[:-1]) / 2
     return Codebook(bits, head_dim, centroids, boundaries)
+
+
+E4M3_MAX_STEPS = 512  # factors tried per octave by e4m3_scale
+
+
+def e4m3_scale(centroids: np.ndarray, head_dim: int) -> float:
+    """The factor alpha for which alpha * centroids, rounded to e4m3, add the least to the quantisation MSE.
+
+    An fp8 score MMA (Tiles.fp8_keys) reads keys as e4m3 bytes. Each centroid is its cell's mean, so replacing c
+    by c' adds mass * (c' - c)^2 and nothing else; the rounding pattern repeats every octave of alpha, so one
+    octave is searched, placed so the largest centroid lands in [8, 16) and every centroid stays a normal number.
+    """
+    centroids = np.asarray(centroids, dtype=np.float64)
+    mass, _ = _cell_stats((centroids[1:] + centroids[:-1]) / 2, head_dim)
+    base = 8.0 * 2.0 ** -np.floor(np.log2(np.abs(centroids).max()))
+    alphas = base * 2.0 ** (np.arange(E4M3_MAX_STEPS) / E4M3_MAX_STEPS)
+    scaled = torch.tensor(alphas[:, None] * centroids[None, :])
+    rounded = scaled.to(torch.float8_e4m3fn).to(torch.float64).numpy() / alphas[:, None]
+    added = ((rounded - centroids[None, :]) ** 2 * mass[None, :]).sum(1)
+    return float(alphas[int(np.argmin(added))])

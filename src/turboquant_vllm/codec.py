@@ -6,8 +6,9 @@ from functools import lru_cache
 
 import torch
 
+from turboquant_vllm.codebook import e4m3_scale
 from turboquant_vllm.config import TQConfig
-from turboquant_vllm.kernels.lut import LUT_BITS, lut_tables
+from turboquant_vllm.kernels.lut import LUT_BITS, fp8_tables, lut_tables
 from turboquant_vllm.layout import PageLayout
 from turboquant_vllm.quantizer import MSEQuantizer
 from turboquant_vllm.rotation import tf32_parts
@@ -38,10 +39,18 @@ class KVCodec:
         self.rotation_tf32 = tf32_parts(self.rotation)
         # The attention kernel's 16-bit operands: the tables pre-rounded, so no per-element conversion.
         self.centroids_fp16 = (self.key.centroids.half(), self.value.centroids.half())
-        # Register tables for 4-bit lookups by byte permute (kernels/lut.py): K's then V's, int32 [8].
+        # Register tables for 4-bit lookups by byte permute (kernels/lut.py): K's then V's, int32 [0:8].
         tables = [lut_tables(q.centroids) if q.bits == LUT_BITS else None for q in (self.key, self.value)]
         self.lut_usable = tuple(t is not None for t in tables)
-        self.lut = torch.cat([t if t is not None else torch.zeros(4, dtype=torch.int32) for t in tables]).to(device)
+        # Keys for an fp8 score MMA (Tiles.fp8_keys, 4-bit keys): key_e4m3_scale * centroids rounded to e4m3, kept
+        # as fp16 (exact) for the gather path, and their byte tables after V's in `lut` (int32 [8:10]).
+        self.key_e4m3_scale = e4m3_scale(self.key.centroids.cpu().double().numpy(), head_dim)
+        self.key_centroids_e4m3 = (
+            (self.key.centroids.cpu() * self.key_e4m3_scale).to(torch.float8_e4m3fn).to(torch.float16).to(device)
+        )
+        fp8 = fp8_tables(self.key_centroids_e4m3) if self.lut_usable[0] else torch.zeros(2, dtype=torch.int32)
+        self.lut = torch.cat([t if t is not None else torch.zeros(4, dtype=torch.int32) for t in tables] + [fp8])
+        self.lut = self.lut.to(device)
 
     @property
     def num_kv_heads(self) -> int:

@@ -35,10 +35,10 @@ class Batch:
     def max_query_len(self) -> int:
         return int((self.query_start_loc[1:] - self.query_start_loc[:-1]).max())
 
-    def expected(self) -> torch.Tensor:
+    def expected(self, **kwargs) -> torch.Tensor:
         return paged_attention_ref(
             self.ref_codec, self.query.cpu(), self.key.cpu(), self.value.cpu(), self.cache.cpu(),
-            self.block_table.cpu(), self.seq_lens.cpu(), self.query_start_loc.cpu(), self.scale,
+            self.block_table.cpu(), self.seq_lens.cpu(), self.query_start_loc.cpu(), self.scale, **kwargs,
         )  # fmt: skip
 
     def run(self, num_splits: int = 1, out: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

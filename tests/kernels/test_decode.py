@@ -139,6 +139,23 @@ def test_fragment_orders_agree(device, monkeypatch, dtype, k_fragment, v_fragmen
     assert (meta["K_FRAGMENT"], meta["V_FRAGMENT"]) == (k_fragment and meta["SWAP_AB"], v_fragment and meta["SWAP_AB"])
 
 
+def test_fp8_keys(device, monkeypatch):
+    """Tiles.fp8_keys: keys from the e4m3-rounded codebook scored by an fp8 MMA against e4m3 queries, at 1, 3 and 32
+    (wide) splits, against the reference that rounds the same way; the rounding moves outputs past the half
+    tolerance of the unrounded reference on these random keys, so this checks the rounded path is the one taken."""
+    monkeypatch.setitem(decode_tiles.TILES, 128, dataclasses.replace(decode_tiles.TILES[128], fp8_keys=True))
+    b = make_batch(device, [5, 300, 133, 700], [1, 1, 1, 1], num_heads=8, head_dim=128, dtype=torch.bfloat16,
+                   seed=41)  # fmt: skip
+    meta = decode_tiles.attention_meta(b.codec, 8, torch.bfloat16, device.type == "cuda", 1, 16, False, 3)
+    assert meta["FP8_KEYS"] and meta["FP8_SCALE"] == b.codec.key_e4m3_scale
+    want, unrounded = b.expected(fp8_keys=True), b.expected()
+    for num_splits in (1, 3, decode_tiles.WIDE_MIN_SPLITS):
+        got = b.run(num_splits=num_splits)
+        assert_matches(got, want, TOL_HALF / 2)
+    err = ((got.float().cpu() - unrounded).abs().max() / unrounded.abs().max()).item()
+    assert err > TOL_HALF / 2, f"fp8 keys matched the unrounded reference to {err:.3g}: the fp8 path did not run?"
+
+
 def test_workspace_padding_and_untouched_rows(device):
     """Oversized, NaN-filled workspace; padded token rows past query_start_loc[-1] keep their contents."""
     b = make_batch(device, [40, 9], [1, 2], extra_tokens=3, seed=8)

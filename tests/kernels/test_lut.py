@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from turboquant_vllm.codebook import lloyd_max
+from turboquant_vllm.codebook import _cell_stats, coordinate_mse, e4m3_scale, lloyd_max
 from turboquant_vllm.kernels import lut
 
 MASK = np.uint64(0xFFFFFFFF)
@@ -36,6 +36,7 @@ _OPS = {
     "not.b32": lambda a: ~a,
     "and.b32": lambda a, b: a & b,
     "xor.b32": lambda a, b: a ^ b,
+    "or.b32": lambda a, b: a | b,
     "shr.u32": lambda a, b: a >> b,
     "shl.b32": lambda a, b: _wrap(a.astype(np.uint64) << np.uint64(b)),
     "sub.u32": lambda a, b: _wrap(a.astype(np.uint64) - b.astype(np.uint64)),
@@ -44,7 +45,7 @@ _OPS = {
 
 
 def run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Execute the straight-line b32 PTX of lut._ASM over uint32 arrays ($8.. inputs, $0.. 16-bit outputs)."""
+    """Execute the straight-line b32 PTX of lut's lookups over uint32 arrays (inputs and outputs by $ name)."""
     regs = dict(inputs)
 
     def val(tok: str) -> np.ndarray:
@@ -154,3 +155,64 @@ def test_lookup_in_a_kernel_matches_the_codebook(cuda, pairs, rows, head_dim):
     _lookup_kernel[(1,)](words.to(cuda), tables, out, ROWS=rows, BLOCK_D=head_dim, PAIRS=pairs)
     nibbles = ((words.to(torch.int64) & 0xFFFFFFFF)[:, :, None] >> (4 * torch.arange(8))) & 0xF
     torch.testing.assert_close(out.cpu(), centroids.half()[nibbles.reshape(rows, head_dim)], rtol=0, atol=0)
+
+
+def e4m3_keys(head_dim: int) -> torch.Tensor:
+    """The fp8 key path's codebook for 4-bit keys: e4m3_scale * centroids, rounded to e4m3 (as KVCodec builds it)."""
+    c = lloyd_max(4, head_dim).centroids
+    return (torch.tensor(c) * e4m3_scale(c, head_dim)).to(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_ptx_fp8_lookup_matches_the_codebook(head_dim):
+    """lut._FP8_ASM: two 32-bit outputs of 4 e4m3 bytes each, coordinates 0-3 and 4-7 of the word."""
+    keys = e4m3_keys(head_dim)
+    t = lut.fp8_tables(keys.float()).numpy().astype(np.uint32)
+    words = np.random.default_rng(head_dim + 2).integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)
+    words[:16] = np.array([sum(i << (4 * j) for j in range(8)) for i in range(16)], dtype=np.uint64).astype(np.uint32)
+    regs = run_ptx(lut._FP8_ASM.value, {"$2": words, "$3": np.full_like(words, t[0]), "$7": np.full_like(words, t[1])})
+    got = np.stack([regs["$0"], regs["$1"]], -1).view(np.uint8).reshape(-1, 8)  # little-endian: byte j = coordinate j
+    nibbles = (words[:, None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
+    np.testing.assert_array_equal(got, keys.view(torch.uint8).numpy()[nibbles])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_fp8_codebook_scale_beats_powers_of_two(bits):
+    """e4m3_scale's factor adds no more MSE than the power of two that puts the largest centroid in [8, 16) (the
+    indices keep their cells, so rounding c adds mass * (c' - c)^2), and keeps every centroid a normal e4m3 number
+    (>= 2^-6) well inside the range (<= 448)."""
+    cb = lloyd_max(bits, 128)
+    mass, _ = _cell_stats(cb.boundaries, 128)
+
+    def added(a: float) -> float:
+        rounded = torch.tensor(cb.centroids * a).to(torch.float8_e4m3fn).double().numpy() / a
+        return float(np.sum(mass * (rounded - cb.centroids) ** 2))
+
+    alpha = e4m3_scale(cb.centroids, 128)
+    scaled = np.abs(cb.centroids) * alpha
+    assert scaled.min() >= 2**-6 and scaled.max() < 32
+    pow2 = 8.0 * 2.0 ** -np.floor(np.log2(np.abs(cb.centroids).max()))
+    assert added(alpha) <= added(pow2), (alpha, pow2)
+    assert added(alpha) < 0.03 * coordinate_mse(cb.centroids, 128)  # 4 bits: +2.4%
+
+
+@triton.jit
+def _fp8_lookup_kernel(words_ptr, table_ptr, out_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    G: tl.constexpr = BLOCK_D // 8
+    words = tl.load(words_ptr + tl.arange(0, ROWS)[:, None] * G + tl.arange(0, G)[None, :])
+    keys = lut.lut_fp8_words(words, table_ptr, ROWS, BLOCK_D)
+    tl.store(out_ptr + tl.arange(0, ROWS)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], keys.to(tl.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, head_dim", [(64, 128), (128, 128), (16, 64)])
+def test_fp8_lookup_in_a_kernel_matches_the_codebook(cuda, rows, head_dim):
+    """lut_fp8_words inside Triton's layouts (which bytes share an asm call at pack=4 is Triton's choice)."""
+    keys = e4m3_keys(head_dim)
+    table = lut.fp8_tables(keys.float()).to(cuda)
+    g = torch.Generator().manual_seed(rows + head_dim + 1)
+    words = torch.randint(-(2**31), 2**31, (rows, head_dim // 8), generator=g, dtype=torch.int64).to(torch.int32)
+    out = torch.empty(rows, head_dim, device=cuda)
+    _fp8_lookup_kernel[(1,)](words.to(cuda), table, out, ROWS=rows, BLOCK_D=head_dim)
+    nibbles = ((words.to(torch.int64) & 0xFFFFFFFF)[:, :, None] >> (4 * torch.arange(8))) & 0xF
+    torch.testing.assert_close(out.cpu(), keys.float()[nibbles.reshape(rows, head_dim)], rtol=0, atol=0)

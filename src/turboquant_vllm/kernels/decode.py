@@ -24,14 +24,14 @@ from turboquant_vllm.kernels.decode_reduce import (
 )
 from turboquant_vllm.kernels.decode_tiles import attention_meta, live_split_tiles, reduce_meta, stores_in_attention
 from turboquant_vllm.kernels.fragment import (
+    fp8_fragment_columns,
     fragment_columns,
     fragment_rows,
     value_fragment_dims,
     value_fragment_probs,
-    value_fragment_tile,
 )
-from turboquant_vllm.kernels.lut import decode_lut, lut_planes
-from turboquant_vllm.kernels.page import centroid_planes, context_tile, split_words, tile_pages
+from turboquant_vllm.kernels.lut import round_e4m3
+from turboquant_vllm.kernels.page import context_tile, key_tile, tile_pages, value_tile
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.kernels.sinks import SinkTable, trusted_sinks
 from turboquant_vllm.kernels.store import check_slots, store_kv, store_tokens
@@ -100,7 +100,7 @@ def _attention_kernel(
     TAIL_MERGE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
-    SINK_TILE: tl.constexpr, LIVE_SPLITS: tl.constexpr,
+    SINK_TILE: tl.constexpr, LIVE_SPLITS: tl.constexpr, FP8_KEYS: tl.constexpr, FP8_SCALE: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -120,6 +120,9 @@ def _attention_kernel(
     ahead: none of them is written in this step.
     With SINKS (kernels/sinks.py) split 0 scores the sequence's first SINKS context tokens from the exact side
     table where it holds them, as one more tile, and masks them out of its first packed tile.
+    With FP8_KEYS (Tiles.fp8_keys) the context's keys are FP8_SCALE * centroids in e4m3 (lut_fp8_words, or under
+    the CPU interpreter a gather from k_cent_ptr, which then holds those values) and the scores an fp8 MMA against
+    the queries rounded to e4m3; the step's own tokens and the sinks still score against the unrounded queries.
     """
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -206,6 +209,8 @@ def _attention_kernel(
     q_rot = q_rot * qk_scale  # log2 units: softmax uses exp2
     if HAS_KEY_OFFSET:
         q_dot_off = tl.sum(q_rot * tl.load(koff_ptr + kh * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :], 1)
+    if FP8_KEYS:  # the fp8 score MMA's B operand, in fp8_fragment_columns' order (FP8_KEYS implies K_FRAGMENT)
+        q8_t = tl.trans(fp8_fragment_columns(round_e4m3(q_rot).to(tl.float8e4nv), BLOCK_M, BLOCK_D))
     q_rot = q_rot.to(OP_DTYPE)
     TOK_AXIS: tl.constexpr = 0 if SWAP_AB else 1  # the axis of a score tile that holds its tokens
     ROW_AXIS: tl.constexpr = 1 - TOK_AXIS
@@ -232,24 +237,17 @@ def _attention_kernel(
                 bt_row, V_FRAGMENT)  # fmt: skip
             if SINKS:
                 live = live & ~(sink_drop & (tile == 0))
-        if K_LUT:
-            k = decode_lut(k_words, lut_ptr, BLOCK_N, BLOCK_D, LUT_PAIRS)
-        else:
-            k = tl.load(k_cent_ptr + split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
-        if K_FRAGMENT:  # key columns (and, in context_tile, the tile's tokens) in the A fragment's order
-            k = fragment_columns(k, BLOCK_N, BLOCK_D)
-        if V_FRAGMENT:  # V^T decoded straight into the A fragment's order (fragment.py)
-            if V_LUT:
-                c0, c1, c2, c3, c4, c5, c6, c7 = lut_planes(v_words, lut_ptr + 4)
-            else:
-                c0, c1, c2, c3, c4, c5, c6, c7 = centroid_planes(v_words, v_cent_ptr)
-            vt = value_fragment_tile(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N).to(OP_DTYPE)
-        elif V_LUT:
-            v = decode_lut(v_words, lut_ptr + 4, BLOCK_N, BLOCK_D, LUT_PAIRS)
-        else:
-            v = tl.load(v_cent_ptr + split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
+        k = key_tile(k_words, lut_ptr, k_cent_ptr, BLOCK_N, BLOCK_D, K_BITS, OP_DTYPE, K_LUT, LUT_PAIRS, K_FRAGMENT,
+                     FP8_KEYS)  # fmt: skip
+        v = value_tile(v_words, lut_ptr, v_cent_ptr, BLOCK_N, BLOCK_D, V_BITS, OP_DTYPE, V_LUT, LUT_PAIRS, V_FRAGMENT)
         # [BLOCK_N, BLOCK_M] swapped, else [BLOCK_M, BLOCK_N]
-        s = tl.dot(k, q_rot_t, input_precision=PREC) if SWAP_AB else tl.dot(q_rot, tl.trans(k), input_precision=PREC)
+        if FP8_KEYS:  # the interpreter's fp8 dot is not exact: there, the same e4m3 values multiplied in fp32
+            s = tl.dot(k, q8_t) if K_LUT else tl.dot(k.to(tl.float32), q8_t.to(tl.float32), input_precision="ieee")
+            s = s * (1.0 / FP8_SCALE)
+        elif SWAP_AB:
+            s = tl.dot(k, q_rot_t, input_precision=PREC)
+        else:
+            s = tl.dot(q_rot, tl.trans(k), input_precision=PREC)
         if HAS_KEY_OFFSET:
             shift = (k_scale < 0).to(tl.float32)
             s = s * tl.expand_dims(tl.abs(k_scale), ROW_AXIS) + (
@@ -265,7 +263,7 @@ def _attention_kernel(
         pv = (p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE)
         if V_FRAGMENT:
             pv = value_fragment_probs(pv, BLOCK_N, BLOCK_M)
-            acc_t = acc_t * alpha[None, :] + tl.dot(vt, pv, input_precision=PREC)
+            acc_t = acc_t * alpha[None, :] + tl.dot(v, pv, input_precision=PREC)  # v: V^T (value_tile)
         elif SWAP_AB:
             acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), pv, input_precision=PREC)
         else:
@@ -473,6 +471,8 @@ def paged_attention(
         )
     exact = query.dtype == torch.float32
     centroids = (codec.key.centroids, codec.value.centroids) if exact else codec.centroids_fp16
+    if meta["FP8_KEYS"]:  # the gather path's key table (the GPU's lookup reads the same values from codec.lut)
+        centroids = (codec.key_centroids_e4m3, centroids[1])
     _attention_kernel[grid](
         query, key, value, cache, block_table, seq_lens, query_start_loc,
         rot, *centroids, codec.lut, rot if offset is None else offset, out, acc_buf, max_buf, sum_buf, q_buf,

@@ -84,6 +84,9 @@ class Tiles:
     # one wave of them, store programs included (None: about two 4-warp programs an SM, the other head dims' rule).
     resident_programs: int | None = None
     wide_resident_programs: int = 2
+    # Keys decoded as e4m3 bytes and scored by an fp8 MMA, the queries rounded to e4m3 (kernels/lut.py, 4-bit keys
+    # in k_fragment's tiles, without key offsets or sinks): fewer instructions a tile for rounding error in scores.
+    fp8_keys: bool = False
 
 
 # Why each default, in one line (the H200 measurements behind them, and what lost, are in docs/decode-tuning.md):
@@ -255,6 +258,8 @@ def attention_meta(
     k_fragment = swap and tiles.k_fragment and block_n % 64 == 0
     v_fragment = (k_fragment and tiles.v_fragment and lay.head_dim == 128 and lay.v_bits == 4
                   and block_size % 16 == 0)  # fmt: skip
+    fp8_keys = (tiles.fp8_keys and k_fragment and lay.k_bits == 4 and codec.lut_usable[0] and not exact
+                and not key_offset and not sinks)  # fmt: skip
     warps = tiles.wide_num_warps if wide and tiles.wide_num_warps else tiles.num_warps
     rot_chunk = tiles.wide_rot_chunk if wide and tiles.wide_rot_chunk else tiles.rot_chunk
     q_rotated = at_least(tiles.prerotate_q_min_splits, num_splits)
@@ -267,6 +272,7 @@ def attention_meta(
         # timed on decode tiles; a prefill tile's 64 x 64 per-position sums would spill (256 bytes at d=128)
         PAGES_AHEAD=tiles.pages_ahead and not varlen, TILE_ROW_SUM=tiles.tile_row_sum and not varlen,
         SWAP_AB=swap, K_FRAGMENT=k_fragment, V_FRAGMENT=v_fragment, K_LUT=k_lut, V_LUT=v_lut,
+        FP8_KEYS=fp8_keys, FP8_SCALE=codec.key_e4m3_scale if fp8_keys else 1.0,
         LUT_PAIRS=tiles.lut_pairs, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=q_rotated, Q_PUBLISHED=q_rotated and store_new and tiles.publish_q,
         TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,

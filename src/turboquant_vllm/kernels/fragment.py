@@ -52,6 +52,16 @@ def fragment_columns(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     return tl.reshape(tl.permute(y, (0, 2, 3, 4, 1, 5)), (ROWS, BLOCK_D))
 
 
+@triton.jit
+def fp8_fragment_columns(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fragment_columns for 8-bit keys (Tiles.fp8_keys): the k32 A fragment gives a thread bytes 4l .. 4l + 3 and
+    16 + 4l .. 16 + 4l + 3 of each 32 columns, and the lookup (lut.lut_fp8_bytes) one register of 4 bytes for each
+    half h of a word, so coordinate d = 8 (W l + i) + 4 h + b goes to column 32 i + 16 h + 4 l + b."""
+    W: tl.constexpr = BLOCK_D // 32
+    y = tl.reshape(x, (ROWS, 4, W, 2, 4))
+    return tl.reshape(tl.permute(y, (0, 2, 3, 1, 4)), (ROWS, BLOCK_D))
+
+
 # Values (Tiles.v_fragment, docs/design-v-fragment.md): V^T [BLOCK_D = 128 dims, BLOCK_N tokens] is the A operand of
 # the value product. Thread (warp w, lane 4q + l) of its fragment holds dims 64b + 16w + 8a + q and columns
 # 64jp + 16jl + 8h + 2l + e. Read from today's pages: the thread takes 2 bytes (stored coordinates 4(8w + q) ..

@@ -142,3 +142,55 @@ def planes_to_rows(c0, c1, c2, c3, c4, c5, c6, c7, ROWS: tl.constexpr, BLOCK_D: 
     """
     x = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
     return tl.reshape(x, (ROWS, BLOCK_D))
+
+
+# Keys as e4m3 bytes for an fp8 score MMA (Tiles.fp8_keys): the same sign and rank arithmetic, then one byte permute
+# picks 4 magnitudes out of an 8-byte table and the sign bits are ORed in; 16 instructions a word, two registers out.
+# $0: coordinates 0-3, $1: 4-7; $2: the word's 4 bytes; $3 and $7: the tables (Triton passes each 4 times at pack=4).
+_FP8_ASM = tl.constexpr(
+    "{\n.reg .b32 f, fl, sel, selh, g, ma, mb, sa, sb;\n"
+    "not.b32 f, $2;\nand.b32 f, f, 0x88888888;\nshr.u32 fl, f, 3;\nsub.u32 fl, f, fl;\n"
+    "xor.b32 sel, $2, fl;\nand.b32 sel, sel, 0x77777777;\nshr.u32 selh, sel, 16;\n"
+    "prmt.b32 ma, $3, $7, sel;\nprmt.b32 mb, $3, $7, selh;\n"
+    "shl.b32 g, f, 4;\nprmt.b32 sa, g, f, 0x5140;\nprmt.b32 sb, g, f, 0x7362;\n"
+    "and.b32 sa, sa, 0x80808080;\nand.b32 sb, sb, 0x80808080;\nor.b32 $0, ma, sa;\nor.b32 $1, mb, sb;\n}"
+)
+
+
+def fp8_tables(centroids_e4m3: torch.Tensor) -> torch.Tensor:
+    """int32 [2] table registers for _FP8_ASM: the e4m3 bytes of magnitude ranks 0-7 (centroid 8 + r) of a
+    16-entry symmetric codebook already scaled and rounded to e4m3 values (codebook.e4m3_centroids)."""
+    mags = centroids_e4m3[8:].to("cpu", torch.float32).to(torch.float8_e4m3fn).view(torch.uint8)
+    return mags.contiguous().view(torch.int32)
+
+
+@triton.jit
+def lut_fp8_words(words, table_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """e4m3 centroids [ROWS, BLOCK_D] (coordinate order) of 4-bit int32 words [ROWS, BLOCK_D // 8].
+
+    The words are split into bytes and joined again only for the asm's sake (it takes 4 bytes a register at
+    pack=4); the compiler folds that back into the word, so the loop carries 32-bit words, not bytes.
+    """
+    b = tl.join(tl.join(words & 255, words >> 16 & 255), tl.join(words >> 8 & 255, words >> 24 & 255))
+    b = tl.reshape(b.to(tl.uint8), (ROWS, BLOCK_D // 2))  # [.., 4w + j]: byte j of word w
+    lo, hi = tl.load(table_ptr), tl.load(table_ptr + 1)
+    c03, c47 = tl.inline_asm_elementwise(
+        _FP8_ASM, "=r,=r,r,r,r,r,r,r,r,r,r", [b, lo, hi],
+        dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True, pack=4,
+    )  # fmt: skip
+    # c03[.., 4w + j] is coordinate 8w + j and c47[.., 4w + j] coordinate 8w + 4 + j
+    x = tl.join(tl.reshape(c03, (ROWS, BLOCK_D // 8, 4)), tl.reshape(c47, (ROWS, BLOCK_D // 8, 4)))
+    return tl.reshape(tl.permute(x, (0, 1, 3, 2)), (ROWS, BLOCK_D))
+
+
+@triton.jit
+def round_e4m3(x):
+    """fp32 x rounded to the nearest e4m3 value (ties to even), as fp32: e4m3's conversion without relying on it,
+    since Triton 3.6's CPU interpreter loses the carry of mantissas that round up to the next power of two.
+    Normal e4m3 keeps 3 mantissa bits; below 2^-6 the spacing is 2^-9; magnitudes saturate at 448."""
+    bits = x.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    normal = ((bits + 0x7FFFF + lsb) & -0x100000).to(tl.float32, bitcast=True)
+    tiny = tl.floor(x * 512.0 + 0.5) * (1.0 / 512.0)  # ties (measure zero for real inputs) round up
+    r = tl.where(tl.abs(x) < 0.015625, tiny, normal)
+    return tl.minimum(tl.maximum(r, -448.0), 448.0)

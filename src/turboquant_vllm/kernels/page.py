@@ -6,7 +6,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from turboquant_vllm.kernels.fragment import fragment_rows, fragment_tokens
+from turboquant_vllm.kernels.fragment import (
+    fp8_fragment_columns,
+    fragment_columns,
+    fragment_rows,
+    fragment_tokens,
+    value_fragment_tile,
+)
+from turboquant_vllm.kernels.lut import decode_lut, lut_fp8_words, lut_planes
 
 
 @triton.jit
@@ -61,6 +68,51 @@ def split_words(word, BITS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.conste
     shifts = tl.arange(0, 8) * BITS
     idx = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(idx, (ROWS, BLOCK_D))
+
+
+@triton.jit
+def key_tile(
+    k_words, lut_ptr, k_cent_ptr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_BITS: tl.constexpr,
+    OP_DTYPE: tl.constexpr, K_LUT: tl.constexpr, LUT_PAIRS: tl.constexpr, K_FRAGMENT: tl.constexpr,
+    FP8_KEYS: tl.constexpr,
+):  # fmt: skip
+    """A tile's keys [BLOCK_N, BLOCK_D] as the score MMA takes them: centroids by register lookup (K_LUT) or
+    codebook gather, in OP_DTYPE, or e4m3 with FP8_KEYS (lut.lut_fp8_words; the gather table then holds those
+    values); with K_FRAGMENT their columns relabelled for the A fragment (fragment.py)."""
+    if FP8_KEYS:  # one return at the end: Triton types every return of a function alike
+        if K_LUT:
+            k = lut_fp8_words(k_words, lut_ptr + 8, BLOCK_N, BLOCK_D)
+        else:
+            k = tl.load(k_cent_ptr + split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(tl.float8e4nv)
+        k = fp8_fragment_columns(k, BLOCK_N, BLOCK_D)
+    else:
+        if K_LUT:
+            k = decode_lut(k_words, lut_ptr, BLOCK_N, BLOCK_D, LUT_PAIRS)
+        else:
+            k = tl.load(k_cent_ptr + split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
+        if K_FRAGMENT:
+            k = fragment_columns(k, BLOCK_N, BLOCK_D)
+    return k
+
+
+@triton.jit
+def value_tile(
+    v_words, lut_ptr, v_cent_ptr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, V_BITS: tl.constexpr,
+    OP_DTYPE: tl.constexpr, V_LUT: tl.constexpr, LUT_PAIRS: tl.constexpr, V_FRAGMENT: tl.constexpr,
+):  # fmt: skip
+    """A tile's values in OP_DTYPE: V [BLOCK_N, BLOCK_D] from page-order words, or with V_FRAGMENT V^T [128,
+    BLOCK_N] decoded straight into the A fragment's order from value_fragment_words' (fragment.py)."""
+    if V_FRAGMENT:  # one return at the end (key_tile)
+        if V_LUT:
+            c0, c1, c2, c3, c4, c5, c6, c7 = lut_planes(v_words, lut_ptr + 4)
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = centroid_planes(v_words, v_cent_ptr)
+        v = value_fragment_tile(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_N).to(OP_DTYPE)
+    elif V_LUT:
+        v = decode_lut(v_words, lut_ptr + 4, BLOCK_N, BLOCK_D, LUT_PAIRS)
+    else:
+        v = tl.load(v_cent_ptr + split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
+    return v
 
 
 @triton.jit

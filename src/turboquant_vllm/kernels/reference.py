@@ -6,6 +6,8 @@ tested against fp64 math), never the kernels' index arithmetic.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from turboquant_vllm.codec import KVCodec
@@ -156,6 +158,20 @@ def dequantize_ref(
     return keys.cpu(), values.cpu()
 
 
+def _fp8_key_scores(
+    codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor, q: torch.Tensor, group: int, scale: float
+) -> torch.Tensor:
+    """Scores [H, q_len, len(slots)] of q against the context keys as Tiles.fp8_keys forms them: in the rotated
+    basis, keys from the e4m3-rounded codebook (codec.key_centroids_e4m3), queries rounded to e4m3 in log2 units."""
+    k, _ = decode_rows_ref(codec, gather_rows_ref(codec, cache, slots))
+    centroids = codec.key_centroids_e4m3.cpu().float() / codec.key_e4m3_scale
+    keys = (centroids[k.indices.long()] * k.scales.abs().unsqueeze(-1)).repeat_interleave(group, dim=1)
+    log2_scale = scale * math.log2(math.e)
+    q_rot = (q @ codec.rotation.cpu().T) * log2_scale
+    q8 = q_rot.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() / log2_scale
+    return torch.einsum("qhd,khd->hqk", q8, keys) * scale
+
+
 def sequence_slots(block_table_row: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
     """Cache slots of the first `seq_len` tokens of a sequence, in order."""
     pos = torch.arange(seq_len)
@@ -174,6 +190,7 @@ def paged_attention_ref(
     scale: float,
     key_offset: torch.Tensor | None = None,
     exact_first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    fp8_keys: bool = False,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its compressed context plus themselves.
 
@@ -191,6 +208,7 @@ def paged_attention_ref(
         key_offset: the layer's key offset, if its keys were stored with one.
         exact_first: (keys, values, held): [num_seqs, S, num_kv_heads, head_dim] twice and bool [num_seqs, S]:
             context position p < S of sequence s is keys[s, p] / values[s, p] where held[s, p], not the cache's.
+        fp8_keys: score the context as the kernel's fp8 key path does (Tiles.fp8_keys; no key offset or exact_first).
     Returns:
         fp32 [num_tokens, num_heads, head_dim] in the original basis.
     """
@@ -215,6 +233,8 @@ def paged_attention_ref(
         v = torch.cat([v_ctx, value[lo:hi].cpu().to(torch.float32)]).repeat_interleave(group, dim=1)
         q = query[lo:hi].cpu().to(torch.float32)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if fp8_keys:
+            scores[:, :, :context_len] = _fp8_key_scores(codec, cache, slots, q, group, scale)
         q_pos = torch.arange(context_len, seq_len).unsqueeze(1)
         visible = torch.arange(seq_len).unsqueeze(0) <= q_pos  # [q_len, seq_len]
         scores = scores.masked_fill(~visible, float("-inf"))
