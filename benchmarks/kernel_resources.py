@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(128, 32, 8, 48, {"wide_block_n": None}, False, True)]  # ... in 48 splits of capped 64-token tiles
     cases += [(128, 32, 8, 3, {"tail_merge_min_splits": 2})]
     cases += [(128, 32, 8, n, {}, False, False, 4) for n in (1, 3, wide)]  # with 4 exact sinks (kernels/sinks.py)
+    cases += [(128, 32, 8, 3, {"fp8_keys": True}), (128, 32, 8, wide, {"fp8_keys": True}, False, True)]  # fp8 keys
     rows = []
     for case in cases:
         rows.append(compile_attention(*case))
