@@ -2,7 +2,9 @@
 
 Every mode runs with chunked prefill in 256-token chunks, so later chunks attend over the
 cached (compressed) context; the reference is FLASH_ATTN bf16 with the same chunking, and the
-noise floor is FLASH_ATTN bf16 with 512-token chunks. Writes benchmarks/results/vllm_quality_<date>.json.
+noise floor is FLASH_ATTN bf16 with 512-token chunks. The `_decode` modes feed one token a request
+and step instead, so our paged decode kernel scores every position. Writes
+benchmarks/results/vllm_quality_<date>.json.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from datetime import date
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# Teacher-forced one token a request and step: every chunk is decode-sized, so the paged kernel (not the prefill
+# path's FlashAttention over dequantised context) scores every position; up to 32 windows.
+DECODE_CHUNKS = dict(max_num_batched_tokens=32, max_num_seqs=32, long_prefill_token_threshold=1)
 MODES = {
     "bf16_ref": dict(attention_backend="FLASH_ATTN"),
     "bf16_chunk512": dict(attention_backend="FLASH_ATTN", max_num_batched_tokens=512),
@@ -30,6 +35,9 @@ MODES = {
     "ours_4_3_kc_s4": dict(
         attention_backend="CUSTOM", additional_config={"turboquant": {"k_bits": 4, "v_bits": 3, "sink_tokens": 4}}
     ),
+    "ours_4_4_decode": dict(attention_backend="CUSTOM", **DECODE_CHUNKS),
+    # `tiles`: decode_tiles.Tiles fields changed for every head_dim, in this process (the engine core runs in it)
+    "ours_4_4_fp8k_decode": dict(attention_backend="CUSTOM", tiles={"fp8_keys": True}, **DECODE_CHUNKS),
     "native_turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),
     "native_turboquant_k8v4": dict(kv_cache_dtype="turboquant_k8v4"),
 }
@@ -53,6 +61,16 @@ def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool, key_
     ids = austen_token_stream(tokenizer, windows * window_len)
     prompts = [ids[i * window_len : (i + 1) * window_len] for i in range(windows)]
     kwargs = {"max_num_batched_tokens": 256, **MODES[mode]}
+    tiles = kwargs.pop("tiles", None)
+    if tiles is not None:
+        import dataclasses
+        import os
+
+        from turboquant_vllm.kernels import decode_tiles
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core must see the changed tiles
+        for key, default in decode_tiles.TILES.items():
+            decode_tiles.TILES[key] = dataclasses.replace(default, **tiles)
     if "_kc" in mode:
         settings = {**kwargs.get("additional_config", {}).get("turboquant", {}), "key_offsets": key_offsets}
         kwargs["additional_config"] = {"turboquant": settings}
@@ -90,6 +108,7 @@ def run_mode(mode: str, windows: int, window_len: int, enforce_eager: bool, key_
     return {
         "mode": mode,
         "engine_kwargs": kwargs,
+        "tiles_change": tiles,
         "num_gpu_blocks": cache.num_gpu_blocks,
         "kv_cache_size_tokens": getattr(cache, "kv_cache_size_tokens", None),
         "actual_logprobs": actual,

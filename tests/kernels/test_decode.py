@@ -139,12 +139,15 @@ def test_fragment_orders_agree(device, monkeypatch, dtype, k_fragment, v_fragmen
     assert (meta["K_FRAGMENT"], meta["V_FRAGMENT"]) == (k_fragment and meta["SWAP_AB"], v_fragment and meta["SWAP_AB"])
 
 
-def test_fp8_keys(device, monkeypatch):
+@pytest.mark.parametrize("head_dim", [128, 64], ids=["swapped_fragments", "unswapped"])
+def test_fp8_keys(device, monkeypatch, head_dim):
     """Tiles.fp8_keys: keys from the e4m3-rounded codebook scored by an fp8 MMA against e4m3 queries, at 1, 3 and 32
-    (wide) splits, against the reference that rounds the same way; the rounding moves outputs past the half
-    tolerance of the unrounded reference on these random keys, so this checks the rounded path is the one taken."""
-    monkeypatch.setitem(decode_tiles.TILES, 128, dataclasses.replace(decode_tiles.TILES[128], fp8_keys=True))
-    b = make_batch(device, [5, 300, 133, 700], [1, 1, 1, 1], num_heads=8, head_dim=128, dtype=torch.bfloat16,
+    (wide) splits, in d=128's swapped fragment-ordered tiles and d=64's plain ones, against the reference that rounds
+    the same way; the rounding moves outputs past the half tolerance of the unrounded reference on these random keys,
+    so this checks the rounded path is the one taken."""
+    tiles = dataclasses.replace(decode_tiles.TILES[head_dim], fp8_keys=True)
+    monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
+    b = make_batch(device, [5, 300, 133, 700], [1, 1, 1, 1], num_heads=8, head_dim=head_dim, dtype=torch.bfloat16,
                    seed=41)  # fmt: skip
     meta = decode_tiles.attention_meta(b.codec, 8, torch.bfloat16, device.type == "cuda", 1, 16, False, 3)
     assert meta["FP8_KEYS"] and meta["FP8_SCALE"] == b.codec.key_e4m3_scale

@@ -209,8 +209,10 @@ def _attention_kernel(
     q_rot = q_rot * qk_scale  # log2 units: softmax uses exp2
     if HAS_KEY_OFFSET:
         q_dot_off = tl.sum(q_rot * tl.load(koff_ptr + kh * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :], 1)
-    if FP8_KEYS:  # the fp8 score MMA's B operand, in fp8_fragment_columns' order (FP8_KEYS implies K_FRAGMENT)
-        q8_t = tl.trans(fp8_fragment_columns(round_e4m3(q_rot).to(tl.float8e4nv), BLOCK_M, BLOCK_D))
+    if FP8_KEYS:  # the fp8 score MMA's query operand; swapped: transposed, in fp8_fragment_columns' order
+        q8 = round_e4m3(q_rot).to(tl.float8e4nv)
+        if SWAP_AB:
+            q8 = tl.trans(fp8_fragment_columns(q8, BLOCK_M, BLOCK_D) if K_FRAGMENT else q8)
     q_rot = q_rot.to(OP_DTYPE)
     TOK_AXIS: tl.constexpr = 0 if SWAP_AB else 1  # the axis of a score tile that holds its tokens
     ROW_AXIS: tl.constexpr = 1 - TOK_AXIS
@@ -242,7 +244,8 @@ def _attention_kernel(
         v = value_tile(v_words, lut_ptr, v_cent_ptr, BLOCK_N, BLOCK_D, V_BITS, OP_DTYPE, V_LUT, LUT_PAIRS, V_FRAGMENT)
         # [BLOCK_N, BLOCK_M] swapped, else [BLOCK_M, BLOCK_N]
         if FP8_KEYS:  # the interpreter's fp8 dot is not exact: there, the same e4m3 values multiplied in fp32
-            s = tl.dot(k, q8_t) if K_LUT else tl.dot(k.to(tl.float32), q8_t.to(tl.float32), input_precision="ieee")
+            a, b = (k, q8) if SWAP_AB else (q8, tl.trans(k))
+            s = tl.dot(a, b) if K_LUT else tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             s = s * (1.0 / FP8_SCALE)
         elif SWAP_AB:
             s = tl.dot(k, q_rot_t, input_precision=PREC)

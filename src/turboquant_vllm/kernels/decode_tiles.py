@@ -84,8 +84,8 @@ class Tiles:
     # one wave of them, store programs included (None: about two 4-warp programs an SM, the other head dims' rule).
     resident_programs: int | None = None
     wide_resident_programs: int = 2
-    # Keys decoded as e4m3 bytes and scored by an fp8 MMA, the queries rounded to e4m3 (kernels/lut.py, 4-bit keys
-    # in k_fragment's tiles, without key offsets or sinks): fewer instructions a tile for rounding error in scores.
+    # Keys decoded as e4m3 bytes and scored by an fp8 MMA, the queries rounded to e4m3 (kernels/lut.py; 4-bit keys,
+    # unswapped or k_fragment tiles, no key offsets or sinks): fewer instructions a tile for rounding error in scores.
     fp8_keys: bool = False
 
 
@@ -258,8 +258,8 @@ def attention_meta(
     k_fragment = swap and tiles.k_fragment and block_n % 64 == 0
     v_fragment = (k_fragment and tiles.v_fragment and lay.head_dim == 128 and lay.v_bits == 4
                   and block_size % 16 == 0)  # fmt: skip
-    fp8_keys = (tiles.fp8_keys and k_fragment and lay.k_bits == 4 and codec.lut_usable[0] and not exact
-                and not key_offset and not sinks)  # fmt: skip
+    fp8_keys = (tiles.fp8_keys and (k_fragment or not swap) and lay.k_bits == 4 and codec.lut_usable[0]
+                and not exact and not key_offset and not sinks)  # fmt: skip
     warps = tiles.wide_num_warps if wide and tiles.wide_num_warps else tiles.num_warps
     rot_chunk = tiles.wide_rot_chunk if wide and tiles.wide_rot_chunk else tiles.rot_chunk
     q_rotated = at_least(tiles.prerotate_q_min_splits, num_splits)

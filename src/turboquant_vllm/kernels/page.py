@@ -84,7 +84,8 @@ def key_tile(
             k = lut_fp8_words(k_words, lut_ptr + 8, BLOCK_N, BLOCK_D)
         else:
             k = tl.load(k_cent_ptr + split_words(k_words, K_BITS, BLOCK_D, BLOCK_N)).to(tl.float8e4nv)
-        k = fp8_fragment_columns(k, BLOCK_N, BLOCK_D)
+        if K_FRAGMENT:
+            k = fp8_fragment_columns(k, BLOCK_N, BLOCK_D)
     else:
         if K_LUT:
             k = decode_lut(k_words, lut_ptr, BLOCK_N, BLOCK_D, LUT_PAIRS)
