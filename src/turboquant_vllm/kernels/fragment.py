@@ -55,7 +55,7 @@ def fragment_columns(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 @triton.jit
 def fp8_fragment_columns(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """fragment_columns for 8-bit keys (Tiles.fp8_keys): the k32 A fragment gives a thread bytes 4l .. 4l + 3 and
-    16 + 4l .. 16 + 4l + 3 of each 32 columns, and the lookup (lut.lut_fp8_bytes) one register of 4 bytes for each
+    16 + 4l .. 16 + 4l + 3 of each 32 columns, and the lookup (lut.lut_fp8_words) one register of 4 bytes for each
     half h of a word, so coordinate d = 8 (W l + i) + 4 h + b goes to column 32 i + 16 h + 4 l + b."""
     W: tl.constexpr = BLOCK_D // 32
     y = tl.reshape(x, (ROWS, 4, W, 2, 4))

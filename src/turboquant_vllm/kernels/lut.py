@@ -159,7 +159,7 @@ _FP8_ASM = tl.constexpr(
 
 def fp8_tables(centroids_e4m3: torch.Tensor) -> torch.Tensor:
     """int32 [2] table registers for _FP8_ASM: the e4m3 bytes of magnitude ranks 0-7 (centroid 8 + r) of a
-    16-entry symmetric codebook already scaled and rounded to e4m3 values (codebook.e4m3_centroids)."""
+    16-entry symmetric codebook already scaled and rounded to e4m3 values (KVCodec.key_centroids_e4m3)."""
     mags = centroids_e4m3[8:].to("cpu", torch.float32).to(torch.float8_e4m3fn).view(torch.uint8)
     return mags.contiguous().view(torch.int32)
 
