@@ -55,6 +55,7 @@ MODES = {
     "tq_native": dict(kv_cache_dtype="turboquant_4bit_nc"),
     "ours": dict(attention_backend="CUSTOM"),
     "ours_s4": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"sink_tokens": 4}}),
+    "ours_r32": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"recent_tokens": 32}}),
 }
 SHAPES = "4096x1,4096x16,32768x1,32768x16"
 RESULTS = Path(__file__).parent / "results"

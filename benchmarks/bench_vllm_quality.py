@@ -35,7 +35,17 @@ MODES = {
     "ours_4_3_kc_s4": dict(
         attention_backend="CUSTOM", additional_config={"turboquant": {"k_bits": 4, "v_bits": 3, "sink_tokens": 4}}
     ),
+    "ours_4_4_r32": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"recent_tokens": 32}}),
+    "bf16_decode": dict(attention_backend="FLASH_ATTN", **DECODE_CHUNKS),  # the decode modes' noise floor
     "ours_4_4_decode": dict(attention_backend="CUSTOM", **DECODE_CHUNKS),
+    "ours_4_4_r32_decode": dict(
+        attention_backend="CUSTOM", additional_config={"turboquant": {"recent_tokens": 32}}, **DECODE_CHUNKS
+    ),
+    "ours_4_4_kc_s4_r32_decode": dict(
+        attention_backend="CUSTOM",
+        additional_config={"turboquant": {"sink_tokens": 4, "recent_tokens": 32}},
+        **DECODE_CHUNKS,
+    ),
     # `tiles`: decode_tiles.Tiles fields changed for every head_dim, in this process (the engine core runs in it)
     "ours_4_4_fp8k_decode": dict(attention_backend="CUSTOM", tiles={"fp8_keys": True}, **DECODE_CHUNKS),
     "native_turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),

@@ -39,6 +39,7 @@ POINTERS = {
     "koff_ptr": "*fp32", "lut_ptr": "*i32", "ws_q_ptr": "*fp32", "slot_ptr": "*i64", "k_bnd_ptr": "*fp32",
     "k_cent32_ptr": "*fp32", "v_bnd_ptr": "*fp32", "v_cent32_ptr": "*fp32", "koff_orig_ptr": "*fp32",
     "ws_ticket_ptr": "*i32", "sink_kv_ptr": "*bf16", "sink_tag_ptr": "*i32",
+    "recent_kv_ptr": "*bf16", "recent_tag_ptr": "*i32",
     "key_ptr": "*bf16", "value_ptr": "*bf16", "rot_lo_ptr": "*fp32", "koff_rot_ptr": "*fp32",
 }  # fmt: skip
 REGISTERS_PER_SM = 65536
@@ -182,6 +183,7 @@ def compile_attention(
     key_offset: bool = False,
     store_new: bool = False,
     sinks: int = 0,
+    recent: int = 0,
 ) -> dict:
     """Compile _attention_kernel as paged_attention would launch it for a bf16 decode batch with num_splits
     splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles)."""
@@ -192,7 +194,8 @@ def compile_attention(
     try:
         codec = KVCodec(TQConfig(), num_kv_heads, head_dim)
         meta = decode_tiles.attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, num_splits,
-                                      key_offset=key_offset, store_new=store_new, sinks=sinks)  # fmt: skip
+                                      key_offset=key_offset, store_new=store_new, sinks=sinks,
+                                           recent=recent)  # fmt: skip
         launch = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
         signature, constexprs, attrs = runtime_signature(meta, launch_ints(head_dim, num_heads, num_kv_heads, split))
         source = ASTSource(decode._attention_kernel, signature, constexprs, attrs)
@@ -206,7 +209,7 @@ def compile_attention(
     return {
         "head_dim": head_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "split_k": split,
         "num_splits": num_splits, "key_offset": key_offset, "store_new": store_new, "sinks": sinks,
-        "block_n": meta["BLOCK_N"],
+        "recent": recent, "block_n": meta["BLOCK_N"],
         "swap_ab": meta["SWAP_AB"], "maxnreg": launch.get("maxnreg"),
         "tiles": dataclasses.asdict(dataclasses.replace(default, **change)), **report,
         "shared_bytes": kernel.metadata.shared,
@@ -292,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(128, 32, 8, 48, {"wide_block_n": None}, False, True)]  # ... in 48 splits of capped 64-token tiles
     cases += [(128, 32, 8, 3, {"tail_merge_min_splits": 2})]
     cases += [(128, 32, 8, n, {}, False, False, 4) for n in (1, 3, wide)]  # with 4 exact sinks (kernels/sinks.py)
+    cases += [(128, 32, 8, n, {}, False, True, 0, 32) for n in (3, wide)]  # with 32 exact recent tokens (recent.py)
     cases += [(128, 32, 8, 3, {"fp8_keys": True}), (128, 32, 8, wide, {"fp8_keys": True}, False, True)]  # fp8 keys
     rows = []
     for case in cases:
@@ -300,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         label = str(case[4] or "default") if not r["key_offset"] else "key offset"
         label += " + fused store" if r["store_new"] else ""
         label += f" + {r['sinks']} sinks" if r["sinks"] else ""
+        label += f" + {r['recent']} recent" if r["recent"] else ""
         print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}, context loop "

@@ -11,6 +11,7 @@ MAX_HEAD_DIM = 512
 HEAD_DIM_MULTIPLE = 8  # 8 indices of any width fill a whole number of bytes
 ROTATIONS = ("haar", "hadamard")
 MAX_SINK_TOKENS = 16  # every sink must sit in a sequence's first block; vLLM's blocks here hold 16 or more
+MAX_RECENT_TOKENS = 64  # the attention kernel scores the window as one tile of up to this many rows
 DEFAULT_SEED = 20250424  # arXiv 2504.19874: any fixed value works; every process must agree
 
 
@@ -51,6 +52,8 @@ class TQConfig:
             stored relative to their layer's calibrated offset where that shortens them (docs/key-offset.md).
         sink_tokens: vLLM only: keep each sequence's first this many tokens exact in a side table beside the
             pages (attention sinks, docs/design-exact-sinks.md); 0 stores every token packed.
+        recent_tokens: vLLM only: read each sequence's newest this many context tokens from an exact side table
+            where it holds them (docs/design-exact-window.md), as the HF cache's residual_tokens; 0 = off.
     """
 
     k_bits: int = 4
@@ -60,6 +63,7 @@ class TQConfig:
     seed: int = DEFAULT_SEED
     key_offsets: str | None = None
     sink_tokens: int = 0
+    recent_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_bits("k_bits", self.k_bits)
@@ -76,6 +80,13 @@ class TQConfig:
             raise TQConfigError(
                 f"sink_tokens={self.sink_tokens} is out of range: 0 (off) to {MAX_SINK_TOKENS}; 4 is enough for the "
                 "attention sinks of Llama-family models."
+            )
+        if isinstance(self.recent_tokens, bool) or not isinstance(self.recent_tokens, int):
+            raise TQConfigError(f"recent_tokens must be an int, got {self.recent_tokens!r}.")
+        if not 0 <= self.recent_tokens <= MAX_RECENT_TOKENS:
+            raise TQConfigError(
+                f"recent_tokens={self.recent_tokens} is out of range: 0 (off) to {MAX_RECENT_TOKENS}; 32 keeps "
+                "generation close to bf16 (docs/design-exact-window.md)."
             )
         if self.key_offsets is not None:
             from turboquant_vllm.key_offset import load_key_offsets

@@ -458,14 +458,16 @@ def test_layer_with_calibrated_key_offsets_matches_reference(scenario, rotated, 
     assert torch.signbit(stored_k.scales).any()
 
 
+@pytest.mark.parametrize("exact", ["sinks", "recent"])
 @pytest.mark.parametrize(("scenario", "rotated"), [("decode", False), ("chunked", False), ("chunked", True)])
-def test_layer_with_exact_sinks_matches_reference(scenario, rotated, monkeypatch, device):
-    """config.sink_tokens: a first step prefills every context through the backend (pages + sink writer), the
-    scenario's step then reads each context's first 4 tokens exact, in the paged kernel and the prefill path
-    (attending in the basis `rotated` names)."""
+def test_layer_with_exact_tables_matches_reference(exact, scenario, rotated, monkeypatch, device):
+    """config.sink_tokens / recent_tokens: a first step prefills every context through the backend (pages + the
+    table's writer), the scenario's step then reads each context's first 4 / last 8 tokens exact, in the paged
+    kernel and the prefill path (attending in the basis `rotated` names)."""
     monkeypatch.setattr(prefill_module, "attends_rotated", lambda *sizes: rotated)
     num_heads, num_kv_heads, head_dim, scale = 8, 2, 64, 64**-0.5
-    cfg = TQConfig(k_bits=4, v_bits=3, sink_tokens=4)
+    n = 4 if exact == "sinks" else 8
+    cfg = TQConfig(k_bits=4, v_bits=3, **{"sink_tokens" if exact == "sinks" else "recent_tokens": n})
     monkeypatch.setattr(tq_backend, "current_tq_config", lambda: cfg)
     batch = make_batch(SCENARIOS[scenario], num_heads, num_kv_heads, head_dim, seed=43, device=device,
                        dtype=torch.float32)  # fmt: skip
@@ -489,13 +491,20 @@ def test_layer_with_exact_sinks_matches_reference(scenario, rotated, monkeypatch
         out = torch.zeros(step.query.shape, dtype=step.query.dtype, device=device)
         impl.do_kv_cache_update(None, step.key, step.value, cache, step.slot_mapping)
         impl.forward(None, step.query, step.key, step.value, cache, md, out)
-    assert impl.sinks(out).tags.ge(0).sum() == sum(min(c + q, 4) for c, q in SCENARIOS[scenario])  # both steps
+    sinks, recent = impl.exact_tables(out)
+    written = [min(c + q, n) if exact == "sinks" else min(c, n) + min(q, n) for c, q in SCENARIOS[scenario]]
+    assert (sinks or recent).tags.ge(0).sum() == sum(written) * (1 if exact == "sinks" else num_kv_heads)  # both steps
 
     args = (batch.query, batch.key, batch.value, cache, batch.block_table, batch.seq_lens, batch.query_start_loc)
-    first_k, first_v = (torch.stack([F.pad(x[:4], (0, 0, 0, 0, 0, 4 - min(4, len(x)))) for x in rows])
-                        for rows in (batch.context_key, batch.context_value))  # fmt: skip
-    held = torch.ones(len(ctx_lens), 4, dtype=torch.bool)
-    ref = paged_attention_ref(codec, *args, scale, exact_first=(first_k, first_v, held))
+    if exact == "sinks":
+        k, v = (torch.stack([F.pad(x[:n], (0, 0, 0, 0, 0, n - min(n, len(x)))) for x in rows])
+                for rows in (batch.context_key, batch.context_value))  # fmt: skip
+    else:
+        k, v = (torch.stack([F.pad(x[-n:], (0, 0, 0, 0, n - min(n, len(x)), 0)) for x in rows])
+                for rows in (batch.context_key, batch.context_value))  # fmt: skip
+    held = torch.ones(len(ctx_lens), n, dtype=torch.bool)
+    table_rows = {"exact_first" if exact == "sinks" else "exact_last": (k, v, held)}
+    ref = paged_attention_ref(codec, *args, scale, **table_rows)
     packed = paged_attention_ref(codec, *args, scale)
     assert (out.float().cpu() - ref).abs().max() < 2e-3 * ref.abs().max()
-    assert (ref - packed).abs().max() > 2e-2 * ref.abs().max()  # the sinks changed the answer
+    assert (ref - packed).abs().max() > 2e-2 * ref.abs().max()  # the exact rows changed the answer

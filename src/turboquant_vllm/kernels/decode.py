@@ -33,7 +33,9 @@ from turboquant_vllm.kernels.fragment import (
 from turboquant_vllm.kernels.lut import round_e4m3
 from turboquant_vllm.kernels.page import context_tile, key_tile, tile_pages, value_tile
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
+from turboquant_vllm.kernels.recent import SEGMENT, RecentTable, recent_context_end, recent_rows
 from turboquant_vllm.kernels.sinks import SinkTable, trusted_sinks
+from turboquant_vllm.kernels.softmax import exact_rows_step, softmax_probs, softmax_step
 from turboquant_vllm.kernels.store import check_slots, store_kv, store_tokens
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
@@ -57,23 +59,6 @@ def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
-def _softmax_probs(s, m_i, TOK_AXIS: tl.constexpr = 1):
-    """A score tile s (log2 units; tokens on TOK_AXIS, query rows on the other) against each row's running max
-    m_i: the tile's probabilities p, the factor alpha that rescales earlier sums, and the new max. Rows that have
-    seen only -inf keep a reference of 0 so exp2 never sees inf - inf."""
-    m_new = tl.maximum(m_i, tl.max(s, TOK_AXIS))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return tl.exp2(s - tl.expand_dims(m_ref, TOK_AXIS)), tl.exp2(m_i - m_ref), m_new
-
-
-@triton.jit
-def _softmax_step(s, m_i, l_i, TOK_AXIS: tl.constexpr = 1):
-    """One online-softmax update: _softmax_probs plus each row's running sum l_i, returned as (p, alpha, max, sum)."""
-    p, alpha, m_new = _softmax_probs(s, m_i, TOK_AXIS)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, TOK_AXIS)
-
-
 # Counts that change from step to step are not specialised on (Triton would compile a variant for 1, for
 # multiples of 16 and for the rest): a batch size first seen while serving then never stalls on a compile.
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "split_slots"])
@@ -81,8 +66,8 @@ def _attention_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     rot_ptr, k_cent_ptr, v_cent_ptr, lut_ptr, koff_ptr, out_ptr, ws_acc_ptr, ws_max_ptr, ws_sum_ptr, ws_q_ptr,
     ws_ticket_ptr, slot_ptr, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr, v_cent32_ptr, koff_orig_ptr,
-    sink_kv_ptr, sink_tag_ptr,
-    num_seqs, num_splits, split_slots, qk_scale, sink_entries,
+    sink_kv_ptr, sink_tag_ptr, recent_kv_ptr, recent_tag_ptr,
+    num_seqs, num_splits, split_slots, qk_scale, sink_entries, recent_entries,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od, stride_bt,
     stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ms, stride_r0, stride_r1,
@@ -101,6 +86,7 @@ def _attention_kernel(
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
     SINK_TILE: tl.constexpr, LIVE_SPLITS: tl.constexpr, FP8_KEYS: tl.constexpr, FP8_SCALE: tl.constexpr,
+    RECENT: tl.constexpr, RECENT_TILE: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -120,6 +106,8 @@ def _attention_kernel(
     ahead: none of them is written in this step.
     With SINKS (kernels/sinks.py) split 0 scores the sequence's first SINKS context tokens from the exact side
     table where it holds them, as one more tile, and masks them out of its first packed tile.
+    With RECENT (kernels/recent.py) the newest RECENT context positions that the window table holds, as one run up
+    to the context's end, leave every split's packed tiles; the last split scores them from the table.
     With FP8_KEYS (Tiles.fp8_keys) the context's keys are FP8_SCALE * centroids in e4m3 (lut_fp8_words, or under
     the CPU interpreter a gather from k_cent_ptr, which then holds those values) and the scores an fp8 MMA against
     the queries rounded to e4m3; the step's own tokens and the sinks still score against the unrounded queries.
@@ -191,14 +179,23 @@ def _attention_kernel(
             pages = tile_pages(tile_lo + 1, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
     if PDL:  # queries, this step's K/V and the workspace from here on
         gdc_wait()
+    first_rows = fragment_rows(BLOCK_N) if K_FRAGMENT else tl.arange(0, BLOCK_N)  # in context_tile's order
     if SINKS:  # positions of the first tile (split 0's) that the exact tile replaces
         sink_block = tl.load(bt_row).to(tl.int64)
         sink_row0 = (sink_block % sink_entries) * SINKS
         sink_ctx = tl.where(split == 0, ctx_len, 0)  # other splits hold no sinks: no tag loads there
-        first_rows = fragment_rows(BLOCK_N) if K_FRAGMENT else tl.arange(0, BLOCK_N)  # in context_tile's order
         sink_drop = trusted_sinks(first_rows, sink_ctx, sink_tag_ptr, sink_row0, sink_block, SINKS)
         if PREFETCH:
             live = live & ~sink_drop
+    if RECENT:  # the packed context ends where the exact window's held run starts
+        win_lo = tl.maximum(ctx_len - RECENT, SINKS)  # past the sinks: no position is scored twice
+        ctx_main = ctx_len
+        if (ctx_hi > win_lo) | (split == splits - 1):  # splits reaching the window, and the one that scores it
+            ctx_main = recent_context_end(ctx_len, win_lo, bt_row, recent_tag_ptr, kh, recent_entries, BLOCK_SIZE,
+                                          RECENT_TILE)  # fmt: skip
+        ctx_hi = tl.minimum(ctx_hi, ctx_main)
+        if PREFETCH:
+            live = live & (tile_lo * BLOCK_N + first_rows < ctx_hi)
     if Q_PUBLISHED:  # rotated by this tile's store program
         q_rot = _published_queries(ws_q_ptr, q_rot_off, row_ok, ticket, splits, HEAD_DIM, BLOCK_D)
     elif Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr
@@ -233,7 +230,7 @@ def _attention_kernel(
                 pages = tile_pages(tile + 2, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
         else:
             live, k_words, k_scale, v_words, v_scale = context_tile(
-                tile, ctx_len, tile_pages(tile, ctx_len, bt_row, BLOCK_N, BLOCK_SIZE), cache_ptr, kh, BLOCK_N,
+                tile, ctx_hi, tile_pages(tile, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE), cache_ptr, kh, BLOCK_N,
                 BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES,
                 K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT,
                 bt_row, V_FRAGMENT)  # fmt: skip
@@ -259,10 +256,10 @@ def _attention_kernel(
             s = s * tl.expand_dims(k_scale, ROW_AXIS)
         s = tl.where(tl.expand_dims(live, ROW_AXIS), s, float("-inf"))
         if TILE_ROW_SUM:
-            p, alpha, m_i = _softmax_probs(s, m_i, TOK_AXIS)
+            p, alpha, m_i = softmax_probs(s, m_i, TOK_AXIS)
             l_tile = l_tile * tl.expand_dims(alpha, TOK_AXIS) + p
         else:
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, TOK_AXIS)
+            p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, TOK_AXIS)
         pv = (p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE)
         if V_FRAGMENT:
             pv = value_fragment_probs(pv, BLOCK_N, BLOCK_M)
@@ -286,14 +283,14 @@ def _attention_kernel(
         if split == 0:  # the exact sinks, rotated like the pages: one more tile
             sink = tl.arange(0, SINK_TILE)
             sink_ok = trusted_sinks(sink, sink_ctx, sink_tag_ptr, sink_row0, sink_block, SINKS)
-            sink_off = (sink_row0 + sink).to(tl.int64) * (2 * tl.num_programs(1) * HEAD_DIM) + kh * HEAD_DIM
-            sink_mask = sink_ok[:, None] & dim_ok[None, :]
-            k_sink = tl.load(sink_kv_ptr + sink_off[:, None] + dim[None, :], mask=sink_mask, other=0.0)
-            v_sink = tl.load(sink_kv_ptr + sink_off[:, None] + tl.num_programs(1) * HEAD_DIM + dim[None, :],
-                             mask=sink_mask, other=0.0)  # fmt: skip
-            s = tl.dot(q_rot, tl.trans(k_sink.to(OP_DTYPE)), input_precision=PREC)
-            p, alpha, m_i, l_i = _softmax_step(tl.where(sink_ok[None, :], s, float("-inf")), m_i, l_i)
-            acc = acc * alpha[:, None] + tl.dot(p.to(OP_DTYPE), v_sink.to(OP_DTYPE), input_precision=PREC)
+            acc, m_i, l_i = exact_rows_step(q_rot, acc, m_i, l_i, sink_kv_ptr, (sink_row0 + sink).to(tl.int64),
+                                            sink_ok, kh, HEAD_DIM, BLOCK_D, OP_DTYPE, PREC)  # fmt: skip
+    if RECENT:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if split == splits - 1:  # the window's held run, rotated like the pages: one more tile
+            win_pos = win_lo + tl.arange(0, RECENT_TILE)
+            win_row, held = recent_rows(win_pos, ctx_len, bt_row, recent_tag_ptr, kh, recent_entries, BLOCK_SIZE)
+            acc, m_i, l_i = exact_rows_step(q_rot, acc, m_i, l_i, recent_kv_ptr, win_row, held & (win_pos >= ctx_main),
+                                            kh, HEAD_DIM, BLOCK_D, OP_DTYPE, PREC)  # fmt: skip
 
     # This step's tokens (last split only), exact and causal: new token j is visible to query i iff j <= i.
     # One token at a time with fp32 vector math: scores in the original basis (q.k = Rq.Rk), V rotated by a
@@ -306,7 +303,7 @@ def _attention_kernel(
             k_new = tl.load(k_ptr + kv_tok * stride_kt + kh * stride_kh + dim * stride_kd, mask=dim_ok, other=0.0)
             s_new = tl.sum(q * k_new.to(tl.float32)[None, :], 1) * qk_scale
             s_new = tl.where(row_ok & (j <= qi), s_new, float("-inf"))
-            p_new, alpha, m_i, l_i = _softmax_step(s_new[:, None], m_i, l_i)  # a one-column score tile
+            p_new, alpha, m_i, l_i = softmax_step(s_new[:, None], m_i, l_i)  # a one-column score tile
             v_rot = _rotate_vector(v_ptr + kv_tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
                                    stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
             acc = acc * alpha[:, None] + p_new * v_rot[None, :]
@@ -366,6 +363,7 @@ def paged_attention(
     key_offset: KeyOffset | None = None,
     store_slots: torch.Tensor | None = None,
     sinks: SinkTable | None = None,
+    recent: RecentTable | None = None,
 ) -> None:
     """Causal attention of each sequence's new tokens over its packed context plus themselves.
 
@@ -394,6 +392,8 @@ def paged_attention(
             dependent launch, kernels/pdl.py, runs alongside the attention's last programs).
         sinks: exact first tokens (kernels/sinks.py); each sequence's first sinks.sink_tokens context positions
             are read from it where it holds them, else from the pages.
+        recent: exact newest tokens (kernels/recent.py); each sequence's newest recent.recent_tokens context
+            positions are read from it where it holds them, else from the pages. block_size must be a multiple of 16.
     """
     lay = codec.layout
     num_tokens, num_heads, head_dim = query.shape
@@ -427,6 +427,9 @@ def paged_attention(
     offset = check_key_offset(key_offset, num_kv_heads, head_dim, cache.device, rotated=True)
     if sinks is not None:
         sinks.check(num_kv_heads, head_dim, cache.device)
+    if recent is not None:
+        recent.check(num_kv_heads, head_dim, cache.device)
+        assert cache.shape[1] % SEGMENT == 0, f"recent tokens need block_size % {SEGMENT} == 0, got {cache.shape[1]}"
     if store_slots is not None:
         check_slots(store_slots, num_tokens, cache.device)
         assert key.stride(2) == 1 and value.stride(2) == 1, "a fused store needs key/value contiguous in head_dim"
@@ -458,7 +461,8 @@ def paged_attention(
     store_in_kernel = store_slots is not None and stores_in_attention(head_dim, num_splits)
     meta = attention_meta(codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
                            num_splits, offset is not None, store_in_kernel, pdl,
-                           0 if sinks is None else sinks.sink_tokens)  # fmt: skip
+                           0 if sinks is None else sinks.sink_tokens,
+                           0 if recent is None else recent.recent_tokens)  # fmt: skip
     if meta["Q_ROTATED"] and not meta["Q_PUBLISHED"]:
         num_rows = num_tokens * num_heads
         _rotate_queries_kernel[reduce_grid(num_rows)](
@@ -482,7 +486,9 @@ def paged_attention(
         tickets, rot if store_slots is None else store_slots, codec.key.boundaries, codec.key.centroids,
         codec.value.boundaries, codec.value.centroids, rot if key_offset is None else key_offset.original,
         *((rot, rot) if sinks is None else (sinks.kv, sinks.tags)),
+        *((rot, rot) if recent is None else (recent.kv, recent.tags)),
         num_seqs, num_splits, split_slots, float(scale) * LOG2E, 1 if sinks is None else sinks.entries,
+        1 if recent is None else recent.entries,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         block_table.stride(0),
         *acc_strides, *stat_strides, rot.stride(0), rot.stride(1),

@@ -230,11 +230,13 @@ def attention_meta(
     store_new: bool = False,
     pdl: bool = False,
     sinks: int = 0,
+    recent: int = 0,
 ) -> dict[str, Any]:
     """Compile-time parameters and launch options of _attention_kernel (shared with compile checks).
 
     pdl: launched with programmatic dependent launch (kernels/pdl.py), as paged_attention decides per device.
     sinks: exact first tokens per sequence read from a side table (kernels/sinks.py); 0 = none.
+    recent: exact newest tokens per sequence read from a side table (kernels/recent.py); 0 = none.
     """
     lay = codec.layout
     group = num_heads // lay.num_kv_heads
@@ -259,7 +261,7 @@ def attention_meta(
     v_fragment = (k_fragment and tiles.v_fragment and lay.head_dim == 128 and lay.v_bits == 4
                   and block_size % 16 == 0)  # fmt: skip
     fp8_keys = (tiles.fp8_keys and (k_fragment or not swap) and lay.k_bits == 4 and codec.lut_usable[0]
-                and not exact and not key_offset and not sinks)  # fmt: skip
+                and not exact and not key_offset and not sinks and not recent)  # fmt: skip
     warps = tiles.wide_num_warps if wide and tiles.wide_num_warps else tiles.num_warps
     rot_chunk = tiles.wide_rot_chunk if wide and tiles.wide_rot_chunk else tiles.rot_chunk
     q_rotated = at_least(tiles.prerotate_q_min_splits, num_splits)
@@ -279,6 +281,7 @@ def attention_meta(
         MERGE_SPLITS=tiles.tail_merge_splits,
         STORE_NEW=store_new, **one_token_store_meta(), NORM_CORRECTION=codec.config.norm_correction,
         TINY=TINY_NORM, PDL=pdl, SINKS=sinks, SINK_TILE=SINK_TILE,
+        RECENT=recent, RECENT_TILE=max(16, triton.next_power_of_2(max(recent, 1))),
         LIVE_SPLITS=live_split_tiles(lay.head_dim, num_splits),
         num_warps=warps, num_stages=tiles.num_stages, **pdl_option(pdl),
     )  # fmt: skip

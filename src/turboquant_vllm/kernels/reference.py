@@ -191,6 +191,7 @@ def paged_attention_ref(
     key_offset: torch.Tensor | None = None,
     exact_first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     fp8_keys: bool = False,
+    exact_last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its compressed context plus themselves.
 
@@ -208,6 +209,8 @@ def paged_attention_ref(
         key_offset: the layer's key offset, if its keys were stored with one.
         exact_first: (keys, values, held): [num_seqs, S, num_kv_heads, head_dim] twice and bool [num_seqs, S]:
             context position p < S of sequence s is keys[s, p] / values[s, p] where held[s, p], not the cache's.
+        exact_last: (keys, values, held), shaped as exact_first, for the context's last W positions: position
+            context_len - W + i of sequence s is keys[s, i] / values[s, i] where held[s, i] (and it exists).
         fp8_keys: score the context as the kernel's fp8 key path does (Tiles.fp8_keys; no key offset or exact_first).
     Returns:
         fp32 [num_tokens, num_heads, head_dim] in the original basis.
@@ -229,6 +232,11 @@ def paged_attention_ref(
             held = exact_first[2][s, :n].cpu()
             k_ctx[:n][held] = exact_first[0][s, :n][held].cpu().float()
             v_ctx[:n][held] = exact_first[1][s, :n][held].cpu().float()
+        if exact_last is not None:
+            pos = torch.arange(exact_last[2].shape[1]) + context_len - exact_last[2].shape[1]
+            held = exact_last[2][s].cpu() & (pos >= 0)
+            k_ctx[pos[held]] = exact_last[0][s][held].cpu().float()
+            v_ctx[pos[held]] = exact_last[1][s][held].cpu().float()
         k = torch.cat([k_ctx, key[lo:hi].cpu().to(torch.float32)]).repeat_interleave(group, dim=1)
         v = torch.cat([v_ctx, value[lo:hi].cpu().to(torch.float32)]).repeat_interleave(group, dim=1)
         q = query[lo:hi].cpu().to(torch.float32)

@@ -3,7 +3,8 @@
 Token path: do_kv_cache_update -> kernels.store.store_kv (new K/V -> packed pages), then forward:
 decode-sized queries -> kernels.decode.paged_attention (context read from the pages in-kernel, this
 step's tokens exact); prefill/extend chunks -> vllm.prefill (context dequantised once, FlashAttention);
-with sink_tokens, kernels.sinks.write_sinks last (each sequence's first tokens kept exact beside the pages).
+with sink_tokens / recent_tokens, kernels.sinks.write_sinks / kernels.recent.write_recent last (each sequence's
+first / newest tokens kept exact beside the pages).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from turboquant_vllm.config import TQConfigError, check_head_dim
 from turboquant_vllm.kernels.decode import paged_attention
 from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_split_grid, decode_step_stores
 from turboquant_vllm.kernels.pdl import pdl_launch
+from turboquant_vllm.kernels.recent import RecentTable, recent_entries, write_recent
 from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
@@ -203,12 +205,13 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         )
         config = current_tq_config()
         self.sink_tokens = config.sink_tokens
+        self.recent_tokens = config.recent_tokens
         if on_gpu:  # compile now rather than inside a request (the CPU interpreter has nothing to compile)
             codec = shared_codec(config, self.num_kv_heads, self.head_size, device)
             max_blocks = triton.cdiv(vllm_config.model_config.max_model_len, kv_cache_spec.block_size)  # vLLM's table
             warm_up_kernels(codec, num_heads, vllm_config.model_config.dtype, kv_cache_spec.block_size,
                             config.key_offsets is not None, self.workspace, max_blocks,
-                            config.sink_tokens)  # fmt: skip
+                            config.sink_tokens, config.recent_tokens)  # fmt: skip
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -232,7 +235,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
             seq_lens_host = getattr(cam, "seq_lens_cpu_upper_bound", None)
             prefill = plan_prefill(cam.query_start_loc_cpu, cam.seq_lens if seq_lens_host is None else seq_lens_host,
                                    cam.block_table_tensor, self.kv_cache_spec.block_size, num_decodes,
-                                   cam.num_reqs, self.sink_tokens)  # fmt: skip
+                                   cam.num_reqs, self.sink_tokens, self.recent_tokens)  # fmt: skip
         return TQ4Metadata(
             num_actual_tokens=cam.num_actual_tokens,
             max_query_len=min(cam.max_query_len, decode_q_len),
@@ -293,10 +296,13 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self._key_offset: KeyOffset | None = None
-        self._sink_entries = table_entries(_max_num_seqs())
+        max_num_seqs = _max_num_seqs()
+        self._sink_entries = table_entries(max_num_seqs)
+        self._recent_entries = recent_entries(max_num_seqs, self.config.recent_tokens)
         self._sinks: SinkTable | None = None
-        if self.config.sink_tokens:  # vLLM builds the model on its device: the tables count as model memory
-            self._sinks = self._allocate_sinks(torch.get_default_dtype(), torch.get_default_device())
+        self._recent: RecentTable | None = None
+        # vLLM builds the model on its device: the tables count as model memory
+        self.exact_tables(torch.empty(0, dtype=torch.get_default_dtype(), device=torch.get_default_device()))
 
     def codec(self, device: torch.device) -> KVCodec:
         return shared_codec(self.config, self.num_kv_heads, self.head_size, device)
@@ -317,24 +323,27 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
             self._key_offset = KeyOffset.build(offset, codec.rotation)
         return self._key_offset
 
-    def _allocate_sinks(self, dtype: torch.dtype, device: torch.device) -> SinkTable:
-        return SinkTable.allocate(self._sink_entries, self.config.sink_tokens, self.num_kv_heads, self.head_size,
-                                  dtype, device)  # fmt: skip
+    def exact_tables(self, like: torch.Tensor) -> tuple[SinkTable | None, RecentTable | None]:
+        """This layer's exact-sink and recent-token tables (config.sink_tokens, config.recent_tokens; None where
+        off) on the device and in the dtype of `like`.
 
-    def sinks(self, like: torch.Tensor) -> SinkTable | None:
-        """This layer's exact-sink table (config.sink_tokens) on the device and in the dtype of `like`.
-
-        vLLM constructs the layers under its device and dtype, so the table is allocated then and its memory is
-        counted before the KV cache is sized; elsewhere (tests) on first use. Its address must not change once CUDA
-        graphs are captured."""
-        if not self.config.sink_tokens:
-            return None
-        table = self._sinks
-        if table is None or table.kv.device != like.device or table.kv.dtype != like.dtype:
+        vLLM constructs the layers under its device and dtype, so the tables are allocated then and their memory is
+        counted before the KV cache is sized; elsewhere (tests) on first use. Their addresses must not change once
+        CUDA graphs are captured."""
+        config, heads, dim = self.config, self.num_kv_heads, self.head_size
+        held = {"sinks": self._sinks, "recent": self._recent}
+        wanted = {"sinks": config.sink_tokens, "recent": config.recent_tokens}
+        if any(n and (held[k] is None or (held[k].kv.device, held[k].kv.dtype) != (like.device, like.dtype))
+               for k, n in wanted.items()):  # fmt: skip
             if like.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("TurboQuant sink tables must be allocated before CUDA graph capture")
-            self._sinks = self._allocate_sinks(like.dtype, like.device)
-        return self._sinks
+                raise RuntimeError("TurboQuant exact tables must be allocated before CUDA graph capture")
+            if config.sink_tokens:
+                self._sinks = SinkTable.allocate(self._sink_entries, config.sink_tokens, heads, dim, like.dtype,
+                                                 like.device)  # fmt: skip
+            if config.recent_tokens:
+                self._recent = RecentTable.allocate(self._recent_entries, config.recent_tokens, heads, dim,
+                                                    like.dtype, like.device)  # fmt: skip
+        return self._sinks, self._recent
 
     def do_kv_cache_update(
         self,
@@ -390,7 +399,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         """
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantisation is not supported by the TurboQuant backend")
-        sinks = self.sinks(query)
+        sinks, recent = self.exact_tables(query)
         if attn_metadata is None:  # profiling run: no cache bound yet
             return output.fill_(0)
         md = attn_metadata
@@ -413,9 +422,15 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
                 key_offset=key_offset,
                 store_slots=md.slot_mapping[: md.fused_store_tokens] if md.fused_store_tokens else None,
                 sinks=sinks,
+                recent=recent,
             )  # fmt: skip
         if md.prefill is not None:
-            prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output, key_offset, sinks)
-        if sinks is not None:  # after every read of this step (sinks.py)
+            prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output, key_offset, sinks,
+                              recent)  # fmt: skip
+        # after every read of this step (sinks.py, recent.py)
+        if sinks is not None:
             write_sinks(sinks, codec.rotation, key, value, md.block_table, md.seq_lens, md.query_start_loc)
+        if recent is not None:
+            write_recent(recent, codec.rotation, key, value, md.block_table, md.seq_lens, md.query_start_loc,
+                         kv_cache.shape[1])  # fmt: skip
         return output

@@ -17,6 +17,7 @@ import torch
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.dequant import dequantize_kv
+from turboquant_vllm.kernels.recent import RecentTable, substitute_recent
 from turboquant_vllm.kernels.sinks import SinkTable, substitute_sinks
 from turboquant_vllm.key_offset import KeyOffset
 
@@ -46,6 +47,9 @@ class PrefillRun:
     sink_rows: torch.Tensor | None = None
     sink_pos: torch.Tensor | None = None
     sink_first_block: torch.Tensor | None = None
+    # Context rows among the newest recent_tokens (kernels/recent.py): buffer row and slot
+    recent_rows: torch.Tensor | None = None
+    recent_slots: torch.Tensor | None = None
 
     @property
     def context_rows(self) -> int:
@@ -66,7 +70,7 @@ class PrefillPlan:
 
 
 def _plan_run(q_lens: np.ndarray, ctx: np.ndarray, q_lo: int, first: int, block_table: torch.Tensor,
-              block_size: int, sink_tokens: int) -> PrefillRun:  # fmt: skip
+              block_size: int, sink_tokens: int, recent_tokens: int) -> PrefillRun:  # fmt: skip
     """One run of requests first, first + 1, ... (block_table rows) with q_lens query rows over ctx cached tokens."""
     device = block_table.device
     k_lens = ctx + q_lens
@@ -99,6 +103,9 @@ def _plan_run(q_lens: np.ndarray, ctx: np.ndarray, q_lo: int, first: int, block_
         run.sink_rows = torch.from_numpy(np.flatnonzero(is_sink)).to(device)
         run.sink_pos = torch.from_numpy(pos[is_sink]).to(device)
         run.sink_first_block = block_table[torch.from_numpy(req[is_sink] + first).to(device), 0].long()
+    if recent_tokens:
+        run.recent_rows = torch.from_numpy(np.flatnonzero(is_ctx & (pos >= ctx[req] - recent_tokens))).to(device)
+        run.recent_slots = run.slots[run.recent_rows]
     return run
 
 
@@ -110,11 +117,13 @@ def plan_prefill(
     first: int,
     num_reqs: int,
     sink_tokens: int = 0,
+    recent_tokens: int = 0,
 ) -> PrefillPlan:
     """Plan requests [first, num_reqs) of a step (vLLM orders decodes first).
 
     seq_lens may live on the host (no sync) or the device (one sync); only rows [first, num_reqs) are read.
     sink_tokens: also list the context rows the exact sinks may replace (kernels/sinks.py).
+    recent_tokens: also list the context rows the exact recent tokens may replace (kernels/recent.py).
     """
     qsl = query_start_loc_cpu[first : num_reqs + 1].numpy().astype(np.int64)
     q_lens = np.diff(qsl)
@@ -122,7 +131,8 @@ def plan_prefill(
     with_ctx = ctx > 0
     edges = [0, *(np.flatnonzero(with_ctx[1:] != with_ctx[:-1]) + 1).tolist(), len(q_lens)]
     return PrefillPlan([
-        _plan_run(q_lens[a:b], ctx[a:b], int(qsl[a]), first + a, block_table, block_size, sink_tokens)
+        _plan_run(q_lens[a:b], ctx[a:b], int(qsl[a]), first + a, block_table, block_size, sink_tokens,
+                  recent_tokens)
         for a, b in zip(edges[:-1], edges[1:], strict=True)
     ])  # fmt: skip
 
@@ -196,11 +206,13 @@ def prefill_attention(
     out: torch.Tensor,
     key_offset: KeyOffset | None = None,
     sinks: SinkTable | None = None,
+    recent: RecentTable | None = None,
 ) -> None:
     """Causal attention of the planned prefill rows of query/key/value; writes the same rows of out.
 
     sinks: exact first tokens (kernels/sinks.py) put over the dequantised context where the table holds them
-    (the plan must list their rows: plan_prefill's sink_tokens).
+    (the plan must list their rows: plan_prefill's sink_tokens); recent likewise for the newest context tokens
+    (plan_prefill's recent_tokens), at every position it holds.
     """
     for run in plan.runs:
         rows = slice(run.q_lo, run.q_lo + run.num_tokens)
@@ -216,6 +228,9 @@ def prefill_attention(
             assert run.sink_rows is not None, "plan_prefill was not asked for the sink rows"
             substitute_sinks(sinks, None if rotated else codec.rotation, run.sink_first_block, run.sink_pos,
                              run.sink_rows, k, v)  # fmt: skip
+        if recent is not None:
+            assert run.recent_rows is not None, "plan_prefill was not asked for the recent rows"
+            substitute_recent(recent, None if rotated else codec.rotation, run.recent_slots, run.recent_rows, k, v)
         k_new, v_new = k_new.to(k.dtype), v_new.to(v.dtype)
         if rotated:  # stored rows are x @ R.T
             r = codec.rotation_half.get(q.dtype, codec.rotation)

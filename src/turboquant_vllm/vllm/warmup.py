@@ -17,6 +17,7 @@ from turboquant_vllm.kernels.decode import paged_attention
 from turboquant_vllm.kernels.decode_tiles import WIDE_MIN_SPLITS, decode_step_stores
 from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.kernels.pdl import pdl_launch
+from turboquant_vllm.kernels.recent import RecentTable, write_recent
 from turboquant_vllm.kernels.sinks import MIN_ENTRIES, SinkTable, write_sinks
 from turboquant_vllm.kernels.store import LARGE_BATCH_TOKENS, SMALL_BATCH_TOKENS, store_kv
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
@@ -35,11 +36,13 @@ def warm_up_kernels(
     workspace: AttentionWorkspace,
     max_blocks_per_seq: int = 1,
     sink_tokens: int = 0,
+    recent_tokens: int = 0,
 ) -> None:
     """Run every launch shape once on a small scratch cache (zeros in, results discarded).
 
     max_blocks_per_seq: the width of vLLM's block table, whose row stride the attention kernel is compiled for.
-    sink_tokens: the config's exact sinks: the attention launches read a scratch table, and its writer runs once.
+    sink_tokens, recent_tokens: the config's exact tables: the attention launches read scratch ones, and their
+        writers run once.
     """
     device = codec.rotation.device
     num_kv_heads, head_dim = codec.num_kv_heads, codec.head_dim
@@ -66,8 +69,12 @@ def warm_up_kernels(
     if sink_tokens:
         sinks = SinkTable.allocate(MIN_ENTRIES, sink_tokens, num_kv_heads, head_dim, dtype, device)
         write_sinks(sinks, codec.rotation, kv[:1], kv[:1], block_table, seq_lens, query_start_loc)
+    recent = None
+    if recent_tokens:
+        recent = RecentTable.allocate(MIN_ENTRIES, recent_tokens, num_kv_heads, head_dim, dtype, device)
+        write_recent(recent, codec.rotation, kv[:1], kv[:1], block_table, seq_lens, query_start_loc, block_size)
     for num_splits in DECODE_SPLITS:  # with the new token's store where pure decode steps hand it over
         for store_slots in (None, slots[:1]) if decode_step_stores(head_dim, num_splits, pdl) else (None,):
             paged_attention(codec, query, kv[:1], kv[:1], cache, block_table, seq_lens, query_start_loc, 1.0, out,
                             max_query_len=1, num_splits=num_splits, workspace=workspace, key_offset=offset,
-                            store_slots=store_slots, sinks=sinks)  # fmt: skip
+                            store_slots=store_slots, sinks=sinks, recent=recent)  # fmt: skip
