@@ -73,3 +73,14 @@ def test_key_offsets_file_is_checked_at_construction(tmp_path):
         layer_key_offset(cfg.key_offsets, "model.layers.0.self_attn.attn", 2, 64)
     with pytest.raises(TQConfigError, match="layer index"):
         layer_key_offset(cfg.key_offsets, "encoder.attn", 3, 64)
+
+
+@pytest.mark.parametrize(("field", "limit"), [("sink_tokens", 16), ("recent_tokens", 64)])
+def test_exact_token_counts_are_checked(field, limit):
+    assert getattr(TQConfig(**{field: limit}), field) == limit
+    for bad in (-1, limit + 1):
+        with pytest.raises(TQConfigError, match=f"{field}={bad} is out of range"):
+            TQConfig(**{field: bad})
+    for bad in (True, 4.0, "32"):
+        with pytest.raises(TQConfigError, match=f"{field} must be an int"):
+            TQConfig(**{field: bad})

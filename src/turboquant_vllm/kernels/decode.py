@@ -19,6 +19,7 @@ from turboquant_vllm.kernels.decode_reduce import (
     _rotate_rows,
     _rotate_vector,
     _store_unrotated,
+    find_seq,
     live_splits,
     reduce_grid,
 )
@@ -43,20 +44,6 @@ from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 LOG2E = 1.4426950408889634
 QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-@triton.jit
-def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
-    """The sequence owning q-tile program `pid`: sequence s's tiles start at qsl[s] // BLOCK_Q + s."""
-    lo: tl.int32 = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
 
 
 # Counts that change from step to step are not specialised on (Triton would compile a variant for 1, for
@@ -117,7 +104,7 @@ def _attention_kernel(
     split = tl.program_id(2)
     if STORE_NEW:  # the store programs come first in launch order
         split -= 1
-    seq = tl.maximum(_find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q), 0)
+    seq = tl.maximum(find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q), 0)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     q0 = (pid - q_start // BLOCK_Q - seq) * BLOCK_Q

@@ -178,6 +178,20 @@ def _store_unrotated(
 
 
 @triton.jit
+def find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence owning q-tile program `pid`: sequence s's tiles start at qsl[s] // BLOCK_Q + s."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
 def live_splits(qsl_ptr, num_seqs, num_splits, split_slots):
     """Splits per sequence in this launch: num_splits, or with split_slots > 0 as many as share split_slots among
     the sequences that have query rows (at least 1, at most num_splits). CUDA-graph padding rows have none, so the
