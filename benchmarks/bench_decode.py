@@ -29,6 +29,7 @@ from turboquant_vllm.kernels import decode, decode_tiles, pdl
 from turboquant_vllm.kernels import store as store_kernel
 from turboquant_vllm.kernels.decode import paged_attention
 from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_split_grid
+from turboquant_vllm.kernels.recent import SEGMENT, RecentTable, recent_entries, write_recent
 from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
@@ -139,12 +140,15 @@ def bench_ours(
     num_splits: int | None = None,
     store: str = "none",
     sinks: int = 0,
+    recent: int = 0,
     live: int | None = None,
 ) -> dict:
     """Our decode attention; store="separate" adds store_kv of the step's K/V before it, "fused" hands the store
     to paged_attention (store_slots: in its launch or right after), as a decode step in vLLM needs either way.
     sinks: every sequence's first `sinks` tokens exact (kernels/sinks.py), plus the writer launch a vLLM step ends
     with (it writes nothing here: every position is past the sinks).
+    recent: every sequence's newest `recent` context tokens exact (kernels/recent.py), plus the writer launch of the
+    step's new token.
     live: only the first `live` sequences have a query; the rest are padding rows (no query, no context), as in a
     CUDA graph vLLM replays for a smaller batch; the grid is choose_split_grid's for the whole batch."""
     codec, b = caches.codec, shape.batch
@@ -171,15 +175,26 @@ def bench_ours(
         sink_table.kv.normal_()
         first = table[:, 0].long()
         sink_table.tags[first % sink_table.entries] = first[:, None].int()
+    recent_table = None
+    if recent:
+        recent_table = RecentTable.allocate(recent_entries(b, recent), recent, shape.hkv, shape.d, torch.bfloat16,
+                                            "cuda")  # fmt: skip
+        recent_table.kv.normal_()
+        pos = torch.arange(last - recent, last, device="cuda")
+        held = table[:, pos // shape.block_size].long() * shape.block_size + pos % shape.block_size  # [b, recent]
+        recent_table.tags[held // SEGMENT % recent_table.entries, held % SEGMENT] = (held // SEGMENT)[..., None].int()
 
     def run() -> None:
         if store == "separate":
             store_kv(codec, k, v, caches.ours, slots)
         paged_attention(codec, q, k, v, caches.ours, table, seq_lens, qsl, shape.d**-0.5, out,
                         max_query_len=1, num_splits=splits, split_slots=split_slots, workspace=ws,
-                        store_slots=slots if store == "fused" else None, sinks=sink_table)  # fmt: skip
+                        store_slots=slots if store == "fused" else None, sinks=sink_table,
+                        recent=recent_table)  # fmt: skip
         if sink_table is not None:
             write_sinks(sink_table, codec.rotation, k, v, table, seq_lens, qsl)
+        if recent_table is not None:
+            write_recent(recent_table, codec.rotation, k, v, table, seq_lens, qsl, shape.block_size)
 
     ms, timer = time_ms(run, rep)
     read = live * (shape.context - 1) * codec.layout.bytes_per_token
