@@ -36,6 +36,9 @@ MODES = {
         attention_backend="CUSTOM", additional_config={"turboquant": {"k_bits": 4, "v_bits": 3, "sink_tokens": 4}}
     ),
     "ours_4_4_r32": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"recent_tokens": 32}}),
+    "ours_4_4_kc_s4_r32": dict(
+        attention_backend="CUSTOM", additional_config={"turboquant": {"sink_tokens": 4, "recent_tokens": 32}}
+    ),
     "bf16_decode": dict(attention_backend="FLASH_ATTN", **DECODE_CHUNKS),  # the decode modes' noise floor
     "ours_4_4_decode": dict(attention_backend="CUSTOM", **DECODE_CHUNKS),
     "ours_4_4_r32_decode": dict(
@@ -178,6 +181,9 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--key-offsets", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = sorted(set(args.modes.split(",")) - set(MODES))
+    if unknown:  # before any engine starts: a typo must not cost a GPU lease
+        parser.error(f"unknown modes {unknown}; known: {', '.join(MODES)}")
 
     if args.child:
         row = run_mode(args.child, args.windows, args.window_len, not args.cuda_graphs, args.key_offsets)
