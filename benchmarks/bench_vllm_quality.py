@@ -53,6 +53,7 @@ MODES = {
     "ours_4_4_fp8k_decode": dict(attention_backend="CUSTOM", tiles={"fp8_keys": True}, **DECODE_CHUNKS),
     "native_turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),
     "native_turboquant_k8v4": dict(kv_cache_dtype="turboquant_k8v4"),
+    "native_turboquant_4bit_nc_decode": dict(kv_cache_dtype="turboquant_4bit_nc", **DECODE_CHUNKS),
 }
 GREEDY_PROMPTS = [
     "Who wrote Pride and Prejudice?",
