@@ -141,6 +141,7 @@ def bench_ours(
     store: str = "none",
     sinks: int = 0,
     recent: int = 0,
+    writers: bool = True,
     live: int | None = None,
 ) -> dict:
     """Our decode attention; store="separate" adds store_kv of the step's K/V before it, "fused" hands the store
@@ -149,6 +150,7 @@ def bench_ours(
     with (it writes nothing here: every position is past the sinks).
     recent: every sequence's newest `recent` context tokens exact (kernels/recent.py), plus the writer launch of the
     step's new token.
+    writers: False leaves the sinks' and recent tokens' writer launches out, to time the attention's share alone.
     live: only the first `live` sequences have a query; the rest are padding rows (no query, no context), as in a
     CUDA graph vLLM replays for a smaller batch; the grid is choose_split_grid's for the whole batch."""
     codec, b = caches.codec, shape.batch
@@ -191,9 +193,9 @@ def bench_ours(
                         max_query_len=1, num_splits=splits, split_slots=split_slots, workspace=ws,
                         store_slots=slots if store == "fused" else None, sinks=sink_table,
                         recent=recent_table)  # fmt: skip
-        if sink_table is not None:
+        if sink_table is not None and writers:
             write_sinks(sink_table, codec.rotation, k, v, table, seq_lens, qsl)
-        if recent_table is not None:
+        if recent_table is not None and writers:
             write_recent(recent_table, codec.rotation, k, v, table, seq_lens, qsl, shape.block_size)
 
     ms, timer = time_ms(run, rep)

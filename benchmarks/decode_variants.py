@@ -1,8 +1,9 @@
 """The variants bench_decode.py's sweep times against the defaults (unless --no-sweep): evidence for each Tiles choice.
 
 Each variant is a dict of changes. Keys that are `Tiles` fields replace the default tile config; `num_splits`,
-`store` ("separate" or "fused"), `sinks`, `recent` and `live` (sequences with a query; the rest pad the batch, as
-vLLM pads to a captured CUDA-graph size) change the launch; `pdl` and `store_contract_last` set module switches
+`store` ("separate" or "fused"), `sinks`, `recent`, `writers` (False: time the attention without the exact
+tables' writer launches) and `live` (sequences with a query; the rest pad the batch, as vLLM pads to a captured
+CUDA-graph size) change the launch; `pdl` and `store_contract_last` set module switches
 (`SWITCHES`). docs/decode-tuning.md says which won.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from turboquant_vllm.kernels import decode_tiles, pdl
 from turboquant_vllm.kernels import store as store_kernel
 
-LAUNCH_KEYS = ("num_splits", "store", "sinks", "recent", "live")  # arguments of the launch, not Tiles fields
+LAUNCH_KEYS = ("num_splits", "store", "sinks", "recent", "writers", "live")  # arguments of the launch, not Tiles fields
 SWITCHES = {"store_contract_last": (store_kernel, "CONTRACT_LAST"), "pdl": (pdl, "ENABLED")}  # key: (module, attribute)
 
 
@@ -103,6 +104,7 @@ VARIANTS: list[dict] = [
     # 32 exact recent tokens (the window's tag reads, its tile in the last split, the writer launch), likewise
     {"recent": 32},
     {"recent": 32, "store": "fused"},
+    {"recent": 32, "writers": False},  # the attention's share of the window's cost; the rest is the writer's
     # a 16-sequence CUDA graph replayed for 10 and 12 live sequences (6 and 4 padding rows), with the live ones split
     # finer (the default) and with the grid's split count fixed (choose_num_splits of 16)
     {"live_splits": False},  # a full batch: the live count is read, but splits as before
