@@ -27,6 +27,14 @@ def check_bits(name: str, bits: int) -> None:
         )
 
 
+def check_token_count(name: str, count: int, maximum: int, advice: str) -> None:
+    """An exact table's size: an int from 0 (off) to maximum."""
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TQConfigError(f"{name} must be an int, got {count!r}.")
+    if not 0 <= count <= maximum:
+        raise TQConfigError(f"{name}={count} is out of range: 0 (off) to {maximum}; {advice}.")
+
+
 def check_head_dim(head_dim: int) -> None:
     if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM) or head_dim % HEAD_DIM_MULTIPLE:
         raise TQConfigError(
@@ -74,20 +82,10 @@ class TQConfig:
             raise TQConfigError(f"norm_correction must be a bool, got {self.norm_correction!r}.")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise TQConfigError(f"seed must be a non-negative int, got {self.seed!r}.")
-        if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int):
-            raise TQConfigError(f"sink_tokens must be an int, got {self.sink_tokens!r}.")
-        if not 0 <= self.sink_tokens <= MAX_SINK_TOKENS:
-            raise TQConfigError(
-                f"sink_tokens={self.sink_tokens} is out of range: 0 (off) to {MAX_SINK_TOKENS}; 4 is enough for the "
-                "attention sinks of Llama-family models."
-            )
-        if isinstance(self.recent_tokens, bool) or not isinstance(self.recent_tokens, int):
-            raise TQConfigError(f"recent_tokens must be an int, got {self.recent_tokens!r}.")
-        if not 0 <= self.recent_tokens <= MAX_RECENT_TOKENS:
-            raise TQConfigError(
-                f"recent_tokens={self.recent_tokens} is out of range: 0 (off) to {MAX_RECENT_TOKENS}; 32 keeps "
-                "generation close to bf16 (docs/design-exact-window.md)."
-            )
+        check_token_count("sink_tokens", self.sink_tokens, MAX_SINK_TOKENS,
+                          "4 is enough for the attention sinks of Llama-family models")  # fmt: skip
+        check_token_count("recent_tokens", self.recent_tokens, MAX_RECENT_TOKENS,
+                          "32 keeps generation close to bf16 (docs/design-exact-window.md)")  # fmt: skip
         if self.key_offsets is not None:
             from turboquant_vllm.key_offset import load_key_offsets
 

@@ -28,6 +28,7 @@ from triton.language.extra.cuda import gdc_wait
 from turboquant_vllm.config import MAX_RECENT_TOKENS
 from turboquant_vllm.kernels.decode_reduce import _rotate_vector
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
+from turboquant_vllm.kernels.sinks import check_writer_args, overwrite_rows
 
 SEGMENT = 16  # tokens per table entry: slot // SEGMENT names a run of one block's tokens (blocks hold 16k tokens)
 MIN_ENTRIES = 64
@@ -169,15 +170,12 @@ def write_recent(
             query_start_loc: [num_seqs + 1], on the device; sequences with no query rows (padding) write nothing.
         block_size: tokens per page, a multiple of SEGMENT.
     """
-    num_seqs = query_start_loc.shape[0] - 1
-    num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    table.check(num_kv_heads, head_dim, key.device)
-    assert value.shape[1:] == key.shape[1:], f"value {tuple(value.shape)} does not match key {tuple(key.shape)}"
-    assert block_table.dim() == 2 and block_table.shape[0] >= num_seqs, "block_table must be [>= num_seqs, blocks]"
+    num_seqs = check_writer_args(table, key, value, block_table, query_start_loc)
     assert block_table.stride(1) == 1, "block_table rows must be contiguous"
     assert block_size % SEGMENT == 0, f"block_size must be a multiple of {SEGMENT}, got {block_size}"
     if num_seqs <= 0:
         return
+    num_kv_heads, head_dim = key.shape[1], key.shape[2]
     pdl = pdl_launch(key.device)
     _write_recent_kernel[(num_seqs, num_kv_heads)](
         key, value, block_table, seq_lens, query_start_loc, rotation, table.kv, table.tags,
@@ -209,8 +207,4 @@ def substitute_recent(
     segment = slots // SEGMENT
     entry, offset = segment % table.entries, slots % SEGMENT
     held = (table.tags[entry, offset] == segment[:, None])[..., None]  # [n, num_kv_heads, 1]
-    exact = table.kv[entry, offset].float()  # [n, 2, num_kv_heads, head_dim], rows stored as x @ R.T
-    if rotation is not None:
-        exact = exact @ rotation
-    k[rows] = torch.where(held, exact[:, 0].to(k.dtype), k[rows])
-    v[rows] = torch.where(held, exact[:, 1].to(v.dtype), v[rows])
+    overwrite_rows(table.kv[entry, offset], held, rotation, rows, k, v)

@@ -146,13 +146,10 @@ def write_sinks(
         block_table: int32/int64 [>= num_seqs, max_blocks]; seq_lens: [>= num_seqs];
             query_start_loc: [num_seqs + 1], on the device; sequences with no query rows (padding) write nothing.
     """
-    num_seqs = query_start_loc.shape[0] - 1
-    num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    table.check(num_kv_heads, head_dim, key.device)
-    assert value.shape[1:] == key.shape[1:], f"value {tuple(value.shape)} does not match key {tuple(key.shape)}"
-    assert block_table.dim() == 2 and block_table.shape[0] >= num_seqs, "block_table must be [>= num_seqs, blocks]"
+    num_seqs = check_writer_args(table, key, value, block_table, query_start_loc)
     if num_seqs <= 0:
         return
+    num_kv_heads, head_dim = key.shape[1], key.shape[2]
     pdl = pdl_launch(key.device)
     _write_sinks_kernel[(num_seqs, num_kv_heads)](
         key, value, block_table, seq_lens, query_start_loc, rotation, table.kv, table.tags,
@@ -182,7 +179,25 @@ def substitute_sinks(
         return
     entry = first_block % table.entries
     held = (table.tags[entry, pos] == first_block)[:, None, None]
-    exact = table.kv[entry, pos].float()  # rows were stored as x @ R.T
+    overwrite_rows(table.kv[entry, pos], held, rotation, rows, k, v)
+
+
+def check_writer_args(table, key: torch.Tensor, value: torch.Tensor, block_table: torch.Tensor,
+                      query_start_loc: torch.Tensor) -> int:  # fmt: skip
+    """The checks an exact table's writer makes of its step (this module's and kernels/recent.py's); the number of
+    sequences."""
+    num_seqs = query_start_loc.shape[0] - 1
+    table.check(key.shape[1], key.shape[2], key.device)
+    assert value.shape[1:] == key.shape[1:], f"value {tuple(value.shape)} does not match key {tuple(key.shape)}"
+    assert block_table.dim() == 2 and block_table.shape[0] >= num_seqs, "block_table must be [>= num_seqs, blocks]"
+    return num_seqs
+
+
+def overwrite_rows(exact: torch.Tensor, held: torch.Tensor, rotation: torch.Tensor | None, rows: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor) -> None:  # fmt: skip
+    """k[rows] / v[rows] = an exact table's rows exact [n, 2, num_kv_heads, head_dim] (stored as x @ R.T) where held
+    (broadcast over [n, num_kv_heads, 1]), in the original basis (times R) or, where rotation is None, the rotated."""
+    exact = exact.float()
     if rotation is not None:
         exact = exact @ rotation
     k[rows] = torch.where(held, exact[:, 0].to(k.dtype), k[rows])
