@@ -66,6 +66,7 @@ def test_custom_backend_generates(head_dim, heads, kv_heads, enforce_eager):
     [
         ({"additional_config": {"turboquant": {"k_bits": 5}}}, "k_bits=5"),
         ({"additional_config": {"turboquant": {"sink_tokens": 17}}}, "sink_tokens=17"),
+        ({"additional_config": {"turboquant": {"recent_tokens": 65}}}, "recent_tokens=65"),
         ({"kv_cache_dtype": "fp8"}, "kv-cache-dtype fp8"),
         ({"shape": {**SMALL, "head_dim": 100}}, "head_dim=100"),
     ],
@@ -93,22 +94,29 @@ def test_custom_backend_with_key_offsets_under_cuda_graphs(tmp_path):
     assert not bad["ok"] and "calibrate for this model" in bad["error"], bad["error"][-2000:]
 
 
-def test_custom_backend_with_exact_sinks_under_cuda_graphs():
-    """sink_tokens=4 with prompts of 1-3 tokens (their sinks arrive in captured decode steps) and longer ones: the
-    same tokens as eager mode, and vLLM's memory profile counts the tables (as many fewer blocks as they take)."""
+@pytest.mark.parametrize("setting", [{"sink_tokens": 4}, {"recent_tokens": 32}], ids=["sinks", "recent"])
+def test_custom_backend_with_exact_tables_under_cuda_graphs(setting):
+    """Exact sinks or recent tokens with prompts of 1-3 tokens (their exact rows arrive in captured decode steps) and
+    longer ones: the same tokens as eager mode, and vLLM's memory profile counts the tables (as many fewer blocks
+    as they take)."""
     prompts = [[1 + (i * 37 + j * 11) % 500 for j in range(n)] for i, n in enumerate((1, 2, 3, 40, 70))]
     spec = dict(shape=SMALL, attention_backend="CUSTOM", max_model_len=2048, prompts=prompts,
-                additional_config={"turboquant": {"sink_tokens": 4}})  # fmt: skip
+                additional_config={"turboquant": setting})  # fmt: skip
     graphs, eager = probe({**spec, "enforce_eager": False}), probe({**spec, "enforce_eager": True})
     plain = probe({**spec, "enforce_eager": True, "additional_config": {}})
     assert graphs["ok"] and eager["ok"] and plain["ok"], (graphs.get("error"), eager.get("error"), plain.get("error"))
     assert all(len(t) == 24 for t in graphs["tokens"])
     assert graphs["tokens"] == eager["tokens"]
     from turboquant_vllm.config import TQConfig
+    from turboquant_vllm.kernels.recent import SEGMENT, recent_entries
     from turboquant_vllm.kernels.sinks import table_entries
     from turboquant_vllm.layout import PageLayout
 
     layers, kv_heads, head_dim = SMALL["num_hidden_layers"], SMALL["num_key_value_heads"], SMALL["head_dim"]
-    table_bytes = layers * table_entries(256) * 4 * 2 * kv_heads * head_dim * 2  # vLLM's default max_num_seqs
+    if "sink_tokens" in setting:  # vLLM's default max_num_seqs: 256
+        rows = table_entries(256) * setting["sink_tokens"]
+    else:
+        rows = recent_entries(256, setting["recent_tokens"]) * SEGMENT
+    table_bytes = layers * rows * 2 * kv_heads * head_dim * 2  # K and V rows in bf16
     page_bytes = layers * plain["block_size"] * PageLayout.from_config(TQConfig(), kv_heads, head_dim).bytes_per_token
     assert plain["num_gpu_blocks"] - eager["num_gpu_blocks"] >= 0.9 * table_bytes / page_bytes, (plain, eager)
