@@ -23,6 +23,7 @@ from turboquant_vllm.kernels.decode_reduce import (
     REDUCE_STEP_ELEMENTS,
 )
 from turboquant_vllm.kernels.pdl import pdl_option
+from turboquant_vllm.kernels.recent import window_tile
 from turboquant_vllm.kernels.sinks import SINK_TILE
 from turboquant_vllm.kernels.store import one_token_store_meta
 from turboquant_vllm.quantizer import TINY_NORM
@@ -281,7 +282,7 @@ def attention_meta(
         MERGE_SPLITS=tiles.tail_merge_splits,
         STORE_NEW=store_new, **one_token_store_meta(), NORM_CORRECTION=codec.config.norm_correction,
         TINY=TINY_NORM, PDL=pdl, SINKS=sinks, SINK_TILE=SINK_TILE,
-        RECENT=recent, RECENT_TILE=max(16, triton.next_power_of_2(max(recent, 1))),
+        RECENT=recent, RECENT_TILE=window_tile(recent),
         LIVE_SPLITS=live_split_tiles(lay.head_dim, num_splits),
         num_warps=warps, num_stages=tiles.num_stages, **pdl_option(pdl),
     )  # fmt: skip

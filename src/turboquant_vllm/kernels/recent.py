@@ -31,6 +31,7 @@ from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.kernels.sinks import check_writer_args, overwrite_rows
 
 SEGMENT = 16  # tokens per table entry: slot // SEGMENT names a run of one block's tokens (blocks hold 16k tokens)
+_SEGMENT = tl.constexpr(SEGMENT)
 MIN_ENTRIES = 64
 LOCKED = tl.constexpr(-2)  # a tag while its row is being written; -1: the row holds nothing
 WRITER_ROT_CHUNK = 32  # columns of R per step of the writer's rotation
@@ -63,11 +64,6 @@ class RecentTable:
     def entries(self) -> int:
         return self.tags.shape[0]
 
-    @property
-    def tile(self) -> int:
-        """Rows the attention kernel scores the window in: a power of two, at least a dot's 16."""
-        return max(16, triton.next_power_of_2(self.recent_tokens))
-
     def check(self, num_kv_heads: int, head_dim: int, device: torch.device) -> None:
         assert self.kv.shape[1:] == (SEGMENT, 2, num_kv_heads, head_dim) and self.kv.is_contiguous(), (
             f"recent table kv must be contiguous [entries, {SEGMENT}, 2, {num_kv_heads}, {head_dim}], "
@@ -79,6 +75,11 @@ class RecentTable:
         assert self.kv.device == self.tags.device == device, f"recent table is not on {device}"
 
 
+def window_tile(recent_tokens: int) -> int:
+    """Rows the attention kernel scores the window in: a power of two, at least a dot's 16."""
+    return max(16, triton.next_power_of_2(max(recent_tokens, 1)))
+
+
 def recent_entries(max_num_seqs: int, recent_tokens: int) -> int:
     """Table entries for up to max_num_seqs running sequences: the segments one window spans (one more than it
     fills, as it rarely starts on a segment's first token), twice over so that live windows seldom collide."""
@@ -87,16 +88,21 @@ def recent_entries(max_num_seqs: int, recent_tokens: int) -> int:
 
 
 @triton.jit
+def _table_row(slot, entries):
+    """The table row (entry * SEGMENT + offset) a slot's token lives in: its segment picks the entry."""
+    return (slot // _SEGMENT % entries) * _SEGMENT + slot % _SEGMENT
+
+
+@triton.jit
 def recent_rows(pos, ctx_len, bt_row, tag_ptr, kh, entries, BLOCK_SIZE: tl.constexpr):
     """Table rows (int64, entry * SEGMENT + offset) of context positions pos of one sequence, and which of them the
     table holds for it: positions inside [0, ctx_len) whose row's tag (KV head kh) is their own segment."""
-    SEG: tl.constexpr = 16
     cand = (pos >= 0) & (pos < ctx_len)
     block = tl.load(bt_row + pos // BLOCK_SIZE, mask=cand, other=0).to(tl.int64)
     slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
-    row = (slot // SEG % entries) * SEG + slot % SEG
+    row = _table_row(slot, entries)
     tag = tl.load(tag_ptr + row * tl.num_programs(1) + kh, mask=cand, other=-1)
-    return row, cand & (tag == slot // SEG)
+    return row, cand & (tag == slot // _SEGMENT)
 
 
 @triton.jit
@@ -121,7 +127,6 @@ def _write_recent_kernel(
     """One program per (sequence, KV head): rotate and store the last RECENT of this step's tokens."""
     if PDL:  # started early to hide the launch; writes only once the attention ahead has read the table
         gdc_wait()
-    SEG: tl.constexpr = 16
     seq = tl.program_id(0)
     kh = tl.program_id(1).to(tl.int64)
     kv_heads = tl.num_programs(1)
@@ -134,7 +139,7 @@ def _write_recent_kernel(
     for pos in range(tl.maximum(first_pos, seq_len - RECENT), seq_len):  # nothing for padding (q_len 0)
         block = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + pos // BLOCK_SIZE).to(tl.int64)
         slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
-        row = (slot // SEG % entries) * SEG + slot % SEG
+        row = _table_row(slot, entries)
         tag = tag_ptr + row * kv_heads + kh
         seen = tl.load(tag, volatile=True)
         if seen != LOCKED:  # noqa: SIM102 (two run-time tests: the swap only where the row looked free)
@@ -148,7 +153,7 @@ def _write_recent_kernel(
                 tl.store(out + dim, k_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
                 tl.store(out + kv_heads * HEAD_DIM + dim, v_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
                 tl.debug_barrier()  # every thread's row is written before the tag says whose it is
-                tl.atomic_xchg(tag, (slot // SEG).to(tl.int32), sem="release")
+                tl.atomic_xchg(tag, (slot // _SEGMENT).to(tl.int32), sem="release")
 
 
 def write_recent(

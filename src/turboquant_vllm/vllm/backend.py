@@ -253,6 +253,11 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         )
 
 
+def _stale(table: SinkTable | RecentTable | None, like: torch.Tensor) -> bool:
+    """Whether an exact table is missing or not on like's device and dtype."""
+    return table is None or (table.kv.device, table.kv.dtype) != (like.device, like.dtype)
+
+
 class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
     """compress -> store (do_kv_cache_update); attention over pages + exact new tokens (forward)."""
 
@@ -331,10 +336,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         counted before the KV cache is sized; elsewhere (tests) on first use. Their addresses must not change once
         CUDA graphs are captured."""
         config, heads, dim = self.config, self.num_kv_heads, self.head_size
-        held = {"sinks": self._sinks, "recent": self._recent}
-        wanted = {"sinks": config.sink_tokens, "recent": config.recent_tokens}
-        if any(n and (held[k] is None or (held[k].kv.device, held[k].kv.dtype) != (like.device, like.dtype))
-               for k, n in wanted.items()):  # fmt: skip
+        if (config.sink_tokens and _stale(self._sinks, like)) or (config.recent_tokens and _stale(self._recent, like)):
             if like.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("TurboQuant exact tables must be allocated before CUDA graph capture")
             if config.sink_tokens:
