@@ -195,7 +195,7 @@ def compile_attention(
         codec = KVCodec(TQConfig(), num_kv_heads, head_dim)
         meta = decode_tiles.attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, num_splits,
                                       key_offset=key_offset, store_new=store_new, sinks=sinks,
-                                           recent=recent)  # fmt: skip
+                                      recent=recent)  # fmt: skip
         launch = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
         signature, constexprs, attrs = runtime_signature(meta, launch_ints(head_dim, num_heads, num_kv_heads, split))
         source = ASTSource(decode._attention_kernel, signature, constexprs, attrs)
