@@ -92,10 +92,12 @@ VARIANTS: list[dict] = [
     # and with 48 capped ones
     {"publish_q": True, "store": "fused"},
     {"store": "fused", "wide_block_n": None, "num_splits": 48, "publish_q": True},
-    # keys as e4m3 bytes scored by an fp8 MMA, queries rounded to e4m3 (kernels/lut.py): alone and in the
-    # one-sequence engine step
+    # keys as e4m3 bytes scored by an fp8 MMA against the queries in two e4m3 halves (kernels/lut.py): alone and in
+    # the one-sequence engine step; then with the queries rounded once (one MMA instead of two)
     {"fp8_keys": True},
     {"fp8_keys": True, "store": "fused"},
+    {"fp8_keys": True, "fp8_query_halves": False},
+    {"fp8_keys": True, "fp8_query_halves": False, "store": "fused"},
     # the split rule before resident_programs: about two programs an SM (2-8 sequences take fewer splits)
     {"resident_programs": None},
     # 4 exact sinks (the sink tile, the first tile's mask, the writer launch), without and with the engine's store

@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(128, 32, 8, 3, {"tail_merge_min_splits": 2})]
     cases += [(128, 32, 8, n, {}, False, False, 4) for n in (1, 3, wide)]  # with 4 exact sinks (kernels/sinks.py)
     cases += [(128, 32, 8, n, {}, False, True, 0, 32) for n in (3, wide)]  # with 32 exact recent tokens (recent.py)
-    cases += [(128, 32, 8, 3, {"fp8_keys": True}), (128, 32, 8, wide, {"fp8_keys": True}, False, True)]  # fp8 keys
+    for fp8 in ({"fp8_keys": True}, {"fp8_keys": True, "fp8_query_halves": False}):  # queries in two halves or one
+        cases += [(128, 32, 8, 3, fp8), (128, 32, 8, wide, fp8, False, True)]
     rows = []
     for case in cases:
         rows.append(compile_attention(*case))

@@ -139,24 +139,27 @@ def test_fragment_orders_agree(device, monkeypatch, dtype, k_fragment, v_fragmen
     assert (meta["K_FRAGMENT"], meta["V_FRAGMENT"]) == (k_fragment and meta["SWAP_AB"], v_fragment and meta["SWAP_AB"])
 
 
+@pytest.mark.parametrize("halves", [True, False], ids=["query_halves", "rounded_queries"])
 @pytest.mark.parametrize("head_dim", [128, 64], ids=["swapped_fragments", "unswapped"])
-def test_fp8_keys(device, monkeypatch, head_dim):
-    """Tiles.fp8_keys: keys from the e4m3-rounded codebook scored by an fp8 MMA against e4m3 queries, at 1, 3 and 32
-    (wide) splits, in d=128's swapped fragment-ordered tiles and d=64's plain ones, against the reference that rounds
-    the same way; the rounding moves outputs past the half tolerance of the unrounded reference on these random keys,
-    so this checks the rounded path is the one taken."""
-    tiles = dataclasses.replace(decode_tiles.TILES[head_dim], fp8_keys=True)
+def test_fp8_keys(device, monkeypatch, head_dim, halves):
+    """Tiles.fp8_keys: keys from the e4m3-rounded codebook scored by an fp8 MMA against e4m3 queries (two halves, or
+    rounded once), at 1, 3 and 32 (wide) splits, in d=128's swapped fragment-ordered tiles and d=64's plain ones,
+    against the reference that rounds the same way. The other rounding of the queries, and the unrounded reference,
+    are both farther from the output than the tolerance, so this checks which path ran."""
+    tiles = dataclasses.replace(decode_tiles.TILES[head_dim], fp8_keys=True, fp8_query_halves=halves)
     monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
     b = make_batch(device, [5, 300, 133, 700], [1, 1, 1, 1], num_heads=8, head_dim=head_dim, dtype=torch.bfloat16,
                    seed=41)  # fmt: skip
     meta = decode_tiles.attention_meta(b.codec, 8, torch.bfloat16, device.type == "cuda", 1, 16, False, 3)
-    assert meta["FP8_KEYS"] and meta["FP8_SCALE"] == b.codec.key_e4m3_scale
-    want, unrounded = b.expected(fp8_keys=True), b.expected()
+    assert meta["FP8_KEYS"] and meta["FP8_SCALE"] == b.codec.key_e4m3_scale and meta["FP8_QUERY_HALVES"] == halves
+    want, other = (b.expected(fp8_keys=True, fp8_query_halves=h) for h in (halves, not halves))
+    tol = TOL_HALF / 2
     for num_splits in (1, 3, decode_tiles.WIDE_MIN_SPLITS):
         got = b.run(num_splits=num_splits)
-        assert_matches(got, want, TOL_HALF / 2)
-    err = ((got.float().cpu() - unrounded).abs().max() / unrounded.abs().max()).item()
-    assert err > TOL_HALF / 2, f"fp8 keys matched the unrounded reference to {err:.3g}: the fp8 path did not run?"
+        assert_matches(got, want, tol)
+    for ref in (other, b.expected()):
+        err = ((got.float().cpu() - ref).abs().max() / ref.abs().max()).item()
+        assert err > tol, f"the output matched another rounding's reference to {err:.3g}: which path ran?"
 
 
 def test_workspace_padding_and_untouched_rows(device):

@@ -25,7 +25,7 @@ from turboquant_vllm.kernels.decode_reduce import (
 )
 from turboquant_vllm.kernels.decode_tiles import attention_meta, live_split_tiles, reduce_meta, stores_in_attention
 from turboquant_vllm.kernels.fragment import (
-    fp8_fragment_columns,
+    fp8_query_operand,
     fragment_columns,
     fragment_rows,
     value_fragment_dims,
@@ -73,7 +73,7 @@ def _attention_kernel(
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
     SINK_TILE: tl.constexpr, LIVE_SPLITS: tl.constexpr, FP8_KEYS: tl.constexpr, FP8_SCALE: tl.constexpr,
-    RECENT: tl.constexpr, RECENT_TILE: tl.constexpr,
+    RECENT: tl.constexpr, RECENT_TILE: tl.constexpr, FP8_QUERY_HALVES: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -97,7 +97,8 @@ def _attention_kernel(
     to the context's end, leave every split's packed tiles; the last split scores them from the table.
     With FP8_KEYS (Tiles.fp8_keys) the context's keys are FP8_SCALE * centroids in e4m3 (lut_fp8_words, or under
     the CPU interpreter a gather from k_cent_ptr, which then holds those values) and the scores an fp8 MMA against
-    the queries rounded to e4m3; the step's own tokens and the sinks still score against the unrounded queries.
+    the queries rounded to e4m3 (with FP8_QUERY_HALVES, plus a second fp8 MMA against the rounding's remainder,
+    itself rounded); the step's own tokens still score against the unrounded queries.
     """
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -194,9 +195,10 @@ def _attention_kernel(
     if HAS_KEY_OFFSET:
         q_dot_off = tl.sum(q_rot * tl.load(koff_ptr + kh * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :], 1)
     if FP8_KEYS:  # the fp8 score MMA's query operand; swapped: transposed, in fp8_fragment_columns' order
-        q8 = round_e4m3(q_rot).to(tl.float8e4nv)
-        if SWAP_AB:
-            q8 = tl.trans(fp8_fragment_columns(q8, BLOCK_M, BLOCK_D) if K_FRAGMENT else q8)
+        q_hi = round_e4m3(q_rot)
+        q8 = fp8_query_operand(q_hi, BLOCK_M, BLOCK_D, SWAP_AB, K_FRAGMENT)
+        if FP8_QUERY_HALVES:
+            q8_lo = fp8_query_operand(round_e4m3(q_rot - q_hi), BLOCK_M, BLOCK_D, SWAP_AB, K_FRAGMENT)
     q_rot = q_rot.to(OP_DTYPE)
     TOK_AXIS: tl.constexpr = 0 if SWAP_AB else 1  # the axis of a score tile that holds its tokens
     ROW_AXIS: tl.constexpr = 1 - TOK_AXIS
@@ -230,6 +232,9 @@ def _attention_kernel(
         if FP8_KEYS:  # the interpreter's fp8 dot is not exact: there, the same e4m3 values multiplied in fp32
             a, b = (k, q8) if SWAP_AB else (q8, tl.trans(k))
             s = tl.dot(a, b) if K_LUT else tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            if FP8_QUERY_HALVES:
+                a, b = (k, q8_lo) if SWAP_AB else (q8_lo, tl.trans(k))
+                s = tl.dot(a, b, s) if K_LUT else tl.dot(a.to(tl.float32), b.to(tl.float32), s, input_precision="ieee")
             s = s * (1.0 / FP8_SCALE)
         elif SWAP_AB:
             s = tl.dot(k, q_rot_t, input_precision=PREC)

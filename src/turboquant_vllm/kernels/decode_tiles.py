@@ -88,6 +88,10 @@ class Tiles:
     # Keys decoded as e4m3 bytes and scored by an fp8 MMA, the queries rounded to e4m3 (kernels/lut.py; 4-bit keys,
     # unswapped or k_fragment tiles, no key offsets or sinks): fewer instructions a tile for rounding error in scores.
     fp8_keys: bool = False
+    # With fp8_keys: the queries as two e4m3 halves (their rounding and its rounded remainder), scored by a second fp8
+    # MMA into the same accumulator, so the scores keep only the keys' rounding (offline 628 -> 637 instructions a
+    # 3-split tile; benchmarks/probe_fp8_scores.py for what each rounding costs on SmolLM2's real tensors).
+    fp8_query_halves: bool = True
 
 
 # Why each default, in one line (the H200 measurements behind them, and what lost, are in docs/decode-tuning.md):
@@ -276,6 +280,7 @@ def attention_meta(
         PAGES_AHEAD=tiles.pages_ahead and not varlen, TILE_ROW_SUM=tiles.tile_row_sum and not varlen,
         SWAP_AB=swap, K_FRAGMENT=k_fragment, V_FRAGMENT=v_fragment, K_LUT=k_lut, V_LUT=v_lut,
         FP8_KEYS=fp8_keys, FP8_SCALE=codec.key_e4m3_scale if fp8_keys else 1.0,
+        FP8_QUERY_HALVES=fp8_keys and tiles.fp8_query_halves,
         LUT_PAIRS=tiles.lut_pairs, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=q_rotated, Q_PUBLISHED=q_rotated and store_new and tiles.publish_q,
         TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,

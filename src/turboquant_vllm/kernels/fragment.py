@@ -91,3 +91,13 @@ def value_fragment_dims(acc, ROWS: tl.constexpr):
     """acc [ROWS, 128] over value_fragment_tile's dims (64b + 16w + 8a + q) back in page order (4(8w + q) + 2b + a)."""
     y = tl.reshape(acc, (ROWS, 2, 4, 2, 8))
     return tl.reshape(tl.permute(y, (0, 2, 4, 1, 3)), (ROWS, 128))
+
+
+@triton.jit
+def fp8_query_operand(q, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SWAP_AB: tl.constexpr, K_FRAGMENT: tl.constexpr):
+    """e4m3 queries [ROWS, BLOCK_D] (fp32 values already rounded to e4m3) as the fp8 score MMA takes them:
+    swapped, the B operand [BLOCK_D, ROWS], its rows in fp8_fragment_columns' order where the keys are."""
+    q8 = q.to(tl.float8e4nv)
+    if SWAP_AB:
+        q8 = tl.trans(fp8_fragment_columns(q8, ROWS, BLOCK_D) if K_FRAGMENT else q8)
+    return q8

@@ -159,17 +159,30 @@ def dequantize_ref(
 
 
 def _fp8_key_scores(
-    codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor, q: torch.Tensor, group: int, scale: float
+    codec: KVCodec,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    q: torch.Tensor,
+    group: int,
+    scale: float,
+    query_halves: bool,
 ) -> torch.Tensor:
     """Scores [H, q_len, len(slots)] of q against the context keys as Tiles.fp8_keys forms them: in the rotated
-    basis, keys from the e4m3-rounded codebook (codec.key_centroids_e4m3), queries rounded to e4m3 in log2 units."""
+    basis, keys from the e4m3-rounded codebook (codec.key_centroids_e4m3), queries rounded to e4m3 in log2 units,
+    or with query_halves (Tiles.fp8_query_halves) as that rounding plus its rounded remainder."""
     k, _ = decode_rows_ref(codec, gather_rows_ref(codec, cache, slots))
     centroids = codec.key_centroids_e4m3.cpu().float() / codec.key_e4m3_scale
     keys = (centroids[k.indices.long()] * k.scales.abs().unsqueeze(-1)).repeat_interleave(group, dim=1)
     log2_scale = scale * math.log2(math.e)
     q_rot = (q @ codec.rotation.cpu().T) * log2_scale
-    q8 = q_rot.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() / log2_scale
-    return torch.einsum("qhd,khd->hqk", q8, keys) * scale
+    q8 = _e4m3(q_rot)
+    if query_halves:
+        q8 = q8 + _e4m3(q_rot - q8)
+    return torch.einsum("qhd,khd->hqk", q8 / log2_scale, keys) * scale
+
+
+def _e4m3(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
 
 
 def sequence_slots(block_table_row: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
@@ -191,6 +204,7 @@ def paged_attention_ref(
     key_offset: torch.Tensor | None = None,
     exact_first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     fp8_keys: bool = False,
+    fp8_query_halves: bool = True,
     exact_last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its compressed context plus themselves.
@@ -211,7 +225,8 @@ def paged_attention_ref(
             context position p < S of sequence s is keys[s, p] / values[s, p] where held[s, p], not the cache's.
         exact_last: (keys, values, held), shaped as exact_first, for the context's last W positions: position
             context_len - W + i of sequence s is keys[s, i] / values[s, i] where held[s, i] (and it exists).
-        fp8_keys: score the context as the kernel's fp8 key path does (Tiles.fp8_keys; no key offset or exact_first).
+        fp8_keys: score the context as the kernel's fp8 key path does (Tiles.fp8_keys; no key offset or exact_first),
+            with the queries in two e4m3 halves where fp8_query_halves (Tiles.fp8_query_halves), else rounded once.
     Returns:
         fp32 [num_tokens, num_heads, head_dim] in the original basis.
     """
@@ -242,7 +257,7 @@ def paged_attention_ref(
         q = query[lo:hi].cpu().to(torch.float32)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         if fp8_keys:
-            scores[:, :, :context_len] = _fp8_key_scores(codec, cache, slots, q, group, scale)
+            scores[:, :, :context_len] = _fp8_key_scores(codec, cache, slots, q, group, scale, fp8_query_halves)
         q_pos = torch.arange(context_len, seq_len).unsqueeze(1)
         visible = torch.arange(seq_len).unsqueeze(0) <= q_pos  # [q_len, seq_len]
         scores = scores.masked_fill(~visible, float("-inf"))

@@ -1,0 +1,118 @@
+"""How much of fp8 key scoring's error is the queries' rounding, on real SmolLM2-135M tensors (CPU).
+
+`Tiles.fp8_keys` scores e4m3 keys (alpha * centroids, codec.key_e4m3_scale) against queries rounded to e4m3. This
+replays that arithmetic in fp32 torch on captured post-RoPE q/k/v of Austen text, with 4-bit TurboQuant keys and
+values, and compares attention outputs with exact fp32 attention for four ways of scoring:
+
+- `fp16`: today's default (fp32 here; the fp16 codebook's rounding is far below the quantiser's);
+- `k8_q8`: what fp8_keys does (keys and queries in e4m3);
+- `k8_q32`: keys in e4m3, queries exact (the keys' share of the cost);
+- `k8_q8x2`: keys in e4m3, queries as two e4m3 halves q = hi + lo (scored in one MMA from the group's padding rows).
+
+Writes benchmarks/results/probe_fp8_scores_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from turboquant_vllm.codebook import e4m3_scale
+from turboquant_vllm.config import TQConfig
+from turboquant_vllm.eval.data import austen_token_stream, smollm2_hf_dir
+from turboquant_vllm.eval.kv_capture import LayerQKV, capture_qkv
+from turboquant_vllm.eval.provenance import provenance
+from turboquant_vllm.quantizer import MSEQuantizer
+
+RESULTS = Path(__file__).parent / "results"
+LOG2E = math.log2(math.e)
+FORMS = ("fp16", "k8_q8", "k8_q32", "k8_q8x2")
+
+
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def scored_queries(q_rot: torch.Tensor, form: str) -> torch.Tensor:
+    """The rotated queries in log2 units as the score MMA sees them."""
+    if form in ("fp16", "k8_q32"):
+        return q_rot
+    hi = e4m3(q_rot)
+    return hi if form == "k8_q8" else hi + e4m3(q_rot - hi)
+
+
+def form_output(layer: LayerQKV, form: str, k_quant: MSEQuantizer, v_quant: MSEQuantizer) -> torch.Tensor:
+    """Causal attention over 4-bit keys and values, scored as `form` does, in the rotated basis."""
+    q, k, v = layer.query, layer.key, layer.value
+    group = q.shape[1] // k.shape[1]
+    qk_scale = layer.scale * LOG2E  # the kernel scores in log2 units and rounds q after this scaling
+    kq = k_quant.quantize(k)
+    centroids = k_quant.centroids
+    if form != "fp16":
+        alpha = e4m3_scale(centroids.double().numpy(), k.shape[-1])
+        centroids = e4m3(centroids * alpha) / alpha
+    k_rot = centroids[kq.indices.long()] * kq.scales.unsqueeze(-1)
+    v_rot = v_quant.dequantize_rotated(v_quant.quantize(v))
+    q_rot = scored_queries(k_quant.rotate(q) * qk_scale, form)
+    scores = q_rot @ k_rot.repeat_interleave(group, 1).transpose(-1, -2) / LOG2E
+    causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    return v_quant.unrotate(probs @ v_rot.repeat_interleave(group, 1))
+
+
+def exact_output(layer: LayerQKV) -> torch.Tensor:
+    q, k, v = layer.query, layer.key, layer.value
+    group = q.shape[1] // k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True, scale=layer.scale
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per window")
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / f"probe_fp8_scores_{date.today()}.json")
+    args = parser.parse_args()
+
+    model_dir = smollm2_hf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(austen_token_stream(tokenizer, args.tokens * args.windows)).view(args.windows, args.tokens)
+    layers = capture_qkv(model, ids)
+    head_dim = layers[0].key.shape[-1]
+    config = TQConfig()
+    k_quant, v_quant = MSEQuantizer(head_dim, 4, config), MSEQuantizer(head_dim, 4, config)
+
+    errors = {form: 0.0 for form in FORMS}
+    for layer in layers:
+        exact = exact_output(layer)
+        for form in FORMS:
+            err = form_output(layer, form, k_quant, v_quant) - exact
+            errors[form] += float(err.pow(2).sum() / exact.pow(2).sum()) / len(layers)
+    extra = {form: errors[form] / errors["fp16"] - 1.0 for form in FORMS}
+    result = {
+        "what": "attention-output relative MSE against exact fp32, 4/4 TurboQuant, mean over layers",
+        "model": "SmolLM2-135M",
+        "head_dim": head_dim,
+        "tokens": args.tokens,
+        "windows": args.windows,
+        "attn_rel_mse": errors,
+        "added_over_fp16": extra,
+        "provenance": provenance(sys.argv),
+    }
+    for form in FORMS:
+        print(f"{form:8s} attn rel MSE {errors[form]:.5f}  (+{100 * extra[form]:.2f}% over fp16)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
