@@ -189,13 +189,13 @@ def bench_ours(
     def run() -> None:
         if store == "separate":
             store_kv(codec, k, v, caches.ours, slots)
-        paged_attention(codec, q, k, v, caches.ours, table, seq_lens, qsl, shape.d**-0.5, out,
-                        max_query_len=1, num_splits=splits, split_slots=split_slots, workspace=ws,
-                        store_slots=slots if store == "fused" else None, sinks=sink_table,
-                        recent=recent_table)  # fmt: skip
+        wrote = paged_attention(codec, q, k, v, caches.ours, table, seq_lens, qsl, shape.d**-0.5, out,
+                                max_query_len=1, num_splits=splits, split_slots=split_slots, workspace=ws,
+                                store_slots=slots if store == "fused" else None, sinks=sink_table,
+                                recent=recent_table, write_recent=writers)  # fmt: skip
         if sink_table is not None and writers:
             write_sinks(sink_table, codec.rotation, k, v, table, seq_lens, qsl)
-        if recent_table is not None and writers:
+        if recent_table is not None and writers and not wrote:
             write_recent(recent_table, codec.rotation, k, v, table, seq_lens, qsl, shape.block_size)
 
     ms, timer = time_ms(run, rep)

@@ -11,12 +11,8 @@ import sys
 from datetime import date
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from turboquant_vllm.config import TQConfig
-from turboquant_vllm.eval.data import austen_token_stream, smollm2_hf_dir
-from turboquant_vllm.eval.kv_capture import capture_qkv
+from turboquant_vllm.eval.kv_capture import capture_austen_smollm2
 from turboquant_vllm.eval.kv_error import model_errors, value_offset_errors
 from turboquant_vllm.eval.provenance import provenance
 
@@ -30,11 +26,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / f"kv_quality_{date.today()}.json")
     args = parser.parse_args()
 
-    model_dir = smollm2_hf_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor(austen_token_stream(tokenizer, args.tokens * args.windows)).view(args.windows, args.tokens)
-    layers = capture_qkv(model, ids)
+    layers = capture_austen_smollm2(args.tokens, args.windows)
 
     rows = []
     for rotation in ("haar", "hadamard"):

@@ -107,6 +107,8 @@ VARIANTS: list[dict] = [
     {"recent": 32},
     {"recent": 32, "store": "fused"},
     {"recent": 32, "writers": False},  # the attention's share of the window's cost; the rest is the writer's
+    {"recent": 32, "window_writer_in_reduce": True},  # the writer's programs in the reduce launch
+    {"recent": 32, "window_writer_in_reduce": True, "store": "fused"},
     # a 16-sequence CUDA graph replayed for 10 and 12 live sequences (6 and 4 padding rows), with the live ones split
     # finer (the default) and with the grid's split count fixed (choose_num_splits of 16)
     {"live_splits": False},  # a full batch: the live count is read, but splits as before

@@ -31,6 +31,7 @@ from triton.runtime.jit import native_specialize_impl
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode, decode_reduce, decode_tiles, store
+from turboquant_vllm.kernels import recent as recent_module
 
 POINTERS = {
     "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
@@ -220,24 +221,30 @@ def compile_attention(
     }  # fmt: skip
 
 
-def compile_reduce(block_d: int, plain: bool = False, change: dict | None = None, num_splits: int = 3) -> dict:
+def compile_reduce(
+    block_d: int, plain: bool = False, change: dict | None = None, num_splits: int = 3, recent: int = 0
+) -> dict:
     """The split-K reduce as paged_attention launches it for bf16 output at one padded head_dim; `plain` when the
-    split programs stored un-rotated partials (`Tiles.unrotated_min_splits`); `change` alters the tiles."""
+    split programs stored un-rotated partials (`Tiles.unrotated_min_splits`); `change` alters the tiles; `recent`:
+    the last reader of a window of that many tokens (writer programs where `Tiles.window_writer_in_reduce`)."""
     default = decode_tiles.TILES[block_d]
     decode_tiles.TILES[block_d] = dataclasses.replace(default, **(change or {}))
     try:
-        meta = decode_tiles.reduce_meta(32, block_d, block_d, plain, tl.float16, "tf32", num_splits)
+        meta = decode_tiles.reduce_meta(32, block_d, block_d, plain, tl.float16, "tf32", num_splits, False, recent)
     finally:
         decode_tiles.TILES[block_d] = default
+    if meta["WRITE_RECENT"]:
+        meta |= {"BLOCK_SIZE": 16, "WRITER_ROT_CHUNK": recent_module.WRITER_ROT_CHUNK}
     options = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
     fn = decode_reduce._reduce_splits_kernel
     pointers = dict.fromkeys(("ws_acc_ptr", "ws_max_ptr", "ws_sum_ptr", "rot_ptr"), "*fp32")
-    pointers |= {"out_ptr": "*bf16", "qsl_ptr": "*i32"}
+    pointers |= {"out_ptr": "*bf16", "qsl_ptr": "*i32", "k_ptr": "*bf16", "v_ptr": "*bf16", "recent_kv_ptr": "*bf16"}
+    pointers |= dict.fromkeys(("block_table_ptr", "seq_lens_ptr", "recent_tag_ptr"), "*i32")
     signature = {n: "constexpr" if n in meta else pointers.get(n, "i32") for n in fn.arg_names}
     constexprs = {(fn.arg_names.index(k),): v for k, v in meta.items()}
     kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
     return {"kernel": "reduce", "block_d": block_d, "plain": plain, "change": change or {}, "num_splits": num_splits,
-            "rows": meta["BLOCK_R"],
+            "recent_writer": meta["WRITE_RECENT"], "rows": meta["BLOCK_R"],
             "step_splits": meta["STEP_SPLITS"], "rot_chunk": meta["ROT_CHUNK"],
             **ptxas_report(kernel.asm["ptx"], "sm_90a")}  # fmt: skip
 
@@ -314,9 +321,12 @@ def main(argv: list[str] | None = None) -> int:
                    for plain, n in ((False, 3), (False, wide), (True, wide))]  # fmt: skip
     reduce_rows += [compile_reduce(block_d, False, {"reduce_rows": n}) for block_d in sorted(decode_tiles.TILES)
                     for n in (1, 4)]  # fmt: skip
+    in_reduce = {"window_writer_in_reduce": True}  # the recent window's writer programs in the reduce launch
+    reduce_rows += [compile_reduce(128, plain, in_reduce, n, 32) for plain, n in ((False, 3), (True, wide))]
     for r in reduce_rows:
         how = "plain sum" if r["plain"] else f"R in {r['rot_chunk']}-column slices"
         how += "" if r["plain"] or r["rows"] >= decode_reduce.REDUCE_BLOCK_R else " by multiply-adds"
+        how += f", {r['recent_writer']}-token window writer" if r["recent_writer"] else ""
         print(f"reduce BLOCK_D={r['block_d']} at {r['num_splits']} splits ({r['rows']} rows, "
               f"{r['step_splits']} splits a step, {how}): "
               f"{r['registers']} regs, {r['spill_store_bytes']} B spilled", flush=True)  # fmt: skip

@@ -22,12 +22,10 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from turboquant_vllm.codebook import e4m3_scale
 from turboquant_vllm.config import TQConfig
-from turboquant_vllm.eval.data import austen_token_stream, smollm2_hf_dir
-from turboquant_vllm.eval.kv_capture import LayerQKV, capture_qkv
+from turboquant_vllm.eval.kv_capture import LayerQKV, capture_austen_smollm2
 from turboquant_vllm.eval.provenance import provenance
 from turboquant_vllm.quantizer import MSEQuantizer
 
@@ -82,11 +80,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / f"probe_fp8_scores_{date.today()}.json")
     args = parser.parse_args()
 
-    model_dir = smollm2_hf_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor(austen_token_stream(tokenizer, args.tokens * args.windows)).view(args.windows, args.tokens)
-    layers = capture_qkv(model, ids)
+    layers = capture_austen_smollm2(args.tokens, args.windows)
     head_dim = layers[0].key.shape[-1]
     config = TQConfig()
     k_quant, v_quant = MSEQuantizer(head_dim, 4, config), MSEQuantizer(head_dim, 4, config)

@@ -11,6 +11,7 @@ from decode_batch import TOL_FP32, assert_matches, make_batch
 from test_sinks import S, Step, make_step, rotation, sinks_for
 
 from turboquant_vllm.kernels import decode_tiles
+from turboquant_vllm.kernels.decode import paged_attention
 from turboquant_vllm.kernels.recent import RecentTable, recent_entries, write_recent
 from turboquant_vllm.vllm import prefill
 from turboquant_vllm.vllm.prefill import plan_prefill, prefill_attention
@@ -175,3 +176,31 @@ def test_gpu_one_writer_per_row(cuda):
             for i, x in enumerate((step.key, step.value)):
                 torch.testing.assert_close(table.kv[5, 3, i, h].float(), x[writer, h].float() @ rot.T, rtol=1e-2,
                                            atol=1e-2)  # fmt: skip
+
+
+@pytest.mark.parametrize("in_reduce", [True, False], ids=["writer_in_reduce", "writer_launch"])
+def test_reduce_launch_writes_the_window_as_write_recent_does(device, monkeypatch, in_reduce):
+    """Tiles.window_writer_in_reduce: a split-K decode step told it is the window's last reader writes the same rows
+    and tags from its reduce launch as write_recent would after it, after reading the old ones (the output is the
+    reference's with the table as it was), and says so; unsplit, unflagged or not the last reader, it writes nothing."""
+    tiles = dataclasses.replace(decode_tiles.TILES[64], window_writer_in_reduce=in_reduce)
+    monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
+    b = decode_batch(device, seed=15)
+    table, exact_last = recent_for(b, device, seed=8)
+    want_table = RecentTable(table.kv.clone(), table.tags.clone(), table.recent_tokens)
+    write_recent(want_table, b.codec.rotation, b.key, b.value, b.block_table, b.seq_lens, b.query_start_loc, 16)
+    assert not torch.equal(want_table.tags, table.tags)  # the step's tokens change the table
+    before = RecentTable(table.kv.clone(), table.tags.clone(), table.recent_tokens)
+    out = torch.full_like(b.query, float("nan"))
+    args = (b.codec, b.query, b.key, b.value, b.cache, b.block_table, b.seq_lens, b.query_start_loc, b.scale, out)
+    for num_splits, last in ((1, True), (3, False)):  # no reduce launch; a prefill still to read
+        assert not paged_attention(*args, max_query_len=2, num_splits=num_splits, recent=table, write_recent=last)
+        assert torch.equal(table.tags, before.tags) and torch.equal(table.kv, before.kv)
+    wrote = paged_attention(*args, max_query_len=2, num_splits=3, recent=table, write_recent=True)
+    assert wrote == in_reduce
+    assert_matches(out, b.expected(exact_last=exact_last), TOL_FP32)
+    if in_reduce:
+        assert torch.equal(table.tags, want_table.tags)
+        torch.testing.assert_close(table.kv, want_table.kv, rtol=0, atol=0)
+    else:
+        assert torch.equal(table.tags, before.tags)

@@ -52,3 +52,16 @@ def capture_qkv(model, input_ids: torch.Tensor) -> list[LayerQKV]:
     finally:
         _records = None
         model.set_attn_implementation(previous)
+
+
+def capture_austen_smollm2(tokens: int, windows: int) -> list[LayerQKV]:
+    """capture_qkv of SmolLM2-135M (fp32) over `windows` consecutive Austen windows of `tokens` tokens each."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from turboquant_vllm.eval.data import austen_token_stream, smollm2_hf_dir
+
+    model_dir = smollm2_hf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(austen_token_stream(tokenizer, tokens * windows)).view(windows, tokens)
+    return capture_qkv(model, ids)

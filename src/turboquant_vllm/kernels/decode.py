@@ -16,8 +16,6 @@ from turboquant_vllm.kernels.decode_reduce import (
     _published_queries,
     _reduce_splits_kernel,
     _rotate_queries_kernel,
-    _rotate_rows,
-    _rotate_vector,
     _store_unrotated,
     find_seq,
     live_splits,
@@ -34,7 +32,8 @@ from turboquant_vllm.kernels.fragment import (
 from turboquant_vllm.kernels.lut import round_e4m3
 from turboquant_vllm.kernels.page import context_tile, key_tile, tile_pages, value_tile
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
-from turboquant_vllm.kernels.recent import SEGMENT, RecentTable, recent_context_end, recent_rows
+from turboquant_vllm.kernels.recent import SEGMENT, RecentTable, recent_context_end, recent_rows, reduce_writer_args
+from turboquant_vllm.kernels.rotate import rotate_rows, rotate_vector
 from turboquant_vllm.kernels.sinks import SinkTable, trusted_sinks
 from turboquant_vllm.kernels.softmax import exact_rows_step, softmax_probs, softmax_step
 from turboquant_vllm.kernels.store import check_slots, store_kv, store_tokens
@@ -189,7 +188,7 @@ def _attention_kernel(
     elif Q_ROTATED:  # rotated by _rotate_queries_kernel into ws_q_ptr
         q_rot = tl.load(ws_q_ptr + q_rot_off[:, None] + dim[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     else:
-        q_rot = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
+        q_rot = rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
                              HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
     q_rot = q_rot * qk_scale  # log2 units: softmax uses exp2
     if HAS_KEY_OFFSET:
@@ -296,7 +295,7 @@ def _attention_kernel(
             s_new = tl.sum(q * k_new.to(tl.float32)[None, :], 1) * qk_scale
             s_new = tl.where(row_ok & (j <= qi), s_new, float("-inf"))
             p_new, alpha, m_i, l_i = softmax_step(s_new[:, None], m_i, l_i)  # a one-column score tile
-            v_rot = _rotate_vector(v_ptr + kv_tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
+            v_rot = rotate_vector(v_ptr + kv_tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
                                    stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
             acc = acc * alpha[:, None] + p_new * v_rot[None, :]
 
@@ -356,7 +355,8 @@ def paged_attention(
     store_slots: torch.Tensor | None = None,
     sinks: SinkTable | None = None,
     recent: RecentTable | None = None,
-) -> None:
+    write_recent: bool = False,
+) -> bool:
     """Causal attention of each sequence's new tokens over its packed context plus themselves.
 
     Same semantics as kernels.reference.paged_attention_ref: sequence s owns query rows
@@ -386,6 +386,8 @@ def paged_attention(
             are read from it where it holds them, else from the pages.
         recent: exact newest tokens (kernels/recent.py); each sequence's newest recent.recent_tokens context
             positions are read from it where it holds them, else from the pages. block_size must be a multiple of 16.
+        write_recent: no read of `recent` follows in this step: with a split-K reduce and
+            Tiles.window_writer_in_reduce, that launch does recent.write_recent's work too, and the call returns True.
     """
     lay = codec.layout
     num_tokens, num_heads, head_dim = query.shape
@@ -426,7 +428,7 @@ def paged_attention(
         check_slots(store_slots, num_tokens, cache.device)
         assert key.stride(2) == 1 and value.stride(2) == 1, "a fused store needs key/value contiguous in head_dim"
     if num_tokens == 0 or num_seqs <= 0:
-        return
+        return False
 
     fused = num_splits == 1
     if fused:
@@ -436,18 +438,10 @@ def paged_attention(
         if workspace is None:
             workspace = AttentionWorkspace.allocate(num_tokens, num_heads, head_dim, num_splits, query.device,
                                                     max_seqs=num_seqs)  # fmt: skip
+        workspace.check(num_tokens, num_heads, head_dim, num_splits, query.device)
         acc_buf, max_buf, sum_buf = workspace.acc, workspace.row_max, workspace.row_sum
-        assert acc_buf.shape[0] >= num_tokens and acc_buf.shape[1:] == (num_heads, workspace.max_splits, head_dim), (
-            f"workspace acc {tuple(acc_buf.shape)} cannot hold {num_tokens} tokens x {num_heads} heads x {head_dim}"
-        )
-        assert num_splits <= workspace.max_splits, f"num_splits={num_splits} > workspace {workspace.max_splits}"
-        assert acc_buf.stride(3) == 1 and max_buf.stride() == sum_buf.stride(), "unexpected workspace strides"
-        assert acc_buf.device == query.device, "workspace is on another device"
-        acc_strides = acc_buf.stride()[:3]
-        stat_strides = max_buf.stride()
-        q_buf = workspace.query
-        assert q_buf.is_contiguous() and q_buf.shape[1:] == (num_heads, head_dim), "unexpected workspace query"
-        tickets = workspace.tickets
+        acc_strides, stat_strides = acc_buf.stride()[:3], max_buf.stride()
+        q_buf, tickets = workspace.query, workspace.tickets
 
     pdl = pdl_launch(query.device)
     store_in_kernel = store_slots is not None and stores_in_attention(head_dim, num_splits)
@@ -486,15 +480,21 @@ def paged_attention(
         *acc_strides, *stat_strides, rot.stride(0), rot.stride(1),
         **meta,
     )  # fmt: skip
+    wrote = False
     if not (fused or meta["TAIL_MERGE"]):
         num_rows = num_tokens * num_heads
+        window = recent.recent_tokens if write_recent and recent is not None else 0
         rmeta = reduce_meta(num_heads, head_dim, meta["BLOCK_D"], meta["UNROTATED_PARTIALS"], meta["OP_DTYPE"],
-                            meta["PREC"], num_splits, pdl)  # fmt: skip
-        _reduce_splits_kernel[reduce_grid(num_rows, rmeta["BLOCK_R"])](
+                            meta["PREC"], num_splits, pdl, window)  # fmt: skip
+        wrote = rmeta["WRITE_RECENT"] > 0
+        writers, writer_args, writer_meta = reduce_writer_args(recent if wrote else None, key, value, block_table,
+                                                               seq_lens, query_start_loc, cache.shape[1])  # fmt: skip
+        _reduce_splits_kernel[(reduce_grid(num_rows, rmeta["BLOCK_R"])[0] + writers,)](
             acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
             num_seqs, num_rows, num_splits, split_slots, *acc_strides, *stat_strides, *out.stride(),
-            rot.stride(0), rot.stride(1),
-            **rmeta,
+            rot.stride(0), rot.stride(1), *writer_args,
+            **rmeta, **writer_meta,
         )  # fmt: skip
     if store_slots is not None and not store_in_kernel:
         store_kv(codec, key, value, cache, store_slots[:num_tokens], key_offset, after_attention=True)
+    return wrote

@@ -1,11 +1,14 @@
-"""Split-K combine for paged attention, and the rotation helpers it shares with the attention kernel (including
-the handshake by which store programs hand rotated queries to the split programs of the same launch)."""
+"""Split-K combine for paged attention, and what it shares with the attention kernel (including the handshake by
+which store programs hand rotated queries to the split programs of the same launch)."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from turboquant_vllm.kernels.recent import write_window
+from turboquant_vllm.kernels.rotate import rotate_rows
 
 REDUCE_BLOCK_R = 16  # rows per program when the reduce un-rotates by a dot (a dot needs 16)
 MAX_LIVE_SEQS = 32  # most sequences a launch counts its live ones among (paged_attention's split_slots)
@@ -17,62 +20,12 @@ REDUCE_NUM_WARPS = 8
 
 
 @triton.jit
-def _rotate_rows(
-    ptr,  # rows x in the original basis, any float dtype
-    row_off,  # int64 [ROWS], element offset of each row
-    row_ok,  # bool [ROWS]
-    stride_d,
-    rot_ptr,  # fp32 [HEAD_DIM, HEAD_DIM]
-    stride_r0,
-    stride_r1,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CHUNK: tl.constexpr,
-    ROWS: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """x @ R.T, fp32 [ROWS, BLOCK_D] (0 past HEAD_DIM), summed over CHUNK-wide slices of the contraction.
-
-    x is read from memory slice by slice so R never sits whole in registers.
-    """
-    col = tl.arange(0, BLOCK_D)
-    y = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for c0 in range(0, HEAD_DIM, CHUNK):
-        k = c0 + tl.arange(0, CHUNK)
-        k_ok = k < HEAD_DIM
-        x = tl.load(ptr + row_off[:, None] + k[None, :] * stride_d, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        r_t = tl.load(  # r_t[k, n] = R[n, k]
-            rot_ptr + col[None, :] * stride_r0 + k[:, None] * stride_r1,
-            mask=k_ok[:, None] & (col < HEAD_DIM)[None, :],
-            other=0.0,
-        )
-        y += tl.dot(x.to(tl.float32), r_t, input_precision=PREC)
-    return y
-
-
-@triton.jit
-def _rotate_vector(x_ptr, stride_d, rot_ptr, stride_r0, stride_r1,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
-    """R @ x for one vector in memory, fp32 [BLOCK_D]: CHUNK columns of R at a time, never the whole matrix."""
-    n = tl.arange(0, BLOCK_D)
-    y = tl.zeros([BLOCK_D], tl.float32)
-    for c0 in range(0, HEAD_DIM, CHUNK):
-        k = c0 + tl.arange(0, CHUNK)
-        k_ok = k < HEAD_DIM
-        x = tl.load(x_ptr + k * stride_d, mask=k_ok, other=0.0).to(tl.float32)
-        r = tl.load(rot_ptr + n[:, None] * stride_r0 + k[None, :] * stride_r1,
-                    mask=(n < HEAD_DIM)[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-        y += tl.sum(r * x[None, :], 1)
-    return y
-
-
-@triton.jit
 def _publish_queries(q_ptr, q_off, row_ok, stride_qd, out_ptr, out_off, rot_ptr, stride_r0, stride_r1, ticket_ptr,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr,
                      PREC: tl.constexpr):  # fmt: skip
     """Rotate a tile's query rows into the workspace (out_off: each row's offset there) and set its ticket to 1
     (release), for the split programs of the same launch that wait in _published_queries."""
-    y = _rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1, HEAD_DIM, BLOCK_D, CHUNK, ROWS,
+    y = rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1, HEAD_DIM, BLOCK_D, CHUNK, ROWS,
                      PREC)  # fmt: skip
     dim = tl.arange(0, BLOCK_D)
     tl.store(out_ptr + out_off[:, None] + dim[None, :], y, mask=row_ok[:, None] & (dim < HEAD_DIM)[None, :])
@@ -123,7 +76,7 @@ def _rotate_queries_kernel(
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = row < num_rows
     row_off = (row // NUM_HEADS).to(tl.int64) * stride_qt + (row % NUM_HEADS) * stride_qh
-    y = _rotate_rows(q_ptr, row_off, ok, stride_qd, rot_ptr, stride_r0, stride_r1, HEAD_DIM, BLOCK_D, CHUNK, BLOCK_R,
+    y = rotate_rows(q_ptr, row_off, ok, stride_qd, rot_ptr, stride_r0, stride_r1, HEAD_DIM, BLOCK_D, CHUNK, BLOCK_R,
                      PREC)  # fmt: skip
     dim = tl.arange(0, BLOCK_D)
     tl.store(out_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + dim[None, :], y, mask=ok[:, None] & (dim < HEAD_DIM))
@@ -253,7 +206,7 @@ def _merge_splits(
     return acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_rows", "num_splits", "split_slots"])
+@triton.jit(do_not_specialize=["num_seqs", "num_rows", "num_splits", "split_slots", "recent_entries"])
 def _reduce_splits_kernel(
     ws_acc_ptr,  # fp32 [max_tokens, num_heads, max_splits, HEAD_DIM], rotated basis, unnormalised
     ws_max_ptr,  # fp32 [max_tokens, num_heads, max_splits], running max (log2 units)
@@ -276,6 +229,23 @@ def _reduce_splits_kernel(
     stride_od,
     stride_r0,
     stride_r1,
+    # WRITE_RECENT: the exact window's writer (recent.write_window), one program per (sequence, KV head) after the
+    # reduce's programs, in place of a launch of its own
+    k_ptr,
+    v_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    recent_kv_ptr,
+    recent_tag_ptr,
+    recent_entries,
+    num_kv_heads,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_bt,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -288,14 +258,27 @@ def _reduce_splits_kernel(
     PREC: tl.constexpr,
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
     LIVE_SPLITS: tl.constexpr = False,  # counts live sequences (decode_tiles.live_split_tiles)
+    WRITE_RECENT: tl.constexpr = 0,  # the window's recent_tokens, 0: no writer programs
+    BLOCK_SIZE: tl.constexpr = 16,  # tokens per page (the writer's slots)
+    WRITER_ROT_CHUNK: tl.constexpr = 32,
 ):
     """One (token, head) row per tile row: merge the splits' softmax partials (_merge_splits), rotate back, store.
 
     ROTATED partials are un-rotated after the merge: by a dot for 16-row programs, by multiply-adds for fewer rows.
+    The writer programs (WRITE_RECENT) start with the reduce's, once the attention launch has read the table.
     """
     if PDL:  # a store launched after this one may start now; the partials are the attention launch's
         gdc_launch_dependents()
         gdc_wait()
+    if WRITE_RECENT:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if tl.program_id(0) >= tl.cdiv(num_rows, BLOCK_R):
+            w = tl.program_id(0) - tl.cdiv(num_rows, BLOCK_R)
+            write_window(w // num_kv_heads, (w % num_kv_heads).to(tl.int64), num_kv_heads, k_ptr, v_ptr,
+                         block_table_ptr, seq_lens_ptr, qsl_ptr, rot_ptr, recent_kv_ptr, recent_tag_ptr,
+                         recent_entries, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, stride_bt,
+                         stride_r0, stride_r1, WRITE_RECENT, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
+                         WRITER_ROT_CHUNK)  # fmt: skip
+            return
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     tok = (row // NUM_HEADS).to(tl.int64)
     head = row % NUM_HEADS

@@ -88,6 +88,9 @@ class Tiles:
     # Keys decoded as e4m3 bytes and scored by an fp8 MMA, the queries rounded to e4m3 (kernels/lut.py; 4-bit keys,
     # unswapped or k_fragment tiles, no key offsets or sinks): fewer instructions a tile for rounding error in scores.
     fp8_keys: bool = False
+    # Decode steps that have a split-K reduce launch write the exact recent window's rows (kernels/recent.py) from
+    # programs of that launch instead of a writer launch of their own (paged_attention's write_recent).
+    window_writer_in_reduce: bool = False
     # With fp8_keys: the queries as two e4m3 halves (their rounding and its rounded remainder), scored by a second fp8
     # MMA into the same accumulator, so the scores keep only the keys' rounding (offline 628 -> 637 instructions a
     # 3-split tile; benchmarks/probe_fp8_scores.py for what each rounding costs on SmolLM2's real tensors).
@@ -133,8 +136,12 @@ def reduce_meta(
     prec: str,
     num_splits: int = 2,
     pdl: bool = False,
+    recent_tokens: int = 0,
 ) -> dict[str, Any]:
     """Compile-time parameters and launch options of _reduce_splits_kernel (shared with compile checks).
+
+    recent_tokens: the exact window's, where this launch may write its rows (the step's last reader of the table);
+    WRITE_RECENT is then that, or 0 unless Tiles.window_writer_in_reduce.
 
     plain: the split programs stored normalised, un-rotated partials, so the reduce is a weighted sum with no
     16-row dot: fewer rows a program, more splits a step. Otherwise tiles.reduce_rows (wide_reduce_rows for a
@@ -152,6 +159,7 @@ def reduce_meta(
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, STEP_SPLITS=step_splits,
         ROTATED=not plain, UNROTATE_BY_DOT=by_dot, ROT_CHUNK=rot_chunk, OP_DTYPE=op_dtype, PREC=prec, PDL=pdl,
         LIVE_SPLITS=live_split_tiles(head_dim, num_splits),
+        WRITE_RECENT=recent_tokens if tiles.window_writer_in_reduce else 0,
         num_warps=REDUCE_NUM_WARPS, **pdl_option(pdl),
     )  # fmt: skip
 

@@ -26,8 +26,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from turboquant_vllm.config import MAX_RECENT_TOKENS
-from turboquant_vllm.kernels.decode_reduce import _rotate_vector
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
+from turboquant_vllm.kernels.rotate import rotate_vector
 from turboquant_vllm.kernels.sinks import check_writer_args, overwrite_rows
 
 SEGMENT = 16  # tokens per table entry: slot // SEGMENT names a run of one block's tokens (blocks hold 16k tokens)
@@ -116,20 +116,16 @@ def recent_context_end(ctx_len, win_lo, bt_row, tag_ptr, kh, entries, BLOCK_SIZE
     return tl.minimum(tl.maximum(win_lo, tl.max(tl.where(lost, pos + 1, 0))), ctx_len)
 
 
-@triton.jit(do_not_specialize=["entries"])
-def _write_recent_kernel(
-    k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr, rot_ptr, kv_ptr, tag_ptr,
-    entries,
+@triton.jit
+def write_window(
+    seq, kh, kv_heads, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr, rot_ptr, kv_ptr, tag_ptr, entries,
     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, stride_bt, stride_r0, stride_r1,
     RECENT: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROT_CHUNK: tl.constexpr, PDL: tl.constexpr,
+    ROT_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """One program per (sequence, KV head): rotate and store the last RECENT of this step's tokens."""
-    if PDL:  # started early to hide the launch; writes only once the attention ahead has read the table
-        gdc_wait()
-    seq = tl.program_id(0)
-    kh = tl.program_id(1).to(tl.int64)
-    kv_heads = tl.num_programs(1)
+    """Rotate and store the last RECENT of this step's tokens of sequence seq, KV head kh (kh: int64). Runs only after
+    every read of the table in this step: its own launch (_write_recent_kernel), or the reduce launch's last
+    programs (decode_reduce._reduce_splits_kernel with WRITE_RECENT)."""
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -145,15 +141,32 @@ def _write_recent_kernel(
         if seen != LOCKED:  # noqa: SIM102 (two run-time tests: the swap only where the row looked free)
             if tl.atomic_cas(tag, seen, LOCKED, sem="acquire") == seen:
                 tok = (q_start + pos - first_pos).to(tl.int64)
-                k_rot = _rotate_vector(k_ptr + tok * stride_kt + kh * stride_kh, stride_kd, rot_ptr, stride_r0,
-                                       stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
-                v_rot = _rotate_vector(v_ptr + tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
-                                       stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
+                k_rot = rotate_vector(k_ptr + tok * stride_kt + kh * stride_kh, stride_kd, rot_ptr, stride_r0,
+                                      stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
+                v_rot = rotate_vector(v_ptr + tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
+                                      stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
                 out = kv_ptr + (row * 2 * kv_heads + kh) * HEAD_DIM
                 tl.store(out + dim, k_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
                 tl.store(out + kv_heads * HEAD_DIM + dim, v_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
                 tl.debug_barrier()  # every thread's row is written before the tag says whose it is
                 tl.atomic_xchg(tag, (slot // _SEGMENT).to(tl.int32), sem="release")
+
+
+@triton.jit(do_not_specialize=["entries"])
+def _write_recent_kernel(
+    k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr, rot_ptr, kv_ptr, tag_ptr,
+    entries,
+    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, stride_bt, stride_r0, stride_r1,
+    RECENT: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROT_CHUNK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """One program per (sequence, KV head): write_window."""
+    if PDL:  # started early to hide the launch; writes only once the attention ahead has read the table
+        gdc_wait()
+    write_window(tl.program_id(0), tl.program_id(1).to(tl.int64), tl.num_programs(1), k_ptr, v_ptr, block_table_ptr,
+                 seq_lens_ptr, qsl_ptr, rot_ptr, kv_ptr, tag_ptr, entries, stride_kt, stride_kh, stride_kd,
+                 stride_vt, stride_vh, stride_vd, stride_bt, stride_r0, stride_r1, RECENT, BLOCK_SIZE, HEAD_DIM,
+                 BLOCK_D, ROT_CHUNK)  # fmt: skip
 
 
 def write_recent(
@@ -175,9 +188,7 @@ def write_recent(
             query_start_loc: [num_seqs + 1], on the device; sequences with no query rows (padding) write nothing.
         block_size: tokens per page, a multiple of SEGMENT.
     """
-    num_seqs = check_writer_args(table, key, value, block_table, query_start_loc)
-    assert block_table.stride(1) == 1, "block_table rows must be contiguous"
-    assert block_size % SEGMENT == 0, f"block_size must be a multiple of {SEGMENT}, got {block_size}"
+    num_seqs = _check_writer(table, key, value, block_table, query_start_loc, block_size)
     if num_seqs <= 0:
         return
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
@@ -190,6 +201,34 @@ def write_recent(
         BLOCK_D=triton.next_power_of_2(head_dim), ROT_CHUNK=WRITER_ROT_CHUNK, PDL=pdl, num_warps=4,
         **pdl_option(pdl),
     )  # fmt: skip
+
+
+def _check_writer(table, key, value, block_table, query_start_loc, block_size: int) -> int:
+    """check_writer_args plus the window's page rule; the number of sequences."""
+    num_seqs = check_writer_args(table, key, value, block_table, query_start_loc)
+    assert block_table.stride(1) == 1, "block_table rows must be contiguous"
+    assert block_size % SEGMENT == 0, f"block_size must be a multiple of {SEGMENT}, got {block_size}"
+    return num_seqs
+
+
+def reduce_writer_args(
+    table: RecentTable | None,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    block_size: int,
+) -> tuple[int, tuple, dict]:
+    """(programs, arguments, constexprs) with which a split-K reduce launch of WRITE_RECENT (decode_reduce.
+    _reduce_splits_kernel, arguments in its order) also does write_recent's work; table None: none, placeholders."""
+    kv, tags, entries = (key, block_table, 1) if table is None else (table.kv, table.tags, table.entries)
+    args = (key, value, block_table, seq_lens, kv, tags, entries, key.shape[1], *key.stride(), *value.stride(),
+            block_table.stride(0))  # fmt: skip
+    if table is None:
+        return 0, args, {}
+    num_seqs = _check_writer(table, key, value, block_table, query_start_loc, block_size)
+    return max(num_seqs, 0) * key.shape[1], args, dict(BLOCK_SIZE=block_size, WRITER_ROT_CHUNK=WRITER_ROT_CHUNK)
 
 
 def substitute_recent(

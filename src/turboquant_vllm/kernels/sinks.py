@@ -22,8 +22,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from turboquant_vllm.config import MAX_SINK_TOKENS
-from turboquant_vllm.kernels.decode_reduce import _rotate_vector
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
+from turboquant_vllm.kernels.rotate import rotate_vector
 
 SINK_TILE = MAX_SINK_TOKENS  # the attention kernel scores the sinks as one tile of this many rows (a dot's minimum)
 MIN_ENTRIES = 64
@@ -119,9 +119,9 @@ def _write_sinks_kernel(
                 later += tl.sum(same.to(tl.int32))
             if later == 0:
                 tok = (q_start + pos - first_pos).to(tl.int64)
-                k_rot = _rotate_vector(k_ptr + tok * stride_kt + kh * stride_kh, stride_kd, rot_ptr, stride_r0,
+                k_rot = rotate_vector(k_ptr + tok * stride_kt + kh * stride_kh, stride_kd, rot_ptr, stride_r0,
                                        stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
-                v_rot = _rotate_vector(v_ptr + tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
+                v_rot = rotate_vector(v_ptr + tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
                                        stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
                 row = kv_ptr + ((entry * SINKS + pos) * 2 * kv_heads + kh) * HEAD_DIM
                 tl.store(row + dim, k_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)

@@ -44,6 +44,18 @@ class AttentionWorkspace:
         tickets = torch.zeros(q_tiles * num_heads, dtype=torch.int32, device=device)
         return cls(acc, stats[0], stats[1], query, tickets)
 
+    def check(self, num_tokens: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device) -> None:
+        """That a launch of num_tokens x num_heads x head_dim in num_splits splits on `device` fits."""
+        acc = self.acc
+        assert acc.shape[0] >= num_tokens and acc.shape[1:] == (num_heads, self.max_splits, head_dim), (
+            f"workspace acc {tuple(acc.shape)} cannot hold {num_tokens} tokens x {num_heads} heads x {head_dim}"
+        )
+        assert num_splits <= self.max_splits, f"num_splits={num_splits} > workspace {self.max_splits}"
+        assert acc.stride(3) == 1 and self.row_max.stride() == self.row_sum.stride(), "unexpected workspace strides"
+        assert acc.device == device, "workspace is on another device"
+        query_ok = self.query.is_contiguous() and self.query.shape[1:] == (num_heads, head_dim)
+        assert query_ok, "unexpected workspace query"
+
     @property
     def max_tokens(self) -> int:
         return self.acc.shape[0]

@@ -408,9 +408,10 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         kv_cache = packed_pages(kv_cache)
         codec = self.codec(kv_cache.device)
         key_offset = self.key_offset(layer, codec)
+        wrote_recent = False
         if md.num_decodes:
             n = md.num_decode_tokens
-            paged_attention(
+            wrote_recent = paged_attention(
                 codec, query[:n], key[:n], value[:n], kv_cache,
                 block_table=md.block_table,
                 seq_lens=md.seq_lens,
@@ -425,6 +426,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
                 store_slots=md.slot_mapping[: md.fused_store_tokens] if md.fused_store_tokens else None,
                 sinks=sinks,
                 recent=recent,
+                write_recent=md.prefill is None,
             )  # fmt: skip
         if md.prefill is not None:
             prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output, key_offset, sinks,
@@ -432,7 +434,7 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         # after every read of this step (sinks.py, recent.py)
         if sinks is not None:
             write_sinks(sinks, codec.rotation, key, value, md.block_table, md.seq_lens, md.query_start_loc)
-        if recent is not None:
+        if recent is not None and not wrote_recent:
             write_recent(recent, codec.rotation, key, value, md.block_table, md.seq_lens, md.query_start_loc,
                          kv_cache.shape[1])  # fmt: skip
         return output

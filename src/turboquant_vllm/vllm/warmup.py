@@ -77,4 +77,5 @@ def warm_up_kernels(
         for store_slots in (None, slots[:1]) if decode_step_stores(head_dim, num_splits, pdl) else (None,):
             paged_attention(codec, query, kv[:1], kv[:1], cache, block_table, seq_lens, query_start_loc, 1.0, out,
                             max_query_len=1, num_splits=num_splits, workspace=workspace, key_offset=offset,
-                            store_slots=store_slots, sinks=sinks, recent=recent)  # fmt: skip
+                            store_slots=store_slots, sinks=sinks, recent=recent,
+                            write_recent=recent is not None)  # fmt: skip
