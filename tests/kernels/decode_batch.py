@@ -9,6 +9,7 @@ import torch
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode import paged_attention
+from turboquant_vllm.kernels.decode_tiles import attention_meta
 from turboquant_vllm.kernels.reference import paged_attention_ref, store_ref
 
 POISON = 0xFF  # bytes of pages the kernel must never read: their fp32 scales are NaN
@@ -36,6 +37,12 @@ class Batch:
         return int((self.query_start_loc[1:] - self.query_start_loc[:-1]).max())
 
     def expected(self, **kwargs) -> torch.Tensor:
+        """paged_attention_ref of this step; unless told, it scores the context keys as this batch's decode launch
+        does (in fp8 where Tiles.fp8_keys takes its tiles), so a test follows the tiles' defaults."""
+        if "fp8_keys" not in kwargs and not {"key_offset", "exact_first", "exact_last"} & kwargs.keys():
+            meta = attention_meta(self.codec, self.query.shape[1], self.query.dtype, self.query.is_cuda,
+                                  self.max_query_len, self.cache.shape[1], True)  # fmt: skip
+            kwargs["fp8_keys"] = meta["FP8_KEYS"]
         return paged_attention_ref(
             self.ref_codec, self.query.cpu(), self.key.cpu(), self.value.cpu(), self.cache.cpu(),
             self.block_table.cpu(), self.seq_lens.cpu(), self.query_start_loc.cpu(), self.scale, **kwargs,

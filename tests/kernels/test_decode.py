@@ -156,11 +156,12 @@ def test_fp8_keys(device, monkeypatch, head_dim, halves):
     meta = decode_tiles.attention_meta(b.codec, 8, torch.bfloat16, device.type == "cuda", 1, 16, False, 3)
     assert meta["FP8_KEYS"] and meta["FP8_SCALE"] == b.codec.key_e4m3_scale and meta["FP8_QUERY_HALVES"] == halves
     want, other = (b.expected(fp8_keys=True, fp8_query_halves=h) for h in (halves, not halves))
+    assert torch.equal(b.expected(fp8_query_halves=halves), want)  # the batch's reference follows the tiles
     tol = TOL_HALF / 2
     for num_splits in (1, 3, decode_tiles.WIDE_MIN_SPLITS):
         got = b.run(num_splits=num_splits)
         assert_matches(got, want, tol)
-    for ref in (other, b.expected()):
+    for ref in (other, b.expected(fp8_keys=False)):
         err = ((got.float().cpu() - ref).abs().max() / ref.abs().max()).item()
         assert err > tol, f"the output matched another rounding's reference to {err:.3g}: which path ran?"
 
