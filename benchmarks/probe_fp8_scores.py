@@ -7,7 +7,7 @@ values, and compares attention outputs with exact fp32 attention for four ways o
 - `fp16`: today's default (fp32 here; the fp16 codebook's rounding is far below the quantiser's);
 - `k8_q8`: what fp8_keys does (keys and queries in e4m3);
 - `k8_q32`: keys in e4m3, queries exact (the keys' share of the cost);
-- `k8_q8x2`: keys in e4m3, queries as two e4m3 halves q = hi + lo (scored in one MMA from the group's padding rows).
+- `k8_q8x2`: keys in e4m3, queries as two e4m3 halves q = hi + lo (`Tiles.fp8_query_halves`: a second fp8 MMA).
 
 Writes benchmarks/results/probe_fp8_scores_<date>.json.
 """
@@ -27,6 +27,7 @@ from turboquant_vllm.codebook import e4m3_scale
 from turboquant_vllm.config import TQConfig
 from turboquant_vllm.eval.kv_capture import LayerQKV, capture_austen_smollm2
 from turboquant_vllm.eval.provenance import provenance
+from turboquant_vllm.kernels.reference import e4m3_values
 from turboquant_vllm.quantizer import MSEQuantizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -34,28 +35,24 @@ LOG2E = math.log2(math.e)
 FORMS = ("fp16", "k8_q8", "k8_q32", "k8_q8x2")
 
 
-def e4m3(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float8_e4m3fn).to(torch.float32)
-
-
 def scored_queries(q_rot: torch.Tensor, form: str) -> torch.Tensor:
     """The rotated queries in log2 units as the score MMA sees them."""
     if form in ("fp16", "k8_q32"):
         return q_rot
-    hi = e4m3(q_rot)
-    return hi if form == "k8_q8" else hi + e4m3(q_rot - hi)
+    hi = e4m3_values(q_rot)
+    return hi if form == "k8_q8" else hi + e4m3_values(q_rot - hi)
 
 
-def form_output(layer: LayerQKV, form: str, k_quant: MSEQuantizer, v_quant: MSEQuantizer) -> torch.Tensor:
-    """Causal attention over 4-bit keys and values, scored as `form` does, in the rotated basis."""
+def form_output(
+    layer: LayerQKV, form: str, k_quant: MSEQuantizer, v_quant: MSEQuantizer, k_centroids_e4m3: torch.Tensor
+) -> torch.Tensor:
+    """Causal attention over 4-bit keys and values, scored as `form` does, in the rotated basis; the e4m3 forms take
+    the key codebook k_centroids_e4m3 (rounded as KVCodec rounds it, divided by its scale again)."""
     q, k, v = layer.query, layer.key, layer.value
     group = q.shape[1] // k.shape[1]
     qk_scale = layer.scale * LOG2E  # the kernel scores in log2 units and rounds q after this scaling
     kq = k_quant.quantize(k)
-    centroids = k_quant.centroids
-    if form != "fp16":
-        alpha = e4m3_scale(centroids.double().numpy(), k.shape[-1])
-        centroids = e4m3(centroids * alpha) / alpha
+    centroids = k_quant.centroids if form == "fp16" else k_centroids_e4m3
     k_rot = centroids[kq.indices.long()] * kq.scales.unsqueeze(-1)
     v_rot = v_quant.dequantize_rotated(v_quant.quantize(v))
     q_rot = scored_queries(k_quant.rotate(q) * qk_scale, form)
@@ -84,12 +81,14 @@ def main() -> None:
     head_dim = layers[0].key.shape[-1]
     config = TQConfig()
     k_quant, v_quant = MSEQuantizer(head_dim, 4, config), MSEQuantizer(head_dim, 4, config)
+    alpha = e4m3_scale(k_quant.centroids.double().numpy(), head_dim)
+    k_centroids_e4m3 = e4m3_values(k_quant.centroids * alpha) / alpha
 
     errors = {form: 0.0 for form in FORMS}
     for layer in layers:
         exact = exact_output(layer)
         for form in FORMS:
-            err = form_output(layer, form, k_quant, v_quant) - exact
+            err = form_output(layer, form, k_quant, v_quant, k_centroids_e4m3) - exact
             errors[form] += float(err.pow(2).sum() / exact.pow(2).sum()) / len(layers)
     extra = {form: errors[form] / errors["fp16"] - 1.0 for form in FORMS}
     result = {

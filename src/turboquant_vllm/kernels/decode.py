@@ -189,7 +189,7 @@ def _attention_kernel(
         q_rot = tl.load(ws_q_ptr + q_rot_off[:, None] + dim[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     else:
         q_rot = rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1,
-                             HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
+                            HEAD_DIM, BLOCK_D, ROT_CHUNK, BLOCK_M, PREC)  # fmt: skip
     q_rot = q_rot * qk_scale  # log2 units: softmax uses exp2
     if HAS_KEY_OFFSET:
         q_dot_off = tl.sum(q_rot * tl.load(koff_ptr + kh * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :], 1)
@@ -296,7 +296,7 @@ def _attention_kernel(
             s_new = tl.where(row_ok & (j <= qi), s_new, float("-inf"))
             p_new, alpha, m_i, l_i = softmax_step(s_new[:, None], m_i, l_i)  # a one-column score tile
             v_rot = rotate_vector(v_ptr + kv_tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
-                                   stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
+                                  stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
             acc = acc * alpha[:, None] + p_new * v_rot[None, :]
 
     if FUSED or UNROTATED_PARTIALS:
@@ -488,7 +488,7 @@ def paged_attention(
                             meta["PREC"], num_splits, pdl, window)  # fmt: skip
         wrote = rmeta["WRITE_RECENT"] > 0
         writers, writer_args, writer_meta = reduce_writer_args(recent if wrote else None, key, value, block_table,
-                                                               seq_lens, query_start_loc, cache.shape[1])  # fmt: skip
+                                                               seq_lens, num_seqs, cache.shape[1])  # fmt: skip
         _reduce_splits_kernel[(reduce_grid(num_rows, rmeta["BLOCK_R"])[0] + writers,)](
             acc_buf, max_buf, sum_buf, rot, out, query_start_loc,
             num_seqs, num_rows, num_splits, split_slots, *acc_strides, *stat_strides, *out.stride(),

@@ -26,7 +26,7 @@ def _publish_queries(q_ptr, q_off, row_ok, stride_qd, out_ptr, out_off, rot_ptr,
     """Rotate a tile's query rows into the workspace (out_off: each row's offset there) and set its ticket to 1
     (release), for the split programs of the same launch that wait in _published_queries."""
     y = rotate_rows(q_ptr, q_off, row_ok, stride_qd, rot_ptr, stride_r0, stride_r1, HEAD_DIM, BLOCK_D, CHUNK, ROWS,
-                     PREC)  # fmt: skip
+                    PREC)  # fmt: skip
     dim = tl.arange(0, BLOCK_D)
     tl.store(out_ptr + out_off[:, None] + dim[None, :], y, mask=row_ok[:, None] & (dim < HEAD_DIM)[None, :])
     tl.debug_barrier()  # every thread's rows are written before the release below
@@ -77,7 +77,7 @@ def _rotate_queries_kernel(
     ok = row < num_rows
     row_off = (row // NUM_HEADS).to(tl.int64) * stride_qt + (row % NUM_HEADS) * stride_qh
     y = rotate_rows(q_ptr, row_off, ok, stride_qd, rot_ptr, stride_r0, stride_r1, HEAD_DIM, BLOCK_D, CHUNK, BLOCK_R,
-                     PREC)  # fmt: skip
+                    PREC)  # fmt: skip
     dim = tl.arange(0, BLOCK_D)
     tl.store(out_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + dim[None, :], y, mask=ok[:, None] & (dim < HEAD_DIM))
 

@@ -188,7 +188,9 @@ def write_recent(
             query_start_loc: [num_seqs + 1], on the device; sequences with no query rows (padding) write nothing.
         block_size: tokens per page, a multiple of SEGMENT.
     """
-    num_seqs = _check_writer(table, key, value, block_table, query_start_loc, block_size)
+    num_seqs = check_writer_args(table, key, value, block_table, query_start_loc)
+    assert block_table.stride(1) == 1, "block_table rows must be contiguous"
+    assert block_size % SEGMENT == 0, f"block_size must be a multiple of {SEGMENT}, got {block_size}"
     if num_seqs <= 0:
         return
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
@@ -203,32 +205,24 @@ def write_recent(
     )  # fmt: skip
 
 
-def _check_writer(table, key, value, block_table, query_start_loc, block_size: int) -> int:
-    """check_writer_args plus the window's page rule; the number of sequences."""
-    num_seqs = check_writer_args(table, key, value, block_table, query_start_loc)
-    assert block_table.stride(1) == 1, "block_table rows must be contiguous"
-    assert block_size % SEGMENT == 0, f"block_size must be a multiple of {SEGMENT}, got {block_size}"
-    return num_seqs
-
-
 def reduce_writer_args(
     table: RecentTable | None,
     key: torch.Tensor,
     value: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
+    num_seqs: int,
     block_size: int,
 ) -> tuple[int, tuple, dict]:
     """(programs, arguments, constexprs) with which a split-K reduce launch of WRITE_RECENT (decode_reduce.
-    _reduce_splits_kernel, arguments in its order) also does write_recent's work; table None: none, placeholders."""
+    _reduce_splits_kernel, arguments in its order) also does write_recent's work; table None: none, placeholders.
+    paged_attention, its caller, has checked the table and the step's tensors as write_recent does."""
     kv, tags, entries = (key, block_table, 1) if table is None else (table.kv, table.tags, table.entries)
     args = (key, value, block_table, seq_lens, kv, tags, entries, key.shape[1], *key.stride(), *value.stride(),
             block_table.stride(0))  # fmt: skip
     if table is None:
         return 0, args, {}
-    num_seqs = _check_writer(table, key, value, block_table, query_start_loc, block_size)
-    return max(num_seqs, 0) * key.shape[1], args, dict(BLOCK_SIZE=block_size, WRITER_ROT_CHUNK=WRITER_ROT_CHUNK)
+    return num_seqs * key.shape[1], args, dict(BLOCK_SIZE=block_size, WRITER_ROT_CHUNK=WRITER_ROT_CHUNK)
 
 
 def substitute_recent(

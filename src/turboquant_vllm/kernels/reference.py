@@ -175,13 +175,14 @@ def _fp8_key_scores(
     keys = (centroids[k.indices.long()] * k.scales.abs().unsqueeze(-1)).repeat_interleave(group, dim=1)
     log2_scale = scale * math.log2(math.e)
     q_rot = (q @ codec.rotation.cpu().T) * log2_scale
-    q8 = _e4m3(q_rot)
+    q8 = e4m3_values(q_rot)
     if query_halves:
-        q8 = q8 + _e4m3(q_rot - q8)
+        q8 = q8 + e4m3_values(q_rot - q8)
     return torch.einsum("qhd,khd->hqk", q8 / log2_scale, keys) * scale
 
 
-def _e4m3(x: torch.Tensor) -> torch.Tensor:
+def e4m3_values(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to e4m3 (saturating at 448), as fp32."""
     return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
 
 

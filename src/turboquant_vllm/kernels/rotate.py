@@ -43,7 +43,7 @@ def rotate_rows(
 
 @triton.jit
 def rotate_vector(x_ptr, stride_d, rot_ptr, stride_r0, stride_r1,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
     """R @ x for one vector in memory, fp32 [BLOCK_D]: CHUNK columns of R at a time, never the whole matrix."""
     n = tl.arange(0, BLOCK_D)
     y = tl.zeros([BLOCK_D], tl.float32)

@@ -120,9 +120,9 @@ def _write_sinks_kernel(
             if later == 0:
                 tok = (q_start + pos - first_pos).to(tl.int64)
                 k_rot = rotate_vector(k_ptr + tok * stride_kt + kh * stride_kh, stride_kd, rot_ptr, stride_r0,
-                                       stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
+                                      stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
                 v_rot = rotate_vector(v_ptr + tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
-                                       stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
+                                      stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
                 row = kv_ptr + ((entry * SINKS + pos) * 2 * kv_heads + kh) * HEAD_DIM
                 tl.store(row + dim, k_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
                 tl.store(row + kv_heads * HEAD_DIM + dim, v_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
