@@ -23,13 +23,13 @@ from turboquant_vllm.kernels.decode_reduce import (
 )
 from turboquant_vllm.kernels.decode_tiles import attention_meta, live_split_tiles, reduce_meta, stores_in_attention
 from turboquant_vllm.kernels.fragment import (
-    fp8_query_operand,
+    fold_row_halves,
+    fp8_queries,
     fragment_columns,
     fragment_rows,
     value_fragment_dims,
     value_fragment_probs,
 )
-from turboquant_vllm.kernels.lut import round_e4m3
 from turboquant_vllm.kernels.page import context_tile, key_tile, tile_pages, value_tile
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.kernels.recent import SEGMENT, RecentTable, recent_context_end, recent_rows, reduce_writer_args
@@ -72,7 +72,7 @@ def _attention_kernel(
     STORE_NEW: tl.constexpr, STORE_BLOCK_K: tl.constexpr, STORE_CONTRACT_LAST: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
     SINK_TILE: tl.constexpr, LIVE_SPLITS: tl.constexpr, FP8_KEYS: tl.constexpr, FP8_SCALE: tl.constexpr,
-    RECENT: tl.constexpr, RECENT_TILE: tl.constexpr, FP8_QUERY_HALVES: tl.constexpr,
+    RECENT: tl.constexpr, RECENT_TILE: tl.constexpr, FP8_QUERY_HALVES: tl.constexpr, FP8_HALVES_IN_ROWS: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -97,7 +97,8 @@ def _attention_kernel(
     With FP8_KEYS (Tiles.fp8_keys) the context's keys are FP8_SCALE * centroids in e4m3 (lut_fp8_words, or under
     the CPU interpreter a gather from k_cent_ptr, which then holds those values) and the scores an fp8 MMA against
     the queries rounded to e4m3 (with FP8_QUERY_HALVES, plus a second fp8 MMA against the rounding's remainder,
-    itself rounded); the step's own tokens still score against the unrounded queries.
+    itself rounded; with FP8_HALVES_IN_ROWS both halves in one MMA, in the tile's padding rows); the step's own tokens
+    still score against the unrounded queries.
     """
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -193,11 +194,8 @@ def _attention_kernel(
     q_rot = q_rot * qk_scale  # log2 units: softmax uses exp2
     if HAS_KEY_OFFSET:
         q_dot_off = tl.sum(q_rot * tl.load(koff_ptr + kh * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :], 1)
-    if FP8_KEYS:  # the fp8 score MMA's query operand; swapped: transposed, in fp8_fragment_columns' order
-        q_hi = round_e4m3(q_rot)
-        q8 = fp8_query_operand(q_hi, BLOCK_M, BLOCK_D, SWAP_AB, K_FRAGMENT)
-        if FP8_QUERY_HALVES:
-            q8_lo = fp8_query_operand(round_e4m3(q_rot - q_hi), BLOCK_M, BLOCK_D, SWAP_AB, K_FRAGMENT)
+    if FP8_KEYS:  # the fp8 score MMA's query operands
+        q8, q8_lo = fp8_queries(q_rot, BLOCK_M, BLOCK_D, SWAP_AB, K_FRAGMENT, FP8_QUERY_HALVES, FP8_HALVES_IN_ROWS)
     q_rot = q_rot.to(OP_DTYPE)
     TOK_AXIS: tl.constexpr = 0 if SWAP_AB else 1  # the axis of a score tile that holds its tokens
     ROW_AXIS: tl.constexpr = 1 - TOK_AXIS
@@ -231,7 +229,9 @@ def _attention_kernel(
         if FP8_KEYS:  # the interpreter's fp8 dot is not exact: there, the same e4m3 values multiplied in fp32
             a, b = (k, q8) if SWAP_AB else (q8, tl.trans(k))
             s = tl.dot(a, b) if K_LUT else tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-            if FP8_QUERY_HALVES:
+            if FP8_HALVES_IN_ROWS:
+                s = fold_row_halves(s, BLOCK_M, BLOCK_N, SWAP_AB)
+            elif FP8_QUERY_HALVES:
                 a, b = (k, q8_lo) if SWAP_AB else (q8_lo, tl.trans(k))
                 s = tl.dot(a, b, s) if K_LUT else tl.dot(a.to(tl.float32), b.to(tl.float32), s, input_precision="ieee")
             s = s * (1.0 / FP8_SCALE)
@@ -371,7 +371,7 @@ def paged_attention(
             query_start_loc: [num_seqs + 1], all on the device (never read on the host).
         out: [T, num_heads, head_dim], written in its own dtype; rows outside
             [query_start_loc[0], query_start_loc[-1]) are left untouched.
-        max_query_len: host-side bound on q_len; only picks the tile shape, never the result.
+        max_query_len: host-side bound on q_len (an upper bound: fp8 query halves in rows rely on it); picks tiles.
         num_splits: split-K factor over the context (see choose_num_splits); 1 fuses everything.
         split_slots: with num_splits > 1, the launch instead splits each sequence that has query rows into
             split_slots // (such sequences) parts, 1 to num_splits (decode_tiles.choose_split_grid): a CUDA graph

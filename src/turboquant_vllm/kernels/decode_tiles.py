@@ -95,6 +95,11 @@ class Tiles:
     # MMA into the same accumulator, so the scores keep only the keys' rounding (offline 628 -> 637 instructions a
     # 3-split tile; benchmarks/probe_fp8_scores.py for what each rounding costs on SmolLM2's real tensors).
     fp8_query_halves: bool = True
+    # With fp8_query_halves: where a decode tile's real query rows fit in its top half (group x max_query_len <=
+    # decode_m / 2), both halves share one MMA, the remainders in the padding rows (kernels/fragment.py). One MMA's
+    # latency a tile instead of two chained, but offline 687 instructions a 3-split tile instead of 637 (Triton runs
+    # the softmax in two equivalent layouts after the fold): off until timed.
+    fp8_halves_in_rows: bool = False
 
 
 # Why each default, in one line (the H200 measurements behind them, and what lost, are in docs/decode-tuning.md):
@@ -289,6 +294,8 @@ def attention_meta(
         SWAP_AB=swap, K_FRAGMENT=k_fragment, V_FRAGMENT=v_fragment, K_LUT=k_lut, V_LUT=v_lut,
         FP8_KEYS=fp8_keys, FP8_SCALE=codec.key_e4m3_scale if fp8_keys else 1.0,
         FP8_QUERY_HALVES=fp8_keys and tiles.fp8_query_halves,
+        FP8_HALVES_IN_ROWS=(fp8_keys and tiles.fp8_query_halves and tiles.fp8_halves_in_rows and not varlen
+                            and group * max_query_len <= block_m // 2),
         LUT_PAIRS=tiles.lut_pairs, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=q_rotated, Q_PUBLISHED=q_rotated and store_new and tiles.publish_q,
         TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from turboquant_vllm.kernels.lut import round_e4m3
+
 
 @triton.jit
 def fragment_tokens(x, ROWS: tl.constexpr, COLS: tl.constexpr):
@@ -101,3 +103,48 @@ def fp8_query_operand(q, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SWAP_AB: tl.
     if SWAP_AB:
         q8 = tl.trans(fp8_fragment_columns(q8, ROWS, BLOCK_D) if K_FRAGMENT else q8)
     return q8
+
+
+@triton.jit
+def fp8_queries(
+    q, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SWAP_AB: tl.constexpr, K_FRAGMENT: tl.constexpr,
+    HALVES: tl.constexpr, IN_ROWS: tl.constexpr,
+):  # fmt: skip
+    """The fp8 score MMA's query operands from fp32 queries q [ROWS, BLOCK_D]: q rounded to e4m3 and, with HALVES,
+    the rounding's remainder rounded again, as a second operand (a second MMA) or with IN_ROWS in the first one's
+    padding rows (fold_row_halves then adds each pair). Without HALVES the second operand is the first."""
+    if IN_ROWS:
+        q = repeat_top_rows(q, ROWS, BLOCK_D)
+    hi = round_e4m3(q)
+    lo = round_e4m3(q - hi)
+    if IN_ROWS:
+        hi = tl.where((tl.arange(0, ROWS) < ROWS // 2)[:, None], hi, lo)
+    q8 = fp8_query_operand(hi, ROWS, BLOCK_D, SWAP_AB, K_FRAGMENT)
+    return q8, fp8_query_operand(lo, ROWS, BLOCK_D, SWAP_AB, K_FRAGMENT) if HALVES and not IN_ROWS else q8
+
+
+# Query halves in rows (Tiles.fp8_halves_in_rows): where a decode tile's real query rows fit in its top half, the
+# bottom half (padding) takes their rounded remainders, so one fp8 MMA scores both halves. Row r and r + ROWS // 2
+# then land in the same thread of both MMA layouts (mma.sync's rows g and g + 8, wgmma's column pairs of n-blocks 0
+# and 1 for the swapped tile), so adding them back is register arithmetic.
+
+
+@triton.jit
+def repeat_top_rows(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """x [ROWS, COLS] with its bottom ROWS // 2 rows replaced by copies of its top ones."""
+    top, _ = tl.split(tl.permute(tl.reshape(x, (2, ROWS // 2, COLS)), (1, 2, 0)))
+    return tl.reshape(tl.permute(tl.join(top, top), (2, 0, 1)), (ROWS, COLS))
+
+
+@triton.jit
+def fold_row_halves(s, ROWS: tl.constexpr, TOKENS: tl.constexpr, SWAP_AB: tl.constexpr):
+    """Scores of a tile whose query rows r and r + ROWS // 2 hold one query's two halves: every row the pair's sum.
+    s: [TOKENS, ROWS] swapped, else [ROWS, TOKENS]. A sum and a broadcast over the pair's axis keep the MMA's layout
+    (a split and join would give a register order of their own, and Triton then ran the softmax in both layouts)."""
+    if SWAP_AB:
+        both = tl.expand_dims(tl.sum(tl.reshape(s, (TOKENS, 2, ROWS // 2)), 1), 1)
+        s = tl.reshape(tl.broadcast_to(both, (TOKENS, 2, ROWS // 2)), (TOKENS, ROWS))
+    else:
+        both = tl.expand_dims(tl.sum(tl.reshape(s, (2, ROWS // 2, TOKENS)), 0), 0)
+        s = tl.reshape(tl.broadcast_to(both, (2, ROWS // 2, TOKENS)), (ROWS, TOKENS))
+    return s
