@@ -50,6 +50,7 @@ MODES = {
         **DECODE_CHUNKS,
     ),
     # `tiles`: decode_tiles.Tiles fields changed for every head_dim, in this process (the engine core runs in it)
+    "ours_4_4_fp8k": dict(attention_backend="CUSTOM", tiles={"fp8_keys": True}),
     "ours_4_4_fp8k_decode": dict(attention_backend="CUSTOM", tiles={"fp8_keys": True}, **DECODE_CHUNKS),
     "native_turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),
     "native_turboquant_k8v4": dict(kv_cache_dtype="turboquant_k8v4"),
