@@ -93,11 +93,12 @@ VARIANTS: list[dict] = [
     {"publish_q": True, "store": "fused"},
     {"store": "fused", "wide_block_n": None, "num_splits": 48, "publish_q": True},
     # keys as e4m3 bytes scored by an fp8 MMA against the queries in two e4m3 halves (kernels/lut.py): alone and in
-    # the one-sequence engine step; the halves in one MMA (the tile's padding rows); the queries rounded once
+    # the one-sequence engine step (two MMAs in capped launches, one with the remainders in its padding rows in wide
+    # ones); the halves in rows everywhere and by two MMAs everywhere; the queries rounded once
     {"fp8_keys": True},
     {"fp8_keys": True, "store": "fused"},
-    {"fp8_keys": True, "fp8_halves_in_rows": True},
-    {"fp8_keys": True, "fp8_halves_in_rows": True, "store": "fused"},
+    {"fp8_keys": True, "fp8_halves_in_rows_min_splits": 1},
+    {"fp8_keys": True, "fp8_halves_in_rows_min_splits": None, "store": "fused"},
     {"fp8_keys": True, "fp8_query_halves": False},
     {"fp8_keys": True, "fp8_query_halves": False, "store": "fused"},
     # the split rule before resident_programs: about two programs an SM (2-8 sequences take fewer splits)

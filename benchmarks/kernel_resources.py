@@ -303,9 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(128, 32, 8, 3, {"tail_merge_min_splits": 2})]
     cases += [(128, 32, 8, n, {}, False, False, 4) for n in (1, 3, wide)]  # with 4 exact sinks (kernels/sinks.py)
     cases += [(128, 32, 8, n, {}, False, True, 0, 32) for n in (3, wide)]  # with 32 exact recent tokens (recent.py)
-    fp8_forms = ({}, {"fp8_halves_in_rows": False}, {"fp8_query_halves": False})  # halves in rows, by 2 MMAs; once
-    for fp8 in ({"fp8_keys": True, **form} for form in fp8_forms):
-        cases += [(128, 32, 8, 3, fp8), (128, 32, 8, wide, fp8, False, True), (64, 9, 3, 3, fp8)]
+    # fp8 keys: the queries' halves by two MMAs at 3 splits and in rows when wide (the defaults), each the other way,
+    # and rounded once
+    fp8 = {"fp8_keys": True}
+    for form, splits in (
+        ({}, (3, wide)),
+        ({"fp8_halves_in_rows_min_splits": 1}, (3,)),
+        ({"fp8_halves_in_rows_min_splits": None}, (wide,)),
+        ({"fp8_query_halves": False}, (3, wide)),
+    ):
+        cases += [(128, 32, 8, n, fp8 | form) + ((False, True) if n == wide else ()) for n in splits]
+        cases += [(64, 9, 3, 3, fp8 | form)] if 3 in splits else []
     rows = []
     for case in cases:
         rows.append(compile_attention(*case))

@@ -95,11 +95,12 @@ class Tiles:
     # MMA into the same accumulator, so the scores keep only the keys' rounding (offline 628 -> 637 instructions a
     # 3-split tile; benchmarks/probe_fp8_scores.py for what each rounding costs on SmolLM2's real tensors).
     fp8_query_halves: bool = True
-    # With fp8_query_halves: where a decode tile's real query rows fit in its top half (group x max_query_len <=
-    # decode_m / 2), both halves share one MMA, the remainders in the padding rows (kernels/fragment.py). One MMA's
-    # latency a tile instead of two chained, but offline 687 instructions a 3-split tile instead of 637 (Triton runs
-    # the softmax in two equivalent layouts after the fold): off until timed.
-    fp8_halves_in_rows: bool = False
+    # With fp8_query_halves, launches of at least this many splits (None: never) score both halves in one MMA where
+    # a decode tile's real query rows fit in its top half (group x max_query_len <= decode_m / 2): the remainders
+    # take the padding rows (kernels/fragment.py). One MMA's latency a tile instead of two chained, for the softmax
+    # Triton then runs in two equivalent layouts (offline 687 instructions a 3-split tile instead of 637): on the H200
+    # 1 x 32K 33.4 -> 31.7 us, but 16 x 32K 337.8 -> 379.9 (decode_sweep_fp8_halves_in_rows_h200_2026-12-03d.json).
+    fp8_halves_in_rows_min_splits: int | None = None
 
 
 # Why each default, in one line (the H200 measurements behind them, and what lost, are in docs/decode-tuning.md):
@@ -114,6 +115,7 @@ class Tiles:
 # - Block-table entries a tile ahead, softmax sums per position until the loop ends.
 # - Keys and values decoded in the A fragment's order: no shared-memory round trip for their tiles (kernels/fragment.py)
 # - R in 64-column slices where the launch rotates (the last split's tail waits on each slice's L2 read).
+# - With fp8 keys, wide launches score the queries' two halves in one MMA, capped ones in two.
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg", "launch_pdl")  # keys of attention_meta that are compile options
@@ -125,6 +127,7 @@ TILES = {
         64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, resident_programs=3,
         reduce_splits=2, reduce_rot_chunk=128, wide_reduce_rows=1, prerotate_q_min_splits=2,
         fused_store_min_splits=WIDE_MIN_SPLITS, rot_chunk=64, k_fragment=True, v_fragment=True,
+        fp8_halves_in_rows_min_splits=WIDE_MIN_SPLITS,
     ),
     256: Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
     512: Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
@@ -294,8 +297,8 @@ def attention_meta(
         SWAP_AB=swap, K_FRAGMENT=k_fragment, V_FRAGMENT=v_fragment, K_LUT=k_lut, V_LUT=v_lut,
         FP8_KEYS=fp8_keys, FP8_SCALE=codec.key_e4m3_scale if fp8_keys else 1.0,
         FP8_QUERY_HALVES=fp8_keys and tiles.fp8_query_halves,
-        FP8_HALVES_IN_ROWS=(fp8_keys and tiles.fp8_query_halves and tiles.fp8_halves_in_rows and not varlen
-                            and group * max_query_len <= block_m // 2),
+        FP8_HALVES_IN_ROWS=(fp8_keys and tiles.fp8_query_halves and not varlen and group * max_query_len <= block_m // 2
+                            and num_splits >= (tiles.fp8_halves_in_rows_min_splits or num_splits + 1)),
         LUT_PAIRS=tiles.lut_pairs, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=q_rotated, Q_PUBLISHED=q_rotated and store_new and tiles.publish_q,
         TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,
