@@ -89,7 +89,8 @@ class Tiles:
     # unswapped or k_fragment tiles, no key offsets or sinks): fewer instructions a tile for rounding error in scores.
     fp8_keys: bool = False
     # Decode steps that have a split-K reduce launch write the exact recent window's rows (kernels/recent.py) from
-    # programs of that launch instead of a writer launch of their own (paged_attention's write_recent).
+    # programs of that launch instead of a writer launch of their own (paged_attention's write_recent). Slower on the
+    # H200 at every shape timed (1 x 4K 26.7 -> 29.7 us with the window; docs/design-exact-window.md).
     window_writer_in_reduce: bool = False
     # With fp8_keys: the queries as two e4m3 halves (their rounding and its rounded remainder), scored by a second fp8
     # MMA into the same accumulator, so the scores keep only the keys' rounding (offline 628 -> 637 instructions a
