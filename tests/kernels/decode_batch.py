@@ -38,11 +38,13 @@ class Batch:
 
     def expected(self, **kwargs) -> torch.Tensor:
         """paged_attention_ref of this step; unless told, it scores the context keys as this batch's decode launch
-        does (in fp8 where Tiles.fp8_keys takes its tiles), so a test follows the tiles' defaults."""
+        does (in fp8 where Tiles.fp8_keys takes its tiles, the queries as Tiles.fp8_query_halves says), so a test
+        follows the tiles' defaults."""
         if "fp8_keys" not in kwargs and not {"key_offset", "exact_first", "exact_last"} & kwargs.keys():
             meta = attention_meta(self.codec, self.query.shape[1], self.query.dtype, self.query.is_cuda,
                                   self.max_query_len, self.cache.shape[1], True)  # fmt: skip
             kwargs["fp8_keys"] = meta["FP8_KEYS"]
+            kwargs.setdefault("fp8_query_halves", meta["FP8_QUERY_HALVES"])
         return paged_attention_ref(
             self.ref_codec, self.query.cpu(), self.key.cpu(), self.value.cpu(), self.cache.cpu(),
             self.block_table.cpu(), self.seq_lens.cpu(), self.query_start_loc.cpu(), self.scale, **kwargs,
