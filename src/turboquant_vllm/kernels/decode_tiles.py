@@ -287,6 +287,9 @@ def attention_meta(
     warps = tiles.wide_num_warps if wide and tiles.wide_num_warps else tiles.num_warps
     rot_chunk = tiles.wide_rot_chunk if wide and tiles.wide_rot_chunk else tiles.rot_chunk
     q_rotated = at_least(tiles.prerotate_q_min_splits, num_splits)
+    in_rows_from = tiles.fp8_halves_in_rows_min_splits  # decode tiles whose real rows leave half of them as padding
+    halves_in_rows = (in_rows_from is not None and num_splits >= in_rows_from and not varlen
+                      and group * max_query_len <= block_m // 2)  # fmt: skip
     meta = dict(
         GROUP=group, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_Q=block_m // group,
         BLOCK_N=block_n, ROT_CHUNK=rot_chunk if on_gpu else INTERPRETER_ROT_CHUNK,
@@ -298,8 +301,7 @@ def attention_meta(
         SWAP_AB=swap, K_FRAGMENT=k_fragment, V_FRAGMENT=v_fragment, K_LUT=k_lut, V_LUT=v_lut,
         FP8_KEYS=fp8_keys, FP8_SCALE=codec.key_e4m3_scale if fp8_keys else 1.0,
         FP8_QUERY_HALVES=fp8_keys and tiles.fp8_query_halves,
-        FP8_HALVES_IN_ROWS=(fp8_keys and tiles.fp8_query_halves and not varlen and group * max_query_len <= block_m // 2
-                            and num_splits >= (tiles.fp8_halves_in_rows_min_splits or num_splits + 1)),
+        FP8_HALVES_IN_ROWS=fp8_keys and tiles.fp8_query_halves and halves_in_rows,
         LUT_PAIRS=tiles.lut_pairs, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),
         Q_ROTATED=q_rotated, Q_PUBLISHED=q_rotated and store_new and tiles.publish_q,
         TAIL_MERGE=at_least(tiles.tail_merge_min_splits, num_splits) and num_splits < WIDE_MIN_SPLITS,

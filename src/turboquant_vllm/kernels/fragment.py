@@ -123,10 +123,10 @@ def fp8_queries(
     return q8, fp8_query_operand(lo, ROWS, BLOCK_D, SWAP_AB, K_FRAGMENT) if HALVES and not IN_ROWS else q8
 
 
-# Query halves in rows (Tiles.fp8_halves_in_rows): where a decode tile's real query rows fit in its top half, the
-# bottom half (padding) takes their rounded remainders, so one fp8 MMA scores both halves. Row r and r + ROWS // 2
-# then land in the same thread of both MMA layouts (mma.sync's rows g and g + 8, wgmma's column pairs of n-blocks 0
-# and 1 for the swapped tile), so adding them back is register arithmetic.
+# Query halves in rows (Tiles.fp8_halves_in_rows_min_splits): where a decode tile's real query rows fit in its top
+# half, the bottom half (padding) takes their rounded remainders, so one fp8 MMA scores both halves. Row r and
+# r + ROWS // 2 then land in the same thread of both MMA layouts (mma.sync's rows g and g + 8, wgmma's column pairs
+# of n-blocks 0 and 1 for the swapped tile), so adding them back is register arithmetic.
 
 
 @triton.jit
@@ -139,8 +139,8 @@ def repeat_top_rows(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 @triton.jit
 def fold_row_halves(s, ROWS: tl.constexpr, TOKENS: tl.constexpr, SWAP_AB: tl.constexpr):
     """Scores of a tile whose query rows r and r + ROWS // 2 hold one query's two halves: every row the pair's sum.
-    s: [TOKENS, ROWS] swapped, else [ROWS, TOKENS]. A sum and a broadcast over the pair's axis keep the MMA's layout
-    (a split and join would give a register order of their own, and Triton then ran the softmax in both layouts)."""
+    s: [TOKENS, ROWS] swapped, else [ROWS, TOKENS]. Triton 3.6 gives the result a linear layout equal to the MMA's
+    without recognising it, and runs the softmax in both (a split and join did the same; docs/decode-tuning.md)."""
     if SWAP_AB:
         both = tl.expand_dims(tl.sum(tl.reshape(s, (TOKENS, 2, ROWS // 2)), 1), 1)
         s = tl.reshape(tl.broadcast_to(both, (TOKENS, 2, ROWS // 2)), (TOKENS, ROWS))
