@@ -13,6 +13,8 @@
 #            run in order), TRACE (CONTEXTxSEQS, every step of its two runs timed) and TRACE_KERNELS=1 (those
 #            runs' mixed steps' kernels) and TELEMETRY=1 (SM clock, power, temperature through each timed
 #            window, NVML) pass through to bench_engine.py
+#   kernel-tests: the GPU kernel tests alone, in two parts that each fit a call (the whole set needs more than
+#            290 s): PART=decode (tests/kernels/test_decode*.py) or PART=rest (the other kernel tests, test_quantizer)
 #   profile: where decode time goes (benchmarks/profile_decode.py)
 #   hf:      HF path (issue 5): GPU tests of the HF cache and eval, then the full `turboquant-vllm eval` on CUDA
 #            (KV memory at 8K; 50K tokens x contexts 512/2048/8192 x 5 bit pairs x norm correction on/off;
@@ -35,6 +37,14 @@ case "$1" in
       2>&1 | tail -60 >>"$LOG"
     [ -n "${SKIP_STORE_BENCH:-}" ] ||
       timeout 150 python3 benchmarks/bench_store_dequant.py --bits 4/4 --tokens 1 16 128 16384 32768 --out "$RESULTS_DIR/store_dequant.json" >>"$LOG" 2>&1
+    ;;
+  kernel-tests)
+    case "${PART:-decode}" in
+      decode) tests=(tests/kernels/test_decode*.py) ;;
+      rest) tests=(tests/kernels --ignore-glob='tests/kernels/test_decode*.py' tests/test_quantizer.py) ;;
+      *) echo "PART must be decode or rest, got ${PART}" >>"$LOG"; exit 2 ;;
+    esac
+    timeout -s INT 540 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${tests[@]}" 2>&1 | tail -60 >>"$LOG"
     ;;
   store)
     timeout -s INT 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -m gpu tests/kernels/test_store.py \
