@@ -195,16 +195,14 @@ def test_fp8_halves_in_rows_only_where_the_rows_fit(device, monkeypatch, num_hea
         assert_matches(b.run(num_splits=num_splits), want, TOL_HALF / 2)
 
 
-def test_fp8_halves_in_rows_from_the_wide_launches():
+def test_fp8_halves_in_rows_from_the_wide_launches(monkeypatch):
     """With fp8 keys at head_dim 128 the halves share one MMA in wide launches (one sequence), where the H200 timed it
     faster, and take two in capped ones (where it was slower), and never in a prefill tile."""
     codec = KVCodec(TQConfig(), 8, 128)
-    tiles = dataclasses.replace(decode_tiles.TILES[128], fp8_keys=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(decode_tiles.TILES, 128, tiles)
-        in_rows = {(splits, q_len): decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, q_len, 16, False,
-                                                                splits)["FP8_HALVES_IN_ROWS"]
-                   for splits in (3, decode_tiles.WIDE_MIN_SPLITS) for q_len in (1, 2, 3, 64)}  # fmt: skip
+    monkeypatch.setitem(decode_tiles.TILES, 128, dataclasses.replace(decode_tiles.TILES[128], fp8_keys=True))
+    in_rows = {(splits, q_len): decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, q_len, 16, False,
+                                                            splits)["FP8_HALVES_IN_ROWS"]
+               for splits in (3, decode_tiles.WIDE_MIN_SPLITS) for q_len in (1, 2, 3, 64)}  # fmt: skip
     assert [key for key, yes in in_rows.items() if yes] == [(decode_tiles.WIDE_MIN_SPLITS, 1),
                                                            (decode_tiles.WIDE_MIN_SPLITS, 2)]  # fmt: skip
 
