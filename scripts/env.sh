@@ -8,8 +8,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 STAMP="$VENV/.turboquant-installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$EXTRAS"
 if [ ! -f "$STAMP" ]; then
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]"
+  # vLLM brings ~8 GB of CUDA wheels: no second, compressed copy of them in pip's cache (CI disks can be tight).
+  echo "installing $ROOT[$EXTRAS] into $VENV; free disk: $(df -h "$VENV" | awk 'NR == 2 {print $4}')"
+  "$VENV/bin/python" -m pip install -q --no-cache-dir --upgrade pip
+  "$VENV/bin/python" -m pip install -q --no-cache-dir -e "$ROOT[$EXTRAS]"
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
