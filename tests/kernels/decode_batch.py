@@ -39,7 +39,9 @@ class Batch:
     def expected(self, **kwargs) -> torch.Tensor:
         """paged_attention_ref of this step; unless told, it scores the context keys as this batch's decode launch
         does (in fp8 where Tiles.fp8_keys takes its tiles, the queries as Tiles.fp8_query_halves says), so a test
-        follows the tiles' defaults."""
+        follows the tiles' defaults. On a GPU the kernels rotate the queries by a tf32 product, which the fp8
+        key path's rounding of them makes visible, so there the reference rotates them that way too."""
+        kwargs.setdefault("tf32_query_rotation", self.query.is_cuda)
         if "fp8_keys" not in kwargs and not {"key_offset", "exact_first", "exact_last"} & kwargs.keys():
             meta = attention_meta(self.codec, self.query.shape[1], self.query.dtype, self.query.is_cuda,
                                   self.max_query_len, self.cache.shape[1], True)  # fmt: skip

@@ -166,19 +166,29 @@ def _fp8_key_scores(
     group: int,
     scale: float,
     query_halves: bool,
+    tf32_rotation: bool,
 ) -> torch.Tensor:
     """Scores [H, q_len, len(slots)] of q against the context keys as Tiles.fp8_keys forms them: in the rotated
     basis, keys from the e4m3-rounded codebook (codec.key_centroids_e4m3), queries rounded to e4m3 in log2 units,
-    or with query_halves (Tiles.fp8_query_halves) as that rounding plus its rounded remainder."""
+    or with query_halves (Tiles.fp8_query_halves) as that rounding plus its rounded remainder. tf32_rotation:
+    the queries rotated as a GPU's tf32 product does, since rounding to e4m3 turns its last-bit differences into
+    whole steps of e4m3 (d=64's queries rounded once: 1.9% of the output's largest value on the H200)."""
     k, _ = decode_rows_ref(codec, gather_rows_ref(codec, cache, slots))
     centroids = codec.key_centroids_e4m3.cpu().float() / codec.key_e4m3_scale
     keys = (centroids[k.indices.long()] * k.scales.abs().unsqueeze(-1)).repeat_interleave(group, dim=1)
     log2_scale = scale * math.log2(math.e)
-    q_rot = (q @ codec.rotation.cpu().T) * log2_scale
+    rot = codec.rotation.cpu()
+    q_rot = (tf32_truncated(q) @ tf32_truncated(rot).T if tf32_rotation else q @ rot.T) * log2_scale
     q8 = e4m3_values(q_rot)
     if query_halves:
         q8 = q8 + e4m3_values(q_rot - q8)
     return torch.einsum("qhd,khd->hqk", q8 / log2_scale, keys) * scale
+
+
+def tf32_truncated(x: torch.Tensor) -> torch.Tensor:
+    """fp32 x with its mantissa cut to tf32's 10 bits, as a tensor-core tf32 product reads its fp32 operands
+    (truncated, not rounded: the H200's outputs matched this, not round-to-nearest)."""
+    return (x.float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
 
 
 def e4m3_values(x: torch.Tensor) -> torch.Tensor:
@@ -206,6 +216,7 @@ def paged_attention_ref(
     exact_first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     fp8_keys: bool = False,
     fp8_query_halves: bool = True,
+    tf32_query_rotation: bool = False,
     exact_last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its compressed context plus themselves.
@@ -227,7 +238,8 @@ def paged_attention_ref(
         exact_last: (keys, values, held), shaped as exact_first, for the context's last W positions: position
             context_len - W + i of sequence s is keys[s, i] / values[s, i] where held[s, i] (and it exists).
         fp8_keys: score the context as the kernel's fp8 key path does (Tiles.fp8_keys; no key offset or exact_first),
-            with the queries in two e4m3 halves where fp8_query_halves (Tiles.fp8_query_halves), else rounded once.
+            with the queries in two e4m3 halves where fp8_query_halves (Tiles.fp8_query_halves), else rounded once,
+            and rotated by a tf32 product where tf32_query_rotation (the kernels on a GPU).
     Returns:
         fp32 [num_tokens, num_heads, head_dim] in the original basis.
     """
@@ -258,7 +270,9 @@ def paged_attention_ref(
         q = query[lo:hi].cpu().to(torch.float32)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         if fp8_keys:
-            scores[:, :, :context_len] = _fp8_key_scores(codec, cache, slots, q, group, scale, fp8_query_halves)
+            scores[:, :, :context_len] = _fp8_key_scores(
+                codec, cache, slots, q, group, scale, fp8_query_halves, tf32_query_rotation
+            )
         q_pos = torch.arange(context_len, seq_len).unsqueeze(1)
         visible = torch.arange(seq_len).unsqueeze(0) <= q_pos  # [q_len, seq_len]
         scores = scores.masked_fill(~visible, float("-inf"))
