@@ -66,6 +66,10 @@ def ptxas_report(ptx: str, arch: str) -> dict[str, int]:
     return {"registers": int(regs.group(1)) if regs else -1, "spill_store_bytes": int(spills.group(1)) if spills else 0}
 
 
+# SASS opcodes of tensor-core MMAs: fp16/bf16 mma.sync and wgmma, and fp8 wgmma (Tiles.fp8_keys)
+TENSOR_CORE_OPS = ("HMMA", "HGMMA", "QGMMA")
+
+
 def disassemble(cubin: bytes) -> str:
     """The SASS of `cubin`, by the nvdisasm Triton ships."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +105,7 @@ def context_loop_sass(cubin: bytes) -> dict[str, int]:
         return [op for addr, op, _ in code if span[0] <= addr <= span[1]]
 
     def tensor_core(ops: list[str]) -> int:
-        return sum(op.startswith(("HGMMA", "HMMA")) for op in ops)
+        return sum(op.startswith(TENSOR_CORE_OPS) for op in ops)
 
     lo, hi = max(loops, key=lambda span: (tensor_core(ops_in(span)) > 0, span[1] - span[0]))
     ops = ops_in((lo, hi))
@@ -267,7 +271,7 @@ def compile_store(launch: store.StoreLaunch, key_offset: bool = False, head_dim:
     return {"kernel": "store", "launch": launch._asdict(), "key_offset": key_offset,
             **ptxas_report(kernel.asm["ptx"], "sm_90a"), "shared_bytes": kernel.metadata.shared,
             "sass_instructions": len(ops), "fp32_fma": ops.count("FFMA"),
-            "tensor_core": ops.count("HMMA") + ops.count("HGMMA"),
+            "tensor_core": sum(op.startswith(TENSOR_CORE_OPS) for op in ops),
             "compares_and_selects": sum(ops.count(o) for o in ("FSETP", "FSEL", "SEL"))}  # fmt: skip
 
 

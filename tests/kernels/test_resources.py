@@ -88,6 +88,29 @@ def test_context_loop_sass_counts_the_tile_loop(resources):
         assert r["context_loop_sass"]["tensor_core"] > 0, r
 
 
+def test_fp8_keys_score_by_fp8_wgmma(resources):
+    """With Tiles.fp8_keys the d=128 tile's key dot is fp8 wgmma (QGMMA, k32: 4 a 64-token tile per query operand)
+    beside the value dot's 8 HGMMA: the query halves by two MMAs take 8 of them, in the padding rows or rounded once
+    4. Those by two MMAs and the rounded-once queries shorten the fp16 keys' loop; the halves in rows lengthen it
+    (Triton 3.6 runs the softmax twice after the fold), why only wide launches take that form."""
+    plain = {"key_offset": False, "store_new": False, "sinks": 0, "recent": 0}
+    rows = [r for r in resources["rows"] if r["head_dim"] == 128 and r["num_splits"] == 3
+            and all(r[k] == v for k, v in plain.items())]  # fmt: skip
+    fp16 = dataclasses.asdict(dataclasses.replace(decode_tiles.TILES[128], fp8_keys=False))
+    fp16_loop = next(r["context_loop_sass"] for r in rows if r["tiles"] == fp16)
+    forms = {(True, decode_tiles.WIDE_MIN_SPLITS): 16, (True, 1): 12, (False, decode_tiles.WIDE_MIN_SPLITS): 12}
+    loops = {}
+    for (halves, in_rows_from), mmas in forms.items():
+        tiles = dataclasses.replace(decode_tiles.TILES[128], fp8_keys=True, fp8_query_halves=halves,
+                                    fp8_halves_in_rows_min_splits=in_rows_from)  # fmt: skip
+        loops[halves, in_rows_from] = next(
+            r["context_loop_sass"] for r in rows if r["tiles"] == dataclasses.asdict(tiles)
+        )
+        assert loops[halves, in_rows_from]["tensor_core"] == mmas, (halves, in_rows_from, loops[halves, in_rows_from])
+    shorter = [loops[form]["instructions"] < fp16_loop["instructions"] for form in forms]
+    assert shorter == [True, False, True], (fp16_loop, loops)
+
+
 def test_tiles_reach_the_mma_without_shared_memory(resources):
     """Decoded in the A fragment's order (kernels/fragment.py) the key tile skips the shared-memory round trip the
     page order needs (its stores, a barrier, ldmatrix): offline 760 -> 714 instructions a tile, and on the H200
