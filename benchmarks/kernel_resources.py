@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import re
 import subprocess
@@ -321,10 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         cases += [(64, 9, 3, 3, fp8 | form)] if 3 in splits else []
     rows, seen = [], set()
     for case in cases:
-        head_dim, *sizes, change = case[:5]
-        tiles = dataclasses.replace(decode_tiles.TILES[triton.next_power_of_2(head_dim)], **change)
-        rest = [*case[5:], *(False, False, 0, 0)[len(case) - 5 :]]  # key_offset, store_new, sinks, recent
-        same = json.dumps([head_dim, sizes, dataclasses.asdict(tiles), rest], sort_keys=True)
+        bound = inspect.signature(compile_attention).bind(*case)
+        bound.apply_defaults()
+        tiles = decode_tiles.TILES[triton.next_power_of_2(bound.arguments["head_dim"])]
+        bound.arguments["change"] = dataclasses.asdict(dataclasses.replace(tiles, **bound.arguments["change"]))
+        same = json.dumps(bound.arguments, sort_keys=True)
         if same in seen:  # a variant that the defaults now equal: one row for one kernel
             continue
         seen.add(same)

@@ -98,16 +98,16 @@ def test_fp8_keys_score_by_fp8_wgmma(resources):
             and all(r[k] == v for k, v in plain.items())]  # fmt: skip
     fp16 = dataclasses.asdict(dataclasses.replace(decode_tiles.TILES[128], fp8_keys=False))
     fp16_loop = next(r["context_loop_sass"] for r in rows if r["tiles"] == fp16)
-    forms = {(True, decode_tiles.WIDE_MIN_SPLITS): 16, (True, 1): 12, (False, decode_tiles.WIDE_MIN_SPLITS): 12}
-    loops = {}
-    for (halves, in_rows_from), mmas in forms.items():
+    mmas = {(True, decode_tiles.WIDE_MIN_SPLITS): 16, (True, 1): 12, (False, decode_tiles.WIDE_MIN_SPLITS): 12}
+
+    def loop(halves: bool, in_rows_from: int) -> dict:
         tiles = dataclasses.replace(decode_tiles.TILES[128], fp8_keys=True, fp8_query_halves=halves,
                                     fp8_halves_in_rows_min_splits=in_rows_from)  # fmt: skip
-        loops[halves, in_rows_from] = next(
-            r["context_loop_sass"] for r in rows if r["tiles"] == dataclasses.asdict(tiles)
-        )
-        assert loops[halves, in_rows_from]["tensor_core"] == mmas, (halves, in_rows_from, loops[halves, in_rows_from])
-    shorter = [loops[form]["instructions"] < fp16_loop["instructions"] for form in forms]
+        return next(r["context_loop_sass"] for r in rows if r["tiles"] == dataclasses.asdict(tiles))
+
+    loops = {form: loop(*form) for form in mmas}
+    assert {form: sass["tensor_core"] for form, sass in loops.items()} == mmas, loops
+    shorter = [sass["instructions"] < fp16_loop["instructions"] for sass in loops.values()]
     assert shorter == [True, False, True], (fp16_loop, loops)
 
 
