@@ -48,6 +48,9 @@ def test_rejects_bad_rotation_and_seed():
         TQConfig(rotation="qr")
     with pytest.raises(TQConfigError, match="seed"):
         TQConfig(seed=-1)
+    with pytest.raises(TQConfigError, match="fp8_key_scores must be a bool"):
+        TQConfig.from_dict({"fp8_key_scores": "no"})
+    assert TQConfig().fp8_key_scores and not TQConfig.from_dict({"fp8_key_scores": False}).fp8_key_scores
 
 
 def test_key_offsets_file_is_checked_at_construction(tmp_path):

@@ -62,6 +62,9 @@ class TQConfig:
             pages (attention sinks, docs/design-exact-sinks.md); 0 stores every token packed.
         recent_tokens: vLLM only: read each sequence's newest this many context tokens from an exact side table
             where it holds them (docs/design-exact-window.md), as the HF cache's residual_tokens; 0 = off.
+        fp8_key_scores: vLLM only: let the paged kernel score 4-bit keys with an e4m3 tensor-core MMA where its
+            tiles do (head_dim 128 on compute capability 8.9+, no key offsets, sinks or exact window): faster
+            long-context decode for rounder scores (docs/decode-tuning.md, "Keys in fp8"); False keeps fp16.
     """
 
     k_bits: int = 4
@@ -72,6 +75,7 @@ class TQConfig:
     key_offsets: str | None = None
     sink_tokens: int = 0
     recent_tokens: int = 0
+    fp8_key_scores: bool = True
 
     def __post_init__(self) -> None:
         check_bits("k_bits", self.k_bits)
@@ -80,6 +84,8 @@ class TQConfig:
             raise TQConfigError(f"rotation={self.rotation!r} is not one of {ROTATIONS}.")
         if not isinstance(self.norm_correction, bool):
             raise TQConfigError(f"norm_correction must be a bool, got {self.norm_correction!r}.")
+        if not isinstance(self.fp8_key_scores, bool):
+            raise TQConfigError(f"fp8_key_scores must be a bool, got {self.fp8_key_scores!r}.")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise TQConfigError(f"seed must be a non-negative int, got {self.seed!r}.")
         check_token_count("sink_tokens", self.sink_tokens, MAX_SINK_TOKENS,

@@ -9,7 +9,7 @@ import torch
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode import paged_attention
-from turboquant_vllm.kernels.decode_tiles import attention_meta
+from turboquant_vllm.kernels.decode_tiles import attention_meta, fp8_mma_usable
 from turboquant_vllm.kernels.reference import paged_attention_ref, store_ref
 
 POISON = 0xFF  # bytes of pages the kernel must never read: their fp32 scales are NaN
@@ -44,7 +44,8 @@ class Batch:
         kwargs.setdefault("tf32_query_rotation", self.query.is_cuda)
         if "fp8_keys" not in kwargs and not {"key_offset", "exact_first", "exact_last"} & kwargs.keys():
             meta = attention_meta(self.codec, self.query.shape[1], self.query.dtype, self.query.is_cuda,
-                                  self.max_query_len, self.cache.shape[1], True)  # fmt: skip
+                                  self.max_query_len, self.cache.shape[1], True,
+                                  fp8_mma=fp8_mma_usable(self.query.device))  # fmt: skip
             kwargs["fp8_keys"] = meta["FP8_KEYS"]
             kwargs.setdefault("fp8_query_halves", meta["FP8_QUERY_HALVES"])
         return paged_attention_ref(

@@ -75,6 +75,25 @@ def test_programmatic_launch_only_where_enabled_and_supported(monkeypatch):
             assert m["PDL"] == on and m.get("launch_pdl", False) == on
 
 
+def test_fp8_key_scores_only_where_configured_and_supported(monkeypatch):
+    """d=128's 4-bit keys are scored in fp8 by default, in every launch shape, unless the config turns that off or
+    the device has no e4m3 tensor-core dots (compute capability below 8.9: Triton would not compile the kernel)."""
+
+    def fp8(config: TQConfig | None = None, **kw) -> list[bool]:
+        codec = KVCodec(config or TQConfig(), 8, 128)
+        return [decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, q_len, 16, False, splits, **kw)["FP8_KEYS"]
+                for q_len, splits in ((1, 3), (1, decode_tiles.WIDE_MIN_SPLITS), (64, 3))]  # fmt: skip
+
+    assert fp8() == [True] * 3
+    assert fp8(TQConfig(fp8_key_scores=False)) == fp8(fp8_mma=False) == [False] * 3
+    assert fp8(TQConfig(k_bits=3)) == fp8(key_offset=True) == [False] * 3
+    cuda0 = torch.device("cuda", 0)
+    for capability, usable in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(decode_tiles, "_capability", lambda index, c=capability: c)
+        assert decode_tiles.fp8_mma_usable(cuda0) == usable
+    assert decode_tiles.fp8_mma_usable(torch.device("cpu"))  # the interpreter emulates them
+
+
 def test_choose_num_splits():
     """Tiles without resident_programs (d=64): about two 4-warp programs an SM."""
     assert choose_num_splits(1, 8, 32, 132, head_dim=64) == 32  # 8 programs: split up to the cap

@@ -246,8 +246,10 @@ def test_store_with_key_offset_matches_reference(device, monkeypatch, k_bits, dt
 
 
 @pytest.mark.parametrize(("k_bits", "v_bits"), [(4, 3), (2, 4)])
-def test_store_bucket_search_writes_the_same_bytes(device, monkeypatch, k_bits, v_bits):
-    """Binary search over the boundaries finds exactly the linear scan's indices, at 2, 3 and 4 bits."""
+def test_store_bucket_search_writes_the_same_indices(device, monkeypatch, k_bits, v_bits):
+    """Binary search over the boundaries finds exactly the linear scan's indices, at 2, 3 and 4 bits. The scales
+    may differ in their last bit on a GPU: the two kernels' layouts differ, and with them the order in which the
+    norm correction sums its squares."""
     codec = KVCodec(TQConfig(k_bits=k_bits, v_bits=v_bits), 2, 64, device)
     key, value = fused_kv(40, 2, 64, torch.bfloat16, device, seed=11)
     slots = torch.arange(40, device=device)
@@ -257,6 +259,9 @@ def test_store_bucket_search_writes_the_same_bytes(device, monkeypatch, k_bits, 
             precision="ieee", bucket_search=s))  # fmt: skip
         caches.append(codec.new_cache(5, 8))
         store_kv(codec, key, value, caches[-1], slots)
-    assert torch.equal(caches[0], caches[1])
-    k, v = decode_rows_ref(codec, gather_rows_ref(codec, caches[0].cpu(), slots.cpu()))
+    rows = [gather_rows_ref(codec, c.cpu(), slots.cpu()) for c in caches]
+    (k, v), (k_search, v_search) = (decode_rows_ref(codec, r) for r in rows)
+    for scan, search in ((k, k_search), (v, v_search)):
+        assert torch.equal(scan.indices, search.indices)
+        torch.testing.assert_close(search.scales, scan.scales, rtol=1e-6, atol=0)
     assert k.indices.unique().numel() == 2**k_bits and v.indices.unique().numel() == 2**v_bits  # every index occurs

@@ -21,7 +21,13 @@ from turboquant_vllm.kernels.decode_reduce import (
     live_splits,
     reduce_grid,
 )
-from turboquant_vllm.kernels.decode_tiles import attention_meta, live_split_tiles, reduce_meta, stores_in_attention
+from turboquant_vllm.kernels.decode_tiles import (
+    attention_meta,
+    fp8_mma_usable,
+    live_split_tiles,
+    reduce_meta,
+    stores_in_attention,
+)
 from turboquant_vllm.kernels.fragment import (
     fold_row_halves,
     fp8_queries,
@@ -448,7 +454,7 @@ def paged_attention(
     meta = attention_meta(codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
                            num_splits, offset is not None, store_in_kernel, pdl,
                            0 if sinks is None else sinks.sink_tokens,
-                           0 if recent is None else recent.recent_tokens)  # fmt: skip
+                           0 if recent is None else recent.recent_tokens, fp8_mma_usable(query.device))  # fmt: skip
     if meta["Q_ROTATED"] and not meta["Q_PUBLISHED"]:
         num_rows = num_tokens * num_heads
         _rotate_queries_kernel[reduce_grid(num_rows)](

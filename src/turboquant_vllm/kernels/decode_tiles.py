@@ -7,6 +7,7 @@ from them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +87,8 @@ class Tiles:
     resident_programs: int | None = None
     wide_resident_programs: int = 2
     # Keys decoded as e4m3 bytes and scored by an fp8 MMA, the queries rounded to e4m3 (kernels/lut.py; 4-bit keys,
-    # unswapped or k_fragment tiles, no key offsets or sinks): fewer instructions a tile for rounding error in scores.
+    # unswapped or k_fragment tiles, no key offsets, sinks or exact window; TQConfig.fp8_key_scores and a device with
+    # e4m3 MMAs, fp8_mma_usable): fewer instructions a tile for rounding error in scores.
     fp8_keys: bool = False
     # Decode steps that have a split-K reduce launch write the exact recent window's rows (kernels/recent.py) from
     # programs of that launch instead of a writer launch of their own (paged_attention's write_recent). Slower on the
@@ -116,7 +118,8 @@ class Tiles:
 # - Block-table entries a tile ahead, softmax sums per position until the loop ends.
 # - Keys and values decoded in the A fragment's order: no shared-memory round trip for their tiles (kernels/fragment.py)
 # - R in 64-column slices where the launch rotates (the last split's tail waits on each slice's L2 read).
-# - With fp8 keys, wide launches score the queries' two halves in one MMA, capped ones in two.
+# - 4-bit keys scored by an fp8 MMA at d=128 (where the device has one and TQConfig.fp8_key_scores allows), the
+#   queries as two e4m3 halves: wide launches in one MMA, capped ones in two.
 WIDE_MIN_SPLITS = 32
 MAX_SPLITS = 32  # split-K width the vLLM backend's workspace holds (and the benchmarks size theirs to)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg", "launch_pdl")  # keys of attention_meta that are compile options
@@ -128,7 +131,7 @@ TILES = {
         64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, resident_programs=3,
         reduce_splits=2, reduce_rot_chunk=128, wide_reduce_rows=1, prerotate_q_min_splits=2,
         fused_store_min_splits=WIDE_MIN_SPLITS, rot_chunk=64, k_fragment=True, v_fragment=True,
-        fp8_halves_in_rows_min_splits=WIDE_MIN_SPLITS,
+        fp8_keys=True, fp8_halves_in_rows_min_splits=WIDE_MIN_SPLITS,
     ),
     256: Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
     512: Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
@@ -239,6 +242,17 @@ def live_splits(live_seqs: int, num_splits: int, split_slots: int) -> int:
     return min(max(split_slots // max(live_seqs, 1), 1), num_splits)
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_mma_usable(device: torch.device) -> bool:
+    """Whether e4m3 tensor-core dots compile for `device`: compute capability 8.9+ (Ada, Hopper and later); the CPU
+    interpreter emulates them."""
+    return device.type != "cuda" or _capability(device.index if device.index is not None else 0) >= (8, 9)
+
+
 def attention_meta(
     codec: KVCodec,
     num_heads: int,
@@ -253,10 +267,12 @@ def attention_meta(
     pdl: bool = False,
     sinks: int = 0,
     recent: int = 0,
+    fp8_mma: bool = True,
 ) -> dict[str, Any]:
     """Compile-time parameters and launch options of _attention_kernel (shared with compile checks).
 
     pdl: launched with programmatic dependent launch (kernels/pdl.py), as paged_attention decides per device.
+    fp8_mma: the device has e4m3 tensor-core dots (fp8_mma_usable), which Tiles.fp8_keys needs.
     sinks: exact first tokens per sequence read from a side table (kernels/sinks.py); 0 = none.
     recent: exact newest tokens per sequence read from a side table (kernels/recent.py); 0 = none.
     """
@@ -282,8 +298,9 @@ def attention_meta(
     k_fragment = swap and tiles.k_fragment and block_n % 64 == 0
     v_fragment = (k_fragment and tiles.v_fragment and lay.head_dim == 128 and lay.v_bits == 4
                   and block_size % 16 == 0)  # fmt: skip
-    fp8_keys = (tiles.fp8_keys and (k_fragment or not swap) and lay.k_bits == 4 and codec.lut_usable[0]
-                and not exact and not key_offset and not sinks and not recent)  # fmt: skip
+    fp8_keys = (tiles.fp8_keys and codec.config.fp8_key_scores and fp8_mma and (k_fragment or not swap)
+                and lay.k_bits == 4 and codec.lut_usable[0] and not exact and not key_offset and not sinks
+                and not recent)  # fmt: skip
     warps = tiles.wide_num_warps if wide and tiles.wide_num_warps else tiles.num_warps
     rot_chunk = tiles.wide_rot_chunk if wide and tiles.wide_rot_chunk else tiles.rot_chunk
     q_rotated = at_least(tiles.prerotate_q_min_splits, num_splits)
