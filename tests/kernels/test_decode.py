@@ -118,17 +118,23 @@ def test_pages_ahead_and_tile_row_sums_agree(device, monkeypatch, swap_ab, pages
     assert not prefill["PAGES_AHEAD"] and not prefill["TILE_ROW_SUM"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("dtype", "fp8_keys"),
+    [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)],
+    ids=["fp32", "bf16", "bf16_fp16_keys"],
+)
 @pytest.mark.parametrize(
     ("k_fragment", "v_fragment", "block_size"),
     [(False, False, 16), (True, False, 16), (True, True, 16), (True, True, 32)],
 )
-def test_fragment_orders_agree(device, monkeypatch, dtype, k_fragment, v_fragment, block_size):
+def test_fragment_orders_agree(device, monkeypatch, dtype, fp8_keys, k_fragment, v_fragment, block_size):
     """Keys and values decoded in the wgmma fragments' orders (kernels/fragment.py) give the same decode attention at
     head_dim 128: 64-token tiles at 1 and 3 splits and 128-token wide tiles, contexts ending inside a page and inside
     a 16-token group, poisoned pages around (the value loads read past the context unmasked). On the GPU only the
-    bf16 case swaps operands, so only it takes these paths there."""
-    tiles = dataclasses.replace(decode_tiles.TILES[128], k_fragment=k_fragment, v_fragment=v_fragment)
+    bf16 cases swap operands, so only they take these paths there; bf16 keys are scored in fp8 by default at d=128
+    (fp32 queries never are), so both key formats' fragment orders are checked."""
+    tiles = dataclasses.replace(decode_tiles.TILES[128], k_fragment=k_fragment, v_fragment=v_fragment,
+                                fp8_keys=fp8_keys)  # fmt: skip
     monkeypatch.setitem(decode_tiles.TILES, 128, tiles)
     b = make_batch(device, [5, 300, 133, 700], [1, 1, 1, 1], num_heads=8, head_dim=128, block_size=block_size,
                    dtype=dtype, seed=37)  # fmt: skip
@@ -137,6 +143,7 @@ def test_fragment_orders_agree(device, monkeypatch, dtype, k_fragment, v_fragmen
         assert_matches(b.run(num_splits=num_splits), want, TOL_FP32 if dtype == torch.float32 else TOL_HALF)
     meta = decode_tiles.attention_meta(b.codec, 8, dtype, device.type == "cuda", 1, block_size, False, 3)
     assert (meta["K_FRAGMENT"], meta["V_FRAGMENT"]) == (k_fragment and meta["SWAP_AB"], v_fragment and meta["SWAP_AB"])
+    assert meta["FP8_KEYS"] == (fp8_keys and (k_fragment or not meta["SWAP_AB"]))
 
 
 # Tiles.fp8_query_halves and fp8_halves_in_rows_min_splits of each form the fp8 score MMA's queries take
