@@ -8,6 +8,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from turboquant_vllm.codec import KVCodec
+from turboquant_vllm.kernels import decode_tiles
 from turboquant_vllm.kernels.decode_reduce import (
     MAX_LIVE_SEQS,
     REDUCE_BLOCK_R,
@@ -20,13 +21,6 @@ from turboquant_vllm.kernels.decode_reduce import (
     find_seq,
     live_splits,
     reduce_grid,
-)
-from turboquant_vllm.kernels.decode_tiles import (
-    attention_meta,
-    fp8_mma_usable,
-    live_split_tiles,
-    reduce_meta,
-    stores_in_attention,
 )
 from turboquant_vllm.kernels.fragment import (
     fold_row_halves,
@@ -419,7 +413,7 @@ def paged_attention(
     assert block_table.dim() == 2 and block_table.stride(1) == 1, "block_table must be [num_seqs, max_blocks]"
     assert block_table.shape[0] >= num_seqs and seq_lens.shape[0] >= num_seqs, "fewer block_table/seq_lens rows"
     assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
-    live_ok = num_seqs <= MAX_LIVE_SEQS and live_split_tiles(head_dim, num_splits)
+    live_ok = num_seqs <= MAX_LIVE_SEQS and decode_tiles.live_split_tiles(head_dim, num_splits)
     assert split_slots == 0 or live_ok, f"split_slots: {num_splits} splits, {num_seqs} seqs (choose_split_grid)"
     rot = codec.rotation
     devices = {t.device for t in (query, key, value, cache, block_table, seq_lens, query_start_loc, out, rot)}
@@ -450,11 +444,11 @@ def paged_attention(
         q_buf, tickets = workspace.query, workspace.tickets
 
     pdl = pdl_launch(query.device)
-    store_in_kernel = store_slots is not None and stores_in_attention(head_dim, num_splits)
-    meta = attention_meta(codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused,
-                           num_splits, offset is not None, store_in_kernel, pdl,
-                           0 if sinks is None else sinks.sink_tokens,
-                           0 if recent is None else recent.recent_tokens, fp8_mma_usable(query.device))  # fmt: skip
+    store_in_kernel = store_slots is not None and decode_tiles.stores_in_attention(head_dim, num_splits)
+    meta = decode_tiles.attention_meta(
+        codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused, num_splits,
+        offset is not None, store_in_kernel, pdl, 0 if sinks is None else sinks.sink_tokens,
+        0 if recent is None else recent.recent_tokens, decode_tiles.fp8_mma_usable(query.device))  # fmt: skip
     if meta["Q_ROTATED"] and not meta["Q_PUBLISHED"]:
         num_rows = num_tokens * num_heads
         _rotate_queries_kernel[reduce_grid(num_rows)](
@@ -490,8 +484,8 @@ def paged_attention(
     if not (fused or meta["TAIL_MERGE"]):
         num_rows = num_tokens * num_heads
         window = recent.recent_tokens if write_recent and recent is not None else 0
-        rmeta = reduce_meta(num_heads, head_dim, meta["BLOCK_D"], meta["UNROTATED_PARTIALS"], meta["OP_DTYPE"],
-                            meta["PREC"], num_splits, pdl, window)  # fmt: skip
+        rmeta = decode_tiles.reduce_meta(num_heads, head_dim, meta["BLOCK_D"], meta["UNROTATED_PARTIALS"],
+                                         meta["OP_DTYPE"], meta["PREC"], num_splits, pdl, window)  # fmt: skip
         wrote = rmeta["WRITE_RECENT"] > 0
         writers, writer_args, writer_meta = reduce_writer_args(recent if wrote else None, key, value, block_table,
                                                                seq_lens, num_seqs, cache.shape[1])  # fmt: skip
