@@ -60,12 +60,12 @@ def test_programmatic_launch_only_where_enabled_and_supported(monkeypatch):
     """kernels/pdl.py: launches use PDL only when enabled, on CUDA devices of compute capability 9+; the metas then
     carry the launch option and the kernels' PDL switch together."""
     cuda0, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.setattr(pdl, "_capability_major", lambda index: 9)
+    monkeypatch.setattr(pdl, "capability", lambda index: (9, 0))
     assert pdl.pdl_launch(cuda0) and not pdl.pdl_launch(cpu)  # on by default
     monkeypatch.setattr(pdl, "ENABLED", False)
     assert not pdl.pdl_launch(cuda0)
     monkeypatch.setattr(pdl, "ENABLED", True)
-    monkeypatch.setattr(pdl, "_capability_major", lambda index: 8)
+    monkeypatch.setattr(pdl, "capability", lambda index: (8, 9))
     assert not pdl.pdl_launch(cuda0)
     codec = KVCodec(TQConfig(), 8, 128)
     for on in (False, True):
@@ -89,7 +89,7 @@ def test_fp8_key_scores_only_where_configured_and_supported(monkeypatch):
     assert fp8(TQConfig(k_bits=3)) == fp8(key_offset=True) == [False] * 3
     cuda0 = torch.device("cuda", 0)
     for capability, usable in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)):
-        monkeypatch.setattr(decode_tiles, "_capability", lambda index, c=capability: c)
+        monkeypatch.setattr(decode_tiles, "capability", lambda index, c=capability: c)
         assert decode_tiles.fp8_mma_usable(cuda0) == usable
     assert decode_tiles.fp8_mma_usable(torch.device("cpu"))  # the interpreter emulates them
 

@@ -7,7 +7,6 @@ from them.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ from turboquant_vllm.kernels.decode_reduce import (
     REDUCE_PLAIN_ROWS,
     REDUCE_STEP_ELEMENTS,
 )
-from turboquant_vllm.kernels.pdl import pdl_option
+from turboquant_vllm.kernels.pdl import capability, pdl_option
 from turboquant_vllm.kernels.recent import window_tile
 from turboquant_vllm.kernels.sinks import SINK_TILE
 from turboquant_vllm.kernels.store import one_token_store_meta
@@ -242,15 +241,10 @@ def live_splits(live_seqs: int, num_splits: int, split_slots: int) -> int:
     return min(max(split_slots // max(live_seqs, 1), 1), num_splits)
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def fp8_mma_usable(device: torch.device) -> bool:
     """Whether e4m3 tensor-core dots compile for `device`: compute capability 8.9+ (Ada, Hopper and later); the CPU
     interpreter emulates them."""
-    return device.type != "cuda" or _capability(device.index if device.index is not None else 0) >= (8, 9)
+    return device.type != "cuda" or capability(device.index or 0) >= (8, 9)
 
 
 def attention_meta(

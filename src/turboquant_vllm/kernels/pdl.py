@@ -22,13 +22,14 @@ ENABLED = True  # H200 pure 4Kx16 decode step 7.25 -> 7.01 ms (engine_profile_pd
 
 
 @functools.cache
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def capability(index: int) -> tuple[int, int]:
+    """Compute capability of CUDA device `index`, asked once (launch decisions read it on every call)."""
+    return torch.cuda.get_device_capability(index)
 
 
 def pdl_launch(device: torch.device) -> bool:
     """Whether launches on `device` use programmatic dependent launch: ENABLED, CUDA, compute capability 9+."""
-    return ENABLED and device.type == "cuda" and _capability_major(device.index or 0) >= 9
+    return ENABLED and device.type == "cuda" and capability(device.index or 0)[0] >= 9
 
 
 def pdl_option(pdl: bool) -> dict[str, bool]:
