@@ -14,7 +14,8 @@ moves by a few tenths of a ms between runs (4K x 16, ours 7.57-7.97 over three r
 runs' 64K-token prefills differ by more than a decode step.
 --profile CONTEXTxSEQS times pure decode steps of that batch (every prompt past its prefill), lists the GPU kernels
 of as many more per step (torch.profiler, engine in-process) and times as many after them again: where a decode
-step's time goes, and whether the wall time before the profiled steps was a steady state.
+step's time goes, and whether the wall time before the profiled steps was a steady state; "timeline" lists one
+profiled step's kernels in order (device us and the idle time ahead of each): which layer's launch is slow.
 --trace-steps CONTEXTxSEQS steps that batch's 129-token and 1-token runs by hand and times every step (with the
 number of requests still prefilling and of those decoding, and the prompt chunks each step ran): where the two
 runs' difference goes, mixed steps (decodes riding along later prompts' prefill chunks) or the pure decode steps

@@ -66,6 +66,7 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
     while engine.has_unfinished_requests():
         engine.step()
     kernels = kernel_rows(prof, steps)
+    once = [k["name"] for k in kernels if k["calls_per_step"] == 1]  # e.g. the LM head: one a step, a step's mark
     return {
         "context": len(prompts[0]),
         "seqs": len(prompts),
@@ -74,7 +75,32 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
         "step_ms_after": step_ms_after,
         "kernel_ms_per_step": sum(k["us_per_step"] for k in kernels) / 1e3,
         "kernels": kernels[:top],
+        "timeline": step_timeline(kernel_spans(prof), once[0], steps // 2) if once else [],
     }
+
+
+def kernel_spans(prof) -> list[tuple[str, float, float]]:
+    """A torch.profiler run's GPU kernels as (name, start us, end us), in start order."""
+    from torch.autograd import DeviceType
+
+    spans = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type != DeviceType.CPU]
+    return sorted(spans, key=lambda span: span[1])
+
+
+def step_timeline(spans: list[tuple[str, float, float]], mark: str, step: int) -> list[list]:
+    """One step's kernels in order, [name, start us from the step's first, device us, idle us since the one
+    before]: from the kernel after the step-th `mark` (a kernel that runs once a step) through the next `mark`.
+    What a per-name total hides: which layer's launch of a kernel is slow, and what ran before it."""
+    marks = [i for i, (name, _, _) in enumerate(spans) if name[:120] == mark]
+    if len(marks) <= step + 1:
+        return []
+    window = spans[marks[step] + 1 : marks[step + 1] + 1]
+    t0, prev_end = window[0][1], spans[marks[step]][2]
+    rows = []
+    for name, start, end in window:
+        rows.append([name[:60], round(start - t0, 2), round(end - start, 2), round(start - prev_end, 2)])
+        prev_end = end
+    return rows
 
 
 def kernel_rows(prof, steps: int) -> list[dict]:

@@ -113,3 +113,31 @@ def test_step_trace_lists_each_steps_prompt_chunks(engine_steps):
     short = engine_steps.trace_steps(SimpleNamespace(llm_engine=ChunkedEngine(8)), prompts, max_tokens=1)
     assert short["prefill_chunks"] == [[[8, 0]], [[2, 8], [6, 0]], [[4, 6], [4, 0]], [[6, 4]]]
     assert "prefill_chunks" not in engine_steps.trace_steps(SimpleNamespace(llm_engine=ScriptedEngine()), [[1]], 1)
+
+
+def test_step_timeline_is_one_step_between_marks_with_idle_gaps(engine_steps):
+    """Three steps of [qkv, attn, lm]: step 1's window starts after the first lm and ends with the second; starts
+    count from its first kernel and each gap from the end of the kernel before (the mark for the first)."""
+    spans = []
+    t = 0.0
+    for _ in range(3):
+        for name, dur in (("qkv", 10.0), ("attn", 30.0), ("lm", 5.0)):
+            spans.append((name, t + 1.0, t + 1.0 + dur))  # 1 us idle ahead of every kernel
+            t += 1.0 + dur
+    rows = engine_steps.step_timeline(spans, "lm", 1)
+    assert [r[0] for r in rows] == ["qkv", "attn", "lm"]
+    assert rows == [["qkv", 0.0, 10.0, 1.0], ["attn", 11.0, 30.0, 1.0], ["lm", 42.0, 5.0, 1.0]]
+    assert engine_steps.step_timeline(spans, "lm", 2) == []  # no mark closes the third step's window
+    assert engine_steps.step_timeline(spans, "absent", 0) == []
+
+
+def test_kernel_spans_keep_device_events_in_start_order(engine_steps):
+    from torch.autograd import DeviceType
+
+    def event(name, device, start, end):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("late", DeviceType.CUDA, 5.0, 6.0), event("cpu op", DeviceType.CPU, 0.0, 9.0),
+              event("early", DeviceType.CUDA, 1.0, 2.0)]  # fmt: skip
+    prof = SimpleNamespace(events=lambda: events)
+    assert engine_steps.kernel_spans(prof) == [("early", 1.0, 2.0), ("late", 5.0, 6.0)]
