@@ -250,7 +250,7 @@ def compile_reduce(
     kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
     return {"kernel": "reduce", "block_d": block_d, "plain": plain, "change": change or {}, "num_splits": num_splits,
             "recent_writer": meta["WRITE_RECENT"], "rows": meta["BLOCK_R"],
-            "step_splits": meta["STEP_SPLITS"], "rot_chunk": meta["ROT_CHUNK"],
+            "step_splits": meta["STEP_SPLITS"], "rot_chunk": meta["ROT_CHUNK"], "rot_ahead": meta["ROT_AHEAD"],
             **ptxas_report(kernel.asm["ptx"], "sm_90a")}  # fmt: skip
 
 
@@ -346,8 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                     for n in (1, 4)]  # fmt: skip
     in_reduce = {"window_writer_in_reduce": True}  # the recent window's writer programs in the reduce launch
     reduce_rows += [compile_reduce(128, plain, in_reduce, n, 32) for plain, n in ((False, 3), (True, wide))]
+    reduce_rows += [compile_reduce(128, False, {"reduce_rot_ahead": True}, wide)]  # all of R ahead of the partials
     for r in reduce_rows:
-        how = "plain sum" if r["plain"] else f"R in {r['rot_chunk']}-column slices"
+        how = "plain sum" if r["plain"] else "all of R loaded ahead" if r["rot_ahead"] else (
+            f"R in {r['rot_chunk']}-column slices")  # fmt: skip
         how += "" if r["plain"] or r["rows"] >= decode_reduce.REDUCE_BLOCK_R else " by multiply-adds"
         how += f", {r['recent_writer']}-token window writer" if r["recent_writer"] else ""
         print(f"reduce BLOCK_D={r['block_d']} at {r['num_splits']} splits ({r['rows']} rows, "

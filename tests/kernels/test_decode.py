@@ -276,12 +276,15 @@ def test_unrotated_partials_agree(device, monkeypatch, head_dim, change):
         assert_matches(b.run(num_splits=num_splits, workspace=ws), b.expected(), TOL_FP32)
 
 
-@pytest.mark.parametrize(("head_dim", "rows"), [(64, 1), (128, 4), (128, None)])
-def test_reduce_unrotates_few_rows_without_a_dot(device, monkeypatch, head_dim, rows):
-    """The rotated reduce in programs of fewer than 16 rows un-rotates by fp32 multiply-adds in column chunks;
-    it must agree with the reference, with NaN left in unused workspace. rows=None: d=128 as configured, where
-    only a launch of WIDE_MIN_SPLITS or more takes the few-row reduce (wide_reduce_rows)."""
-    tiles = decode_tiles.TILES[head_dim]
+@pytest.mark.parametrize(
+    ("head_dim", "rows", "rot_ahead"), [(64, 1, False), (128, 4, False), (128, None, False), (64, 4, True),
+                                        (128, None, True)])  # fmt: skip
+def test_reduce_unrotates_few_rows_without_a_dot(device, monkeypatch, head_dim, rows, rot_ahead):
+    """The rotated reduce in programs of fewer than 16 rows un-rotates by fp32 multiply-adds in column chunks, or
+    with all of R loaded ahead of the partials (reduce_rot_ahead, where [rows, d, d] fits one step); it must agree
+    with the reference, with NaN left in unused workspace. rows=None: d=128 as configured, where only a launch of
+    WIDE_MIN_SPLITS or more takes the few-row reduce (wide_reduce_rows)."""
+    tiles = dataclasses.replace(decode_tiles.TILES[head_dim], reduce_rot_ahead=rot_ahead)
     if rows is not None:
         tiles = dataclasses.replace(tiles, reduce_rows=rows, wide_reduce_rows=None, unrotated_min_splits=None)
     monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
@@ -290,6 +293,7 @@ def test_reduce_unrotates_few_rows_without_a_dot(device, monkeypatch, head_dim, 
         meta = decode_tiles.reduce_meta(4, head_dim, head_dim, False, tl.float16, "tf32", num_splits)
         assert meta["ROTATED"] and meta["BLOCK_R"] == expect_rows
         assert meta["UNROTATE_BY_DOT"] == (expect_rows >= decode_tiles.REDUCE_BLOCK_R)
+        assert meta["ROT_AHEAD"] == (rot_ahead and not meta["UNROTATE_BY_DOT"])
     b = make_batch(device, [700, 5, 130], [1, 1, 1], head_dim=head_dim, seed=25)
     ws = AttentionWorkspace.allocate(3, 4, head_dim, 40, device)
     for t in (ws.acc, ws.row_max, ws.row_sum):

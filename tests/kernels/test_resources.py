@@ -62,7 +62,8 @@ def test_split_reduce_never_spills(resources):
     """At every padded head_dim, un-rotating (by a dot or, in programs of 1 or 4 rows, by multiply-adds) or plain,
     the reduce's step (rows x splits x BLOCK_D fp32) and its un-rotation slice of R fit in registers: 4 splits a
     step at d=256 spilled 584 bytes. Defaults at 3 and WIDE_MIN_SPLITS splits (d=128 takes 1 row a program there);
-    the same with the recent window's writer programs in the launch (Tiles.window_writer_in_reduce)."""
+    the same with the recent window's writer programs in the launch (Tiles.window_writer_in_reduce), and the one-row
+    programs with all of R loaded ahead of the partials (Tiles.reduce_rot_ahead)."""
     defaults = [r["block_d"] for r in resources["reduce"] if not r["change"]]
     assert sorted(defaults) == sorted(3 * list(decode_tiles.TILES))
     wide_128 = [r for r in resources["reduce"] if not r["change"] and not r["plain"] and r["block_d"] == 128
@@ -70,6 +71,7 @@ def test_split_reduce_never_spills(resources):
     assert [r["rows"] for r in wide_128] == [decode_tiles.TILES[128].wide_reduce_rows]
     assert {r["rows"] for r in resources["reduce"] if r["change"] and not r["recent_writer"]} == {1, 4}
     assert [r["plain"] for r in resources["reduce"] if r["recent_writer"]] == [False, True]
+    assert [r["rows"] for r in resources["reduce"] if r["rot_ahead"]] == [1]
     for r in resources["reduce"]:
         assert r["spill_store_bytes"] == 0 and r["registers"] <= 255, r
 

@@ -62,6 +62,10 @@ class Tiles:
     unrotated_min_splits: int | None = None
     reduce_plain_rows: int = REDUCE_PLAIN_ROWS
     reduce_rows: int = REDUCE_BLOCK_R  # rows a program of the un-rotating reduce (below 16: no dot, see reduce_meta)
+    # Reduce programs that un-rotate without a dot load all of R before the partials (R is never written by the
+    # attention launch, so with PDL ahead of its wait): one L2 round trip less on the step's critical path, where
+    # [rows, BLOCK_D, BLOCK_D] fits one dot-free step (REDUCE_STEP_ELEMENTS: one row at d=128).
+    reduce_rot_ahead: bool = False
     wide_reduce_rows: int | None = None  # reduce_rows once a launch has >= WIDE_MIN_SPLITS splits (None: the same)
     # Launches with at least this many splits rotate the step's queries once, in a launch of their own, instead of
     # in every split program (None: never).
@@ -166,9 +170,12 @@ def reduce_meta(
     per_step = max(1, REDUCE_STEP_ELEMENTS // (block_r * block_d))  # splits (or R columns) a dot-free step takes
     step_splits = tiles.reduce_splits if by_dot else min(MAX_SPLITS, per_step)
     rot_chunk = tiles.reduce_rot_chunk if by_dot else min(block_d, max(1, per_step // 2))  # R slice + product
+    rot_ahead = tiles.reduce_rot_ahead and not plain and not by_dot and block_r * block_d * block_d <= (
+        REDUCE_STEP_ELEMENTS)  # fmt: skip
     return dict(
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, STEP_SPLITS=step_splits,
-        ROTATED=not plain, UNROTATE_BY_DOT=by_dot, ROT_CHUNK=rot_chunk, OP_DTYPE=op_dtype, PREC=prec, PDL=pdl,
+        ROTATED=not plain, UNROTATE_BY_DOT=by_dot, ROT_CHUNK=rot_chunk, ROT_AHEAD=rot_ahead, OP_DTYPE=op_dtype,
+        PREC=prec, PDL=pdl,
         LIVE_SPLITS=live_split_tiles(head_dim, num_splits),
         WRITE_RECENT=recent_tokens if tiles.window_writer_in_reduce else 0,
         num_warps=REDUCE_NUM_WARPS, **pdl_option(pdl),
