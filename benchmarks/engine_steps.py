@@ -10,6 +10,8 @@ import contextlib
 import statistics
 import time
 
+KERNEL_NAME_CHARS = 120  # kernel names as kernel_rows lists them (and step_timeline matches its mark against)
+
 
 def no_window(name: str) -> contextlib.AbstractContextManager:
     """The default `phase` of the windows below: marks nothing (GpuTelemetry.phase marks a telemetry window)."""
@@ -91,7 +93,7 @@ def step_timeline(spans: list[tuple[str, float, float]], mark: str, step: int) -
     """One step's kernels in order, [name, start us from the step's first, device us, idle us since the one
     before]: from the kernel after the step-th `mark` (a kernel that runs once a step) through the next `mark`.
     What a per-name total hides: which layer's launch of a kernel is slow, and what ran before it."""
-    marks = [i for i, (name, _, _) in enumerate(spans) if name[:120] == mark]
+    marks = [i for i, (name, _, _) in enumerate(spans) if name[:KERNEL_NAME_CHARS] == mark]
     if len(marks) <= step + 1:
         return []
     window = spans[marks[step] + 1 : marks[step + 1] + 1]
@@ -106,7 +108,8 @@ def step_timeline(spans: list[tuple[str, float, float]], mark: str, step: int) -
 def kernel_rows(prof, steps: int) -> list[dict]:
     """A torch.profiler run's GPU kernels, longest first: calls and device us per step."""
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    return [{"name": e.key[:120], "calls_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
+    return [{"name": e.key[:KERNEL_NAME_CHARS], "calls_per_step": e.count / steps,
+             "us_per_step": e.device_time_total / steps}
             for e in sorted(events, key=lambda e: e.device_time_total, reverse=True)]  # fmt: skip
 
 

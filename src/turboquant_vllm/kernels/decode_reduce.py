@@ -268,8 +268,8 @@ def _reduce_splits_kernel(
     ROTATED partials are un-rotated after the merge: by a dot for 16-row programs, by multiply-adds for fewer rows.
     The writer programs (WRITE_RECENT) start with the reduce's, once the attention launch has read the table.
     """
-    dim = tl.arange(0, BLOCK_D)
     if ROT_AHEAD:  # R is no kernel's output: its loads need not wait for the attention launch
+        dim = tl.arange(0, BLOCK_D)
         rot = tl.load(rot_ptr + dim[:, None] * stride_r0 + dim[None, :] * stride_r1,
                       mask=(dim < HEAD_DIM)[:, None] & (dim < HEAD_DIM)[None, :], other=0.0)  # fmt: skip
     if PDL:  # a store launched after this one may start now; the partials are the attention launch's
@@ -293,14 +293,11 @@ def _reduce_splits_kernel(
     splits = live_splits(qsl_ptr, num_seqs, num_splits, split_slots) if LIVE_SPLITS else num_splits
     o = _merge_splits(ws_acc_ptr, ws_max_ptr, ws_sum_ptr, m_off, a_off, ok, splits, stride_as, stride_ms,
                       BLOCK_R, HEAD_DIM, BLOCK_D, STEP_SPLITS, ROTATED, "")  # fmt: skip
-    out_off = tok * stride_ot + head * stride_oh
-    if ROT_AHEAD:
-        y = tl.sum(o[:, :, None] * rot[None, :, :], 1)  # o @ R, as _store_unrotated's dot-free steps
-        tl.store(out_ptr + out_off[:, None] + dim[None, :] * stride_od, y.to(out_ptr.dtype.element_ty),
-                 mask=ok[:, None] & (dim < HEAD_DIM)[None, :])  # fmt: skip
-    else:
-        _store_unrotated(out_ptr, out_off, ok, stride_od, o, rot_ptr, stride_r0, stride_r1, HEAD_DIM, BLOCK_D,
-                         ROT_CHUNK, OP_DTYPE, PREC, UNROTATE_BY_DOT, ROTATED)  # fmt: skip
+    if ROT_AHEAD:  # o @ R as _store_unrotated's dot-free steps take it, then stored as it is
+        o = tl.sum(o[:, :, None] * rot[None, :, :], 1)
+    _store_unrotated(out_ptr, tok * stride_ot + head * stride_oh, ok, stride_od, o, rot_ptr, stride_r0, stride_r1,
+                     HEAD_DIM, BLOCK_D, ROT_CHUNK, OP_DTYPE, PREC, UNROTATE_BY_DOT,
+                     ROTATED and not ROT_AHEAD)  # fmt: skip
 
 
 def reduce_grid(num_rows: int, block_r: int = REDUCE_BLOCK_R) -> tuple[int]:
