@@ -69,6 +69,7 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
         engine.step()
     kernels = kernel_rows(prof, steps)
     once = [k["name"] for k in kernels if k["calls_per_step"] == 1]  # e.g. the LM head: one a step, a step's mark
+    spans = kernel_spans(prof)
     return {
         "context": len(prompts[0]),
         "seqs": len(prompts),
@@ -77,7 +78,10 @@ def profile_decode_steps(llm, prompts: list[list[int]], steps: int = 32, top: in
         "step_ms_after": step_ms_after,
         "kernel_ms_per_step": sum(k["us_per_step"] for k in kernels) / 1e3,
         "kernels": kernels[:top],
-        "timeline": step_timeline(kernel_spans(prof), once[0], steps // 2) if once else [],
+        "timeline": step_timeline(spans, once[0], steps // 2) if once else [],
+        "launches": step_launches(spans, once[0], [k["name"] for k in kernels[:top] if k["calls_per_step"] >= 8])
+        if once
+        else {},
     }
 
 
@@ -103,6 +107,20 @@ def step_timeline(spans: list[tuple[str, float, float]], mark: str, step: int) -
         rows.append([name[:60], round(start - t0, 2), round(end - start, 2), round(start - prev_end, 2)])
         prev_end = end
     return rows
+
+
+def step_launches(spans: list[tuple[str, float, float]], mark: str, names: list[str]) -> dict[str, list[list[float]]]:
+    """Each named kernel's device us per launch, one list a step (every window between two `mark`s): whether the
+    same layers' launches are slow in every step (where the weights or the cache lie) or different ones each step."""
+    marks = [i for i, (name, _, _) in enumerate(spans) if name[:KERNEL_NAME_CHARS] == mark]
+    launches: dict[str, list[list[float]]] = {name: [] for name in names}
+    for first, last in zip(marks, marks[1:], strict=False):
+        for row in launches.values():
+            row.append([])
+        for name, start, end in spans[first + 1 : last + 1]:
+            if name[:KERNEL_NAME_CHARS] in launches:
+                launches[name[:KERNEL_NAME_CHARS]][-1].append(round(end - start, 2))
+    return launches
 
 
 def kernel_rows(prof, steps: int) -> list[dict]:

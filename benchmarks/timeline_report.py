@@ -2,7 +2,8 @@
 
 A profile's per-step totals say that a kernel is slower in one engine than in another; the timeline of one pure decode
 step says whether every layer's launch is a little slower or some launches a lot (mean, spread, fastest and slowest
-launch of each kernel that runs once a layer or more).
+launch of each kernel that runs once a layer or more), and the profile's launches over all its steps whether the
+slow launches are the same layers' every step.
 
     python benchmarks/timeline_report.py benchmarks/results/engine_profile_timeline_32k1_*_h200_2026-12-03g.json \
         --out benchmarks/results/timeline_report_32k1_h200_2026-12-03g.json
@@ -31,6 +32,29 @@ def launch_spread(timeline: list[list], min_launches: int) -> dict[str, dict[str
     return dict(sorted(rows.items(), key=lambda item: -item[1]["total_us"]))
 
 
+def layer_pattern(steps: list[list[float]], slowest: int = 5) -> dict:
+    """One kernel's launches over several steps (step_launches): is a slow launch the same layer's every step?
+
+    between_layers_stdev is the spread of the launches' per-layer means; within_layer_stdev the mean spread of one
+    layer's launch across steps. Noise alone puts the first near the second / sqrt(steps); well above that, the
+    slow launches belong to layers (where their weights lie), not to moments."""
+    steps = [row for row in steps if row and len(row) == len(steps[0])]
+    if len(steps) < 2:
+        return {}
+    per_layer = list(zip(*steps, strict=True))
+    means = [statistics.fmean(us) for us in per_layer]
+    order = sorted(range(len(means)), key=lambda i: -means[i])
+    return {
+        "steps": len(steps),
+        "launches": len(means),
+        "mean_us": statistics.fmean(means),
+        "between_layers_stdev_us": statistics.pstdev(means),
+        "within_layer_stdev_us": statistics.fmean(statistics.pstdev(us) for us in per_layer),
+        "slowest_layers": [[i, round(means[i], 2)] for i in order[:slowest]],
+        "fastest_layers": [[i, round(means[i], 2)] for i in order[::-1][:slowest]],
+    }
+
+
 def mode_spreads(paths: list[Path], min_launches: int) -> dict[str, dict]:
     """{mode label: {"step_ms", "idle_us", "kernels": launch_spread}} for every profiled mode of the files."""
     report = {}
@@ -45,7 +69,9 @@ def mode_spreads(paths: list[Path], min_launches: int) -> dict[str, dict]:
                 "step_ms": result["profile"]["step_ms"],
                 "idle_us": sum(row[3] for row in timeline),
                 "kernels": launch_spread(timeline, min_launches),
-            }
+                "layers": {name: layer_pattern(steps)
+                           for name, steps in (result["profile"].get("launches") or {}).items()},
+            }  # fmt: skip
     return report
 
 
@@ -61,6 +87,11 @@ def main() -> None:
         for name, row in entry["kernels"].items():
             print(f"  {name[:50]:50} x{row['launches']:<3} {row['mean_us']:7.2f} +- {row['stdev_us']:5.2f} us "
                   f"({row['min_us']:.2f}-{row['max_us']:.2f})")  # fmt: skip
+        for name, row in entry["layers"].items():
+            if row:
+                spread = f"layers' means +- {row['between_layers_stdev_us']:.2f} us, a layer's +- "
+                spread += f"{row['within_layer_stdev_us']:.2f}; slowest {row['slowest_layers'][:3]}"
+                print(f"  {name[:40]:40} {row['steps']} steps: {spread}")
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "modes": report}, indent=1))
         print(f"wrote {args.out}")

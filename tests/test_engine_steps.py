@@ -131,6 +131,23 @@ def test_step_timeline_is_one_step_between_marks_with_idle_gaps(engine_steps):
     assert engine_steps.step_timeline(spans, "absent", 0) == []
 
 
+def test_step_launches_lists_each_steps_launches_between_marks(engine_steps):
+    """Two layers of [gemm, attn] then lm, four times: three whole windows (after the first lm); the gemm of the
+    second layer is slow in every step, attn is not named, launches before the first mark are left out."""
+    spans = []
+    t = 0.0
+    for step in range(4):
+        for layer in range(2):
+            for name, dur in (("gemm", 10.0 + 5.0 * layer + step), ("attn", 3.0)):
+                spans.append((name, t, t + dur))
+                t += dur
+        spans.append(("lm", t, t + 1.0))
+        t += 1.0
+    launches = engine_steps.step_launches(spans, "lm", ["gemm"])
+    assert launches == {"gemm": [[11.0, 16.0], [12.0, 17.0], [13.0, 18.0]]}
+    assert engine_steps.step_launches(spans, "absent", ["gemm"]) == {"gemm": []}
+
+
 def test_kernel_spans_keep_device_events_in_start_order(engine_steps):
     from torch.autograd import DeviceType
 

@@ -26,3 +26,15 @@ def test_mode_spreads_reads_profiled_modes_only(timeline_report, tmp_path):
     report = timeline_report.mode_spreads([path], min_launches=2)
     assert list(report) == ["ours"]
     assert report["ours"]["idle_us"] == 2.0 and report["ours"]["kernels"]["k"]["mean_us"] == 3.0
+
+
+def test_layer_pattern_tells_slow_layers_from_noise(timeline_report):
+    fixed = [[10.0, 15.0, 10.0], [10.0, 15.0, 10.0], [10.0, 15.0, 10.0], [10.0, 15.0, 10.0]]  # layer 1 slow each step
+    pattern = timeline_report.layer_pattern(fixed, slowest=1)
+    assert pattern["steps"] == 4 and pattern["launches"] == 3
+    assert pattern["slowest_layers"] == [[1, 15.0]] and pattern["within_layer_stdev_us"] == 0.0
+    assert pattern["between_layers_stdev_us"] == pytest.approx(5.0 * 2**0.5 / 3)
+    moving = [[15.0, 10.0, 10.0], [10.0, 15.0, 10.0], [10.0, 10.0, 15.0]]  # a different layer slow each step
+    pattern = timeline_report.layer_pattern(moving)
+    assert pattern["between_layers_stdev_us"] == 0.0 and pattern["within_layer_stdev_us"] > 2.0
+    assert timeline_report.layer_pattern([[1.0, 2.0]]) == {}  # one step says nothing about layers
