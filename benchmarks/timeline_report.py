@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 
@@ -32,12 +33,21 @@ def launch_spread(timeline: list[list], min_launches: int) -> dict[str, dict[str
     return dict(sorted(rows.items(), key=lambda item: -item[1]["total_us"]))
 
 
+def correlation(a: list[float], b: list[float]) -> float:
+    """Pearson's r, 0 where either side does not vary."""
+    if len(a) < 2 or min(statistics.pstdev(a), statistics.pstdev(b)) == 0:
+        return 0.0
+    return statistics.correlation(a, b)
+
+
 def layer_pattern(steps: list[list[float]], slowest: int = 5) -> dict:
     """One kernel's launches over several steps (step_launches): is a slow launch the same layer's every step?
 
     between_layers_stdev is the spread of the launches' per-layer means; within_layer_stdev the mean spread of one
     layer's launch across steps. Noise alone puts the first near the second / sqrt(steps); well above that, the
-    slow launches belong to layers (where their weights lie), not to moments."""
+    slow launches belong to layers (where their weights lie), not to moments. neighbour_correlation: of a launch's
+    time with the next layer's in the same step (slow stretches of a step against independent slow launches);
+    us_histogram: launches per whole microsecond (two humps: two states a launch runs in)."""
     steps = [row for row in steps if row and len(row) == len(steps[0])]
     if len(steps) < 2:
         return {}
@@ -50,6 +60,10 @@ def layer_pattern(steps: list[list[float]], slowest: int = 5) -> dict:
         "mean_us": statistics.fmean(means),
         "between_layers_stdev_us": statistics.pstdev(means),
         "within_layer_stdev_us": statistics.fmean(statistics.pstdev(us) for us in per_layer),
+        "neighbour_correlation": correlation(
+            [us for row in steps for us in row[:-1]], [us for row in steps for us in row[1:]]
+        ),
+        "us_histogram": dict(sorted(Counter(int(us) for row in steps for us in row).items())),
         "slowest_layers": [[i, round(means[i], 2)] for i in order[:slowest]],
         "fastest_layers": [[i, round(means[i], 2)] for i in order[::-1][:slowest]],
     }

@@ -33,8 +33,12 @@ def test_layer_pattern_tells_slow_layers_from_noise(timeline_report):
     pattern = timeline_report.layer_pattern(fixed, slowest=1)
     assert pattern["steps"] == 4 and pattern["launches"] == 3
     assert pattern["slowest_layers"] == [[1, 15.0]] and pattern["within_layer_stdev_us"] == 0.0
+    assert pattern["us_histogram"] == {10: 8, 15: 4}
+    assert pattern["neighbour_correlation"] == pytest.approx(-1.0)  # (10, 15) then (15, 10) in every step
     assert pattern["between_layers_stdev_us"] == pytest.approx(5.0 * 2**0.5 / 3)
     moving = [[15.0, 10.0, 10.0], [10.0, 15.0, 10.0], [10.0, 10.0, 15.0]]  # a different layer slow each step
     pattern = timeline_report.layer_pattern(moving)
     assert pattern["between_layers_stdev_us"] == 0.0 and pattern["within_layer_stdev_us"] > 2.0
+    assert timeline_report.correlation([1.0, 2.0, 3.0], [2.0, 4.0, 6.5]) > 0.99
+    assert timeline_report.correlation([1.0, 1.0], [2.0, 3.0]) == 0.0
     assert timeline_report.layer_pattern([[1.0, 2.0]]) == {}  # one step says nothing about layers
