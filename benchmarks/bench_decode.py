@@ -132,19 +132,28 @@ class Caches:
         return perm.view(shape.batch, shape.blocks_per_seq).to(torch.int32)
 
 
-def bench_ours(
+def bench_ours(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, **step: object) -> dict:
+    """Our decode step (ours_step's keywords) timed, with the bytes it reads."""
+    run, info = ours_step(caches, shape, table, **step)  # type: ignore[arg-type]
+    ms, timer = time_ms(run, rep)
+    read = info["live"] * (shape.context - 1) * caches.codec.layout.bytes_per_token
+    return {"ms": ms, "timer": timer, **info, "bytes_read": read, "gbps": gbps(read, ms)}
+
+
+def ours_step(
     caches: Caches,
     shape: Shape,
     table: torch.Tensor,
-    rep: int,
     num_splits: int | None = None,
     store: str = "none",
     sinks: int = 0,
     recent: int = 0,
     writers: bool = True,
     live: int | None = None,
-) -> dict:
-    """Our decode attention; store="separate" adds store_kv of the step's K/V before it, "fused" hands the store
+) -> tuple[Callable[[], None], dict]:
+    """Our decode attention as a callable to time or capture, with its split grid and output.
+
+    store="separate" adds store_kv of the step's K/V before it, "fused" hands the store
     to paged_attention (store_slots: in its launch or right after), as a decode step in vLLM needs either way.
     sinks: every sequence's first `sinks` tokens exact (kernels/sinks.py), plus the writer launch a vLLM step ends
     with (it writes nothing here: every position is past the sinks).
@@ -198,10 +207,7 @@ def bench_ours(
         if recent_table is not None and writers and not wrote:
             write_recent(recent_table, codec.rotation, k, v, table, seq_lens, qsl, shape.block_size)
 
-    ms, timer = time_ms(run, rep)
-    read = live * (shape.context - 1) * codec.layout.bytes_per_token
-    return {"ms": ms, "timer": timer, "num_splits": splits, "split_slots": split_slots, "live": live,
-            "bytes_read": read, "gbps": gbps(read, ms), "_out": out[:live]}  # fmt: skip
+    return run, {"num_splits": splits, "split_slots": split_slots, "live": live, "_out": out[:live]}
 
 
 def bench_fa3(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, fp8: bool) -> dict:

@@ -1,0 +1,177 @@
+"""Is a decode step's MLP GEMM slower next to our attention kernel? The same GEMM after kernels of several kinds.
+
+In the engine at 32K x 1 (timeline_report_launches_32k1_h200_2026-12-03h.json), the Llama-8B gate/up GEMM
+([1, 4096] x [4096, 28672] bf16) takes 55-57 us in about half its launches and 60-63 us in the others next to our
+attention, and 56-58 us in nearly all next to FA3 over fp8; the slow launches are independent of the layer and of
+each other. This probe replays 32 "layers" of [neighbour, GEMM] in one CUDA graph, each layer with its own weight
+(no layer's weight is in L2 when its GEMM starts), and times every GEMM launch, for neighbours of each kind:
+
+- none: the GEMMs back to back (the GEMM's own spread);
+- sleep: a spin about as long as the attention (the gap alone, little power drawn);
+- copy: a memory-bound copy about that long (over a buffer too large for L2);
+- matmul: a compute-bound bf16 matmul about that long (power drawn by the SMs);
+- ours: our decode attention at 32K x 1 with the fused store, the engine's neighbour.
+
+Two humps after `ours` and `matmul` alone point at the power the neighbour draws; after every neighbour, at the
+gap; after `ours` alone, at something of our kernel's own. Board power per arm comes from NVML (gpu_telemetry.py)
+over a longer unprofiled window.
+
+    python benchmarks/probe_gemm_neighbours.py --out benchmarks/results/probe_gemm_neighbours_h200_<date>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import triton
+from bench_decode import Caches, Shape, ours_step  # this script's folder is on sys.path
+from gpu_telemetry import GpuTelemetry
+from timeline_report import layer_pattern
+
+NEIGHBOURS = ("none", "sleep", "copy", "matmul", "ours")
+SM_MHZ = 1980  # the H200's top SM clock: spin cycles a microsecond
+
+
+def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) -> Callable[[int], None] | None:
+    """A callable run ahead of layer i's GEMM, about target_us long on an H200 (None: no neighbour)."""
+    if kind == "none":
+        return None
+    if kind == "sleep":
+        cycles = int(target_us * SM_MHZ)
+        return lambda i: torch.cuda._sleep(cycles)
+    if kind == "copy":
+        chunk = int(target_us * 1e-6 * 3.0e12 / 2)  # read + write at ~3 TB/s
+        src = torch.randint(0, 256, (layers, chunk), dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        return lambda i: dst[i].copy_(src[i])
+    if kind == "matmul":
+        n = 2048  # 2 n^3 flops: ~25 us at ~700 TFLOP/s
+        a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        c = torch.empty_like(a)
+        return lambda i: torch.mm(a, a, out=c)
+    if kind == "ours":
+        args = SimpleNamespace(num_kv_heads=8, head_dim=128, block_size=16, contexts=[context])
+        caches = Caches(args, 1)
+        shape = Shape(1, context, 32, 8, 128, 16)
+        run, _ = ours_step(caches, shape, caches.table(shape), store="fused")
+        return lambda i: run()
+    raise ValueError(f"neighbour must be one of {NEIGHBOURS}, got {kind!r}")
+
+
+def gemm_launches(graph: torch.cuda.CUDAGraph, names: set[str] | None, replays: int) -> tuple[list[list[float]], dict]:
+    """Device us of every GEMM launch, one list a replay, and the other kernels' mean us by name."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    spans = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                    if e.device_type != DeviceType.CPU), key=lambda span: span[1])  # fmt: skip
+    gemm = [end - start for name, start, end in spans if names is None or name in names]
+    others: dict[str, list[float]] = {}
+    for name, start, end in spans:
+        if names is not None and name not in names:
+            others.setdefault(name[:80], []).append(end - start)
+    per_replay = len(gemm) // replays
+    rows = [[round(us, 2) for us in gemm[r * per_replay : (r + 1) * per_replay]] for r in range(replays)]
+    return rows, {name: statistics.fmean(us) for name, us in others.items()}
+
+
+def gemm_names(graph: torch.cuda.CUDAGraph) -> set[str]:
+    """The kernels of a GEMM-only graph: what counts as the GEMM in the other arms."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type != DeviceType.CPU}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--neighbours", nargs="+", default=list(NEIGHBOURS), choices=NEIGHBOURS)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336, help="gate and up: 2x this many output columns")
+    p.add_argument("--target-us", type=float, default=28.0, help="about how long each neighbour runs")
+    p.add_argument("--context", type=int, default=32768, help="tokens of the `ours` neighbour's sequence")
+    p.add_argument("--replays", type=int, default=20, help="profiled graph replays an arm")
+    p.add_argument("--power-replays", type=int, default=200, help="unprofiled replays an arm, NVML sampling")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("probe_gemm_neighbours needs a CUDA GPU; none found.")
+        return 2
+
+    weights = [torch.randn(2 * args.intermediate, args.hidden, dtype=torch.bfloat16, device="cuda") * 0.02
+               for _ in range(args.layers)]  # fmt: skip
+    x = torch.randn(1, args.hidden, dtype=torch.bfloat16, device="cuda")
+    ys = [torch.empty(1, 2 * args.intermediate, dtype=torch.bfloat16, device="cuda") for _ in range(args.layers)]
+
+    def capture(neighbour: Callable[[int], None] | None) -> torch.cuda.CUDAGraph:
+        def layers() -> None:
+            for i in range(args.layers):
+                if neighbour is not None:
+                    neighbour(i)
+                torch.mm(x, weights[i].t(), out=ys[i])
+
+        layers()  # compile and pick cuBLAS kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            layers()
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+        return graph
+
+    names = gemm_names(capture(None))
+    gpu = GpuTelemetry.start()
+    arms = {}
+    for kind in args.neighbours:
+        graph = capture(neighbour_kernels(kind, args.layers, args.target_us, args.context))
+        with gpu.phase(kind):
+            for _ in range(args.power_replays):
+                graph.replay()
+            torch.cuda.synchronize()
+        rows, others = gemm_launches(graph, names, args.replays)
+        arms[kind] = {"gemm": layer_pattern(rows), "neighbour_us": others}
+        g = arms[kind]["gemm"]
+        print(f"{kind:7} gemm {g['mean_us']:.2f} us, layers' means +- {g['between_layers_stdev_us']:.2f}, a layer's "
+              f"+- {g['within_layer_stdev_us']:.2f}; {g['us_histogram']}; neighbours {others}", flush=True)  # fmt: skip
+        del graph
+    power = {phase["phase"]: phase for phase in gpu.stop()["phases"]}
+    for kind in arms:
+        arms[kind]["telemetry"] = power.get(kind)
+    result = {
+        "benchmark": "probe_gemm_neighbours",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "gemm_kernels": sorted(names),
+        "shape": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate},
+        "arms": arms,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
