@@ -211,6 +211,14 @@ def ours_step(
 
 
 def bench_fa3(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, fp8: bool) -> dict:
+    ms, timer = time_ms(fa3_step(caches, shape, table, fp8), rep)
+    kv = caches.kv_fp8 if fp8 else caches.kv_bf16
+    read = shape.batch * shape.context * shape.hkv * shape.d * 2 * kv.element_size()
+    return {"ms": ms, "timer": timer, "bytes_read": read, "gbps": gbps(read, ms)}
+
+
+def fa3_step(caches: Caches, shape: Shape, table: torch.Tensor, fp8: bool) -> Callable[[], None]:
+    """vLLM's FA3 decode over the bf16 or fp8 pages, as a callable to time or capture."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     b = shape.batch
@@ -229,9 +237,7 @@ def bench_fa3(caches: Caches, shape: Shape, table: torch.Tensor, rep: int, fp8: 
                                out=out, fa_version=3, q_descale=descale, k_descale=descale,
                                v_descale=descale)  # fmt: skip
 
-    ms, timer = time_ms(run, rep)
-    read = b * shape.context * shape.hkv * shape.d * 2 * kv.element_size()
-    return {"ms": ms, "timer": timer, "bytes_read": read, "gbps": gbps(read, ms)}
+    return run
 
 
 def bench_vllm_tq(caches: Caches, shape: Shape, table: torch.Tensor, rep: int) -> dict:

@@ -9,12 +9,15 @@ each other. This probe replays 32 "layers" of [neighbour, GEMM] in one CUDA grap
 - none: the GEMMs back to back (the GEMM's own spread);
 - sleep: a spin about as long as the attention (the gap alone, little power drawn);
 - copy: a memory-bound copy about that long (over a buffer too large for L2);
+- read: a sum over as many bytes as the copy reads (no writes); fill: 1 MB written (a few small writes);
 - matmul: a compute-bound bf16 matmul about that long (power drawn by the SMs);
-- ours: our decode attention at 32K x 1 with the fused store, the engine's neighbour.
+- ours: our decode attention at 32K x 1 with the fused store, the engine's neighbour;
+- fa3_fp8: vLLM's FA3 over fp8 pages at that context (the fp8 engine's neighbour; needs vLLM).
 
-Two humps after `ours` and `matmul` alone point at the power the neighbour draws; after every neighbour, at the
-gap; after `ours` alone, at something of our kernel's own. Board power per arm comes from NVML (gpu_telemetry.py)
-over a longer unprofiled window.
+On the H200 (probe_gemm_neighbours_*_h200_2026-12-03h.json) two humps 4-5 us apart follow `ours` (at 1K, 4K and
+32K alike) and `copy`, one hump `none`, `sleep` and `matmul`, at a steady 1980-MHz SM clock with no throttle reason:
+neither the gap nor the power drawn, but something the memory system is left in. `read`, `fill` and `fa3_fp8` are
+there to say which. Board power per arm comes from NVML (gpu_telemetry.py) over a longer unprofiled window.
 
     python benchmarks/probe_gemm_neighbours.py --out benchmarks/results/probe_gemm_neighbours_h200_<date>.json
 """
@@ -33,11 +36,11 @@ from types import SimpleNamespace
 
 import torch
 import triton
-from bench_decode import Caches, Shape, ours_step  # this script's folder is on sys.path
+from bench_decode import Caches, Shape, fa3_step, ours_step  # this script's folder is on sys.path
 from gpu_telemetry import GpuTelemetry
 from timeline_report import layer_pattern
 
-NEIGHBOURS = ("none", "sleep", "copy", "matmul", "ours")
+NEIGHBOURS = ("none", "sleep", "copy", "read", "fill", "matmul", "ours", "fa3_fp8")
 SM_MHZ = 1980  # the H200's top SM clock: spin cycles a microsecond
 
 
@@ -48,21 +51,32 @@ def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) ->
     if kind == "sleep":
         cycles = int(target_us * SM_MHZ)
         return lambda i: torch.cuda._sleep(cycles)
+    chunk = int(target_us * 1e-6 * 3.0e12 / 2)  # a copy's read + write at ~3 TB/s
     if kind == "copy":
-        chunk = int(target_us * 1e-6 * 3.0e12 / 2)  # read + write at ~3 TB/s
         src = torch.randint(0, 256, (layers, chunk), dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
         return lambda i: dst[i].copy_(src[i])
+    if kind == "read":
+        src = torch.randn(layers, chunk // 4, device="cuda")
+        total = torch.empty((), device="cuda")
+        return lambda i: torch.sum(src[i], dim=0, out=total)
+    if kind == "fill":
+        buf = torch.empty(layers, 2**18, device="cuda")
+        return lambda i: buf[i].fill_(float(i))
     if kind == "matmul":
         n = 2048  # 2 n^3 flops: ~25 us at ~700 TFLOP/s
         a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
         c = torch.empty_like(a)
         return lambda i: torch.mm(a, a, out=c)
-    if kind == "ours":
+    if kind in ("ours", "fa3_fp8"):
         args = SimpleNamespace(num_kv_heads=8, head_dim=128, block_size=16, contexts=[context])
         caches = Caches(args, 1)
         shape = Shape(1, context, 32, 8, 128, 16)
-        run, _ = ours_step(caches, shape, caches.table(shape), store="fused")
+        table = caches.table(shape)
+        if kind == "ours":
+            run = ours_step(caches, shape, table, store="fused")[0]
+        else:
+            run = fa3_step(caches, shape, table, fp8=True)
         return lambda i: run()
     raise ValueError(f"neighbour must be one of {NEIGHBOURS}, got {kind!r}")
 
@@ -141,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     gpu = GpuTelemetry.start()
     arms = {}
     for kind in args.neighbours:
-        graph = capture(neighbour_kernels(kind, args.layers, args.target_us, args.context))
+        try:
+            graph = capture(neighbour_kernels(kind, args.layers, args.target_us, args.context))
+        except ImportError as err:  # fa3_fp8 without vLLM
+            arms[kind] = {"error": str(err)}
+            print(f"{kind:7} skipped: {err}", flush=True)
+            continue
         with gpu.phase(kind):
             for _ in range(args.power_replays):
                 graph.replay()
@@ -153,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
               f"+- {g['within_layer_stdev_us']:.2f}; {g['us_histogram']}; neighbours {others}", flush=True)  # fmt: skip
         del graph
     power = {phase["phase"]: phase for phase in gpu.stop()["phases"]}
-    for kind in arms:
-        arms[kind]["telemetry"] = power.get(kind)
+    for kind, arm in arms.items():
+        arm["telemetry"] = power.get(kind)
     result = {
         "benchmark": "probe_gemm_neighbours",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

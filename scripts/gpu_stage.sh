@@ -3,10 +3,10 @@
 #   kernels: GPU kernel tests + store/dequant and decode benchmarks (needs only torch + triton)
 #   store:   the store's GPU tests (indices of every dot precision) + its prefill-sized launch variants
 #            (bench_store_dequant.py's LARGE_STORE_VARIANTS at 16K and 32K tokens; torch + triton only)
-#   vllm:    vLLM backend tests on the GPU (needs the bundle), in three parts that each fit a call (all of tests/vllm
+#   vllm:    vLLM backend tests on the GPU (needs the bundle), in four parts that each fit a call (all of tests/vllm
 #            did not finish in 560 s): PART=engine (real engines: generation, FLASH_ATTN unchanged, refused settings,
 #            ~440 s), PART=graphs (key offsets and sinks under CUDA graphs, ~390 s), PART=layers (layer level,
-#            plugin, spec, prefill, warm-up ~140 s, then the recent window under CUDA graphs ~210 s)
+#            plugin, spec, prefill, warm-up, ~180 s), PART=recent (the recent window under CUDA graphs: > 256 s cold)
 #   quality: SmolLM2 teacher-forced quality through vLLM, MODES of bench_vllm_quality.py (bundle + .assets);
 #            vLLM's native modes needed > 110 s on a cold host, ~40 s once warm
 #   engine:  the engine table (KV capacity, TPOT) for MODES (default ours,bf16; then MODES=fp8,tq_native:
@@ -64,8 +64,9 @@ case "$1" in
     case "${PART:-engine}" in
       engine) vllm_tests 540 "$engine_tests" -k "unchanged or generates or bad_settings" ;;
       graphs) vllm_tests 540 "$engine_tests" -k "key_offsets or sinks" ;;
-      layers) vllm_tests 300 tests/vllm --ignore="$engine_tests"; vllm_tests 270 "$engine_tests" -k "exact_tables and recent" ;;
-      *) echo "PART must be engine, graphs or layers, got ${PART}" >>"$LOG"; exit 2 ;;
+      layers) vllm_tests 300 tests/vllm --ignore="$engine_tests" ;;
+      recent) vllm_tests 540 "$engine_tests" -k "exact_tables and recent" ;;
+      *) echo "PART must be engine, graphs, layers or recent, got ${PART}" >>"$LOG"; exit 2 ;;
     esac
     ;;
   quality)
