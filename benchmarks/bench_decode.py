@@ -82,6 +82,14 @@ def time_ms(fn: Callable[[], object], rep: int) -> tuple[float, str]:
         return float(do_bench(fn, warmup=10, rep=rep)), "eager"
 
 
+def run_header(benchmark: str, started: datetime.datetime | None = None) -> dict:
+    """What a result file says about its run: which script, when, the exact command, GPU and versions."""
+    started = started or datetime.datetime.now(datetime.UTC)
+    return {"benchmark": benchmark, "date": started.isoformat(timespec="seconds"),
+            "command": shlex.join([sys.executable, *sys.argv]), "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "triton": triton.__version__}  # fmt: skip
+
+
 def gbps(nbytes: float, ms: float) -> float:
     return nbytes / ms / 1e6
 
@@ -467,13 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     del caches_by_batch
 
     result = {
-        "benchmark": "decode",
-        "date": now.isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "gpu": torch.cuda.get_device_name(),
+        **run_header("decode", now),
         "sms": torch.cuda.get_device_properties(0).multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
         "vllm": vllm_version,
         "shape": {
             "num_q_heads": args.num_q_heads,

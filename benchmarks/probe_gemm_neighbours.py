@@ -25,18 +25,14 @@ there to say which. Board power per arm comes from NVML (gpu_telemetry.py) over 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import triton
-from bench_decode import Caches, Shape, fa3_step, ours_step  # this script's folder is on sys.path
+from bench_decode import Caches, Shape, fa3_step, ours_step, run_header  # this script's folder is on sys.path
 from gpu_telemetry import GpuTelemetry
 from timeline_report import layer_pattern
 
@@ -175,12 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, arm in arms.items():
         arm["telemetry"] = power.get(kind)
     result = {
-        "benchmark": "probe_gemm_neighbours",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **run_header("probe_gemm_neighbours"),
         "gemm_kernels": sorted(names),
         "shape": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate},
         "arms": arms,

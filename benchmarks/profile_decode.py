@@ -16,9 +16,7 @@ The gap between two rows is what that step costs. Bandwidth is context bytes / t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from turboquant_vllm.kernels.lut import lut_decode_words
 from turboquant_vllm.kernels.page import context_tile, split_words, tile_pages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import MAX_SPLITS, Caches, Shape, bench_ours, copy_bandwidth, gbps, time_ms  # noqa: E402
+from bench_decode import MAX_SPLITS, Caches, Shape, bench_ours, copy_bandwidth, gbps, run_header, time_ms  # noqa: E402
 
 STAGES = {"read": 0, "unpack": 1, "planar": 2, "gather": 3, "lookup": 4}
 
@@ -136,12 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"B={batch} attention: {res['ms'] * 1e3:8.1f} us {res['gbps']:6.0f} GB/s", flush=True)
         del caches
     result = {
-        "benchmark": "profile_decode",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **run_header("profile_decode"),
         "shape": {"context": args.context, "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "bits": "4/4"},
         "copy": copy,
         "rows": rows,
