@@ -1,8 +1,8 @@
 """Is a decode step's MLP GEMM slower next to our attention kernel? The same GEMM after kernels of several kinds.
 
 In the engine at 32K x 1 (timeline_report_launches_32k1_h200_2026-12-03h.json), the Llama-8B gate/up GEMM
-([1, 4096] x [4096, 28672] bf16) takes 55-57 us in about half its launches and 60-63 us in the others next to our
-attention, and 56-58 us in nearly all next to FA3 over fp8; the slow launches are independent of the layer and of
+([1, 4096] x [4096, 28672] bf16) takes 54-58 us in about half its launches and 59-65 us in the others next to our
+attention, and 55-58 us in 96% next to FA3 over fp8; the slow launches are independent of the layer and of
 each other. This probe replays 32 "layers" of [neighbour, GEMM] in one CUDA graph, each layer with its own weight
 (no layer's weight is in L2 when its GEMM starts), and times every GEMM launch, for neighbours of each kind:
 
@@ -33,6 +33,7 @@ from types import SimpleNamespace
 
 import torch
 from bench_decode import Caches, Shape, fa3_step, ours_step, run_header  # this script's folder is on sys.path
+from engine_steps import kernel_spans
 from gpu_telemetry import GpuTelemetry
 from timeline_report import layer_pattern
 
@@ -77,22 +78,26 @@ def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) ->
     raise ValueError(f"neighbour must be one of {NEIGHBOURS}, got {kind!r}")
 
 
-def gemm_launches(graph: torch.cuda.CUDAGraph, names: set[str] | None, replays: int) -> tuple[list[list[float]], dict]:
+def gemm_launches(graph: torch.cuda.CUDAGraph, names: set[str], replays: int) -> tuple[list[list[float]], dict]:
     """Device us of every GEMM launch, one list a replay, and the other kernels' mean us by name."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    spans = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                    if e.device_type != DeviceType.CPU), key=lambda span: span[1])  # fmt: skip
-    gemm = [end - start for name, start, end in spans if names is None or name in names]
+    return split_launches(kernel_spans(prof), names, replays)
+
+
+def split_launches(
+    spans: list[tuple[str, float, float]], names: set[str], replays: int
+) -> tuple[list[list[float]], dict[str, float]]:
+    """(name, start, end) spans of `replays` graph replays: the GEMM's device us, one list a replay, and the other
+    kernels' mean us by name."""
+    gemm: list[float] = []
     others: dict[str, list[float]] = {}
     for name, start, end in spans:
-        if names is not None and name not in names:
-            others.setdefault(name[:80], []).append(end - start)
+        (gemm if name in names else others.setdefault(name[:80], [])).append(end - start)
     per_replay = len(gemm) // replays
     rows = [[round(us, 2) for us in gemm[r * per_replay : (r + 1) * per_replay]] for r in range(replays)]
     return rows, {name: statistics.fmean(us) for name, us in others.items()}
@@ -100,13 +105,12 @@ def gemm_launches(graph: torch.cuda.CUDAGraph, names: set[str] | None, replays: 
 
 def gemm_names(graph: torch.cuda.CUDAGraph) -> set[str]:
     """The kernels of a GEMM-only graph: what counts as the GEMM in the other arms."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
-    return {e.name for e in prof.events() if e.device_type != DeviceType.CPU}
+    return {name for name, _, _ in kernel_spans(prof)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,31 @@
+"""probe_gemm_neighbours.py on the CPU: its launches split into the GEMM's per replay and the neighbours' means."""
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def probe(benchmark_script):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # its sibling imports
+        return benchmark_script("probe_gemm_neighbours")
+
+
+def test_split_launches_keeps_each_replays_gemms_in_order(probe):
+    spans = []
+    t = 0.0
+    for replay in range(3):
+        for layer in range(2):
+            for name, us in (("attn", 4.0), ("gemm", 50.0 + 5.0 * layer + replay)):
+                spans.append((name, t, t + us))
+                t += us + 1.0
+    rows, others = probe.split_launches(spans, {"gemm"}, replays=3)
+    assert rows == [[50.0, 55.0], [51.0, 56.0], [52.0, 57.0]]
+    assert others == {"attn": 4.0}
+
+
+def test_neighbours_refuse_an_unknown_kind(probe):
+    with pytest.raises(ValueError, match="neighbour must be one of"):
+        probe.neighbour_kernels("nap", layers=1, target_us=1.0, context=16)
+    assert probe.neighbour_kernels("none", layers=1, target_us=1.0, context=16) is None
