@@ -93,11 +93,16 @@ def kernel_spans(prof) -> list[tuple[str, float, float]]:
     return sorted(spans, key=lambda span: span[1])
 
 
+def mark_indices(spans: list[tuple[str, float, float]], mark: str) -> list[int]:
+    """Where the once-a-step kernel `mark` runs in spans: the step boundaries."""
+    return [i for i, (name, _, _) in enumerate(spans) if name[:KERNEL_NAME_CHARS] == mark]
+
+
 def step_timeline(spans: list[tuple[str, float, float]], mark: str, step: int) -> list[list]:
     """One step's kernels in order, [name, start us from the step's first, device us, idle us since the one
     before]: from the kernel after the step-th `mark` (a kernel that runs once a step) through the next `mark`.
     What a per-name total hides: which layer's launch of a kernel is slow, and what ran before it."""
-    marks = [i for i, (name, _, _) in enumerate(spans) if name[:KERNEL_NAME_CHARS] == mark]
+    marks = mark_indices(spans, mark)
     if len(marks) <= step + 1:
         return []
     window = spans[marks[step] + 1 : marks[step + 1] + 1]
@@ -112,7 +117,7 @@ def step_timeline(spans: list[tuple[str, float, float]], mark: str, step: int) -
 def step_launches(spans: list[tuple[str, float, float]], mark: str, names: list[str]) -> dict[str, list[list[float]]]:
     """Each named kernel's device us per launch, one list a step (every window between two `mark`s): whether the
     same layers' launches are slow in every step (where the weights or the cache lie) or different ones each step."""
-    marks = [i for i, (name, _, _) in enumerate(spans) if name[:KERNEL_NAME_CHARS] == mark]
+    marks = mark_indices(spans, mark)
     launches: dict[str, list[list[float]]] = {name: [] for name in names}
     for first, last in zip(marks, marks[1:], strict=False):
         for row in launches.values():

@@ -78,15 +78,15 @@ def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) ->
     raise ValueError(f"neighbour must be one of {NEIGHBOURS}, got {kind!r}")
 
 
-def gemm_launches(graph: torch.cuda.CUDAGraph, names: set[str], replays: int) -> tuple[list[list[float]], dict]:
-    """Device us of every GEMM launch, one list a replay, and the other kernels' mean us by name."""
+def replay_spans(graph: torch.cuda.CUDAGraph, replays: int) -> list[tuple[str, float, float]]:
+    """The kernels of `replays` replays of graph under torch.profiler, as (name, start us, end us) in start order."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    return split_launches(kernel_spans(prof), names, replays)
+    return kernel_spans(prof)
 
 
 def split_launches(
@@ -101,16 +101,6 @@ def split_launches(
     per_replay = len(gemm) // replays
     rows = [[round(us, 2) for us in gemm[r * per_replay : (r + 1) * per_replay]] for r in range(replays)]
     return rows, {name: statistics.fmean(us) for name, us in others.items()}
-
-
-def gemm_names(graph: torch.cuda.CUDAGraph) -> set[str]:
-    """The kernels of a GEMM-only graph: what counts as the GEMM in the other arms."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graph.replay()
-        torch.cuda.synchronize()
-    return {name for name, _, _ in kernel_spans(prof)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         return graph
 
-    names = gemm_names(capture(None))
+    names = {name for name, _, _ in replay_spans(capture(None), 1)}  # a GEMM-only graph's kernels: the GEMM
     gpu = GpuTelemetry.start()
     arms = {}
     for kind in args.neighbours:
@@ -165,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.power_replays):
                 graph.replay()
             torch.cuda.synchronize()
-        rows, others = gemm_launches(graph, names, args.replays)
+        rows, others = split_launches(replay_spans(graph, args.replays), names, args.replays)
         arms[kind] = {"gemm": layer_pattern(rows), "neighbour_us": others}
         g = arms[kind]["gemm"]
         print(f"{kind:7} gemm {g['mean_us']:.2f} us, layers' means +- {g['between_layers_stdev_us']:.2f}, a layer's "
