@@ -14,10 +14,12 @@ each other. This probe replays 32 "layers" of [neighbour, GEMM] in one CUDA grap
 - ours: our decode attention at 32K x 1 with the fused store, the engine's neighbour;
 - fa3_fp8: vLLM's FA3 over fp8 pages at that context (the fp8 engine's neighbour; needs vLLM).
 
-On the H200 (probe_gemm_neighbours_*_h200_2026-12-03h.json) two humps 4-5 us apart follow `ours` (at 1K, 4K and
-32K alike) and `copy`, one hump `none`, `sleep` and `matmul`, at a steady 1980-MHz SM clock with no throttle reason:
-neither the gap nor the power drawn, but something the memory system is left in. `read`, `fill` and `fa3_fp8` are
-there to say which. Board power per arm comes from NVML (gpu_telemetry.py) over a longer unprofiled window.
+On the H200 (probe_gemm_neighbours_*_h200_2026-12-03h.json, ..._all_h200_2026-12-04a.json) two humps 4-5 us apart
+follow `ours` (at 1K, 4K and 32K alike), `fa3_fp8` and `copy`; one hump `none`, `sleep`, `read` (42 MB read) and
+`fill` (1 MB written); `matmul` one hump, shifted 2-8 us; at a steady 1980-MHz SM clock with no throttle reason. Next
+to the GEMM, FA3 over fp8 slows it as much as ours does, so adjacency alone does not give the engine's difference.
+`--o-proj` puts the engine's o_proj GEMM and RMS norm between the neighbour and gate/up, in the engine's order.
+Board power per arm comes from NVML (gpu_telemetry.py) over a longer unprofiled window.
 
     python benchmarks/probe_gemm_neighbours.py --out benchmarks/results/probe_gemm_neighbours_h200_<date>.json
 """
@@ -90,16 +92,24 @@ def replay_spans(graph: torch.cuda.CUDAGraph, replays: int) -> list[tuple[str, f
 
 
 def split_launches(
-    spans: list[tuple[str, float, float]], names: set[str], replays: int
+    spans: list[tuple[str, float, float]], names: set[str], replays: int, layers: int
 ) -> tuple[list[list[float]], dict[str, float]]:
-    """(name, start, end) spans of `replays` graph replays: the GEMM's device us, one list a replay, and the other
-    kernels' mean us by name."""
-    gemm: list[float] = []
+    """(name, start, end) spans of `replays` graph replays of `layers` layers: the gate/up GEMM's device us, one list
+    a replay, and the other kernels' mean us by name.
+
+    A layer's gate/up is its last launch named in `names`: with --o-proj, cuBLAS may run the o_proj GEMM with the
+    same kernel, and that launch then counts among the others."""
+    matched: list[float] = []
     others: dict[str, list[float]] = {}
     for name, start, end in spans:
-        (gemm if name in names else others.setdefault(name[:80], [])).append(end - start)
-    per_replay = len(gemm) // replays
-    rows = [[round(us, 2) for us in gemm[r * per_replay : (r + 1) * per_replay]] for r in range(replays)]
+        (matched if name in names else others.setdefault(name[:80], [])).append(end - start)
+    per_layer = len(matched) // (replays * layers)
+    if per_layer < 1 or len(matched) != per_layer * replays * layers:
+        raise ValueError(f"{len(matched)} GEMM launches do not split into {replays} replays of {layers} layers")
+    gemm = matched[per_layer - 1 :: per_layer]
+    for earlier in range(per_layer - 1):
+        others.setdefault("o_proj (gate/up's kernel)", []).extend(matched[earlier::per_layer])
+    rows = [[round(us, 2) for us in gemm[r * layers : (r + 1) * layers]] for r in range(replays)]
     return rows, {name: statistics.fmean(us) for name, us in others.items()}
 
 
@@ -113,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=32768, help="tokens of the `ours` neighbour's sequence")
     p.add_argument("--replays", type=int, default=20, help="profiled graph replays an arm")
     p.add_argument("--power-replays", type=int, default=200, help="unprofiled replays an arm, NVML sampling")
+    p.add_argument("--o-proj", action="store_true",
+                   help="a layer runs o_proj ([1, hidden] x [hidden, hidden], its own weight) and an RMS norm between "
+                   "the neighbour and gate/up, in the engine's order")  # fmt: skip
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -123,13 +136,21 @@ def main(argv: list[str] | None = None) -> int:
                for _ in range(args.layers)]  # fmt: skip
     x = torch.randn(1, args.hidden, dtype=torch.bfloat16, device="cuda")
     ys = [torch.empty(1, 2 * args.intermediate, dtype=torch.bfloat16, device="cuda") for _ in range(args.layers)]
+    wo = [torch.randn(args.hidden, args.hidden, dtype=torch.bfloat16, device="cuda") * 0.02
+          for _ in range(args.layers if args.o_proj else 0)]  # fmt: skip
+    norm_weight = torch.ones(args.hidden, dtype=torch.bfloat16, device="cuda")
+    h = torch.empty_like(x)
 
-    def capture(neighbour: Callable[[int], None] | None) -> torch.cuda.CUDAGraph:
+    def capture(neighbour: Callable[[int], None] | None, o_proj: bool = args.o_proj) -> torch.cuda.CUDAGraph:
         def layers() -> None:
             for i in range(args.layers):
                 if neighbour is not None:
                     neighbour(i)
-                torch.mm(x, weights[i].t(), out=ys[i])
+                gate_up_in = x
+                if o_proj:
+                    torch.mm(x, wo[i].t(), out=h)
+                    gate_up_in = torch.nn.functional.rms_norm(h, (args.hidden,), norm_weight)
+                torch.mm(gate_up_in, weights[i].t(), out=ys[i])
 
         layers()  # compile and pick cuBLAS kernels outside the capture
         torch.cuda.synchronize()
@@ -141,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         return graph
 
-    names = {name for name, _, _ in replay_spans(capture(None), 1)}  # a GEMM-only graph's kernels: the GEMM
+    gate_up_only = replay_spans(capture(None, o_proj=False), 1)
+    if len(gate_up_only) != args.layers:  # split_launches counts one launch a layer
+        raise SystemExit(f"gate/up runs as {len(gate_up_only) // args.layers} kernels a layer; the probe times one")
+    names = {name for name, _, _ in gate_up_only}
     gpu = GpuTelemetry.start()
     arms = {}
     for kind in args.neighbours:
@@ -155,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.power_replays):
                 graph.replay()
             torch.cuda.synchronize()
-        rows, others = split_launches(replay_spans(graph, args.replays), names, args.replays)
+        rows, others = split_launches(replay_spans(graph, args.replays), names, args.replays, args.layers)
         arms[kind] = {"gemm": layer_pattern(rows), "neighbour_us": others}
         g = arms[kind]["gemm"]
         print(f"{kind:7} gemm {g['mean_us']:.2f} us, layers' means +- {g['between_layers_stdev_us']:.2f}, a layer's "
@@ -167,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         **run_header("probe_gemm_neighbours"),
         "gemm_kernels": sorted(names),
-        "shape": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate},
+        "shape": {
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "o_proj": args.o_proj,
+        },
         "arms": arms,
     }
     if args.out:

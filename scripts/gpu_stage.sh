@@ -30,6 +30,13 @@ mkdir -p "$RESULTS_DIR"
 LOG="$RESULTS_DIR/$1.log"
 [ -f /tmp/gpu-bundle/env.sh ] && source /tmp/gpu-bundle/env.sh
 export PYTHONUNBUFFERED=1
+{  # provenance: which stage ran where, on what
+  echo "# gpu_stage $1 ${PART:-} $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  for pkg in torch triton vllm; do
+    python3 -c "import importlib.metadata as m; print('$pkg', m.version('$pkg'))" 2>/dev/null || echo "$pkg missing"
+  done
+} >>"$LOG" 2>&1
 python3 -c "import turboquant_vllm" 2>/dev/null ||
   python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || echo "pip install failed" >>"$LOG"
 case "$1" in

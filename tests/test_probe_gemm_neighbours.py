@@ -20,7 +20,7 @@ def test_split_launches_keeps_each_replays_gemms_in_order(probe):
             for name, us in (("attn", 4.0), ("gemm", 50.0 + 5.0 * layer + replay)):
                 spans.append((name, t, t + us))
                 t += us + 1.0
-    rows, others = probe.split_launches(spans, {"gemm"}, replays=3)
+    rows, others = probe.split_launches(spans, {"gemm"}, replays=3, layers=2)
     assert rows == [[50.0, 55.0], [51.0, 56.0], [52.0, 57.0]]
     assert others == {"attn": 4.0}
 
@@ -29,3 +29,22 @@ def test_neighbours_refuse_an_unknown_kind(probe):
     with pytest.raises(ValueError, match="neighbour must be one of"):
         probe.neighbour_kernels("nap", layers=1, target_us=1.0, context=16)
     assert probe.neighbour_kernels("none", layers=1, target_us=1.0, context=16) is None
+
+
+def test_split_launches_takes_each_layers_last_gemm_when_o_proj_shares_its_kernel(probe):
+    spans = []
+    t = 0.0
+    for replay in range(2):
+        for layer in range(3):
+            for name, us in (("attn", 4.0), ("gemm", 10.0), ("norm", 2.0), ("gemm", 50.0 + layer + 10 * replay)):
+                spans.append((name, t, t + us))
+                t += us + 1.0
+    rows, others = probe.split_launches(spans, {"gemm"}, replays=2, layers=3)
+    assert rows == [[50.0, 51.0, 52.0], [60.0, 61.0, 62.0]]
+    assert others == {"attn": 4.0, "norm": 2.0, "o_proj (gate/up's kernel)": 10.0}
+
+
+def test_split_launches_refuses_launches_that_do_not_fill_the_layers(probe):
+    spans = [("gemm", float(i), i + 0.5) for i in range(5)]
+    with pytest.raises(ValueError, match="do not split into 2 replays of 2 layers"):
+        probe.split_launches(spans, {"gemm"}, replays=2, layers=2)
