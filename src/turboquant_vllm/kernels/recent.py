@@ -27,14 +27,13 @@ from triton.language.extra.cuda import gdc_wait
 
 from turboquant_vllm.config import MAX_RECENT_TOKENS
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
-from turboquant_vllm.kernels.rotate import rotate_vector
+from turboquant_vllm.kernels.rotate import WRITER_ROT_CHUNK, rotate_pair
 from turboquant_vllm.kernels.sinks import check_writer_args, overwrite_rows
 
 SEGMENT = 16  # tokens per table entry: slot // SEGMENT names a run of one block's tokens (blocks hold 16k tokens)
 _SEGMENT = tl.constexpr(SEGMENT)
 MIN_ENTRIES = 64
 LOCKED = tl.constexpr(-2)  # a tag while its row is being written; -1: the row holds nothing
-WRITER_ROT_CHUNK = 32  # columns of R per step of the writer's rotation
 
 
 @dataclass
@@ -141,10 +140,9 @@ def write_window(
         if seen != LOCKED:  # noqa: SIM102 (two run-time tests: the swap only where the row looked free)
             if tl.atomic_cas(tag, seen, LOCKED, sem="acquire") == seen:
                 tok = (q_start + pos - first_pos).to(tl.int64)
-                k_rot = rotate_vector(k_ptr + tok * stride_kt + kh * stride_kh, stride_kd, rot_ptr, stride_r0,
-                                      stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
-                v_rot = rotate_vector(v_ptr + tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
-                                      stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
+                k_rot, v_rot = rotate_pair(k_ptr + tok * stride_kt + kh * stride_kh, stride_kd,
+                                           v_ptr + tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
+                                           stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
                 out = kv_ptr + (row * 2 * kv_heads + kh) * HEAD_DIM
                 tl.store(out + dim, k_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
                 tl.store(out + kv_heads * HEAD_DIM + dim, v_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+WRITER_ROT_CHUNK = 32  # columns of R per step where the exact tables' writers rotate a token's K and V
+
 
 @triton.jit
 def rotate_rows(
@@ -55,3 +57,24 @@ def rotate_vector(x_ptr, stride_d, rot_ptr, stride_r0, stride_r1,
                     mask=(n < HEAD_DIM)[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
         y += tl.sum(r * x[None, :], 1)
     return y
+
+
+@triton.jit
+def rotate_pair(a_ptr, stride_a, b_ptr, stride_b, rot_ptr, stride_r0, stride_r1,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """(R @ a, R @ b), fp32 [BLOCK_D] each, for two vectors in memory (a token's key and value): each CHUNK-column
+    slice of R is loaded once for both (offline, sm_90a, d=128: the recent-window writer's SASS 1784 -> 1536
+    instructions, 71 -> 39 global loads, against two rotate_vector calls)."""
+    n = tl.arange(0, BLOCK_D)
+    ya = tl.zeros([BLOCK_D], tl.float32)
+    yb = tl.zeros([BLOCK_D], tl.float32)
+    for c0 in range(0, HEAD_DIM, CHUNK):
+        k = c0 + tl.arange(0, CHUNK)
+        k_ok = k < HEAD_DIM
+        a = tl.load(a_ptr + k * stride_a, mask=k_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + k * stride_b, mask=k_ok, other=0.0).to(tl.float32)
+        r = tl.load(rot_ptr + n[:, None] * stride_r0 + k[None, :] * stride_r1,
+                    mask=(n < HEAD_DIM)[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        ya += tl.sum(r * a[None, :], 1)
+        yb += tl.sum(r * b[None, :], 1)
+    return ya, yb

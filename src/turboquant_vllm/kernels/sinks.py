@@ -23,13 +23,12 @@ from triton.language.extra.cuda import gdc_wait
 
 from turboquant_vllm.config import MAX_SINK_TOKENS
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
-from turboquant_vllm.kernels.rotate import rotate_vector
+from turboquant_vllm.kernels.rotate import WRITER_ROT_CHUNK, rotate_pair
 
 SINK_TILE = MAX_SINK_TOKENS  # the attention kernel scores the sinks as one tile of this many rows (a dot's minimum)
 MIN_ENTRIES = 64
 ENTRIES_PER_SEQ = 4  # table entries per schedulable sequence: two live sequences rarely share one
 SCAN = 64  # later sequences the writer checks per step of its scan
-WRITER_ROT_CHUNK = 32  # columns of R per step of the writer's rotation
 
 
 @dataclass
@@ -119,10 +118,9 @@ def _write_sinks_kernel(
                 later += tl.sum(same.to(tl.int32))
             if later == 0:
                 tok = (q_start + pos - first_pos).to(tl.int64)
-                k_rot = rotate_vector(k_ptr + tok * stride_kt + kh * stride_kh, stride_kd, rot_ptr, stride_r0,
-                                      stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
-                v_rot = rotate_vector(v_ptr + tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
-                                      stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
+                k_rot, v_rot = rotate_pair(k_ptr + tok * stride_kt + kh * stride_kh, stride_kd,
+                                           v_ptr + tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
+                                           stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
                 row = kv_ptr + ((entry * SINKS + pos) * 2 * kv_heads + kh) * HEAD_DIM
                 tl.store(row + dim, k_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
                 tl.store(row + kv_heads * HEAD_DIM + dim, v_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
