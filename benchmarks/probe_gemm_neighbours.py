@@ -11,14 +11,15 @@ each other. This probe replays 32 "layers" of [neighbour, GEMM] in one CUDA grap
 - copy: a memory-bound copy about that long (over a buffer too large for L2);
 - read: a sum over as many bytes as the copy reads (no writes); fill: 1 MB written (a few small writes);
 - matmul: a compute-bound bf16 matmul about that long (power drawn by the SMs);
-- ours: our decode attention at 32K x 1 with the fused store, the engine's neighbour;
+- ours: our decode attention at 32K x 1 with the fused store, the engine's neighbour; ours_no_store: the same
+  without the step's K/V store (what the store's writes add);
 - fa3_fp8: vLLM's FA3 over fp8 pages at that context (the fp8 engine's neighbour; needs vLLM).
 
-On the H200 (probe_gemm_neighbours_*_h200_2026-12-03h.json, ..._all_h200_2026-12-04a.json) two humps 4-5 us apart
+On the H200 (probe_gemm_neighbours_*_h200_2026-12-03h.json, ..._all_h200_2026-12-04a.json) two humps 4-6 us apart
 follow `ours` (at 1K, 4K and 32K alike), `fa3_fp8` and `copy`; one hump `none`, `sleep`, `read` (42 MB read) and
 `fill` (1 MB written); `matmul` one hump, shifted 2-8 us; at a steady 1980-MHz SM clock with no throttle reason. Next
 to the GEMM, FA3 over fp8 slows it as much as ours does, so adjacency alone does not give the engine's difference.
-`--o-proj` puts the engine's o_proj GEMM and RMS norm between the neighbour and gate/up, in the engine's order.
+`--o-proj` puts the engine's o_proj GEMM and a plain RMS norm between the neighbour and gate/up, in the engine's order.
 Board power per arm comes from NVML (gpu_telemetry.py) over a longer unprofiled window.
 
     python benchmarks/probe_gemm_neighbours.py --out benchmarks/results/probe_gemm_neighbours_h200_<date>.json
@@ -39,7 +40,7 @@ from engine_steps import kernel_spans
 from gpu_telemetry import GpuTelemetry
 from timeline_report import layer_pattern
 
-NEIGHBOURS = ("none", "sleep", "copy", "read", "fill", "matmul", "ours", "fa3_fp8")
+NEIGHBOURS = ("none", "sleep", "copy", "read", "fill", "matmul", "ours", "ours_no_store", "fa3_fp8")
 SM_MHZ = 1980  # the H200's top SM clock: spin cycles a microsecond
 
 
@@ -67,13 +68,13 @@ def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) ->
         a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
         c = torch.empty_like(a)
         return lambda i: torch.mm(a, a, out=c)
-    if kind in ("ours", "fa3_fp8"):
+    if kind in ("ours", "ours_no_store", "fa3_fp8"):
         args = SimpleNamespace(num_kv_heads=8, head_dim=128, block_size=16, contexts=[context])
         caches = Caches(args, 1)
         shape = Shape(1, context, 32, 8, 128, 16)
         table = caches.table(shape)
-        if kind == "ours":
-            run = ours_step(caches, shape, table, store="fused")[0]
+        if kind.startswith("ours"):
+            run = ours_step(caches, shape, table, store="none" if kind == "ours_no_store" else "fused")[0]
         else:
             run = fa3_step(caches, shape, table, fp8=True)
         return lambda i: run()
@@ -108,7 +109,7 @@ def split_launches(
         raise ValueError(f"{len(matched)} GEMM launches do not split into {replays} replays of {layers} layers")
     gemm = matched[per_layer - 1 :: per_layer]
     for earlier in range(per_layer - 1):
-        others.setdefault("o_proj (gate/up's kernel)", []).extend(matched[earlier::per_layer])
+        others.setdefault("earlier launches of gate/up's kernel", []).extend(matched[earlier::per_layer])
     rows = [[round(us, 2) for us in gemm[r * layers : (r + 1) * layers]] for r in range(replays)]
     return rows, {name: statistics.fmean(us) for name, us in others.items()}
 
@@ -123,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=32768, help="tokens of the `ours` neighbour's sequence")
     p.add_argument("--replays", type=int, default=20, help="profiled graph replays an arm")
     p.add_argument("--power-replays", type=int, default=200, help="unprofiled replays an arm, NVML sampling")
-    p.add_argument("--o-proj", action="store_true",
-                   help="a layer runs o_proj ([1, hidden] x [hidden, hidden], its own weight) and an RMS norm between "
-                   "the neighbour and gate/up, in the engine's order")  # fmt: skip
+    p.add_argument(
+        "--o-proj",
+        action="store_true",
+        help="a layer runs o_proj ([1, hidden] x [hidden, hidden], its own weight) and a plain RMS norm (the engine "
+        "fuses the residual add into it) between the neighbour and gate/up, in the engine's order",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gate_up_only = replay_spans(capture(None, o_proj=False), 1)
     if len(gate_up_only) != args.layers:  # split_launches counts one launch a layer
-        raise SystemExit(f"gate/up runs as {len(gate_up_only) // args.layers} kernels a layer; the probe times one")
+        raise SystemExit(f"gate/up ran as {len(gate_up_only)} launches for {args.layers} layers; the probe times one")
     names = {name for name, _, _ in gate_up_only}
     gpu = GpuTelemetry.start()
     arms = {}

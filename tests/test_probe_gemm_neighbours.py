@@ -41,7 +41,7 @@ def test_split_launches_takes_each_layers_last_gemm_when_o_proj_shares_its_kerne
                 t += us + 1.0
     rows, others = probe.split_launches(spans, {"gemm"}, replays=2, layers=3)
     assert rows == [[50.0, 51.0, 52.0], [60.0, 61.0, 62.0]]
-    assert others == {"attn": 4.0, "norm": 2.0, "o_proj (gate/up's kernel)": 10.0}
+    assert others == {"attn": 4.0, "norm": 2.0, "earlier launches of gate/up's kernel": 10.0}
 
 
 def test_split_launches_refuses_launches_that_do_not_fill_the_layers(probe):
