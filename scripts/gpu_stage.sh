@@ -5,8 +5,9 @@
 #            (bench_store_dequant.py's LARGE_STORE_VARIANTS at 16K and 32K tokens; torch + triton only)
 #   vllm:    vLLM backend tests on the GPU (needs the bundle), in four parts that each fit a call (all of tests/vllm
 #            did not finish in 560 s): PART=engine (real engines: generation, FLASH_ATTN unchanged, refused settings,
-#            ~440 s), PART=graphs (key offsets and sinks under CUDA graphs, ~390 s), PART=layers (layer level,
-#            plugin, spec, prefill, warm-up, ~180 s), PART=recent (the recent window under CUDA graphs: > 256 s cold)
+#            ~500 s, close to its 540-s timeout), PART=graphs (key offsets and sinks under CUDA graphs, 335-420 s),
+#            PART=layers (layer level, plugin, spec, prefill, warm-up, ~180 s), PART=recent (the recent window under
+#            CUDA graphs, 200-300 s)
 #   quality: SmolLM2 teacher-forced quality through vLLM, MODES of bench_vllm_quality.py (bundle + .assets);
 #            vLLM's native modes needed > 110 s on a cold host, ~40 s once warm
 #   engine:  the engine table (KV capacity, TPOT) for MODES (default ours,bf16; then MODES=fp8,tq_native:

@@ -261,7 +261,7 @@ def _reduce_splits_kernel(
     LIVE_SPLITS: tl.constexpr = False,  # counts live sequences (decode_tiles.live_split_tiles)
     WRITE_RECENT: tl.constexpr = 0,  # the window's recent_tokens, 0: no writer programs
     BLOCK_SIZE: tl.constexpr = 16,  # tokens per page (the writer's slots)
-    WRITER_ROT_CHUNK: tl.constexpr = 32,
+    WRITER_ROT_CHUNK: tl.constexpr = 32,  # rotate.WRITER_ROT_CHUNK, passed with WRITE_RECENT (recent.py)
 ):
     """One (token, head) row per tile row: merge the splits' softmax partials (_merge_splits), rotate back, store.
 
