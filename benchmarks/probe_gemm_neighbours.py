@@ -12,7 +12,8 @@ each other. This probe replays 32 "layers" of [neighbour, GEMM] in one CUDA grap
 - read: a sum over as many bytes as the copy reads (no writes); fill: 1 MB written (a few small writes);
 - matmul: a compute-bound bf16 matmul about that long (power drawn by the SMs);
 - ours: our decode attention at 32K x 1 with the fused store, the engine's neighbour; ours_no_store: the same
-  without the step's K/V store (what the store's writes add);
+  without the step's K/V store (what the store's writes add); ours_no_pdl: launched without programmatic dependent
+  launch (FA3's launches do not use it); ours_spin_tail: followed by a one-block spin as long as FA3's combine;
 - fa3_fp8: vLLM's FA3 over fp8 pages at that context (the fp8 engine's neighbour; needs vLLM).
 
 On the H200 (probe_gemm_neighbours_*_h200_2026-12-03h.json, ..._all_h200_2026-12-04a.json) two humps 4-6 us apart
@@ -40,8 +41,21 @@ from engine_steps import kernel_spans
 from gpu_telemetry import GpuTelemetry
 from timeline_report import layer_pattern
 
-NEIGHBOURS = ("none", "sleep", "copy", "read", "fill", "matmul", "ours", "ours_no_store", "fa3_fp8")
+from turboquant_vllm.kernels import pdl
+
+NEIGHBOURS = ("none", "sleep", "copy", "read", "fill", "matmul",
+              "ours", "ours_no_store", "ours_no_pdl", "ours_spin_tail", "fa3_fp8")  # fmt: skip
 SM_MHZ = 1980  # the H200's top SM clock: spin cycles a microsecond
+FA3_COMBINE_US = 3.5  # FA3's split combine at 32K x 1 on the H200 (probe_gemm_neighbours_oproj_h200_2026-12-04b.json)
+
+
+def without_pdl(run: Callable[[], None]) -> None:
+    """run() with our kernels launched without programmatic dependent launch."""
+    pdl.ENABLED = False
+    try:
+        run()
+    finally:
+        pdl.ENABLED = True
 
 
 def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) -> Callable[[int], None] | None:
@@ -68,15 +82,20 @@ def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) ->
         a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
         c = torch.empty_like(a)
         return lambda i: torch.mm(a, a, out=c)
-    if kind in ("ours", "ours_no_store", "fa3_fp8"):
+    if kind.startswith("ours") or kind == "fa3_fp8":
         args = SimpleNamespace(num_kv_heads=8, head_dim=128, block_size=16, contexts=[context])
         caches = Caches(args, 1)
         shape = Shape(1, context, 32, 8, 128, 16)
         table = caches.table(shape)
-        if kind.startswith("ours"):
-            run = ours_step(caches, shape, table, store="none" if kind == "ours_no_store" else "fused")[0]
-        else:
-            run = fa3_step(caches, shape, table, fp8=True)
+        if kind == "fa3_fp8":
+            fa3 = fa3_step(caches, shape, table, fp8=True)
+            return lambda i: fa3()
+        run = ours_step(caches, shape, table, store="none" if kind == "ours_no_store" else "fused")[0]
+        if kind == "ours_no_pdl":
+            return lambda i: without_pdl(run)
+        if kind == "ours_spin_tail":
+            tail_cycles = int(FA3_COMBINE_US * SM_MHZ)
+            return lambda i: (run(), torch.cuda._sleep(tail_cycles))
         return lambda i: run()
     raise ValueError(f"neighbour must be one of {NEIGHBOURS}, got {kind!r}")
 
