@@ -14,6 +14,8 @@ each other. This probe replays 32 "layers" of [neighbour, GEMM] in one CUDA grap
 - ours: our decode attention at 32K x 1 with the fused store, the engine's neighbour; ours_no_store: the same
   without the step's K/V store (what the store's writes add); ours_no_pdl: launched without programmatic dependent
   launch (FA3's launches do not use it); ours_spin_tail: followed by a one-block spin as long as FA3's combine;
+  ours_fenced: after a one-element fill launched without PDL, so the next layer's first kernel cannot start while
+  the GEMM before it runs (is it the early launch after the GEMM, or the one before it, that slows the GEMM?);
 - fa3_fp8: vLLM's FA3 over fp8 pages at that context (the fp8 engine's neighbour; needs vLLM).
 
 On the H200 (probe_gemm_neighbours_*_h200_2026-12-03h.json, ..._all_h200_2026-12-04a.json) two humps 4-6 us apart
@@ -44,7 +46,7 @@ from timeline_report import layer_pattern
 from turboquant_vllm.kernels import pdl
 
 NEIGHBOURS = ("none", "sleep", "copy", "read", "fill", "matmul",
-              "ours", "ours_no_store", "ours_no_pdl", "ours_spin_tail", "fa3_fp8")  # fmt: skip
+              "ours", "ours_no_store", "ours_no_pdl", "ours_spin_tail", "ours_fenced", "fa3_fp8")  # fmt: skip
 SM_MHZ = 1980  # the H200's top SM clock: spin cycles a microsecond
 FA3_COMBINE_US = 3.5  # FA3's split combine at 32K x 1 on the H200 (probe_gemm_neighbours_oproj_h200_2026-12-04b.json)
 
@@ -93,6 +95,9 @@ def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) ->
         run = ours_step(caches, shape, table, store="none" if kind == "ours_no_store" else "fused")[0]
         if kind == "ours_no_pdl":
             return lambda i: without_pdl(run)
+        if kind == "ours_fenced":
+            fence = torch.zeros(1, device="cuda")
+            return lambda i: (fence.fill_(float(i)), run())
         if kind == "ours_spin_tail":
             tail_cycles = int(FA3_COMBINE_US * SM_MHZ)
             return lambda i: (run(), torch.cuda._sleep(tail_cycles))
