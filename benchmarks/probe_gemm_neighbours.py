@@ -52,12 +52,12 @@ FA3_COMBINE_US = 3.5  # FA3's split combine at 32K x 1 on the H200 (probe_gemm_n
 
 
 def without_pdl(run: Callable[[], None]) -> None:
-    """run() with our kernels launched without programmatic dependent launch."""
-    pdl.ENABLED = False
+    """run() with our kernels launched without programmatic dependent launch; the switch is restored after."""
+    enabled, pdl.ENABLED = pdl.ENABLED, False
     try:
         run()
     finally:
-        pdl.ENABLED = True
+        pdl.ENABLED = enabled
 
 
 def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) -> Callable[[int], None] | None:
