@@ -23,6 +23,9 @@ follow `ours` (at 1K, 4K and 32K alike), `fa3_fp8` and `copy`; one hump `none`, 
 `fill` (1 MB written); `matmul` one hump, shifted 2-8 us; at a steady 1980-MHz SM clock with no throttle reason. Next
 to the GEMM, FA3 over fp8 slows it as much as ours does, so adjacency alone does not give the engine's difference.
 `--o-proj` puts the engine's o_proj GEMM and a plain RMS norm between the neighbour and gate/up, in the engine's order.
+`--whole-layer` adds the rest of a decoder layer: after gate/up the SiLU-and-mul, then the next layer's down
+projection, norm, qkv projection and a rotary-sized elementwise launch ahead of the neighbour, so that, as in the
+engine, the kernel right before the attention is not a GEMM (without it, the previous layer's gate/up is).
 Board power per arm comes from NVML (gpu_telemetry.py) over a longer unprofiled window.
 
     python benchmarks/probe_gemm_neighbours.py --out benchmarks/results/probe_gemm_neighbours_h200_<date>.json
@@ -105,6 +108,31 @@ def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) ->
     raise ValueError(f"neighbour must be one of {NEIGHBOURS}, got {kind!r}")
 
 
+def whole_layer_buffers(args: argparse.Namespace) -> SimpleNamespace:
+    """--whole-layer's weights (each layer its own, so none is in L2 when its GEMM starts) and activations."""
+
+    def weight(rows: int, cols: int) -> list[torch.Tensor]:
+        return [torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(args.layers)]
+
+    return SimpleNamespace(
+        down=weight(args.hidden, args.intermediate),
+        qkv=weight(args.qkv, args.hidden),
+        act=torch.randn(1, args.intermediate, dtype=torch.bfloat16, device="cuda"),
+        h=torch.empty(1, args.hidden, dtype=torch.bfloat16, device="cuda"),
+        qkv_out=torch.empty(1, args.qkv, dtype=torch.bfloat16, device="cuda"),
+        hidden=args.hidden,
+    )
+
+
+def ahead_of_attention(bufs: SimpleNamespace, i: int, norm_weight: torch.Tensor) -> None:
+    """What the engine runs between a layer's MLP and the next layer's attention: the down projection, the norm,
+    the qkv projection and the rotary embedding (here one elementwise launch over q and k in place)."""
+    torch.mm(bufs.act, bufs.down[i].t(), out=bufs.h)
+    normed = torch.nn.functional.rms_norm(bufs.h, (bufs.hidden,), norm_weight)
+    torch.mm(normed, bufs.qkv[i].t(), out=bufs.qkv_out)
+    bufs.qkv_out.mul_(1.0)
+
+
 def replay_spans(graph: torch.cuda.CUDAGraph, replays: int) -> list[tuple[str, float, float]]:
     """The kernels of `replays` replays of graph under torch.profiler, as (name, start us, end us) in start order."""
     from torch.profiler import ProfilerActivity, profile
@@ -154,8 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         help="a layer runs o_proj ([1, hidden] x [hidden, hidden], its own weight) and a plain RMS norm (the engine "
         "fuses the residual add into it) between the neighbour and gate/up, in the engine's order",
     )
+    p.add_argument(
+        "--whole-layer",
+        action="store_true",
+        help="also SiLU-and-mul after gate/up and down, norm, qkv and a rotary stand-in ahead of the neighbour, each "
+        "GEMM with its own weights (implies --o-proj)",
+    )
+    p.add_argument("--qkv", type=int, default=6144, help="qkv projection's output columns: (32 + 2 x 8) heads x 128")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    args.o_proj = args.o_proj or args.whole_layer
     if not torch.cuda.is_available():
         print("probe_gemm_neighbours needs a CUDA GPU; none found.")
         return 2
@@ -168,10 +204,13 @@ def main(argv: list[str] | None = None) -> int:
           for _ in range(args.layers if args.o_proj else 0)]  # fmt: skip
     norm_weight = torch.ones(args.hidden, dtype=torch.bfloat16, device="cuda")
     h = torch.empty_like(x)
+    around = whole_layer_buffers(args) if args.whole_layer else None
 
     def capture(neighbour: Callable[[int], None] | None, o_proj: bool = args.o_proj) -> torch.cuda.CUDAGraph:
         def layers() -> None:
             for i in range(args.layers):
+                if o_proj and around is not None:
+                    ahead_of_attention(around, i, norm_weight)
                 if neighbour is not None:
                     neighbour(i)
                 gate_up_in = x
@@ -179,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                     torch.mm(x, wo[i].t(), out=h)
                     gate_up_in = torch.nn.functional.rms_norm(h, (args.hidden,), norm_weight)
                 torch.mm(gate_up_in, weights[i].t(), out=ys[i])
+                if o_proj and around is not None:
+                    gate, up = ys[i].chunk(2, dim=-1)
+                    torch.mul(torch.nn.functional.silu(gate), up, out=around.act)
 
         layers()  # compile and pick cuBLAS kernels outside the capture
         torch.cuda.synchronize()
@@ -224,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             "hidden": args.hidden,
             "intermediate": args.intermediate,
             "o_proj": args.o_proj,
+            "whole_layer": args.whole_layer,
+            "qkv": args.qkv if args.whole_layer else None,
         },
         "arms": arms,
     }

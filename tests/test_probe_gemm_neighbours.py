@@ -48,3 +48,21 @@ def test_split_launches_refuses_launches_that_do_not_fill_the_layers(probe):
     spans = [("gemm", float(i), i + 0.5) for i in range(5)]
     with pytest.raises(ValueError, match="do not split into 2 replays of 2 layers"):
         probe.split_launches(spans, {"gemm"}, replays=2, layers=2)
+
+
+def test_whole_layer_runs_down_norm_and_qkv_ahead_of_the_attention(probe):
+    """--whole-layer's launches between a layer's MLP and the next attention compute what the engine's do."""
+    from types import SimpleNamespace
+
+    import torch
+
+    torch.manual_seed(0)
+    hidden, inter, qkv = 8, 16, 12
+    bufs = SimpleNamespace(down=[torch.randn(hidden, inter)], qkv=[torch.randn(qkv, hidden)], act=torch.randn(1, inter),
+                           h=torch.empty(1, hidden), qkv_out=torch.empty(1, qkv), hidden=hidden)  # fmt: skip
+    norm_weight = torch.rand(hidden) + 0.5
+    probe.ahead_of_attention(bufs, 0, norm_weight)
+    h = bufs.act @ bufs.down[0].T
+    normed = h / h.pow(2).mean(-1, keepdim=True).add(torch.finfo(torch.float32).eps).sqrt() * norm_weight
+    torch.testing.assert_close(bufs.h, h)
+    torch.testing.assert_close(bufs.qkv_out, normed @ bufs.qkv[0].T)
