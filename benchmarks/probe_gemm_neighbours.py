@@ -126,7 +126,7 @@ def whole_layer_buffers(args: argparse.Namespace) -> SimpleNamespace:
 
 def ahead_of_attention(bufs: SimpleNamespace, i: int, norm_weight: torch.Tensor) -> None:
     """What the engine runs between a layer's MLP and the next layer's attention: the down projection, the norm,
-    the qkv projection and the rotary embedding (here one elementwise launch over q and k in place)."""
+    the qkv projection and the rotary embedding (here one elementwise launch over the qkv output in place)."""
     torch.mm(bufs.act, bufs.down[i].t(), out=bufs.h)
     normed = torch.nn.functional.rms_norm(bufs.h, (bufs.hidden,), norm_weight)
     torch.mm(normed, bufs.qkv[i].t(), out=bufs.qkv_out)
@@ -207,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     around = whole_layer_buffers(args) if args.whole_layer else None
 
     def capture(neighbour: Callable[[int], None] | None, o_proj: bool = args.o_proj) -> torch.cuda.CUDAGraph:
+        whole = around if o_proj else None  # the names graph runs gate/up alone
+
         def layers() -> None:
             for i in range(args.layers):
-                if o_proj and around is not None:
-                    ahead_of_attention(around, i, norm_weight)
+                if whole is not None:
+                    ahead_of_attention(whole, i, norm_weight)
                 if neighbour is not None:
                     neighbour(i)
                 gate_up_in = x
@@ -218,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                     torch.mm(x, wo[i].t(), out=h)
                     gate_up_in = torch.nn.functional.rms_norm(h, (args.hidden,), norm_weight)
                 torch.mm(gate_up_in, weights[i].t(), out=ys[i])
-                if o_proj and around is not None:
+                if whole is not None:
                     gate, up = ys[i].chunk(2, dim=-1)
-                    torch.mul(torch.nn.functional.silu(gate), up, out=around.act)
+                    torch.mul(torch.nn.functional.silu(gate), up, out=whole.act)
 
         layers()  # compile and pick cuBLAS kernels outside the capture
         torch.cuda.synchronize()
