@@ -27,8 +27,6 @@ the other arm should pass --tiles '{}' to run the same way. A JSON list runs eve
 lease falls on both); each row keeps its arm as `tiles_change`.
 --no-pdl launches our kernels without programmatic dependent launch (kernels/pdl.py), engine core in-process as with
 --tiles (give the other arm --tiles '{}'): PDL shortens our step's chain but changes what the next layer's GEMMs see.
---overlap-mixed runs a mixed step's decode launch on a second stream beside its prefill path (vllm/side_stream.py),
-in-process likewise: the A/B for the decode rows that ride along later prompts' chunks at 16 sequences.
 --telemetry samples the GPU's SM clock, power, temperature and clock-event reasons (NVML, gpu_telemetry.py) through
 every timed run, profile window and traced run: whether two windows of the same steps ran at the same clock.
 Each mode runs in its own process (a fresh GPU); results go to benchmarks/results/engine_<date>.json.
@@ -83,21 +81,15 @@ def run_mode(
     trace_kernels: bool = False,
     telemetry: bool = False,
     no_pdl: bool = False,
-    overlap_mixed: bool = False,
 ) -> dict:
     import os
 
-    # the profiler / the change must reach the engine's kernels
-    if profile or trace or tiles is not None or no_pdl or overlap_mixed:
+    if profile or trace or tiles is not None or no_pdl:  # the profiler / the change must reach the engine's kernels
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if no_pdl:
         from turboquant_vllm.kernels import pdl
 
         pdl.ENABLED = False
-    if overlap_mixed:
-        from turboquant_vllm.vllm import side_stream
-
-        side_stream.ENABLED = True
     if tiles is not None:  # --tiles, already checked by tiles_with
         from turboquant_vllm.kernels import decode_tiles
 
@@ -329,7 +321,6 @@ def main() -> None:
     parser.add_argument("--telemetry", action="store_true", help="sample SM clock, power, temperature (NVML)")
     parser.add_argument("--tiles", help="JSON of decode_tiles.Tiles fields to change at d=128 (engine in-process)")
     parser.add_argument("--no-pdl", action="store_true", help="our kernels without programmatic dependent launch")
-    parser.add_argument("--overlap-mixed", action="store_true", help="mixed steps' decodes on a second stream")
     parser.add_argument("--out", type=Path, default=RESULTS / f"engine_{date.today()}.json")
     parser.add_argument("--plot", type=Path, nargs="+",
                         help="only draw: merge the modes of these result JSONs into --out (JSON + PNG)")  # fmt: skip
@@ -348,15 +339,13 @@ def main() -> None:
     if args.child:
         tiles = None if arms[0] is None else tiles_with(arms[0])
         row = run_mode(args.child, shapes, args.max_model_len, args.gpu_memory_utilization, args.tpot, profile,
-                       args.repeats, tiles, trace, args.trace_kernels, args.telemetry, args.no_pdl,
-                       args.overlap_mixed)  # fmt: skip
+                       args.repeats, tiles, trace, args.trace_kernels, args.telemetry, args.no_pdl)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
         return
 
     from turboquant_vllm.eval.child import run_child
     from turboquant_vllm.eval.provenance import provenance
     from turboquant_vllm.kernels import pdl, store
-    from turboquant_vllm.vllm import side_stream
 
     result = {
         "benchmark": "engine",
@@ -367,11 +356,7 @@ def main() -> None:
         **provenance(sys.argv),
         "decode_tiles_d128": dataclasses.asdict(tiles_with({})),  # our kernel's default launch shapes at d=128
         "tiles_change": arms if len(arms) > 1 else arms[0],  # --tiles (None: defaults, engine core in its process)
-        "kernel_switches": {
-            "pdl": pdl.ENABLED and not args.no_pdl,
-            "store_contract_last": store.CONTRACT_LAST,
-            "overlap_mixed_decodes": side_stream.ENABLED or args.overlap_mixed,
-        },
+        "kernel_switches": {"pdl": pdl.ENABLED and not args.no_pdl, "store_contract_last": store.CONTRACT_LAST},
         "modes": [],
     }
     for a, arm, mode in [(a, arm, mode) for a, arm in enumerate(arms) for mode in args.modes.split(",")]:
@@ -396,7 +381,6 @@ def main() -> None:
             *(["--telemetry"] if args.telemetry else []),
             *(["--tiles", json.dumps(arm)] if arm is not None else []),
             *(["--no-pdl"] if args.no_pdl else []),
-            *(["--overlap-mixed"] if args.overlap_mixed else []),
         ]
         child = run_child(cmd, args.timeout)
         arm_tag = f"_arm{a}" if len(arms) > 1 else ""

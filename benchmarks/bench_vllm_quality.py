@@ -152,7 +152,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     table = []
     for r in rows:
         if "top1" not in r:
-            table.append({"mode": r["mode"], "error": r.get("error")})
+            table.append({k: r[k] for k in ("mode", "error", "log", "log_tail") if k in r})
             continue
         nll = -sum(r["actual_logprobs"]) / len(r["actual_logprobs"])
         entry = {
@@ -219,12 +219,15 @@ def main() -> None:
             + (["--key-offsets", offsets_path] if offsets_path else [])
         )
         child = run_child(cmd, args.timeout)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        log = args.out.with_name(f"{args.out.stem}_{mode}.log")  # the engine's own log: start-up, warnings
+        log.write_text(child.stdout + child.stderr)
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
         if lines:
             rows.append(json.loads(lines[-1][7:]))
         else:
-            error = f"timeout after {args.timeout}s" if child.timed_out else child.stderr[-3000:]
-            rows.append({"mode": mode, "error": error})
+            error = f"timeout after {args.timeout}s" if child.timed_out else "failed"
+            rows.append({"mode": mode, "error": error, "log": log.name, "log_tail": child.stderr[-3000:]})
         summary = summarise(rows)
         print(json.dumps(summary[-1])[:1500], flush=True)
         result = {
@@ -240,7 +243,6 @@ def main() -> None:
             **provenance(sys.argv),
             "summary": summary,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
 

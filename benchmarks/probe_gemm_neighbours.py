@@ -26,6 +26,9 @@ to the GEMM, FA3 over fp8 slows it as much as ours does, so adjacency alone does
 `--whole-layer` adds the rest of a decoder layer: after gate/up the SiLU-and-mul, then the next layer's down
 projection, norm, qkv projection and a rotary-sized elementwise launch ahead of the neighbour, so that, as in the
 engine, the kernel right before the attention is not a GEMM (without it, the previous layer's gate/up is).
+With it (..._whole_all_h200_2026-12-04c.json) FA3 over fp8 slows gate/up as much as ours (59.0 against 59.3 us, none
+57.5), and neither the store, PDL nor a fence moves ours. `--pages-per-layer` gives each layer's attention pages of its
+own, as the engine's layers have (by default all layers read one set).
 Board power per arm comes from NVML (gpu_telemetry.py) over a longer unprofiled window.
 
     python benchmarks/probe_gemm_neighbours.py --out benchmarks/results/probe_gemm_neighbours_h200_<date>.json
@@ -63,8 +66,17 @@ def without_pdl(run: Callable[[], None]) -> None:
         pdl.ENABLED = enabled
 
 
-def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) -> Callable[[int], None] | None:
-    """A callable run ahead of layer i's GEMM, about target_us long on an H200 (None: no neighbour)."""
+def per_layer(make: Callable[[], Callable[[], None]], layers: int, own: bool) -> Callable[[int], None]:
+    """Layer i's attention step: make() once for all layers, or once a layer (own pages, as in the engine)."""
+    steps = [make() for _ in range(layers if own else 1)]
+    return lambda i: steps[i if own else 0]()
+
+
+def neighbour_kernels(
+    kind: str, layers: int, target_us: float, context: int, own_pages: bool = False
+) -> Callable[[int], None] | None:
+    """A callable run ahead of layer i's GEMM, about target_us long on an H200 (None: no neighbour).
+    own_pages: the attention neighbours read pages of their own in every layer, not one set shared by all."""
     if kind == "none":
         return None
     if kind == "sleep":
@@ -89,22 +101,28 @@ def neighbour_kernels(kind: str, layers: int, target_us: float, context: int) ->
         return lambda i: torch.mm(a, a, out=c)
     if kind.startswith("ours") or kind == "fa3_fp8":
         args = SimpleNamespace(num_kv_heads=8, head_dim=128, block_size=16, contexts=[context])
-        caches = Caches(args, 1)
         shape = Shape(1, context, 32, 8, 128, 16)
-        table = caches.table(shape)
+        store = "none" if kind == "ours_no_store" else "fused"
+
+        def step() -> Callable[[], None]:
+            caches = Caches(args, 1)
+            table = caches.table(shape)
+            if kind == "fa3_fp8":
+                return fa3_step(caches, shape, table, fp8=True)
+            return ours_step(caches, shape, table, store=store)[0]
+
+        run = per_layer(step, layers, own_pages)
         if kind == "fa3_fp8":
-            fa3 = fa3_step(caches, shape, table, fp8=True)
-            return lambda i: fa3()
-        run = ours_step(caches, shape, table, store="none" if kind == "ours_no_store" else "fused")[0]
+            return run
         if kind == "ours_no_pdl":
-            return lambda i: without_pdl(run)
+            return lambda i: without_pdl(lambda: run(i))
         if kind == "ours_fenced":
             fence = torch.zeros(1, device="cuda")
-            return lambda i: (fence.fill_(float(i)), run())
+            return lambda i: (fence.fill_(float(i)), run(i))
         if kind == "ours_spin_tail":
             tail_cycles = int(FA3_COMBINE_US * SM_MHZ)
-            return lambda i: (run(), torch.cuda._sleep(tail_cycles))
-        return lambda i: run()
+            return lambda i: (run(i), torch.cuda._sleep(tail_cycles))
+        return run
     raise ValueError(f"neighbour must be one of {NEIGHBOURS}, got {kind!r}")
 
 
@@ -189,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         "GEMM with its own weights (implies --o-proj)",
     )
     p.add_argument("--qkv", type=int, default=6144, help="qkv projection's output columns: (32 + 2 x 8) heads x 128")
+    p.add_argument(
+        "--pages-per-layer",
+        action="store_true",
+        help="each layer's attention reads its own pages, as in the engine (by default all layers share one set)",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     args.o_proj = args.o_proj or args.whole_layer
@@ -242,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = {}
     for kind in args.neighbours:
         try:
-            graph = capture(neighbour_kernels(kind, args.layers, args.target_us, args.context))
+            graph = capture(neighbour_kernels(kind, args.layers, args.target_us, args.context, args.pages_per_layer))
         except ImportError as err:  # fa3_fp8 without vLLM
             arms[kind] = {"error": str(err)}
             print(f"{kind:7} skipped: {err}", flush=True)
@@ -270,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "o_proj": args.o_proj,
             "whole_layer": args.whole_layer,
             "qkv": args.qkv if args.whole_layer else None,
+            "pages_per_layer": args.pages_per_layer,
         },
         "arms": arms,
     }

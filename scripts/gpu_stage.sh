@@ -16,8 +16,8 @@
 #            pure decode steps), TILES (JSON of decode_tiles.Tiles fields, or a list of them: the arms of an A/B,
 #            run in order), TRACE (CONTEXTxSEQS, every step of its two runs timed) and TRACE_KERNELS=1 (those
 #            runs' mixed steps' kernels), TELEMETRY=1 (SM clock, power, temperature through each timed
-#            window, NVML), NO_PDL=1 (our kernels without programmatic dependent launch) and OVERLAP_MIXED=1
-#            (mixed steps' decode launch on a second stream) pass through to bench_engine.py
+#            window, NVML) and NO_PDL=1 (our kernels without programmatic dependent launch) pass through to
+#            bench_engine.py
 #   kernel-tests: the GPU kernel tests alone, in two parts that each fit a call (the whole set needs more than
 #            290 s): PART=decode (tests/kernels/test_decode*.py) or PART=rest (the other kernel tests, test_quantizer)
 #   profile: where decode time goes (benchmarks/profile_decode.py)
@@ -90,8 +90,7 @@ native_turboquant_k8v4,ours_4_3,ours_3_3}" >>"$LOG" 2>&1
       --modes "${MODES:-ours,bf16}" --timeout "${MODE_TIMEOUT:-280}" ${MAX_MODEL_LEN:+--max-model-len "$MAX_MODEL_LEN"} \
       ${SHAPES+--shapes "$SHAPES"} ${PROFILE:+--profile "$PROFILE"} ${REPEATS:+--repeats "$REPEATS"} \
       ${TILES:+--tiles "$TILES"} ${TRACE:+--trace-steps "$TRACE"} ${TRACE_KERNELS:+--trace-kernels} \
-      ${TELEMETRY:+--telemetry} ${NO_PDL:+--no-pdl} \
-      ${OVERLAP_MIXED:+--overlap-mixed} >>"$LOG" 2>&1
+      ${TELEMETRY:+--telemetry} ${NO_PDL:+--no-pdl} >>"$LOG" 2>&1
     ;;
   profile)
     timeout 120 python3 benchmarks/profile_decode.py --out "$RESULTS_DIR/profile_decode.json" >>"$LOG" 2>&1

@@ -66,3 +66,20 @@ def test_whole_layer_runs_down_norm_and_qkv_ahead_of_the_attention(probe):
     normed = h / h.pow(2).mean(-1, keepdim=True).add(torch.finfo(torch.float32).eps).sqrt() * norm_weight
     torch.testing.assert_close(bufs.h, h)
     torch.testing.assert_close(bufs.qkv_out, normed @ bufs.qkv[0].T)
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_per_layer_steps_share_one_set_of_pages_or_make_one_a_layer(probe, own):
+    """--pages-per-layer: layer i runs the i-th step made; without it every layer runs the one step."""
+    made, ran = [], []
+
+    def make():
+        k = len(made)
+        made.append(k)
+        return lambda: ran.append(k)
+
+    step = probe.per_layer(make, layers=3, own=own)
+    for i in (0, 1, 2, 1):
+        step(i)
+    assert made == ([0, 1, 2] if own else [0])
+    assert ran == ([0, 1, 2, 1] if own else [0, 0, 0, 0])

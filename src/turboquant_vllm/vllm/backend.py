@@ -38,7 +38,6 @@ from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.key_offset import KeyOffset, layer_key_offset
 from turboquant_vllm.layout import PageLayout
-from turboquant_vllm.vllm import side_stream
 from turboquant_vllm.vllm.prefill import PrefillPlan, plan_prefill, prefill_attention
 from turboquant_vllm.vllm.spec import current_tq_config
 from turboquant_vllm.vllm.warmup import warm_up_kernels
@@ -184,7 +183,6 @@ class TQ4Metadata:
     # within fp32 summation order of its multi-token ones. A token stored twice (do_kv_cache_update without a
     # forward context to consult) keeps the bytes of paged_attention's store.
     fused_store_tokens: int = 0
-    decodes_beside_prefill: bool = False  # a mixed step's decode launch on the side stream (vllm/side_stream.py)
 
 
 class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
@@ -252,7 +250,6 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
             workspace=self.workspace if num_splits > 1 else None,
             prefill=prefill,
             fused_store_tokens=num_decode_tokens if fused_store else 0,
-            decodes_beside_prefill=side_stream.overlaps(num_decodes, prefill is not None, self.device),
         )
 
 
@@ -411,9 +408,10 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         kv_cache = packed_pages(kv_cache)
         codec = self.codec(kv_cache.device)
         key_offset = self.key_offset(layer, codec)
-        with side_stream.beside_main(md.decodes_beside_prefill, query.device) as side:
+        wrote_recent = False
+        if md.num_decodes:
             n = md.num_decode_tokens
-            wrote_recent = md.num_decodes > 0 and paged_attention(
+            wrote_recent = paged_attention(
                 codec, query[:n], key[:n], value[:n], kv_cache,
                 block_table=md.block_table,
                 seq_lens=md.seq_lens,
@@ -433,7 +431,6 @@ class TQ4AttentionImpl(AttentionImpl[TQ4Metadata]):
         if md.prefill is not None:
             prefill_attention(codec, md.prefill, query, key, value, kv_cache, self.scale, output, key_offset, sinks,
                               recent)  # fmt: skip
-        side_stream.join(side)
         # after every read of this step (sinks.py, recent.py)
         if sinks is not None:
             write_sinks(sinks, codec.rotation, key, value, md.block_table, md.seq_lens, md.query_start_loc)
