@@ -384,9 +384,7 @@ def main() -> None:
         ]
         child = run_child(cmd, args.timeout)
         arm_tag = f"_arm{a}" if len(arms) > 1 else ""
-        log = args.out.with_name(f"{args.out.stem}_{mode}{arm_tag}.log")  # the engine's own log, e.g. JIT warnings
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(child.stdout + child.stderr)
+        child.save_log(args.out, mode + arm_tag)  # the engine's own log, e.g. JIT warnings
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
         if lines:
             result["modes"].append(json.loads(lines[-1][7:]))

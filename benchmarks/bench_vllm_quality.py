@@ -219,9 +219,7 @@ def main() -> None:
             + (["--key-offsets", offsets_path] if offsets_path else [])
         )
         child = run_child(cmd, args.timeout)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        log = args.out.with_name(f"{args.out.stem}_{mode}.log")  # the engine's own log: start-up, warnings
-        log.write_text(child.stdout + child.stderr)
+        log = child.save_log(args.out, mode)
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
         if lines:
             rows.append(json.loads(lines[-1][7:]))

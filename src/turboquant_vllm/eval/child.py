@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -18,6 +19,13 @@ class ChildResult:
     stdout: str
     stderr: str
     timed_out: bool
+
+    def save_log(self, out: Path, tag: str) -> Path:
+        """Write what the child printed next to a result file: `<out stem>_<tag>.log` (start-up, warnings)."""
+        log = out.with_name(f"{out.stem}_{tag}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(self.stdout + self.stderr)
+        return log
 
 
 def run_child(cmd: list[str], timeout: float) -> ChildResult:
