@@ -66,7 +66,7 @@ def without_pdl(run: Callable[[], None]) -> None:
         pdl.ENABLED = enabled
 
 
-def per_layer(make: Callable[[], Callable[[], None]], layers: int, own: bool) -> Callable[[int], None]:
+def layer_steps(make: Callable[[], Callable[[], None]], layers: int, own: bool) -> Callable[[int], None]:
     """Layer i's attention step: make() once for all layers, or once a layer (own pages, as in the engine)."""
     steps = [make() for _ in range(layers if own else 1)]
     return lambda i: steps[i if own else 0]()
@@ -111,7 +111,7 @@ def neighbour_kernels(
                 return fa3_step(caches, shape, table, fp8=True)
             return ours_step(caches, shape, table, store=store)[0]
 
-        run = per_layer(step, layers, own_pages)
+        run = layer_steps(step, layers, own_pages)
         if kind == "fa3_fp8":
             return run
         if kind == "ours_no_pdl":
@@ -126,15 +126,16 @@ def neighbour_kernels(
     raise ValueError(f"neighbour must be one of {NEIGHBOURS}, got {kind!r}")
 
 
+def layer_weights(layers: int, rows: int, cols: int) -> list[torch.Tensor]:
+    """One bf16 [rows, cols] weight a layer, so none is in L2 when its GEMM starts."""
+    return [torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(layers)]
+
+
 def whole_layer_buffers(args: argparse.Namespace) -> SimpleNamespace:
-    """--whole-layer's weights (each layer its own, so none is in L2 when its GEMM starts) and activations."""
-
-    def weight(rows: int, cols: int) -> list[torch.Tensor]:
-        return [torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(args.layers)]
-
+    """--whole-layer's weights (layer_weights) and activations."""
     return SimpleNamespace(
-        down=weight(args.hidden, args.intermediate),
-        qkv=weight(args.qkv, args.hidden),
+        down=layer_weights(args.layers, args.hidden, args.intermediate),
+        qkv=layer_weights(args.layers, args.qkv, args.hidden),
         act=torch.randn(1, args.intermediate, dtype=torch.bfloat16, device="cuda"),
         h=torch.empty(1, args.hidden, dtype=torch.bfloat16, device="cuda"),
         qkv_out=torch.empty(1, args.qkv, dtype=torch.bfloat16, device="cuda"),
@@ -219,12 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         print("probe_gemm_neighbours needs a CUDA GPU; none found.")
         return 2
 
-    weights = [torch.randn(2 * args.intermediate, args.hidden, dtype=torch.bfloat16, device="cuda") * 0.02
-               for _ in range(args.layers)]  # fmt: skip
+    weights = layer_weights(args.layers, 2 * args.intermediate, args.hidden)
     x = torch.randn(1, args.hidden, dtype=torch.bfloat16, device="cuda")
     ys = [torch.empty(1, 2 * args.intermediate, dtype=torch.bfloat16, device="cuda") for _ in range(args.layers)]
-    wo = [torch.randn(args.hidden, args.hidden, dtype=torch.bfloat16, device="cuda") * 0.02
-          for _ in range(args.layers if args.o_proj else 0)]  # fmt: skip
+    wo = layer_weights(args.layers if args.o_proj else 0, args.hidden, args.hidden)
     norm_weight = torch.ones(args.hidden, dtype=torch.bfloat16, device="cuda")
     h = torch.empty_like(x)
     around = whole_layer_buffers(args) if args.whole_layer else None

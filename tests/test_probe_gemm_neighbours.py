@@ -69,7 +69,7 @@ def test_whole_layer_runs_down_norm_and_qkv_ahead_of_the_attention(probe):
 
 
 @pytest.mark.parametrize("own", [False, True])
-def test_per_layer_steps_share_one_set_of_pages_or_make_one_a_layer(probe, own):
+def test_layer_steps_share_one_set_of_pages_or_make_one_a_layer(probe, own):
     """--pages-per-layer: layer i runs the i-th step made; without it every layer runs the one step."""
     made, ran = [], []
 
@@ -78,7 +78,7 @@ def test_per_layer_steps_share_one_set_of_pages_or_make_one_a_layer(probe, own):
         made.append(k)
         return lambda: ran.append(k)
 
-    step = probe.per_layer(make, layers=3, own=own)
+    step = probe.layer_steps(make, layers=3, own=own)
     for i in (0, 1, 2, 1):
         step(i)
     assert made == ([0, 1, 2] if own else [0])
