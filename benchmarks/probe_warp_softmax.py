@@ -15,7 +15,12 @@ lookup, 16 query rows), compiled for sm_90a without a GPU:
   relabels them for wgmma (fragment.fragment_columns), the query's the same way;
 - cta_fp8_k: cta with the keys looked up as e4m3 bytes and the score MMA in fp8 (queries rounded to e4m3);
 - cta_fragment, cta_fp8_k_fragment: the two with the tile's tokens and key columns in the wgmma A fragment's order,
-  as the real kernel's `k_fragment` (fp8_fragment_columns for the 8-bit fragment).
+  as the real kernel's `k_fragment` (fp8_fragment_columns for the 8-bit fragment);
+- cta_fp8_kv_fragment: cta_fp8_k_fragment with the values in fp8 too: V^T [DIM, TILE] looked up as e4m3 bytes
+  from words stored dim-major (a word holds 8 tokens of one coordinate, so the lookup's byte quads are 4 tokens,
+  the k32 A fragment's contraction run) and P times the value norms rounded to e4m3 for an fp8 P.V MMA; the
+  storage order of a tile's token columns is the inverse of the relabelling, so column j meets P's row j;
+- cta_fp8_kv_halves_fragment: the same with P as two e4m3 halves (its rounding and the remainder's), two MMAs.
 By default only the compiled code is compared; `--time` runs the forms on a GPU, each launch a grid of programs
 over tiles of their own (by default the 16 x 32K and 16 x 4K launches' 384 programs of 171 and 21 tiles), timed in
 a CUDA graph, each form's output checked against the first form's and fp32 torch. tests/test_probe_warp_softmax.py
@@ -46,7 +51,7 @@ import kernel_resources  # noqa: E402  (a sibling script, not a package)
 from turboquant_vllm import TQConfig  # noqa: E402
 from turboquant_vllm.codec import KVCodec  # noqa: E402
 from turboquant_vllm.kernels.fragment import fragment_columns, fragment_rows, fragment_tokens  # noqa: E402
-from turboquant_vllm.kernels.lut import lut_decode_words, lut_tables  # noqa: E402
+from turboquant_vllm.kernels.lut import lut_decode_words, lut_tables, round_e4m3  # noqa: E402
 from turboquant_vllm.kernels.page import split_words  # noqa: E402
 
 TILE = 64  # tokens a tile
@@ -226,8 +231,10 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, lut8_ptr, cent_p
         acc_t = tl.sum(acc3 * w[:, None, :], 0)
         l_i = tl.sum(l3 * w, 0)
     else:  # cta, and cta_fp8_k: keys looked up as e4m3 bytes, the score MMA in fp8 (queries rounded to e4m3)
-        FP8_K: tl.constexpr = WARP_SPLIT == 5 or WARP_SPLIT == 7
-        FRAG: tl.constexpr = WARP_SPLIT == 6 or WARP_SPLIT == 7  # tokens and key columns in the A fragment's order
+        FP8_V: tl.constexpr = WARP_SPLIT == 8 or WARP_SPLIT == 9  # values as e4m3 bytes too, the P.V MMA in fp8
+        P_HALVES: tl.constexpr = WARP_SPLIT == 9  # P as two e4m3 halves (its rounding and the remainder's), 2 MMAs
+        FP8_K: tl.constexpr = WARP_SPLIT == 5 or WARP_SPLIT == 7 or FP8_V
+        FRAG: tl.constexpr = WARP_SPLIT == 6 or WARP_SPLIT == 7 or FP8_V  # tokens and columns in the A fragment's order
         if FP8_K:
             q8 = tl.load(q_ptr + tl.arange(0, ROWS)[:, None] * DIM + dim[None, :]).to(tl.float8e4nv)
             q8_t = tl.trans(fp8_fragment_columns(q8, ROWS, DIM) if FRAG else q8)
@@ -238,7 +245,10 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, lut8_ptr, cent_p
         l_i = tl.zeros([ROWS], tl.float32)
         acc_t = tl.zeros([DIM, ROWS], tl.float32)
         for t in range(n_tiles):
-            v = _tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS, FRAG)
+            if FP8_V:  # V^T [DIM, TILE]: a K tile's shape with rows and columns swapped (TILE // 8 words a row)
+                v = _tile_fp8(v_ptr, t, lut8_ptr, cent_ptr, LUT, FP8_ALPHA, DIM, TILE, TILE // 8, FRAG)
+            else:
+                v = _tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS, FRAG)
             ks = tl.load(ks_ptr + t * TILE + rows)
             vs = tl.load(vs_ptr + t * TILE + rows)
             if FP8_K:  # [TILE tokens, ROWS]
@@ -257,9 +267,25 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, lut8_ptr, cent_p
             p = tl.exp2(s - m_new[None, :])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 0)
-            pv = (p * vs[:, None]).to(tl.float16)
-            acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), pv)
+            if FP8_V and LUT:
+                pv = p * vs[:, None]
+                pv8 = pv.to(tl.float8e4nv)
+                acc_t = acc_t * alpha[None, :] + tl.dot(v, pv8)
+                if P_HALVES:
+                    acc_t += tl.dot(v, (pv - pv8.to(tl.float32)).to(tl.float8e4nv))
+            elif FP8_V:  # the interpreter: P rounded without its e4m3 cast (see round_e4m3), the dot in fp32
+                pv = p * vs[:, None]
+                pv_hi = round_e4m3(pv)
+                if P_HALVES:
+                    pv_hi += round_e4m3(pv - pv_hi)
+                acc_t = acc_t * alpha[None, :] + tl.dot(v.to(tl.float32), pv_hi)
+            else:
+                pv = (p * vs[:, None]).to(tl.float16)
+                acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), pv)
             m_i = m_new
+        if FP8_V:  # acc_t's rows are V^T's, in fragment_tokens' order, and scaled by FP8_ALPHA
+            acc_t = acc_t * (1.0 / FP8_ALPHA)
+            dim = fragment_rows(DIM) if FRAG else dim
     out = acc_t / l_i[None, :]
     tl.store(out_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None], out)
 
@@ -273,6 +299,8 @@ FORMS = {
     "cta_fp8_k": 5,
     "cta_fragment": 6,
     "cta_fp8_k_fragment": 7,
+    "cta_fp8_kv_fragment": 8,
+    "cta_fp8_kv_halves_fragment": 9,
 }
 CENTROIDS = KVCodec(TQConfig(), 1, DIM).key.centroids.to(torch.float16)  # 4-bit keys and values alike
 FP8_ALPHA = fp8_alpha(CENTROIDS)
@@ -301,27 +329,85 @@ def probe_inputs(programs: int, n_tiles: int, device: str, seed: int = 0) -> dic
     return {name: t.to(device) for name, t in args.items()}
 
 
-def torch_reference(inputs: dict, program: int, n_tiles: int, fp8_k: bool = False) -> torch.Tensor:
+def fragment_orders() -> tuple[torch.Tensor, torch.Tensor]:
+    """The cta_fp8_kv_fragment form's relabellings as index vectors: the token of P's row j (fragment_rows at TILE),
+    and the stored token column that fp8_fragment_columns puts at column j of a [DIM, TILE] tile. V^T's rows are
+    relabelled too (fragment_tokens), but the output is stored through the same order (fragment_rows at DIM), so a
+    stored row is its coordinate."""
+    i = torch.arange(TILE)
+    token_of_row = (i & ~63) | ((i >> 3) & 1) << 5 | ((i >> 5) & 1) << 4 | ((i >> 4) & 1) << 3 | (i & 7)
+    stored_column = torch.arange(TILE).reshape(4, TILE // 32, 2, 4).permute(1, 2, 0, 3).reshape(TILE)
+    return token_of_row, stored_column
+
+
+def values_dim_major(words: torch.Tensor, scales: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """V [tokens, DIM] from cta_fp8_kv_fragment's words: each tile a [DIM, TILE // 8] block (stored token column
+    8w + j = nibble j of word w), its columns in the order that meets P's rows after the relabellings."""
+    token_of_row, stored_column = (x.to(words.device) for x in fragment_orders())
+    shifts = 4 * torch.arange(8, device=words.device)
+    idx = (words.reshape(-1, DIM, TILE // 8).to(torch.int64)[..., None] >> shifts) & 15  # [tiles, DIM, words, 8]
+    stored = idx.flatten(2)  # [tiles, coordinate, stored column]
+    v = torch.empty(stored.shape[0], TILE, DIM, dtype=torch.int64, device=words.device)
+    v[:, token_of_row] = stored[:, :, stored_column].transpose(1, 2)
+    return centroids[v.reshape(-1, DIM)] * scales[:, None]
+
+
+def torch_reference(
+    inputs: dict,
+    program: int,
+    n_tiles: int,
+    fp8_k: bool = False,
+    fp8_v: bool = False,
+    rounded: bool = True,
+    p_halves: bool = False,
+) -> torch.Tensor:
     """fp32 torch attention of one program's tiles: indices unpacked from the words (coordinate 8w + j = nibble j).
-    With fp8_k, keys and queries rounded to e4m3 as the cta_fp8_k form rounds them (keys scaled by FP8_ALPHA)."""
+    With fp8_k, keys and queries rounded to e4m3 as the cta_fp8_k form rounds them (keys scaled by FP8_ALPHA);
+    with fp8_v, the values read dim-major (values_dim_major) and their centroids rounded the same way. rounded=False
+    keeps those forms' storage but not their rounding (what it costs); with it, the fp8_v form's P (times the value
+    norms) is rounded to e4m3 tile by tile, in the kernel's online softmax (p_halves: plus its remainder's
+    rounding)."""
     rows = slice(program * n_tiles * TILE, (program + 1) * n_tiles * TILE)
     shifts = 4 * torch.arange(8, device=inputs["k_ptr"].device)
     cent = inputs["cent_ptr"].float()
+    e4m3 = torch.float8_e4m3fn
+    cent8 = (cent * FP8_ALPHA).to(e4m3).float() / FP8_ALPHA if rounded else cent
 
     def dequantise(words: torch.Tensor, scales: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
         idx = (words[rows].to(torch.int64)[..., None] >> shifts) & 15  # [tokens, WORDS, 8]
         return centroids[idx.flatten(1)] * scales[rows, None]
 
-    v = dequantise(inputs["v_ptr"], inputs["vs_ptr"], cent)
     if fp8_k:
-        e4m3 = torch.float8_e4m3fn
-        k = dequantise(inputs["k_ptr"], inputs["ks_ptr"], (cent * FP8_ALPHA).to(e4m3).float() / FP8_ALPHA)
-        q = inputs["q_ptr"].to(e4m3).float()
+        k = dequantise(inputs["k_ptr"], inputs["ks_ptr"], cent8)
+        q = inputs["q_ptr"].to(e4m3).float() if rounded else inputs["q_ptr"].half().float()
     else:
         k = dequantise(inputs["k_ptr"], inputs["ks_ptr"], cent)
         q = inputs["q_ptr"].half().float()
-    p = torch.softmax((q @ k.T) * math.log(2.0), dim=-1)  # exp2 softmax
-    return p @ v
+    s = q @ k.T  # [ROWS, tokens], log2 units
+    if fp8_v and rounded:  # the form's online softmax, tile by tile, with P times the value norms rounded to e4m3
+        v = values_dim_major(inputs["v_ptr"][rows], torch.ones_like(inputs["vs_ptr"][rows]), cent8)
+        vs = inputs["vs_ptr"][rows]
+        m = torch.full((ROWS,), float("-inf"), device=s.device)
+        l_sum = torch.zeros(ROWS, device=s.device)
+        acc = torch.zeros(ROWS, DIM, device=s.device)
+        for t in range(n_tiles):
+            tile = slice(t * TILE, (t + 1) * TILE)
+            m_new = torch.maximum(m, s[:, tile].amax(1))
+            p = torch.exp2(s[:, tile] - m_new[:, None])
+            alpha = torch.exp2(m - m_new)
+            l_sum = l_sum * alpha + p.sum(1)
+            pv = p * vs[tile]
+            pv8 = pv.to(e4m3).float()
+            if p_halves:
+                pv8 = pv8 + (pv - pv8).to(e4m3).float()
+            acc = acc * alpha[:, None] + pv8 @ v[tile]
+            m = m_new
+        return acc / l_sum[:, None]
+    if fp8_v:
+        v = values_dim_major(inputs["v_ptr"][rows], inputs["vs_ptr"][rows], cent8)
+    else:
+        v = dequantise(inputs["v_ptr"], inputs["vs_ptr"], cent)
+    return torch.softmax(s * math.log(2.0), dim=-1) @ v  # exp2 softmax
 
 
 def time_probe(form: str, inputs: dict, programs: int, n_tiles: int, rep: int) -> tuple[dict, torch.Tensor]:
@@ -354,11 +440,15 @@ def time_forms(shapes: list[tuple[int, int]], rep: int, forms: list[str]) -> lis
             row, out = time_probe(form, inputs, programs, n_tiles, rep)
             if reference is None:
                 reference = out
-            row["max_rel_diff_vs_first"] = float((out - reference).abs().max() / reference.abs().max())
-            want = torch_reference(inputs, 0, n_tiles, fp8_k="fp8_k" in form)  # program 0 in fp32 torch
+            same_values = ("fp8_kv" in form) == ("fp8_kv" in forms[0])  # dim-major forms read the words otherwise
+            diff = float((out - reference).abs().max() / reference.abs().max())
+            row["max_rel_diff_vs_first"] = diff if same_values else None
+            want = torch_reference(
+                inputs, 0, n_tiles, fp8_k="fp8_k" in form, fp8_v="fp8_kv" in form, p_halves="halves" in form
+            )
             row["max_rel_err_vs_torch"] = float((out[0] - want).abs().max() / want.abs().max())
             if "fp8_k" in form:  # what rounding keys and queries to e4m3 costs against the fp16 codebook
-                exact = torch_reference(inputs, 0, n_tiles)
+                exact = torch_reference(inputs, 0, n_tiles, fp8_k=True, fp8_v="fp8_kv" in form, rounded=False)
                 row["max_rel_err_vs_torch_unrounded"] = float((out[0] - exact).abs().max() / exact.abs().max())
             rows.append(row)
             print(json.dumps(row), flush=True)
