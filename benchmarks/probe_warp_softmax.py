@@ -20,7 +20,9 @@ lookup, 16 query rows), compiled for sm_90a without a GPU:
   from words stored dim-major (a word holds 8 tokens of one coordinate, so the lookup's byte quads are 4 tokens,
   the k32 A fragment's contraction run) and P times the value norms rounded to e4m3 for an fp8 P.V MMA; the
   storage order of a tile's token columns is the inverse of the relabelling, so column j meets P's row j;
-- cta_fp8_kv_halves_fragment: the same with P as two e4m3 halves (its rounding and the remainder's), two MMAs.
+- cta_fp8_kv_halves_fragment: the same with P as two e4m3 halves (its rounding and the remainder's), two MMAs;
+- cta_fp8_kv_token_major_fragment: values in fp8 from today's token-major words, V^T made by a transpose in the
+  kernel (Triton converts it through shared memory).
 By default only the compiled code is compared; `--time` runs the forms on a GPU, each launch a grid of programs
 over tiles of their own (by default the 16 x 32K and 16 x 4K launches' 384 programs of 171 and 21 tiles), timed in
 a CUDA graph, each form's output checked against the first form's and fp32 torch. tests/test_probe_warp_softmax.py
@@ -231,7 +233,8 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, lut8_ptr, cent_p
         acc_t = tl.sum(acc3 * w[:, None, :], 0)
         l_i = tl.sum(l3 * w, 0)
     else:  # cta, and cta_fp8_k: keys looked up as e4m3 bytes, the score MMA in fp8 (queries rounded to e4m3)
-        FP8_V: tl.constexpr = WARP_SPLIT == 8 or WARP_SPLIT == 9  # values as e4m3 bytes too, the P.V MMA in fp8
+        FP8_V: tl.constexpr = WARP_SPLIT >= 8  # values as e4m3 bytes too, the P.V MMA in fp8
+        V_TOKEN_MAJOR: tl.constexpr = WARP_SPLIT == 10  # ... from today's token-major words, transposed in the kernel
         P_HALVES: tl.constexpr = WARP_SPLIT == 9  # P as two e4m3 halves (its rounding and the remainder's), 2 MMAs
         FP8_K: tl.constexpr = WARP_SPLIT == 5 or WARP_SPLIT == 7 or FP8_V
         FRAG: tl.constexpr = WARP_SPLIT == 6 or WARP_SPLIT == 7 or FP8_V  # tokens and columns in the A fragment's order
@@ -245,7 +248,10 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, lut8_ptr, cent_p
         l_i = tl.zeros([ROWS], tl.float32)
         acc_t = tl.zeros([DIM, ROWS], tl.float32)
         for t in range(n_tiles):
-            if FP8_V:  # V^T [DIM, TILE]: a K tile's shape with rows and columns swapped (TILE // 8 words a row)
+            if V_TOKEN_MAJOR:  # V [TILE, DIM] with its tokens in the keys' order, then V^T for the MMA's A operand
+                v8 = _tile_fp8(v_ptr, t, lut8_ptr, cent_ptr, LUT, FP8_ALPHA, TILE, DIM, WORDS, False)
+                v = tl.trans(fragment_tokens(v8, TILE, DIM))
+            elif FP8_V:  # V^T [DIM, TILE]: a K tile's shape with rows and columns swapped (TILE // 8 words a row)
                 v = _tile_fp8(v_ptr, t, lut8_ptr, cent_ptr, LUT, FP8_ALPHA, DIM, TILE, TILE // 8, FRAG)
             else:
                 v = _tile(v_ptr, t, lut_ptr, cent_ptr, LUT, TILE, DIM, WORDS, FRAG)
@@ -285,7 +291,7 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, lut8_ptr, cent_p
             m_i = m_new
         if FP8_V:  # acc_t's rows are V^T's, in fragment_tokens' order, and scaled by FP8_ALPHA
             acc_t = acc_t * (1.0 / FP8_ALPHA)
-            dim = fragment_rows(DIM) if FRAG else dim
+            dim = fragment_rows(DIM) if FRAG and not V_TOKEN_MAJOR else dim
     out = acc_t / l_i[None, :]
     tl.store(out_ptr + tl.arange(0, ROWS)[None, :] * DIM + dim[:, None], out)
 
@@ -301,6 +307,7 @@ FORMS = {
     "cta_fp8_k_fragment": 7,
     "cta_fp8_kv_fragment": 8,
     "cta_fp8_kv_halves_fragment": 9,
+    "cta_fp8_kv_token_major_fragment": 10,
 }
 CENTROIDS = KVCodec(TQConfig(), 1, DIM).key.centroids.to(torch.float16)  # 4-bit keys and values alike
 FP8_ALPHA = fp8_alpha(CENTROIDS)
@@ -360,10 +367,12 @@ def torch_reference(
     fp8_v: bool = False,
     rounded: bool = True,
     p_halves: bool = False,
+    v_token_major: bool = False,
 ) -> torch.Tensor:
     """fp32 torch attention of one program's tiles: indices unpacked from the words (coordinate 8w + j = nibble j).
     With fp8_k, keys and queries rounded to e4m3 as the cta_fp8_k form rounds them (keys scaled by FP8_ALPHA);
-    with fp8_v, the values read dim-major (values_dim_major) and their centroids rounded the same way. rounded=False
+    with fp8_v, the values read dim-major (values_dim_major; v_token_major: as the keys) and their centroids rounded
+    the same way. rounded=False
     keeps those forms' storage but not their rounding (what it costs); with it, the fp8_v form's P (times the value
     norms) is rounded to e4m3 tile by tile, in the kernel's online softmax (p_halves: plus its remainder's
     rounding)."""
@@ -385,7 +394,11 @@ def torch_reference(
         q = inputs["q_ptr"].half().float()
     s = q @ k.T  # [ROWS, tokens], log2 units
     if fp8_v and rounded:  # the form's online softmax, tile by tile, with P times the value norms rounded to e4m3
-        v = values_dim_major(inputs["v_ptr"][rows], torch.ones_like(inputs["vs_ptr"][rows]), cent8)
+        ones = torch.ones_like(inputs["vs_ptr"])
+        if v_token_major:
+            v = dequantise(inputs["v_ptr"], ones, cent8)
+        else:
+            v = values_dim_major(inputs["v_ptr"][rows], ones[rows], cent8)
         vs = inputs["vs_ptr"][rows]
         m = torch.full((ROWS,), float("-inf"), device=s.device)
         l_sum = torch.zeros(ROWS, device=s.device)
@@ -403,11 +416,19 @@ def torch_reference(
             acc = acc * alpha[:, None] + pv8 @ v[tile]
             m = m_new
         return acc / l_sum[:, None]
-    if fp8_v:
+    if fp8_v and not v_token_major:
         v = values_dim_major(inputs["v_ptr"][rows], inputs["vs_ptr"][rows], cent8)
+    elif fp8_v:
+        v = dequantise(inputs["v_ptr"], inputs["vs_ptr"], cent8)
     else:
         v = dequantise(inputs["v_ptr"], inputs["vs_ptr"], cent)
     return torch.softmax(s * math.log(2.0), dim=-1) @ v  # exp2 softmax
+
+
+def reference_options(form: str) -> dict:
+    """torch_reference's options for a form, by its name."""
+    return {"fp8_k": "fp8_k" in form, "fp8_v": "fp8_kv" in form, "p_halves": "halves" in form,
+            "v_token_major": "token_major" in form}  # fmt: skip
 
 
 def time_probe(form: str, inputs: dict, programs: int, n_tiles: int, rep: int) -> tuple[dict, torch.Tensor]:
@@ -440,15 +461,14 @@ def time_forms(shapes: list[tuple[int, int]], rep: int, forms: list[str]) -> lis
             row, out = time_probe(form, inputs, programs, n_tiles, rep)
             if reference is None:
                 reference = out
-            same_values = ("fp8_kv" in form) == ("fp8_kv" in forms[0])  # dim-major forms read the words otherwise
+            dim_major = [("fp8_kv" in f and "token_major" not in f) for f in (form, forms[0])]
+            same_values = dim_major[0] == dim_major[1]  # dim-major forms read the words otherwise
             diff = float((out - reference).abs().max() / reference.abs().max())
             row["max_rel_diff_vs_first"] = diff if same_values else None
-            want = torch_reference(
-                inputs, 0, n_tiles, fp8_k="fp8_k" in form, fp8_v="fp8_kv" in form, p_halves="halves" in form
-            )
+            want = torch_reference(inputs, 0, n_tiles, **reference_options(form))
             row["max_rel_err_vs_torch"] = float((out[0] - want).abs().max() / want.abs().max())
             if "fp8_k" in form:  # what rounding keys and queries to e4m3 costs against the fp16 codebook
-                exact = torch_reference(inputs, 0, n_tiles, fp8_k=True, fp8_v="fp8_kv" in form, rounded=False)
+                exact = torch_reference(inputs, 0, n_tiles, **{**reference_options(form), "rounded": False})
                 row["max_rel_err_vs_torch_unrounded"] = float((out[0] - exact).abs().max() / exact.abs().max())
             rows.append(row)
             print(json.dumps(row), flush=True)

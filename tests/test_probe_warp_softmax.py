@@ -16,6 +16,7 @@ FORMS = [
     "cta_fp8_k_fragment",
     "cta_fp8_kv_fragment",
     "cta_fp8_kv_halves_fragment",
+    "cta_fp8_kv_token_major_fragment",
 ]
 
 
@@ -33,9 +34,7 @@ def test_probe_forms_compute_attention(benchmark_script, device, form):
                                      WARP_SPLIT=probe.FORMS[form], LUT=False, num_warps=probe.WARPS,
                                      **probe.CONSTANTS)  # fmt: skip
     for program in range(programs):
-        want = probe.torch_reference(
-            inputs, program, n_tiles, fp8_k="fp8_k" in form, fp8_v="fp8_kv" in form, p_halves="halves" in form
-        )
+        want = probe.torch_reference(inputs, program, n_tiles, **probe.reference_options(form))
         err = (out[program].cpu() - want).abs().max() / want.abs().max()
         assert err < 2e-2, f"{form}, program {program}: max |err| / max |ref| = {err:.3g}"
 
