@@ -22,7 +22,9 @@ lookup, 16 query rows), compiled for sm_90a without a GPU:
   storage order of a tile's token columns is the inverse of the relabelling, so column j meets P's row j;
 - cta_fp8_kv_halves_fragment: the same with P as two e4m3 halves (its rounding and the remainder's), two MMAs;
 - cta_fp8_kv_token_major_fragment: values in fp8 from today's token-major words, V^T made by a transpose in the
-  kernel (Triton converts it through shared memory).
+  kernel (Triton converts it through shared memory);
+- cta_fp8_kv_slot_order_fragment: cta_fp8_kv_fragment with the dim-major words in slot order, as a store would
+  write pages, and P's rows reordered to V^T's relabelled columns instead (fp8_fragment_rows_from_tokens).
 By default only the compiled code is compared; `--time` runs the forms on a GPU, each launch a grid of programs
 over tiles of their own (by default the 16 x 32K and 16 x 4K launches' 384 programs of 171 and 21 tiles), timed in
 a CUDA graph, each form's output checked against the first form's and fp32 torch. tests/test_probe_warp_softmax.py
@@ -156,6 +158,16 @@ def _tile_fp8(ptr, t, lut8_ptr, cent_ptr, LUT: tl.constexpr, ALPHA: tl.constexpr
 
 
 @triton.jit
+def fp8_fragment_rows_from_tokens(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Rows of x [ROWS, COLS] in fragment_tokens' order reordered to fp8_fragment_columns' order of ROWS columns:
+    row j of the result is the tile token that column j of an fp8_fragment_columns-relabelled tile holds."""
+    y = tl.reshape(x, (ROWS // 64, 2, 2, 2, 8, COLS))  # fragment order: (block, bit 4, bit 3, bit 5, bits 0-2)
+    natural = tl.reshape(tl.permute(y, (0, 3, 1, 2, 4, 5)), (ROWS, COLS))
+    z = tl.reshape(natural, (4, ROWS // 32, 2, 4, COLS))  # token 8 W a + 8 w + 4 h + b, as fp8_fragment_columns
+    return tl.reshape(tl.permute(z, (1, 2, 0, 3, 4)), (ROWS, COLS))
+
+
+@triton.jit
 def _warp_slices(k_ptr, v_ptr, ks_ptr, vs_ptr, t, lut_ptr, cent_ptr, LUT: tl.constexpr, K_FRAG: tl.constexpr,
                  TILE: tl.constexpr, DIM: tl.constexpr, WORDS: tl.constexpr, WARPS: tl.constexpr):  # fmt: skip
     """Tile t as WARPS slices of TILE // WARPS tokens: K [WARPS, SLICE, DIM] (columns relabelled by
@@ -235,6 +247,7 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, lut8_ptr, cent_p
     else:  # cta, and cta_fp8_k: keys looked up as e4m3 bytes, the score MMA in fp8 (queries rounded to e4m3)
         FP8_V: tl.constexpr = WARP_SPLIT >= 8  # values as e4m3 bytes too, the P.V MMA in fp8
         V_TOKEN_MAJOR: tl.constexpr = WARP_SPLIT == 10  # ... from today's token-major words, transposed in the kernel
+        P_REORDER: tl.constexpr = WARP_SPLIT == 11  # ... dim-major in slot order: P's rows follow V^T's columns
         P_HALVES: tl.constexpr = WARP_SPLIT == 9  # P as two e4m3 halves (its rounding and the remainder's), 2 MMAs
         FP8_K: tl.constexpr = WARP_SPLIT == 5 or WARP_SPLIT == 7 or FP8_V
         FRAG: tl.constexpr = WARP_SPLIT == 6 or WARP_SPLIT == 7 or FP8_V  # tokens and columns in the A fragment's order
@@ -273,6 +286,9 @@ def _probe_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, lut_ptr, lut8_ptr, cent_p
             p = tl.exp2(s - m_new[None, :])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 0)
+            if P_REORDER:  # P's rows from the keys' token order to the one V^T's relabelled columns hold
+                p = fp8_fragment_rows_from_tokens(p, TILE, ROWS)
+                vs = fp8_fragment_rows_from_tokens(vs[:, None], TILE, 1).reshape(TILE)
             if FP8_V and LUT:
                 pv = p * vs[:, None]
                 pv8 = pv.to(tl.float8e4nv)
@@ -308,6 +324,7 @@ FORMS = {
     "cta_fp8_kv_fragment": 8,
     "cta_fp8_kv_halves_fragment": 9,
     "cta_fp8_kv_token_major_fragment": 10,
+    "cta_fp8_kv_slot_order_fragment": 11,
 }
 CENTROIDS = KVCodec(TQConfig(), 1, DIM).key.centroids.to(torch.float16)  # 4-bit keys and values alike
 FP8_ALPHA = fp8_alpha(CENTROIDS)
@@ -347,10 +364,15 @@ def fragment_orders() -> tuple[torch.Tensor, torch.Tensor]:
     return token_of_row, stored_column
 
 
-def values_dim_major(words: torch.Tensor, scales: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def values_dim_major(
+    words: torch.Tensor, scales: torch.Tensor, centroids: torch.Tensor, slot_order: bool = False
+) -> torch.Tensor:
     """V [tokens, DIM] from cta_fp8_kv_fragment's words: each tile a [DIM, TILE // 8] block (stored token column
-    8w + j = nibble j of word w), its columns in the order that meets P's rows after the relabellings."""
+    8w + j = nibble j of word w), its columns in the order that meets P's rows after the relabellings, or with
+    slot_order (cta_fp8_kv_slot_order_fragment) column c the tile's token c."""
     token_of_row, stored_column = (x.to(words.device) for x in fragment_orders())
+    if slot_order:
+        token_of_row = stored_column = torch.arange(TILE, device=words.device)
     shifts = 4 * torch.arange(8, device=words.device)
     idx = (words.reshape(-1, DIM, TILE // 8).to(torch.int64)[..., None] >> shifts) & 15  # [tiles, DIM, words, 8]
     stored = idx.flatten(2)  # [tiles, coordinate, stored column]
@@ -368,6 +390,7 @@ def torch_reference(
     rounded: bool = True,
     p_halves: bool = False,
     v_token_major: bool = False,
+    slot_order: bool = False,
 ) -> torch.Tensor:
     """fp32 torch attention of one program's tiles: indices unpacked from the words (coordinate 8w + j = nibble j).
     With fp8_k, keys and queries rounded to e4m3 as the cta_fp8_k form rounds them (keys scaled by FP8_ALPHA);
@@ -398,7 +421,7 @@ def torch_reference(
         if v_token_major:
             v = dequantise(inputs["v_ptr"], ones, cent8)
         else:
-            v = values_dim_major(inputs["v_ptr"][rows], ones[rows], cent8)
+            v = values_dim_major(inputs["v_ptr"][rows], ones[rows], cent8, slot_order)
         vs = inputs["vs_ptr"][rows]
         m = torch.full((ROWS,), float("-inf"), device=s.device)
         l_sum = torch.zeros(ROWS, device=s.device)
@@ -417,7 +440,7 @@ def torch_reference(
             m = m_new
         return acc / l_sum[:, None]
     if fp8_v and not v_token_major:
-        v = values_dim_major(inputs["v_ptr"][rows], inputs["vs_ptr"][rows], cent8)
+        v = values_dim_major(inputs["v_ptr"][rows], inputs["vs_ptr"][rows], cent8, slot_order)
     elif fp8_v:
         v = dequantise(inputs["v_ptr"], inputs["vs_ptr"], cent8)
     else:
@@ -425,10 +448,17 @@ def torch_reference(
     return torch.softmax(s * math.log(2.0), dim=-1) @ v  # exp2 softmax
 
 
+def value_storage(form: str) -> str:
+    """How a form reads the value words: token-major rows, or dim-major in relabelled or in slot order."""
+    if "fp8_kv" not in form or "token_major" in form:
+        return "token_major"
+    return "dim_major_slot_order" if "slot_order" in form else "dim_major_relabelled"
+
+
 def reference_options(form: str) -> dict:
     """torch_reference's options for a form, by its name."""
     return {"fp8_k": "fp8_k" in form, "fp8_v": "fp8_kv" in form, "p_halves": "halves" in form,
-            "v_token_major": "token_major" in form}  # fmt: skip
+            "v_token_major": "token_major" in form, "slot_order": "slot_order" in form}  # fmt: skip
 
 
 def time_probe(form: str, inputs: dict, programs: int, n_tiles: int, rep: int) -> tuple[dict, torch.Tensor]:
@@ -461,8 +491,7 @@ def time_forms(shapes: list[tuple[int, int]], rep: int, forms: list[str]) -> lis
             row, out = time_probe(form, inputs, programs, n_tiles, rep)
             if reference is None:
                 reference = out
-            dim_major = [("fp8_kv" in f and "token_major" not in f) for f in (form, forms[0])]
-            same_values = dim_major[0] == dim_major[1]  # dim-major forms read the words otherwise
+            same_values = value_storage(form) == value_storage(forms[0])  # else the same words are other values
             diff = float((out - reference).abs().max() / reference.abs().max())
             row["max_rel_diff_vs_first"] = diff if same_values else None
             want = torch_reference(inputs, 0, n_tiles, **reference_options(form))

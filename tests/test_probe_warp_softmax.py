@@ -17,6 +17,7 @@ FORMS = [
     "cta_fp8_kv_fragment",
     "cta_fp8_kv_halves_fragment",
     "cta_fp8_kv_token_major_fragment",
+    "cta_fp8_kv_slot_order_fragment",
 ]
 
 
