@@ -190,15 +190,17 @@ def compile_attention(
     store_new: bool = False,
     sinks: int = 0,
     recent: int = 0,
+    config: TQConfig | None = None,
 ) -> dict:
     """Compile _attention_kernel as paged_attention would launch it for a bf16 decode batch with num_splits
-    splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles)."""
+    splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles), with the default
+    TQConfig or `config`."""
     split = num_splits > 1
     key = triton.next_power_of_2(head_dim)
     default = decode_tiles.TILES[key]
     decode_tiles.TILES[key] = dataclasses.replace(default, **change)
     try:
-        codec = KVCodec(TQConfig(), num_kv_heads, head_dim)
+        codec = KVCodec(config or TQConfig(), num_kv_heads, head_dim)
         meta = decode_tiles.attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, num_splits,
                                       key_offset=key_offset, store_new=store_new, sinks=sinks,
                                       recent=recent)  # fmt: skip
