@@ -45,6 +45,8 @@ VARIANTS: list[dict] = [
     {"pages_ahead": False, "tile_row_sum": False},
     {"maxnreg": None},  # no register cap: offline 166 registers (3 programs an SM) and 87 moves a tile, not 157
     {"maxnreg": 128},  # 4 programs per SM, with spills
+    {"maxnreg": 128, "resident_programs": 4},  # and splits that fill them (TQConfig.fp8_values: no loop spills)
+    {"wide_maxnreg": 168, "wide_resident_programs": 3},  # one sequence: 3 wide programs an SM
     {"swap_ab": False, "maxnreg": None},  # mma.sync with the padded query rows on the M side
     {"swap_ab": False, "maxnreg": 128},
     {"reduce_splits": 1},  # the split-K reduce reads one split per step
