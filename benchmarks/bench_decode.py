@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "separate store_kv against the fused store",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: two contexts, short timings, no sweep")
+    p.add_argument(
+        "--fp8-values",
+        action="store_true",
+        help="ours with TQConfig(fp8_values=True): coordinate-major value pages and an fp8 P.V product",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/decode_<date>.json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -123,7 +128,7 @@ class Caches:
         self.args = args
         hkv, d, bs = args.num_kv_heads, args.head_dim, args.block_size
         self.num_blocks = batch * triton.cdiv(max(args.contexts), bs) + 1
-        self.codec = KVCodec(TQConfig(k_bits=4, v_bits=4), hkv, d, "cuda")
+        self.codec = KVCodec(TQConfig(k_bits=4, v_bits=4, fp8_values=args.fp8_values), hkv, d, "cuda")
         lay = self.codec.layout
         self.ours = torch.randint(0, 256, (self.num_blocks, bs, lay.bytes_per_token), dtype=torch.uint8, device="cuda")
         runs = self.ours.view(self.num_blocks, hkv, -1)
@@ -487,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             "q_len": 1,
         },
         "notes": {
-            "ours_tq4": "paged_attention, TQConfig(4, 4); bytes_read = packed rows of all context tokens",
+            "ours_tq4": f"paged_attention, TQConfig(4, 4, fp8_values={args.fp8_values}); bytes_read = packed rows of "
+            "all context tokens",
             "fa3_bf16": "vllm_flash_attn.flash_attn_varlen_func(fa_version=3), paged bf16 K/V",
             "fa3_fp8": "the same with e4m3 q/K/V and unit descales",
             "vllm_tq4": f"vLLM triton_turboquant_decode_attention, preset {VLLM_TQ_PRESET}, 32 splits",

@@ -42,7 +42,7 @@ def _stage_kernel(
     HEAD_DIM: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, PAGE_BYTES: tl.constexpr,
     RUN_BYTES: tl.constexpr, K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
-    INDEX_ALIGN: tl.constexpr,
+    V_COORD: tl.constexpr, INDEX_ALIGN: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kh = tl.program_id(1).to(tl.int64)

@@ -49,7 +49,13 @@ class KVCodec:
             (self.key.centroids.cpu() * self.key_e4m3_scale).to(torch.float8_e4m3fn).to(torch.float16).to(device)
         )
         fp8 = fp8_tables(self.key_centroids_e4m3) if self.lut_usable[0] else torch.zeros(2, dtype=torch.int32)
-        self.lut = torch.cat([t if t is not None else torch.zeros(4, dtype=torch.int32) for t in tables] + [fp8])
+        # Values for an fp8 P.V MMA (TQConfig.fp8_values, coordinate-major 4-bit values) the same way: int32 [10:12].
+        self.value_e4m3_scale = e4m3_scale(self.value.centroids.cpu().double().numpy(), head_dim)
+        self.value_centroids_e4m3 = (
+            (self.value.centroids.cpu() * self.value_e4m3_scale).to(torch.float8_e4m3fn).to(torch.float16).to(device)
+        )
+        fp8_v = fp8_tables(self.value_centroids_e4m3) if self.lut_usable[1] else torch.zeros(2, dtype=torch.int32)
+        self.lut = torch.cat([t if t is not None else torch.zeros(4, dtype=torch.int32) for t in tables] + [fp8, fp8_v])
         self.lut = self.lut.to(device)
 
     @property

@@ -65,6 +65,9 @@ class TQConfig:
         fp8_key_scores: vLLM only: let the paged kernel score 4-bit keys with an e4m3 tensor-core MMA where its
             tiles do (head_dim 128 on compute capability 8.9+, no key offsets, sinks or exact window): faster
             long-context decode for rounder scores (docs/decode-tuning.md, "Keys in fp8"); False keeps fp16.
+        fp8_values: vLLM only, 4-bit values: pages hold each coordinate's value indices together (layout.py,
+            "coordinate-major values"), so the paged kernel can read them as e4m3 bytes for an fp8 P.V MMA, with
+            the probabilities times the value norms rounded to e4m3 (docs/design-fp8-values.md). Off by default.
     """
 
     k_bits: int = 4
@@ -76,6 +79,7 @@ class TQConfig:
     sink_tokens: int = 0
     recent_tokens: int = 0
     fp8_key_scores: bool = True
+    fp8_values: bool = False
 
     def __post_init__(self) -> None:
         check_bits("k_bits", self.k_bits)
@@ -86,6 +90,12 @@ class TQConfig:
             raise TQConfigError(f"norm_correction must be a bool, got {self.norm_correction!r}.")
         if not isinstance(self.fp8_key_scores, bool):
             raise TQConfigError(f"fp8_key_scores must be a bool, got {self.fp8_key_scores!r}.")
+        if not isinstance(self.fp8_values, bool):
+            raise TQConfigError(f"fp8_values must be a bool, got {self.fp8_values!r}.")
+        if self.fp8_values and self.v_bits != 4:
+            raise TQConfigError(
+                f"fp8_values needs v_bits=4 (its pages hold 8 tokens of a coordinate a word), got v_bits={self.v_bits}."
+            )
         if not isinstance(self.seed, int) or self.seed < 0:
             raise TQConfigError(f"seed must be a non-negative int, got {self.seed!r}.")
         check_token_count("sink_tokens", self.sink_tokens, MAX_SINK_TOKENS,

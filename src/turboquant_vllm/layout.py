@@ -8,7 +8,12 @@ Inside a page the bytes are grouped by KV head, then by field, then by token:
 
 so a kernel that serves one KV head reads one contiguous run per page: its index bytes, then its scales,
 with no byte of another head in any sector it touches. Token t's field f lies at
-`run + f_offset + t * f_width`. Indices are a little-endian bit stream: coordinate j of a vector sits at
+`run + f_offset + t * f_width`, except V indices when `v_coordinate_major` (TQConfig.fp8_values, 4-bit
+values): then the V index field goes coordinate by coordinate, each coordinate's block_size indices one
+little-endian nibble stream (coordinate j of token t: nibble t of the block_size // 2 bytes at
+`run + v_offset + j * block_size // 2`), so one 32-bit word holds 8 tokens of a coordinate and the 4 bytes an
+e4m3 lookup makes of half a word are 4 consecutive tokens, the run an fp8 P.V MMA contracts over.
+Indices are a little-endian bit stream: coordinate j of a vector sits at
 bits [j*b, (j+1)*b), so 8 indices of b bits fill exactly b bytes (3-bit: 8 indices in 3 bytes); scales
 are fp32. Block sizes are multiples of 4, which keeps every field 4-byte aligned (16-byte aligned for the
 multiples of 16 that vLLM uses).
@@ -53,6 +58,7 @@ class PageLayout:
     head_dim: int
     k_bits: int
     v_bits: int
+    v_coordinate_major: bool = False
 
     def __post_init__(self) -> None:
         if self.num_kv_heads < 1:
@@ -60,10 +66,12 @@ class PageLayout:
         check_head_dim(self.head_dim)
         check_bits("k_bits", self.k_bits)
         check_bits("v_bits", self.v_bits)
+        if self.v_coordinate_major and self.v_bits != 4:
+            raise ValueError(f"coordinate-major values need v_bits=4, got {self.v_bits}")
 
     @classmethod
     def from_config(cls, config: TQConfig, num_kv_heads: int, head_dim: int) -> PageLayout:
-        return cls(num_kv_heads, head_dim, config.k_bits, config.v_bits)
+        return cls(num_kv_heads, head_dim, config.k_bits, config.v_bits, config.fp8_values)
 
     @property
     def k_index_bytes(self) -> int:
@@ -91,6 +99,8 @@ class PageLayout:
     def fields(self, block_size: int) -> PageFields:
         """Where each field of one head starts inside that head's run of a `block_size`-token page."""
         check_block_size(block_size)
+        if self.v_coordinate_major and block_size % 8:
+            raise ValueError(f"coordinate-major values need a block_size that is a multiple of 8, got {block_size}")
         k_scale = block_size * self.k_index_bytes
         v_index = k_scale + block_size * SCALE_BYTES
         v_scale = v_index + block_size * self.v_index_bytes
@@ -104,6 +114,7 @@ class PageLayout:
             PAGE_BYTES=self.page_bytes(block_size), RUN_BYTES=f.run_bytes,
             K_INDEX_OFFSET=f.k_index, K_INDEX_BYTES=self.k_index_bytes, K_SCALE_OFFSET=f.k_scale,
             V_INDEX_OFFSET=f.v_index, V_INDEX_BYTES=self.v_index_bytes, V_SCALE_OFFSET=f.v_scale,
+            V_COORD=self.v_coordinate_major,
         )  # fmt: skip
 
     def index_alignment(self, block_size: int, max_align: int = 16) -> int:

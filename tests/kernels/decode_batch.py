@@ -42,12 +42,13 @@ class Batch:
         follows the tiles' defaults. On a GPU the kernels rotate the queries by a tf32 product, which the fp8
         key path's rounding of them makes visible, so there the reference rotates them that way too."""
         kwargs.setdefault("tf32_query_rotation", self.query.is_cuda)
+        meta = attention_meta(self.codec, self.query.shape[1], self.query.dtype, self.query.is_cuda,
+                              self.max_query_len, self.cache.shape[1], True,
+                              fp8_mma=fp8_mma_usable(self.query.device))  # fmt: skip
         if "fp8_keys" not in kwargs and not {"key_offset", "exact_first", "exact_last"} & kwargs.keys():
-            meta = attention_meta(self.codec, self.query.shape[1], self.query.dtype, self.query.is_cuda,
-                                  self.max_query_len, self.cache.shape[1], True,
-                                  fp8_mma=fp8_mma_usable(self.query.device))  # fmt: skip
             kwargs["fp8_keys"] = meta["FP8_KEYS"]
             kwargs.setdefault("fp8_query_halves", meta["FP8_QUERY_HALVES"])
+        kwargs.setdefault("fp8_values", meta["FP8_VALUES"])
         return paged_attention_ref(
             self.ref_codec, self.query.cpu(), self.key.cpu(), self.value.cpu(), self.cache.cpu(),
             self.block_table.cpu(), self.seq_lens.cpu(), self.query_start_loc.cpu(), self.scale, **kwargs,
@@ -78,6 +79,7 @@ def make_batch(
     dtype: torch.dtype = torch.float32,
     extra_tokens: int = 0,
     seed: int = 0,
+    fp8_values: bool = False,
 ) -> Batch:
     """Context tokens go to shuffled pages through store_ref; everything else in the cache is poison.
 
@@ -85,7 +87,7 @@ def make_batch(
     """
     assert len(seq_lens) == len(q_lens) and all(s >= q for s, q in zip(seq_lens, q_lens, strict=True))
     g = torch.Generator().manual_seed(seed)
-    config = TQConfig(k_bits=k_bits, v_bits=v_bits)
+    config = TQConfig(k_bits=k_bits, v_bits=v_bits, fp8_values=fp8_values)
     ref = KVCodec(config, num_kv_heads, head_dim)
     blocks = [-(-s // block_size) for s in seq_lens]
     max_blocks = max(blocks) + 1

@@ -489,3 +489,34 @@ def test_key_offset_scores_match_reference(device, monkeypatch, num_splits, k_bi
     assert_matches(got, want, TOL_FP32)
     ignored = b.run(num_splits=num_splits)  # reading the same pages without the offset scores other keys
     assert (ignored.cpu() - want).abs().max() > 10 * TOL_FP32 * want.abs().max()
+
+
+@pytest.mark.parametrize("head_dim", [128, 64], ids=["swapped_fragments", "unswapped"])
+def test_fp8_values(device, head_dim):
+    """TQConfig.fp8_values: coordinate-major value pages read as e4m3 bytes for an fp8 P.V MMA, the probabilities
+    times the value norms rounded to e4m3, at 1, 3 and 32 (wide) splits, in d=128's swapped fragment-ordered tiles
+    (P's rows reordered to V^T's relabelled columns) and d=64's plain ones, against the reference over the same
+    e4m3-rounded value codebook. The probabilities' rounding is not modelled: each keeps 3 mantissa bits, which here
+    moves the output by up to ~2% of its largest value, so the tolerance is twice the 16-bit one; a misplaced token
+    or coordinate moves it by O(1)."""
+    b = make_batch(device, [5, 300, 133, 700], [1, 1, 1, 1], num_heads=8, head_dim=head_dim, dtype=torch.bfloat16,
+                   seed=43, fp8_values=True)  # fmt: skip
+    meta = decode_tiles.attention_meta(b.codec, 8, torch.bfloat16, device.type == "cuda", 1, 16, False, 3)
+    assert meta["FP8_VALUES"] and meta["V_COORD"] and not meta["V_FRAGMENT"]
+    assert meta["FP8_V_SCALE"] == b.codec.value_e4m3_scale
+    want = b.expected()
+    assert not torch.equal(want, b.expected(fp8_values=False))
+    for num_splits in (1, 3, decode_tiles.WIDE_MIN_SPLITS):
+        assert_matches(b.run(num_splits=num_splits), want, 2 * TOL_HALF)
+
+
+@pytest.mark.parametrize(("head_dim", "q_lens"), [(128, [1, 1, 1]), (64, [1, 1, 1]), (128, [3, 1, 40])],
+                         ids=["swapped", "unswapped", "prefill_chunks"])  # fmt: skip
+def test_coordinate_major_values_in_fp32(device, head_dim, q_lens):
+    """fp32 queries keep 32-bit products: coordinate-major values (TQConfig.fp8_values' pages) are then gathered,
+    in the keys' token order, and match the fp32 reference as token-major pages do."""
+    b = make_batch(device, [77, 200, 129], q_lens, num_heads=8, head_dim=head_dim, seed=44, fp8_values=True)
+    meta = decode_tiles.attention_meta(b.codec, 8, torch.float32, device.type == "cuda", max(q_lens), 16, False, 3)
+    assert meta["V_COORD"] and not meta["FP8_VALUES"]
+    for num_splits in (1, 3):
+        assert_matches(b.run(num_splits=num_splits), b.expected(), TOL_FP32)

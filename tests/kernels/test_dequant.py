@@ -55,6 +55,21 @@ def test_dequant_matches_reference(device, k_bits, v_bits, head_dim, num_kv_head
     assert not k[0].any()
 
 
+@pytest.mark.parametrize(("k_bits", "head_dim", "block_size"), [(4, 128, 8), (3, 64, 16)])
+def test_dequant_reads_coordinate_major_values(device, k_bits, head_dim, block_size):
+    """TQConfig.fp8_values pages (layout.py: V indices coordinate by coordinate) give the reference's K and V."""
+    config = TQConfig(k_bits=k_bits, fp8_values=True)
+    ref, cache = filled_cache(config, 2, head_dim, 3, block_size, seed=4)
+    slots = random_slots(23, cache.shape[0] * cache.shape[1], seed=5)
+    codec = KVCodec(config, 2, head_dim, device)
+    k, v = dequantize_kv(codec, cache.to(device), slots.to(device), torch.float32, rotated=True)
+    want_k, want_v = dequantize_ref(ref, cache, slots, rotated=True)
+    torch.testing.assert_close(k.cpu(), want_k, rtol=0, atol=0)
+    torch.testing.assert_close(v.cpu(), want_v, rtol=0, atol=0)
+    plain_ref = KVCodec(TQConfig(k_bits=k_bits), 2, head_dim)  # the same bytes read token-major are other values
+    assert not torch.equal(dequantize_ref(plain_ref, cache, slots)[1], want_v)
+
+
 @pytest.mark.parametrize("rotated", [True, False], ids=["rotated", "original"])
 def test_dequant_adds_the_key_offset_back(device, rotated):
     config, num_kv_heads, head_dim = TQConfig(k_bits=4, v_bits=3), 2, 64

@@ -63,3 +63,26 @@ def test_column_order_follows_the_fragment(device, block_d):
     q_out = torch.empty(2, block_d, device=device)
     _columns_kernel[(1,)](q.expand(2, block_d).contiguous(), q_out, ROWS=2, BLOCK_D=block_d)
     torch.testing.assert_close(out.double() @ q_out[0].double(), src.double() @ q.double())
+
+
+@triton.jit
+def _values_order_kernel(src_ptr, back_ptr, probs_ptr, cols_ptr, ROWS: tl.constexpr):
+    r = tl.arange(0, ROWS)
+    x = tl.load(src_ptr + r[:, None] + tl.arange(0, 1)[None, :])  # [ROWS, 1]: the tile's token ids
+    in_fragment = fragment.fragment_tokens(x, ROWS, 1)
+    tl.store(back_ptr + r[:, None], fragment.unfragment_tokens(in_fragment, ROWS, 1))
+    tl.store(probs_ptr + r[:, None], fragment.fp8_fragment_rows_from_tokens(in_fragment, ROWS, 1))
+    tl.store(cols_ptr + r[None, :], fragment.fp8_fragment_columns(tl.trans(x), 1, ROWS))
+
+
+@pytest.mark.parametrize("rows", [64, 128])
+def test_probabilities_follow_the_fp8_value_columns(device, rows):
+    """With coordinate-major values (TQConfig.fp8_values) V^T's token columns are relabelled by fp8_fragment_columns
+    and the probabilities arrive in fragment_tokens' order: fp8_fragment_rows_from_tokens must give row j the token
+    of column j, and unfragment_tokens must undo fragment_tokens."""
+    tokens = torch.arange(rows, dtype=torch.int32, device=device)
+    back, probs, cols = (torch.empty_like(tokens) for _ in range(3))
+    _values_order_kernel[(1,)](tokens, back, probs, cols, ROWS=rows)
+    assert back.tolist() == tokens.tolist()
+    assert sorted(cols.tolist()) == tokens.tolist() and cols.tolist() != tokens.tolist()
+    assert probs.tolist() == cols.tolist()

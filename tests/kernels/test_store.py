@@ -97,8 +97,13 @@ def test_store_matches_reference(device, k_bits, v_bits, head_dim, num_kv_heads,
 
 @pytest.mark.parametrize(
     "config",
-    [TQConfig(k_bits=3, v_bits=4, norm_correction=False), TQConfig(k_bits=2, v_bits=3, rotation="hadamard")],
-    ids=["no-norm-correction", "hadamard"],
+    [
+        TQConfig(k_bits=3, v_bits=4, norm_correction=False),
+        TQConfig(k_bits=2, v_bits=3, rotation="hadamard"),
+        TQConfig(fp8_values=True),
+        TQConfig(k_bits=3, v_bits=4, fp8_values=True),
+    ],
+    ids=["no-norm-correction", "hadamard", "coordinate-major-values", "coordinate-major-values-3-bit-keys"],
 )
 def test_store_config_variants(device, config):
     codec = KVCodec(config, 2, 64, device)

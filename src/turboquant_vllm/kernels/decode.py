@@ -24,12 +24,14 @@ from turboquant_vllm.kernels.decode_reduce import (
 )
 from turboquant_vllm.kernels.fragment import (
     fold_row_halves,
+    fp8_fragment_rows_from_tokens,
     fp8_queries,
     fragment_columns,
     fragment_rows,
     value_fragment_dims,
     value_fragment_probs,
 )
+from turboquant_vllm.kernels.lut import round_e4m3
 from turboquant_vllm.kernels.page import context_tile, key_tile, tile_pages, value_tile
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.kernels.recent import SEGMENT, RecentTable, recent_context_end, recent_rows, reduce_writer_args
@@ -62,7 +64,7 @@ def _attention_kernel(
     BLOCK_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
-    V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
+    V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr, V_COORD: tl.constexpr,
     INDEX_ALIGN: tl.constexpr, OP_DTYPE: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
     PREFETCH: tl.constexpr, PAGES_AHEAD: tl.constexpr, TILE_ROW_SUM: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, LUT_PAIRS: tl.constexpr,
@@ -73,6 +75,7 @@ def _attention_kernel(
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
     SINK_TILE: tl.constexpr, LIVE_SPLITS: tl.constexpr, FP8_KEYS: tl.constexpr, FP8_SCALE: tl.constexpr,
     RECENT: tl.constexpr, RECENT_TILE: tl.constexpr, FP8_QUERY_HALVES: tl.constexpr, FP8_HALVES_IN_ROWS: tl.constexpr,
+    FP8_VALUES: tl.constexpr, FP8_V_SCALE: tl.constexpr, V_FP8_FRAGMENT: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_Q query tokens x GROUP heads of one KV head, over one split of the context.
 
@@ -99,6 +102,9 @@ def _attention_kernel(
     the queries rounded to e4m3 (with FP8_QUERY_HALVES, plus a second fp8 MMA against the rounding's remainder,
     itself rounded; with FP8_HALVES_IN_ROWS both halves in one MMA, in the tile's padding rows); the step's own tokens
     still score against the unrounded queries.
+    With V_COORD the pages hold V coordinate-major (layout.py, TQConfig.fp8_values): with FP8_VALUES the tile's V^T
+    is FP8_V_SCALE * centroids in e4m3 and the value product an fp8 MMA against the probabilities times the value
+    norms rounded to e4m3 (docs/design-fp8-values.md); otherwise the values are gathered for the 16/32-bit product.
     """
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -137,7 +143,7 @@ def _attention_kernel(
                 stride_vt, stride_vh, cache_ptr, rot_ptr, stride_r0, stride_r1, k_bnd_ptr, k_cent32_ptr, v_bnd_ptr,
                 v_cent32_ptr, koff_orig_ptr, HEAD_DIM, BLOCK_D, BLOCK_SIZE, STORE_BLOCK_K, K_BITS, V_BITS, PAGE_BYTES,
                 RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-                V_SCALE_OFFSET, NORM_CORRECTION, TINY, HAS_KEY_OFFSET, STORE_CONTRACT_LAST)  # fmt: skip
+                V_SCALE_OFFSET, NORM_CORRECTION, TINY, HAS_KEY_OFFSET, STORE_CONTRACT_LAST, V_COORD)  # fmt: skip
             return
     ctx_len = tl.load(seq_lens_ptr + seq) - q_len
 
@@ -162,7 +168,7 @@ def _attention_kernel(
         live, k_words, k_scale, v_words, v_scale = context_tile(
             tile_lo, ctx_hi, pages, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
             PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-            V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT, bt_row, V_FRAGMENT)  # fmt: skip
+            V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT, bt_row, V_FRAGMENT, V_COORD, V_FP8_FRAGMENT)  # fmt: skip
         if PAGES_AHEAD:
             pages = tile_pages(tile_lo + 1, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
     if PDL:  # queries, this step's K/V and the workspace from here on
@@ -211,7 +217,7 @@ def _attention_kernel(
             nxt = context_tile(
                 tile + 1, ctx_hi, pages, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS,
                 PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES,
-                V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT, bt_row, V_FRAGMENT)  # fmt: skip
+                V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT, bt_row, V_FRAGMENT, V_COORD, V_FP8_FRAGMENT)  # fmt: skip
             if PAGES_AHEAD:
                 pages = tile_pages(tile + 2, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE)
         else:
@@ -219,12 +225,13 @@ def _attention_kernel(
                 tile, ctx_hi, tile_pages(tile, ctx_hi, bt_row, BLOCK_N, BLOCK_SIZE), cache_ptr, kh, BLOCK_N,
                 BLOCK_SIZE, HEAD_DIM, BLOCK_D, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES,
                 K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, INDEX_ALIGN, K_FRAGMENT,
-                bt_row, V_FRAGMENT)  # fmt: skip
+                bt_row, V_FRAGMENT, V_COORD, V_FP8_FRAGMENT)  # fmt: skip
             if SINKS:
                 live = live & ~(sink_drop & (tile == 0))
         k = key_tile(k_words, lut_ptr, k_cent_ptr, BLOCK_N, BLOCK_D, K_BITS, OP_DTYPE, K_LUT, LUT_PAIRS, K_FRAGMENT,
                      FP8_KEYS)  # fmt: skip
-        v = value_tile(v_words, lut_ptr, v_cent_ptr, BLOCK_N, BLOCK_D, V_BITS, OP_DTYPE, V_LUT, LUT_PAIRS, V_FRAGMENT)
+        v = value_tile(v_words, lut_ptr, v_cent_ptr, BLOCK_N, BLOCK_D, V_BITS, OP_DTYPE, V_LUT, LUT_PAIRS, V_FRAGMENT,
+                       V_COORD, FP8_VALUES, K_FRAGMENT, V_FP8_FRAGMENT)  # fmt: skip
         # [BLOCK_N, BLOCK_M] swapped, else [BLOCK_M, BLOCK_N]
         if FP8_KEYS:  # the interpreter's fp8 dot is not exact: there, the same e4m3 values multiplied in fp32
             a, b = (k, q8) if SWAP_AB else (q8, tl.trans(k))
@@ -251,13 +258,27 @@ def _attention_kernel(
             l_tile = l_tile * tl.expand_dims(alpha, TOK_AXIS) + p
         else:
             p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, TOK_AXIS)
-        pv = (p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE)
-        if V_FRAGMENT:
-            pv = value_fragment_probs(pv, BLOCK_N, BLOCK_M)
+        if FP8_VALUES:  # e4m3 probabilities times the value norms; the interpreter multiplies the same values in fp32
+            pv = p * tl.expand_dims(v_scale, ROW_AXIS)
+            if SWAP_AB:
+                if K_FRAGMENT:
+                    pv = fp8_fragment_rows_from_tokens(pv, BLOCK_N, BLOCK_M)  # in V^T's column order
+                if V_LUT:
+                    acc_t = acc_t * alpha[None, :] + tl.dot(v, pv.to(tl.float8e4nv))
+                else:
+                    acc_t = acc_t * alpha[None, :] + tl.dot(v.to(tl.float32), round_e4m3(pv), input_precision="ieee")
+            elif V_LUT:
+                acc = acc * alpha[:, None] + tl.dot(pv.to(tl.float8e4nv), tl.trans(v))
+            else:
+                acc = acc * alpha[:, None] + tl.dot(round_e4m3(pv), tl.trans(v).to(tl.float32), input_precision="ieee")
+        elif V_FRAGMENT:
+            pv = value_fragment_probs((p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE), BLOCK_N, BLOCK_M)
             acc_t = acc_t * alpha[None, :] + tl.dot(v, pv, input_precision=PREC)  # v: V^T (value_tile)
         elif SWAP_AB:
+            pv = (p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE)
             acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), pv, input_precision=PREC)
         else:
+            pv = (p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE)
             acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PREC)
         if PREFETCH:
             live, k_words, k_scale, v_words, v_scale = nxt
@@ -268,6 +289,8 @@ def _attention_kernel(
         acc = tl.trans(acc_t)
     if V_FRAGMENT:
         acc = value_fragment_dims(acc, BLOCK_M)
+    if FP8_VALUES:
+        acc = acc * (1.0 / FP8_V_SCALE)
     if TILE_ROW_SUM:
         l_i = tl.sum(l_tile, TOK_AXIS)
     if SINKS:  # noqa: SIM102 (a compile-time branch around a run-time one)
@@ -466,6 +489,8 @@ def paged_attention(
     centroids = (codec.key.centroids, codec.value.centroids) if exact else codec.centroids_fp16
     if meta["FP8_KEYS"]:  # the gather path's key table (the GPU's lookup reads the same values from codec.lut)
         centroids = (codec.key_centroids_e4m3, centroids[1])
+    if meta["FP8_VALUES"]:  # the same for the values
+        centroids = (centroids[0], codec.value_centroids_e4m3)
     _attention_kernel[grid](
         query, key, value, cache, block_table, seq_lens, query_start_loc,
         rot, *centroids, codec.lut, rot if offset is None else offset, out, acc_buf, max_buf, sum_buf, q_buf,

@@ -298,7 +298,10 @@ def attention_meta(
     cap = (tiles.wide_maxnreg if wide else tiles.maxnreg) if swap else None
     k_fragment = swap and tiles.k_fragment and block_n % 64 == 0
     v_fragment = (k_fragment and tiles.v_fragment and lay.head_dim == 128 and lay.v_bits == 4
-                  and block_size % 16 == 0)  # fmt: skip
+                  and block_size % 16 == 0 and not lay.v_coordinate_major)  # fmt: skip
+    # coordinate-major values (TQConfig.fp8_values) as e4m3 bytes for an fp8 P.V MMA; elsewhere they are gathered
+    fp8_values = (lay.v_coordinate_major and fp8_mma and codec.lut_usable[1] and not exact and block_d >= 64
+                  and (k_fragment or not swap))  # fmt: skip
     fp8_keys = (tiles.fp8_keys and codec.config.fp8_key_scores and fp8_mma and (k_fragment or not swap)
                 and lay.k_bits == 4 and codec.lut_usable[0] and not exact and not key_offset and not sinks
                 and not recent)  # fmt: skip
@@ -318,6 +321,8 @@ def attention_meta(
         PAGES_AHEAD=tiles.pages_ahead and not varlen, TILE_ROW_SUM=tiles.tile_row_sum and not varlen,
         SWAP_AB=swap, K_FRAGMENT=k_fragment, V_FRAGMENT=v_fragment, K_LUT=k_lut, V_LUT=v_lut,
         FP8_KEYS=fp8_keys, FP8_SCALE=codec.key_e4m3_scale if fp8_keys else 1.0,
+        FP8_VALUES=fp8_values, FP8_V_SCALE=codec.value_e4m3_scale if fp8_values else 1.0,
+        V_FP8_FRAGMENT=fp8_values and k_fragment and block_d == 128 and warps == 4,
         FP8_QUERY_HALVES=fp8_keys and tiles.fp8_query_halves,
         FP8_HALVES_IN_ROWS=fp8_keys and tiles.fp8_query_halves and halves_in_rows,
         LUT_PAIRS=tiles.lut_pairs, UNROTATED_PARTIALS=at_least(tiles.unrotated_min_splits, num_splits),

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels.page import token_fields
+from turboquant_vllm.kernels.page import coordinate_indices, token_fields
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
 OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -64,6 +64,8 @@ def _dequant_head(
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     HAS_OFFSET: tl.constexpr,
+    COORD_T=None,  # int64 [BLOCK_T]: with it, head_ptr is the page's coordinate-major V field and this the slots
+    BLOCK_SIZE: tl.constexpr = 16,
 ):
     """Write centroids[idx] * scale; with HAS_OFFSET, |scale| and the offset added where the scale is negative
     (key_offset.py)."""
@@ -73,7 +75,11 @@ def _dequant_head(
     if HAS_OFFSET:
         shift = (scale < 0).to(tl.float32)
         scale = tl.abs(scale)
-    y = _centroids(head_ptr, live, cent_ptr, BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD) * scale
+    if COORD_T is not None:
+        idx = coordinate_indices(head_ptr, COORD_T, live, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE)
+        y = tl.where(dim_ok[None, :], tl.load(cent_ptr + idx), 0.0) * scale
+    else:
+        y = _centroids(head_ptr, live, cent_ptr, BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD) * scale
     if HAS_OFFSET:
         y += shift * tl.load(off_ptr + dim, mask=dim_ok, other=0.0)[None, :]
     tl.store(out_ptr + dim[None, :], y.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & dim_ok[None, :])
@@ -108,6 +114,7 @@ def _dequant_kv_kernel(
     V_INDEX_OFFSET: tl.constexpr,
     V_INDEX_BYTES: tl.constexpr,
     V_SCALE_OFFSET: tl.constexpr,
+    V_COORD: tl.constexpr,  # V indices coordinate-major (layout.py)
     HAS_KEY_OFFSET: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -126,11 +133,18 @@ def _dequant_kv_kernel(
             k_index, k_scale, live, in_range, k_cent_ptr, koff_ptr + head * HEAD_DIM,
             K_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, HAS_KEY_OFFSET,
         )  # fmt: skip
-        _dequant_head(
-            out_v_ptr + tok[:, None] * stride_out_v_t + head * stride_out_v_h,
-            v_index, v_scale, live, in_range, v_cent_ptr, koff_ptr,
-            V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, False,
-        )  # fmt: skip
+        if V_COORD:
+            _dequant_head(
+                out_v_ptr + tok[:, None] * stride_out_v_t + head * stride_out_v_h,
+                cache_ptr + block * PAGE_BYTES + head * RUN_BYTES + V_INDEX_OFFSET, v_scale, live, in_range,
+                v_cent_ptr, koff_ptr, V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, False, t, BLOCK_SIZE,
+            )  # fmt: skip
+        else:
+            _dequant_head(
+                out_v_ptr + tok[:, None] * stride_out_v_t + head * stride_out_v_h,
+                v_index, v_scale, live, in_range, v_cent_ptr, koff_ptr,
+                V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, False,
+            )  # fmt: skip
 
 
 def _launch_params(num_slots: int, num_kv_heads: int) -> tuple[int, int, int]:

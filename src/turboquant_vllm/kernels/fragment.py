@@ -42,6 +42,23 @@ def fragment_rows(ROWS: tl.constexpr):
 
 
 @triton.jit
+def unfragment_tokens(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The inverse of fragment_tokens: rows of x [ROWS, COLS] in its order put back in natural order."""
+    y = tl.reshape(x, (ROWS // 64, 2, 2, 2, 8, COLS))  # row bits (4, 3, 5) of fragment_tokens' order
+    return tl.reshape(tl.permute(y, (0, 3, 1, 2, 4, 5)), (ROWS, COLS))
+
+
+@triton.jit
+def fp8_fragment_rows_from_tokens(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Rows of x [ROWS, COLS] (a tile's tokens, in fragment_tokens' order) reordered so that row j is the token
+    that column j of an fp8_fragment_columns-relabelled [.., ROWS] tile holds: the probabilities of a swapped tile
+    in the order of the coordinate-major V^T columns they multiply (TQConfig.fp8_values)."""
+    natural = unfragment_tokens(x, ROWS, COLS)
+    z = tl.reshape(natural, (4, ROWS // 32, 2, 4, COLS))  # token 8 W a + 8 w + 4 h + b, W = ROWS // 32
+    return tl.reshape(tl.permute(z, (1, 2, 0, 3, 4)), (ROWS, COLS))
+
+
+@triton.jit
 def fragment_columns(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Columns of x [ROWS, BLOCK_D] in page order (coordinate d = 8 * word + nibble) relabelled for the A fragment.
 

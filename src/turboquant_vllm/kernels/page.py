@@ -13,7 +13,10 @@ from turboquant_vllm.kernels.fragment import (
     fragment_tokens,
     value_fragment_tile,
 )
-from turboquant_vllm.kernels.lut import decode_lut, lut_fp8_words, lut_planes
+from turboquant_vllm.kernels.lut import decode_lut, lut_decode_words, lut_fp8_words, lut_planes
+
+# int32 offset of the values' e4m3 byte tables in KVCodec.lut (after K's and V's fp16 tables and K's e4m3 one)
+V_FP8_TABLE = tl.constexpr(10)
 
 
 @triton.jit
@@ -33,6 +36,36 @@ def token_fields(
     v_index = run + V_INDEX_OFFSET + t * V_INDEX_BYTES
     v_scale = (run + V_SCALE_OFFSET).to(tl.pointer_type(tl.float32)) + t
     return k_index, k_scale, v_index, v_scale
+
+
+@triton.jit
+def coordinate_words(run_v_ptr, t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """int32 pointers [ROWS, BLOCK_D] to the coordinate-major V words (layout.py) that hold token t ([ROWS], slot in
+    its page) of each coordinate, and the nibble's shift [ROWS, 1]. run_v_ptr [ROWS]: the V index field of the
+    token's page and head (run + V_INDEX_OFFSET)."""
+    dim = tl.arange(0, BLOCK_D)
+    byte = run_v_ptr[:, None] + dim[None, :] * (BLOCK_SIZE // 2) + ((t % BLOCK_SIZE) // 8 * 4)[:, None]
+    return byte.to(tl.pointer_type(tl.int32)), ((t % 8) * 4)[:, None]
+
+
+@triton.jit
+def coordinate_indices(run_v_ptr, t, live, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):  # fmt: skip
+    """4-bit V indices int32 [ROWS, BLOCK_D] of tokens t from coordinate-major pages (0 where not live or padded)."""
+    word, shift = coordinate_words(run_v_ptr, t, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
+    mask = live[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
+    return (tl.load(word, mask=mask, other=0) >> shift) & 15
+
+
+@triton.jit
+def store_coordinate_indices(run_v_ptr, t, idx, live, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr):  # fmt: skip
+    """Write 4-bit V indices idx [ROWS, BLOCK_D] of tokens t into coordinate-major pages. A word holds 8 tokens of a
+    coordinate, which other programs of the launch may be writing, so each nibble is cleared and set by atomics."""
+    word, shift = coordinate_words(run_v_ptr, t, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
+    mask = live[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
+    tl.atomic_and(word, ~(15 << shift), mask=mask, sem="relaxed")
+    tl.atomic_or(word, idx << shift, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -100,10 +133,37 @@ def key_tile(
 def value_tile(
     v_words, lut_ptr, v_cent_ptr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, V_BITS: tl.constexpr,
     OP_DTYPE: tl.constexpr, V_LUT: tl.constexpr, LUT_PAIRS: tl.constexpr, V_FRAGMENT: tl.constexpr,
+    V_COORD: tl.constexpr = False, FP8_VALUES: tl.constexpr = False, K_FRAGMENT: tl.constexpr = False,
+    V_FP8_FRAGMENT: tl.constexpr = False,
 ):  # fmt: skip
     """A tile's values in OP_DTYPE: V [BLOCK_N, BLOCK_D] from page-order words, or with V_FRAGMENT V^T [128,
-    BLOCK_N] decoded straight into the A fragment's order from value_fragment_words' (fragment.py)."""
-    if V_FRAGMENT:  # one return at the end (key_tile)
+    BLOCK_N] decoded straight into the A fragment's order from value_fragment_words' (fragment.py).
+
+    With V_COORD the words are coordinate_tile_words' (V^T), or with V_FP8_FRAGMENT coordinate_fragment_words':
+    with FP8_VALUES V^T [BLOCK_D, BLOCK_N] as e4m3 bytes (the values' e4m3 table; under the interpreter a gather
+    from v_cent_ptr, which then holds those values), its token columns in fp8_fragment_columns' order with
+    K_FRAGMENT (value_fragment_tile_fp8's); otherwise V in the keys' token order for the 16/32-bit products."""
+    if V_COORD:  # one return at the end (key_tile)
+        ROWS: tl.constexpr = 128 if V_FP8_FRAGMENT else BLOCK_D
+        COLS: tl.constexpr = 8 * v_words.shape[1]  # nibbles a row
+        if FP8_VALUES:
+            if V_LUT:
+                v = lut_fp8_words(v_words, lut_ptr + V_FP8_TABLE, ROWS, COLS)
+            else:
+                v = tl.load(v_cent_ptr + split_words(v_words, 4, COLS, ROWS)).to(tl.float8e4nv)
+            if V_FP8_FRAGMENT:
+                v = value_fragment_tile_fp8(v, BLOCK_N)
+            elif K_FRAGMENT:
+                v = fp8_fragment_columns(v, BLOCK_D, BLOCK_N)
+        else:
+            if V_LUT:
+                vt = lut_decode_words(v_words, lut_ptr + 4, BLOCK_D, BLOCK_N)
+            else:
+                vt = tl.load(v_cent_ptr + split_words(v_words, 4, BLOCK_N, BLOCK_D))
+            v = tl.trans(vt.to(OP_DTYPE))
+            if K_FRAGMENT:
+                v = fragment_tokens(v, BLOCK_N, BLOCK_D)
+    elif V_FRAGMENT:
         if V_LUT:
             c0, c1, c2, c3, c4, c5, c6, c7 = lut_planes(v_words, lut_ptr + 4)
         else:
@@ -114,6 +174,58 @@ def value_tile(
     else:
         v = tl.load(v_cent_ptr + split_words(v_words, V_BITS, BLOCK_D, BLOCK_N)).to(OP_DTYPE)
     return v
+
+
+@triton.jit
+def coordinate_tile_words(
+    tile, ctx_len, block, cache_ptr, kh,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr, V_INDEX_OFFSET: tl.constexpr,
+):  # fmt: skip
+    """int32 [BLOCK_D, BLOCK_N // 8]: a tile's coordinate-major V words (layout.py), V^T with 8 tokens a word: word
+    w of row j holds tokens 8w .. 8w + 7 of the tile (nibble i: token 8w + i), coordinate j. block: the tile's page
+    ids (tile_pages); a word's 8 tokens share a page. 0 for words past ctx_len and rows past HEAD_DIM."""
+    word_page = tl.max(tl.reshape(block, (BLOCK_N // 8, 8)), axis=1)  # 0 past ctx_len, else the page
+    pos = tile * BLOCK_N + 8 * tl.arange(0, BLOCK_N // 8)
+    dim = tl.arange(0, BLOCK_D)
+    run = cache_ptr + word_page * PAGE_BYTES + kh * RUN_BYTES + V_INDEX_OFFSET + (pos % BLOCK_SIZE) // 2
+    ptr = run[None, :] + (dim * (BLOCK_SIZE // 2))[:, None]
+    mask = (dim < HEAD_DIM)[:, None] & (pos < ctx_len)[None, :]
+    return tl.load(ptr.to(tl.pointer_type(tl.int32)), mask=mask, other=0)
+
+
+@triton.jit
+def coordinate_fragment_words(
+    tile, ctx_len, bt_row, cache_ptr, kh,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
+    V_INDEX_OFFSET: tl.constexpr,
+):  # fmt: skip
+    """int32 [128 lanes, 4 * (BLOCK_N // 32)]: the coordinate-major V words (head_dim 128, 4 warps) that thread
+    L = 32w + 4q + l looks up for the fp8 value product's A fragment (value_fragment_tile_fp8): coordinates
+    64b + 16w + 8a + q, and of each the two words (tokens (BLOCK_N // 4) l + 8 kb .. + 7) of its share of the
+    tile; column (2b + a) * KB + kb, KB = BLOCK_N // 32. 0 for words past ctx_len."""
+    KB: tl.constexpr = BLOCK_N // 32
+    lane = tl.arange(0, 128)
+    warp, quad, pair = lane // 32, (lane // 4) % 8, lane % 4  # w, q, l of the docstring
+    n = tl.arange(0, 4 * KB)
+    b, a, kb = n // (2 * KB), (n // KB) % 2, n % KB
+    coord = 64 * b[None, :] + (16 * warp + quad)[:, None] + 8 * a[None, :]  # [128, 4 KB]
+    pos = tile * BLOCK_N + (BLOCK_N // 4) * pair[:, None] + 8 * kb[None, :]  # the word's first token
+    live = pos < ctx_len
+    page = tl.load(bt_row + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+    byte = page * PAGE_BYTES + kh * RUN_BYTES + V_INDEX_OFFSET + coord * (BLOCK_SIZE // 2) + (pos % BLOCK_SIZE) // 2
+    return tl.load((cache_ptr + byte).to(tl.pointer_type(tl.int32)), mask=live, other=0)
+
+
+@triton.jit
+def value_fragment_tile_fp8(e, BLOCK_N: tl.constexpr):
+    """V^T [128, BLOCK_N] e4m3 in the A fragment's order from the lookups e [128 lanes, 32 * KB] of
+    coordinate_fragment_words (column 8n + 4h + i: nibble 4h + i of word n). Row 64b + 16w + 8a + q is that
+    coordinate; column 32 kb + 16 h + 4 l + i the tile's token (BLOCK_N // 4) l + 8 kb + 4 h + i, which is
+    fp8_fragment_columns' order of the tile's tokens (fragment.fp8_fragment_rows_from_tokens orders P so)."""
+    KB: tl.constexpr = BLOCK_N // 32
+    x = tl.reshape(e, (4, 8, 4, 2, 2, KB, 2, 4))  # w, q, l | b, a, kb, h, i
+    return tl.reshape(tl.permute(x, (3, 0, 4, 1, 5, 6, 2, 7)), (128, BLOCK_N))  # (b w a q) x (kb h l i)
 
 
 @triton.jit
@@ -173,13 +285,15 @@ def context_tile(
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     INDEX_ALIGN: tl.constexpr, FRAGMENT: tl.constexpr = False, bt_row=None, V_FRAGMENT: tl.constexpr = False,
+    V_COORD: tl.constexpr = False, V_FP8_FRAGMENT: tl.constexpr = False,
 ):  # fmt: skip
     """Issue the loads of one BLOCK_N tile of cached tokens: K/V index words and scales (0 past ctx_len).
 
     block holds the tile's page ids (tile_pages). Within a page this KV head's tokens are contiguous per field,
     so the tile reads whole runs. With FRAGMENT the tile's tokens come in fragment_tokens' order: the words are
     reordered after their load, the per-token vectors loaded in that order (their pages read again from bt_row).
-    With V_FRAGMENT the V words are value_fragment_words' instead.
+    With V_FRAGMENT the V words are value_fragment_words' instead, with V_COORD coordinate_tile_words' (with
+    V_FP8_FRAGMENT coordinate_fragment_words').
     """
     pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     live = pos < ctx_len
@@ -187,14 +301,20 @@ def context_tile(
         cache_ptr, block, (pos % BLOCK_SIZE).to(tl.int64), kh, PAGE_BYTES, RUN_BYTES,
         K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
     k_words = index_words(k_index, live, K_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
-    if V_FRAGMENT:
+    if V_FP8_FRAGMENT:
+        v_words = coordinate_fragment_words(tile, ctx_len, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, PAGE_BYTES,
+                                            RUN_BYTES, V_INDEX_OFFSET)  # fmt: skip
+    elif V_COORD:
+        v_words = coordinate_tile_words(tile, ctx_len, block, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
+                                        PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET)  # fmt: skip
+    elif V_FRAGMENT:
         v_words = value_fragment_words(tile, ctx_len, bt_row, cache_ptr, kh, BLOCK_N, BLOCK_SIZE, PAGE_BYTES,
                                        RUN_BYTES, V_INDEX_OFFSET, V_INDEX_BYTES)  # fmt: skip
     else:
         v_words = index_words(v_index, live, V_BITS, HEAD_DIM, BLOCK_D, INDEX_ALIGN)
     if FRAGMENT:
         k_words = fragment_tokens(k_words, BLOCK_N, BLOCK_D // 8)
-        if not V_FRAGMENT:
+        if not V_FRAGMENT and not V_COORD:
             v_words = fragment_tokens(v_words, BLOCK_N, BLOCK_D // 8)
         pos = tile * BLOCK_N + fragment_rows(BLOCK_N)
         live = pos < ctx_len

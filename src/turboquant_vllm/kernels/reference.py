@@ -41,6 +41,20 @@ def _page_views(codec: KVCodec, cache: torch.Tensor) -> dict[str, torch.Tensor]:
     return views
 
 
+def _token_major_values(codec: KVCodec, field: torch.Tensor) -> torch.Tensor:
+    """A coordinate-major V index field [.., block_size, bytes] (layout.py; the shape only counts its bytes) as the
+    token-major rows it holds, a new tensor of that shape: token t's packed indices at [.., t, :]."""
+    block_size, d = field.shape[-2], codec.head_dim
+    per_coordinate = unpack_indices(field.flatten(-2).unflatten(-1, (d, block_size // 2)), 4, block_size)
+    return pack_indices(per_coordinate.transpose(-1, -2), 4).reshape(field.shape)
+
+
+def _coordinate_major_values(codec: KVCodec, rows: torch.Tensor) -> torch.Tensor:
+    """Inverse of _token_major_values."""
+    per_token = unpack_indices(rows, 4, codec.head_dim)  # [.., block_size, d]
+    return pack_indices(per_token.transpose(-1, -2), 4).reshape(rows.shape)
+
+
 def _page_and_token(cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(page, token in page) of each slot = page * block_size + token."""
     slots = slots.long().to(cache.device)
@@ -50,7 +64,10 @@ def _page_and_token(cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Ten
 def gather_rows_ref(codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The tokens at `slots` as rows uint8 [N, bytes_per_token]: per head, K idx | K scale | V idx | V scale."""
     block, t = _page_and_token(cache, slots)
-    parts = [view[block, :, t] for view in _page_views(codec, cache).values()]  # each [N, H, bytes]
+    views = _page_views(codec, cache)
+    if codec.layout.v_coordinate_major:
+        views["v_idx"] = _token_major_values(codec, views["v_idx"])
+    parts = [view[block, :, t] for view in views.values()]  # each [N, H, bytes]
     return torch.cat(parts, -1).flatten(1).cpu()
 
 
@@ -61,7 +78,12 @@ def scatter_rows_ref(codec: KVCodec, cache: torch.Tensor, slots: torch.Tensor, r
     fields = _record_fields(codec)
     for name, view in _page_views(codec, cache).items():
         start, nbytes, _ = fields[name]
-        view[block, :, t] = records[:, :, start : start + nbytes]
+        if name == "v_idx" and codec.layout.v_coordinate_major:
+            rows_of_pages = _token_major_values(codec, view)
+            rows_of_pages[block, :, t] = records[:, :, start : start + nbytes]
+            view.copy_(_coordinate_major_values(codec, rows_of_pages))
+        else:
+            view[block, :, t] = records[:, :, start : start + nbytes]
 
 
 def encode_rows_ref(
@@ -218,6 +240,7 @@ def paged_attention_ref(
     fp8_query_halves: bool = True,
     tf32_query_rotation: bool = False,
     exact_last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    fp8_values: bool = False,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its compressed context plus themselves.
 
@@ -240,6 +263,8 @@ def paged_attention_ref(
         fp8_keys: score the context as the kernel's fp8 key path does (Tiles.fp8_keys; no key offset or exact_first),
             with the queries in two e4m3 halves where fp8_query_halves (Tiles.fp8_query_halves), else rounded once,
             and rotated by a tf32 product where tf32_query_rotation (the kernels on a GPU).
+        fp8_values: the context's values from the e4m3-rounded codebook (codec.value_centroids_e4m3), as the kernel's
+            fp8 value product reads them (TQConfig.fp8_values); its rounding of the probabilities is not modelled.
     Returns:
         fp32 [num_tokens, num_heads, head_dim] in the original basis.
     """
@@ -255,6 +280,11 @@ def paged_attention_ref(
         context_len = seq_len - q_len
         slots = sequence_slots(block_table[s], context_len, cache.shape[1])
         k_ctx, v_ctx = dequantize_ref(codec, cache, slots, False, key_offset)  # [context_len, Hkv, d]
+        if fp8_values:
+            _, vq = decode_rows_ref(codec, gather_rows_ref(codec, cache, slots))
+            centroids = codec.value_centroids_e4m3.cpu().float() / codec.value_e4m3_scale
+            rotation = codec.rotation.cpu()
+            v_ctx = (centroids[vq.indices.long()] * vq.scales.unsqueeze(-1)) @ rotation
         if exact_first is not None:
             n = min(context_len, exact_first[2].shape[1])
             held = exact_first[2][s, :n].cpu()

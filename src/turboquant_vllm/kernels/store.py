@@ -10,7 +10,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels.page import token_fields
+from turboquant_vllm.kernels.page import store_coordinate_indices, token_fields
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 from turboquant_vllm.quantizer import TINY_NORM
@@ -108,9 +108,11 @@ def store_head(
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
-    CONTRACT_LAST: tl.constexpr, BUCKET_SEARCH: tl.constexpr = False,
+    CONTRACT_LAST: tl.constexpr, BUCKET_SEARCH: tl.constexpr = False, V_COORD: tl.constexpr = False,
+    BLOCK_SIZE: tl.constexpr = 16,
 ):  # fmt: skip
-    """Quantise BLOCK_T tokens' K and V of one head and write indices and scales into their pages.
+    """Quantise BLOCK_T tokens' K and V of one head and write indices and scales into their pages (V's
+    coordinate-major with V_COORD, layout.py; BLOCK_SIZE is read only then).
 
     Shared by the store kernel and the attention kernel's fused store (kernels/decode.py). With DOT_PRECISION
     "tf32_split" rot_ptr / rot_lo_ptr hold R's tf32 parts (tf32_parts), and a key stored relative to the offset
@@ -171,7 +173,11 @@ def store_head(
         cache_ptr, block, t, head, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET,
         V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
     _store_indices(k_head_ptr, k_idx, live, K_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
-    _store_indices(v_head_ptr, v_idx, live, V_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
+    if V_COORD:
+        run_v = cache_ptr + block * PAGE_BYTES + head * RUN_BYTES + V_INDEX_OFFSET
+        store_coordinate_indices(run_v, t, v_idx, live, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE)
+    else:
+        _store_indices(v_head_ptr, v_idx, live, V_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
     if NORM_CORRECTION:
         k_cent = tl.where(dim_ok[None, :], k_cent, 0.0)
         v_cent = tl.where(dim_ok[None, :], v_cent, 0.0)
@@ -195,7 +201,7 @@ def store_tokens(
     K_INDEX_OFFSET: tl.constexpr, K_INDEX_BYTES: tl.constexpr, K_SCALE_OFFSET: tl.constexpr,
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
-    STORE_CONTRACT_LAST: tl.constexpr,
+    STORE_CONTRACT_LAST: tl.constexpr, V_COORD: tl.constexpr,
 ):  # fmt: skip
     """Store tokens tok0 .. tok0 + num_tok - 1 of KV head kh at their slots, one token at a time (store_head): the
     attention kernel's fused store (kernels/decode.py)."""
@@ -208,7 +214,7 @@ def store_tokens(
                    v_bnd_ptr, v_cent_ptr, koff_ptr, koff_ptr, HEAD_DIM, BLOCK_D, 1, STORE_BLOCK_K, K_BITS, V_BITS,
                    PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET, V_INDEX_OFFSET,
                    V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY, "ieee", HAS_KEY_OFFSET,
-                   STORE_CONTRACT_LAST)  # fmt: skip
+                   STORE_CONTRACT_LAST, False, V_COORD, BLOCK_SIZE)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -248,6 +254,7 @@ def _store_kv_kernel(
     V_INDEX_OFFSET: tl.constexpr,
     V_INDEX_BYTES: tl.constexpr,
     V_SCALE_OFFSET: tl.constexpr,
+    V_COORD: tl.constexpr,  # V indices coordinate-major (layout.py)
     NORM_CORRECTION: tl.constexpr,
     TINY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -273,7 +280,7 @@ def _store_kv_kernel(
                    k_bnd_ptr, k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr, koff_rot_ptr, HEAD_DIM, HEAD_DIM_PAD,
                    BLOCK_T, BLOCK_K, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES,
                    K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY,
-                   DOT_PRECISION, HAS_KEY_OFFSET, CONTRACT_LAST, BUCKET_SEARCH)  # fmt: skip
+                   DOT_PRECISION, HAS_KEY_OFFSET, CONTRACT_LAST, BUCKET_SEARCH, V_COORD, BLOCK_SIZE)  # fmt: skip
     if PDL_AFTER:  # this launch completes only after the kernel ahead does
         gdc_wait()
 
