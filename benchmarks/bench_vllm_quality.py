@@ -52,6 +52,10 @@ MODES = {
     # `tiles`: decode_tiles.Tiles fields changed for every head_dim, in this process (the engine core runs in it)
     "ours_4_4_fp8k": dict(attention_backend="CUSTOM", tiles={"fp8_keys": True}),
     "ours_4_4_fp8k_decode": dict(attention_backend="CUSTOM", tiles={"fp8_keys": True}, **DECODE_CHUNKS),
+    "ours_4_4_fp8v": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"fp8_values": True}}),
+    "ours_4_4_fp8v_decode": dict(
+        attention_backend="CUSTOM", additional_config={"turboquant": {"fp8_values": True}}, **DECODE_CHUNKS
+    ),
     "native_turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),
     "native_turboquant_k8v4": dict(kv_cache_dtype="turboquant_k8v4"),
     "native_turboquant_4bit_nc_decode": dict(kv_cache_dtype="turboquant_4bit_nc", **DECODE_CHUNKS),

@@ -21,15 +21,16 @@ tokens (4 sequences, pages shuffled), one starting on a page boundary and one 5 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import run_header  # noqa: E402  (a sibling script, not a package)
 
 HEAD_DIM = 128
 BLOCK_SIZE = 16  # tokens a page
@@ -185,16 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU; none found.")
         return 2
-    result = {
-        "probe": "value_store",
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "rows": time_forms(args.shapes.split(","), args.heads, args.rep),
-    }
-    text = json.dumps(result, indent=1)
+    rows = time_forms(args.shapes.split(","), args.heads, args.rep)
+    text = json.dumps({**run_header("probe_value_store"), "rows": rows}, indent=1)
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")

@@ -67,7 +67,8 @@ class TQConfig:
             long-context decode for rounder scores (docs/decode-tuning.md, "Keys in fp8"); False keeps fp16.
         fp8_values: vLLM only, 4-bit values: pages hold each coordinate's value indices together (layout.py,
             "coordinate-major values"), so the paged kernel can read them as e4m3 bytes for an fp8 P.V MMA, with
-            the probabilities times the value norms rounded to e4m3 (docs/design-fp8-values.md). Off by default.
+            the probabilities times the value norms rounded to e4m3, and its decode tile needs fewer registers
+            (docs/decode-tuning.md, "Values in fp8"). Off by default: its engine speed and quality are unmeasured.
     """
 
     k_bits: int = 4

@@ -110,6 +110,24 @@ def test_choose_num_splits():
         assert n in (1, 16) or seqs * 2 * n >= 2 * 108
 
 
+def test_fp8_values_pages_take_four_programs_an_sm():
+    """TQConfig.fp8_values' decode tile fits 128 registers (Tiles.fp8_values_maxnreg): capped launches split until
+    4 programs an SM fill a wave (16 sequences x 8 KV heads x 4 = 512 <= 528), and only those launches take the cap;
+    the wide one-sequence launch keeps its own rule."""
+    tiles = decode_tiles.TILES[128]
+    assert (tiles.fp8_values_maxnreg, tiles.resident(True), tiles.resident(False)) == (128, 4, 3)
+    assert choose_num_splits(16, 8, 32, 132, fp8_values=True) == 4
+    assert choose_num_splits(16, 8, 32, 132) == 3
+    assert choose_num_splits(1, 8, 32, 132, fp8_values=True) == choose_num_splits(1, 8, 32, 132)
+    assert choose_split_grid(12, 8, 32, 132, fp8_values=True)[1] == 4 * 132 // 8  # the slots of a padded batch
+    for fp8_values in (False, True):
+        codec = KVCodec(TQConfig(fp8_values=fp8_values), 8, 128)
+        capped, wide = (decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, splits)
+                        for splits in (4, decode_tiles.WIDE_MIN_SPLITS))  # fmt: skip
+        assert capped["maxnreg"] == (128 if fp8_values else tiles.maxnreg)
+        assert wide.get("maxnreg") == tiles.wide_maxnreg
+
+
 @pytest.mark.parametrize("num_sms", [132, 114, 78])
 def test_split_choice_fills_one_wave_of_resident_programs(num_sms):
     """d=128: 2-16 sequences split until one more split would need a second wave of capped programs (3 an SM);

@@ -104,7 +104,8 @@ def _attention_kernel(
     still score against the unrounded queries.
     With V_COORD the pages hold V coordinate-major (layout.py, TQConfig.fp8_values): with FP8_VALUES the tile's V^T
     is FP8_V_SCALE * centroids in e4m3 and the value product an fp8 MMA against the probabilities times the value
-    norms rounded to e4m3 (docs/design-fp8-values.md); otherwise the values are gathered for the 16/32-bit product.
+    norms rounded to e4m3 (docs/decode-tuning.md, "Values in fp8"); otherwise the values are gathered for the
+    16/32-bit product.
     """
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)

@@ -107,6 +107,18 @@ class Tiles:
     # Triton then runs in two equivalent layouts (offline 687 instructions a 3-split tile instead of 637): on the H200
     # 1 x 32K 33.4 -> 31.7 us, but 16 x 32K 337.8 -> 379.9 (decode_sweep_fp8_halves_in_rows_h200_2026-12-03d.json).
     fp8_halves_in_rows_min_splits: int | None = None
+    # With coordinate-major values (TQConfig.fp8_values) the capped decode tile needs fewer registers (e4m3 V^T in
+    # its A fragment): this register cap and this many programs an SM for it (None: maxnreg, resident_programs).
+    fp8_values_maxnreg: int | None = None
+    fp8_values_resident_programs: int | None = None
+
+    def resident(self, fp8_values: bool) -> int | None:
+        """Capped decode programs an SM (resident_programs, or fp8_values_resident_programs for fp8_values' pages)."""
+        return (
+            self.fp8_values_resident_programs
+            if fp8_values and self.fp8_values_resident_programs
+            else (self.resident_programs)
+        )
 
 
 # Why each default, in one line (the H200 measurements behind them, and what lost, are in docs/decode-tuning.md):
@@ -134,7 +146,8 @@ TILES = {
         64, 16, 64, 4, num_stages=1, wide_block_n=128, swap_ab=True, maxnreg=168, resident_programs=3,
         reduce_splits=2, reduce_rot_chunk=128, wide_reduce_rows=1, prerotate_q_min_splits=2,
         fused_store_min_splits=WIDE_MIN_SPLITS, rot_chunk=64, k_fragment=True, v_fragment=True,
-        fp8_keys=True, fp8_halves_in_rows_min_splits=WIDE_MIN_SPLITS,
+        fp8_keys=True, fp8_halves_in_rows_min_splits=WIDE_MIN_SPLITS, fp8_values_maxnreg=128,
+        fp8_values_resident_programs=4,
     ),
     256: Tiles(16, 16, 32, 8, num_stages=1, reduce_splits=2),
     512: Tiles(16, 16, 16, 8, num_stages=1, reduce_splits=1),
@@ -182,21 +195,23 @@ def reduce_meta(
     )  # fmt: skip
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int, head_dim: int = 128) -> int:
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int, head_dim: int = 128, fp8_values: bool = False
+) -> int:
     """Splits per sequence so a decode batch's programs fill the SMs: one wave of Tiles.resident_programs an SM
     (wide_resident_programs where the launch takes the wide tiles; store programs included) where the tiles say how
     many fit, else about two 4-warp programs' worth an SM.
 
     One split when (sequence, KV head) programs alone already fill the SMs that way: splitting then
     only adds workspace traffic. Sequence lengths are deliberately ignored so the choice is made on
-    the host without reading device tensors.
+    the host without reading device tensors. fp8_values: the pages are TQConfig.fp8_values' (Tiles.resident).
     """
     tiles = TILES[triton.next_power_of_2(head_dim)]
     per_sm = max(1, 4 // tiles.num_warps)  # narrower programs: more of them
     programs = max(1, num_seqs) * max(1, num_kv_heads)
     if programs >= num_sms * per_sm or max_splits <= 1:
         return 1
-    if tiles.resident_programs is None:
+    if tiles.resident(fp8_values) is None:
         return max(1, min(max_splits, triton.cdiv(2 * num_sms * per_sm, programs)))
 
     def one_wave(resident: int) -> int:
@@ -206,7 +221,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms
             splits = min(max_splits, (slots - programs) // programs)
         return splits
 
-    splits = one_wave(tiles.resident_programs)
+    splits = one_wave(tiles.resident(fp8_values))
     if tiles.wide_block_n is not None and splits >= WIDE_MIN_SPLITS:  # such launches take the wide tiles
         wide = one_wave(tiles.wide_resident_programs)
         splits = wide if wide >= WIDE_MIN_SPLITS else WIDE_MIN_SPLITS - 1  # too few for a wave: stay capped
@@ -214,7 +229,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_splits: int, num_sms
 
 
 def choose_split_grid(
-    num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int, head_dim: int = 128
+    num_seqs: int, num_kv_heads: int, max_splits: int, num_sms: int, head_dim: int = 128, fp8_values: bool = False
 ) -> tuple[int, int]:
     """(num_splits, split_slots) for paged_attention: choose_num_splits's grid, grown so that the same launch also
     fills a wave for fewer live sequences, with the slots each launch shares among its live ones (live_splits).
@@ -225,12 +240,14 @@ def choose_split_grid(
     over half live (captured sizes double up to 8 and are at least 8 apart after), capped tiles only; batches that
     do not split, one sequence and the other head dims' rule keep (choose_num_splits, 0).
     """
-    static = choose_num_splits(num_seqs, num_kv_heads, max_splits, num_sms, head_dim)
+    static = choose_num_splits(num_seqs, num_kv_heads, max_splits, num_sms, head_dim, fp8_values)
     if not (live_split_tiles(head_dim, static) and 2 <= num_seqs <= MAX_LIVE_SEQS):
         return static, 0
     fewest_live = num_seqs // 2 + 1
-    grid = min(choose_num_splits(fewest_live, num_kv_heads, max_splits, num_sms, head_dim), WIDE_MIN_SPLITS - 1)
-    return max(grid, static), TILES[triton.next_power_of_2(head_dim)].resident_programs * num_sms // num_kv_heads
+    grid = min(choose_num_splits(fewest_live, num_kv_heads, max_splits, num_sms, head_dim, fp8_values),
+               WIDE_MIN_SPLITS - 1)  # fmt: skip
+    resident = TILES[triton.next_power_of_2(head_dim)].resident(fp8_values)
+    return max(grid, static), resident * num_sms // num_kv_heads
 
 
 def live_split_tiles(head_dim: int, num_splits: int) -> bool:
@@ -296,6 +313,8 @@ def attention_meta(
     # for the block_n tile; wide tiles spill under it.
     swap = tiles.swap_ab and not varlen and (k_lut and v_lut or not on_gpu)
     cap = (tiles.wide_maxnreg if wide else tiles.maxnreg) if swap else None
+    if swap and not wide and lay.v_coordinate_major and tiles.fp8_values_maxnreg:
+        cap = tiles.fp8_values_maxnreg
     k_fragment = swap and tiles.k_fragment and block_n % 64 == 0
     v_fragment = (k_fragment and tiles.v_fragment and lay.head_dim == 128 and lay.v_bits == 4
                   and block_size % 16 == 0 and not lay.v_coordinate_major)  # fmt: skip

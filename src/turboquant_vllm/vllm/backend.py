@@ -206,6 +206,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         config = current_tq_config()
         self.sink_tokens = config.sink_tokens
         self.recent_tokens = config.recent_tokens
+        self.fp8_values = config.fp8_values
         if on_gpu:  # compile now rather than inside a request (the CPU interpreter has nothing to compile)
             codec = shared_codec(config, self.num_kv_heads, self.head_size, device)
             max_blocks = triton.cdiv(vllm_config.model_config.max_model_len, kv_cache_spec.block_size)  # vLLM's table
@@ -225,7 +226,7 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         num_splits, split_slots = 1, 0
         if num_decode_tokens <= MAX_SPLIT_TOKENS:  # a CUDA graph's padding rows count in num_decodes
             num_splits, split_slots = choose_split_grid(num_decodes, self.num_kv_heads, MAX_SPLITS, self.num_sms,
-                                                        self.head_size)  # fmt: skip
+                                                        self.head_size, self.fp8_values)  # fmt: skip
         # Pure decode steps only: a mixed step's separate store would start at an odd slot_mapping offset (an int64
         # view 8 bytes in), which Triton compiles a variant of its store kernel for, during inference.
         fused_store = num_decodes > 0 and num_prefills == 0 and decode_step_stores(self.head_size, num_splits, self.pdl)
