@@ -114,11 +114,9 @@ class Tiles:
 
     def resident(self, fp8_values: bool) -> int | None:
         """Capped decode programs an SM (resident_programs, or fp8_values_resident_programs for fp8_values' pages)."""
-        return (
-            self.fp8_values_resident_programs
-            if fp8_values and self.fp8_values_resident_programs
-            else (self.resident_programs)
-        )
+        if fp8_values and self.fp8_values_resident_programs:
+            return self.fp8_values_resident_programs
+        return self.resident_programs
 
 
 # Why each default, in one line (the H200 measurements behind them, and what lost, are in docs/decode-tuning.md):
