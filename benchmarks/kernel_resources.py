@@ -217,7 +217,7 @@ def compile_attention(
     return {
         "head_dim": head_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "split_k": split,
         "num_splits": num_splits, "key_offset": key_offset, "store_new": store_new, "sinks": sinks,
-        "recent": recent, "block_n": meta["BLOCK_N"],
+        "recent": recent, "fp8_values": codec.config.fp8_values, "block_n": meta["BLOCK_N"],
         "swap_ab": meta["SWAP_AB"], "maxnreg": launch.get("maxnreg"),
         "tiles": dataclasses.asdict(dataclasses.replace(default, **change)), **report,
         "shared_bytes": kernel.metadata.shared,
@@ -322,13 +322,19 @@ def main(argv: list[str] | None = None) -> int:
     ):
         cases += [(128, 32, 8, n, fp8 | form) + ((False, True) if n == wide else ()) for n in splits]
         cases += [(64, 9, 3, 3, fp8 | form)] if 3 in splits else []
+    # coordinate-major values in fp8 (TQConfig.fp8_values): the 16-sequence tile at its 128-register cap (4 splits,
+    # 4 programs an SM), at the default 168, and the one-sequence engine step
+    fp8_values = TQConfig(fp8_values=True)
+    cases += [(128, 32, 8, 4, {}, False, False, 0, 0, fp8_values)]
+    cases += [(128, 32, 8, 3, {"fp8_values_maxnreg": None}, False, False, 0, 0, fp8_values)]
+    cases += [(128, 32, 8, wide, {}, False, True, 0, 0, fp8_values)]
     rows, seen = [], set()
     for case in cases:
         bound = inspect.signature(compile_attention).bind(*case)
         bound.apply_defaults()
         tiles = decode_tiles.TILES[triton.next_power_of_2(bound.arguments["head_dim"])]
         bound.arguments["change"] = dataclasses.asdict(dataclasses.replace(tiles, **bound.arguments["change"]))
-        same = json.dumps(bound.arguments, sort_keys=True)
+        same = json.dumps(bound.arguments, sort_keys=True, default=repr)
         if same in seen:  # a variant that the defaults now equal: one row for one kernel
             continue
         seen.add(same)
@@ -338,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         label += " + fused store" if r["store_new"] else ""
         label += f" + {r['sinks']} sinks" if r["sinks"] else ""
         label += f" + {r['recent']} recent" if r["recent"] else ""
+        label += " + fp8 values" if r["fp8_values"] else ""
         print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}, context loop "
