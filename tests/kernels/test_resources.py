@@ -29,7 +29,7 @@ def resources(tmp_path_factory) -> dict:
 
 
 def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(resources):
-    rows = [r for r in resources["rows"] if r["head_dim"] == 128]
+    rows = [r for r in resources["rows"] if r["head_dim"] == 128 and not r["fp8_values"]]
     tiles = decode_tiles.TILES[128]
     defaults = [r for r in rows if r["tiles"] == dataclasses.asdict(tiles) and not r["store_new"] and not r["sinks"]]
     narrow = [r for r in defaults if r["num_splits"] < decode_tiles.WIDE_MIN_SPLITS]
@@ -47,6 +47,22 @@ def test_decode_kernel_keeps_three_programs_per_sm_at_head_dim_128(resources):
     assert wide_store["tiles"] == dataclasses.asdict(tiles)
     for r in (wide, wide_store):
         assert r["spill_store_bytes"] <= 64, r
+
+
+def test_fp8_values_tile_fits_four_programs_an_sm(resources):
+    """TQConfig.fp8_values' 16-sequence tile compiles under Tiles.fp8_values_maxnreg (4 programs an SM) with at most a
+    few bytes spilled and none read in the context loop, and with fewer loop instructions than the default tile."""
+    rows = [r for r in resources["rows"] if r["fp8_values"]]
+    tiles = decode_tiles.TILES[128]
+    capped = next(r for r in rows if r["num_splits"] == 4 and r["tiles"] == dataclasses.asdict(tiles))
+    assert capped["maxnreg"] == tiles.fp8_values_maxnreg == 128 and capped["programs_per_sm_by_registers"] >= 4
+    assert capped["spill_store_bytes"] <= 16 and capped["context_loop_sass"]["local_accesses"] == 0, capped
+    default = next(r for r in resources["rows"] if r["head_dim"] == 128 and not r["fp8_values"] and r["split_k"]
+                   and r["num_splits"] == 3 and r["tiles"] == dataclasses.asdict(tiles) and not r["key_offset"]
+                   and not r["store_new"] and not r["sinks"])  # fmt: skip
+    assert capped["context_loop_sass"]["instructions"] < default["context_loop_sass"]["instructions"]
+    wide = next(r for r in rows if r["num_splits"] >= decode_tiles.WIDE_MIN_SPLITS)
+    assert wide["spill_store_bytes"] <= 64 and wide["programs_per_sm_by_registers"] >= 2, wide
 
 
 def test_exact_sinks_keep_the_register_budget(resources):
