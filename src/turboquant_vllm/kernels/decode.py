@@ -259,8 +259,8 @@ def _attention_kernel(
             l_tile = l_tile * tl.expand_dims(alpha, TOK_AXIS) + p
         else:
             p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, TOK_AXIS)
+        pv = p * tl.expand_dims(v_scale, ROW_AXIS)  # fp32; each product takes it in its operand type
         if FP8_VALUES:  # e4m3 probabilities times the value norms; the interpreter multiplies the same values in fp32
-            pv = p * tl.expand_dims(v_scale, ROW_AXIS)
             if SWAP_AB:
                 if K_FRAGMENT:
                     pv = fp8_fragment_rows_from_tokens(pv, BLOCK_N, BLOCK_M)  # in V^T's column order
@@ -273,14 +273,12 @@ def _attention_kernel(
             else:
                 acc = acc * alpha[:, None] + tl.dot(round_e4m3(pv), tl.trans(v).to(tl.float32), input_precision="ieee")
         elif V_FRAGMENT:
-            pv = value_fragment_probs((p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE), BLOCK_N, BLOCK_M)
+            pv = value_fragment_probs(pv.to(OP_DTYPE), BLOCK_N, BLOCK_M)
             acc_t = acc_t * alpha[None, :] + tl.dot(v, pv, input_precision=PREC)  # v: V^T (value_tile)
         elif SWAP_AB:
-            pv = (p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE)
-            acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), pv, input_precision=PREC)
+            acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), pv.to(OP_DTYPE), input_precision=PREC)
         else:
-            pv = (p * tl.expand_dims(v_scale, ROW_AXIS)).to(OP_DTYPE)
-            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PREC)
+            acc = acc * alpha[:, None] + tl.dot(pv.to(OP_DTYPE), v, input_precision=PREC)
         if PREFETCH:
             live, k_words, k_scale, v_words, v_scale = nxt
 
