@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels.page import coordinate_indices, token_fields
+from turboquant_vllm.kernels.page import coordinate_indices, token_fields, value_field
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 
 OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -136,7 +136,7 @@ def _dequant_kv_kernel(
         if V_COORD:
             _dequant_head(
                 out_v_ptr + tok[:, None] * stride_out_v_t + head * stride_out_v_h,
-                cache_ptr + block * PAGE_BYTES + head * RUN_BYTES + V_INDEX_OFFSET, v_scale, live, in_range,
+                value_field(cache_ptr, block, head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET), v_scale, live, in_range,
                 v_cent_ptr, koff_ptr, V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, False, t, BLOCK_SIZE,
             )  # fmt: skip
         else:

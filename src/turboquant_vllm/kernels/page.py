@@ -39,10 +39,18 @@ def token_fields(
 
 
 @triton.jit
-def coordinate_words(run_v_ptr, t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def value_field(cache_ptr, block, head, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr,
+                V_INDEX_OFFSET: tl.constexpr):  # fmt: skip
+    """Pointer to the V index field of page `block`, KV head `head` (any shape): where coordinate-major values
+    (layout.py) start, coordinate 0's run of block_size // 2 bytes first."""
+    return cache_ptr + block * PAGE_BYTES + head * RUN_BYTES + V_INDEX_OFFSET
+
+
+@triton.jit
+def coordinate_words(run_v_ptr, t, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """int32 pointers [ROWS, BLOCK_D] to the coordinate-major V words (layout.py) that hold token t ([ROWS], slot in
-    its page) of each coordinate, and the nibble's shift [ROWS, 1]. run_v_ptr [ROWS]: the V index field of the
-    token's page and head (run + V_INDEX_OFFSET)."""
+    its page) of each coordinate, and the nibble's shift [ROWS, 1]. run_v_ptr [ROWS]: value_field of the token's
+    page and head."""
     dim = tl.arange(0, BLOCK_D)
     byte = run_v_ptr[:, None] + dim[None, :] * (BLOCK_SIZE // 2) + ((t % BLOCK_SIZE) // 8 * 4)[:, None]
     return byte.to(tl.pointer_type(tl.int32)), ((t % 8) * 4)[:, None]
@@ -52,7 +60,7 @@ def coordinate_words(run_v_ptr, t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
 def coordinate_indices(run_v_ptr, t, live, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr):  # fmt: skip
     """4-bit V indices int32 [ROWS, BLOCK_D] of tokens t from coordinate-major pages (0 where not live or padded)."""
-    word, shift = coordinate_words(run_v_ptr, t, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
+    word, shift = coordinate_words(run_v_ptr, t, BLOCK_D, BLOCK_SIZE)
     mask = live[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
     return (tl.load(word, mask=mask, other=0) >> shift) & 15
 
@@ -62,7 +70,7 @@ def store_coordinate_indices(run_v_ptr, t, idx, live, HEAD_DIM: tl.constexpr, BL
                              BLOCK_SIZE: tl.constexpr):  # fmt: skip
     """Write 4-bit V indices idx [ROWS, BLOCK_D] of tokens t into coordinate-major pages. A word holds 8 tokens of a
     coordinate, which other programs of the launch may be writing, so each nibble is cleared and set by atomics."""
-    word, shift = coordinate_words(run_v_ptr, t, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
+    word, shift = coordinate_words(run_v_ptr, t, BLOCK_D, BLOCK_SIZE)
     mask = live[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
     tl.atomic_and(word, ~(15 << shift), mask=mask, sem="relaxed")
     tl.atomic_or(word, idx << shift, mask=mask, sem="relaxed")
@@ -188,7 +196,7 @@ def coordinate_tile_words(
     word_page = tl.max(tl.reshape(block, (BLOCK_N // 8, 8)), axis=1)  # 0 past ctx_len, else the page
     pos = tile * BLOCK_N + 8 * tl.arange(0, BLOCK_N // 8)
     dim = tl.arange(0, BLOCK_D)
-    run = cache_ptr + word_page * PAGE_BYTES + kh * RUN_BYTES + V_INDEX_OFFSET + (pos % BLOCK_SIZE) // 2
+    run = value_field(cache_ptr, word_page, kh, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET) + (pos % BLOCK_SIZE) // 2
     ptr = run[None, :] + (dim * (BLOCK_SIZE // 2))[:, None]
     mask = (dim < HEAD_DIM)[:, None] & (pos < ctx_len)[None, :]
     return tl.load(ptr.to(tl.pointer_type(tl.int32)), mask=mask, other=0)
@@ -213,8 +221,9 @@ def coordinate_fragment_words(
     pos = tile * BLOCK_N + (BLOCK_N // 4) * pair[:, None] + 8 * kb[None, :]  # the word's first token
     live = pos < ctx_len
     page = tl.load(bt_row + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
-    byte = page * PAGE_BYTES + kh * RUN_BYTES + V_INDEX_OFFSET + coord * (BLOCK_SIZE // 2) + (pos % BLOCK_SIZE) // 2
-    return tl.load((cache_ptr + byte).to(tl.pointer_type(tl.int32)), mask=live, other=0)
+    run = value_field(cache_ptr, page, kh, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET)
+    ptr = run + coord * (BLOCK_SIZE // 2) + (pos % BLOCK_SIZE) // 2
+    return tl.load(ptr.to(tl.pointer_type(tl.int32)), mask=live, other=0)
 
 
 @triton.jit

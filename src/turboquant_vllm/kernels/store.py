@@ -10,7 +10,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels.page import store_coordinate_indices, token_fields
+from turboquant_vllm.kernels.page import store_coordinate_indices, token_fields, value_field
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 from turboquant_vllm.quantizer import TINY_NORM
@@ -174,7 +174,7 @@ def store_head(
         V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
     _store_indices(k_head_ptr, k_idx, live, K_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
     if V_COORD:
-        run_v = cache_ptr + block * PAGE_BYTES + head * RUN_BYTES + V_INDEX_OFFSET
+        run_v = value_field(cache_ptr, block, head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET)
         store_coordinate_indices(run_v, t, v_idx, live, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE)
     else:
         _store_indices(v_head_ptr, v_idx, live, V_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
