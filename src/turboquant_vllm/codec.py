@@ -42,21 +42,13 @@ class KVCodec:
         # Register tables for 4-bit lookups by byte permute (kernels/lut.py): K's then V's, int32 [0:8].
         tables = [lut_tables(q.centroids) if q.bits == LUT_BITS else None for q in (self.key, self.value)]
         self.lut_usable = tuple(t is not None for t in tables)
-        # Keys for an fp8 score MMA (Tiles.fp8_keys, 4-bit keys): key_e4m3_scale * centroids rounded to e4m3, kept
-        # as fp16 (exact) for the gather path, and their byte tables after V's in `lut` (int32 [8:10]).
-        self.key_e4m3_scale = e4m3_scale(self.key.centroids.cpu().double().numpy(), head_dim)
-        self.key_centroids_e4m3 = (
-            (self.key.centroids.cpu() * self.key_e4m3_scale).to(torch.float8_e4m3fn).to(torch.float16).to(device)
-        )
-        fp8 = fp8_tables(self.key_centroids_e4m3) if self.lut_usable[0] else torch.zeros(2, dtype=torch.int32)
-        # Values for an fp8 P.V MMA (TQConfig.fp8_values, coordinate-major 4-bit values) the same way: int32 [10:12].
-        self.value_e4m3_scale = e4m3_scale(self.value.centroids.cpu().double().numpy(), head_dim)
-        self.value_centroids_e4m3 = (
-            (self.value.centroids.cpu() * self.value_e4m3_scale).to(torch.float8_e4m3fn).to(torch.float16).to(device)
-        )
-        fp8_v = fp8_tables(self.value_centroids_e4m3) if self.lut_usable[1] else torch.zeros(2, dtype=torch.int32)
-        self.lut = torch.cat([t if t is not None else torch.zeros(4, dtype=torch.int32) for t in tables] + [fp8, fp8_v])
-        self.lut = self.lut.to(device)
+        # Keys for an fp8 score MMA (Tiles.fp8_keys, 4-bit keys) and values for an fp8 P.V MMA (TQConfig.fp8_values):
+        # e4m3_scale * centroids rounded to e4m3, kept as fp16 (exact) for the gather path, and their byte tables
+        # after V's in `lut` (K's int32 [8:10], V's [10:12]).
+        self.key_e4m3_scale, self.key_centroids_e4m3, k_fp8 = _e4m3_codebook(self.key, self.lut_usable[0], device)
+        self.value_e4m3_scale, self.value_centroids_e4m3, v_fp8 = _e4m3_codebook(self.value, self.lut_usable[1], device)
+        fp16 = [t if t is not None else torch.zeros(4, dtype=torch.int32) for t in tables]
+        self.lut = torch.cat([*fp16, k_fp8, v_fp8]).to(device)
 
     @property
     def num_kv_heads(self) -> int:
@@ -70,6 +62,14 @@ class KVCodec:
         """An empty paged cache, uint8 [num_blocks, block_size, bytes_per_token]."""
         device = device if device is not None else self.rotation.device
         return torch.zeros(num_blocks, block_size, self.layout.bytes_per_token, dtype=torch.uint8, device=device)
+
+
+def _e4m3_codebook(quantizer: MSEQuantizer, usable: bool, device) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(scale, scale * centroids rounded to e4m3 as fp16, their byte tables or zeros where the 4-bit lookup is not
+    usable) of one quantiser's codebook, for an fp8 MMA over its indices (kernels/lut.py)."""
+    scale = e4m3_scale(quantizer.centroids.cpu().double().numpy(), quantizer.head_dim)
+    centroids = (quantizer.centroids.cpu() * scale).to(torch.float8_e4m3fn).to(torch.float16).to(device)
+    return scale, centroids, fp8_tables(centroids) if usable else torch.zeros(2, dtype=torch.int32)
 
 
 @lru_cache(maxsize=64)
