@@ -54,7 +54,13 @@ import kernel_resources  # noqa: E402  (a sibling script, not a package)
 
 from turboquant_vllm import TQConfig  # noqa: E402
 from turboquant_vllm.codec import KVCodec  # noqa: E402
-from turboquant_vllm.kernels.fragment import fragment_columns, fragment_rows, fragment_tokens  # noqa: E402
+from turboquant_vllm.kernels.fragment import (  # noqa: E402
+    fp8_fragment_columns,
+    fp8_fragment_rows_from_tokens,
+    fragment_columns,
+    fragment_rows,
+    fragment_tokens,
+)
 from turboquant_vllm.kernels.lut import lut_decode_words, lut_tables, round_e4m3  # noqa: E402
 from turboquant_vllm.kernels.page import split_words  # noqa: E402
 
@@ -116,20 +122,6 @@ def fp8_table(centroids: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 @triton.jit
-def fp8_fragment_columns(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Columns of x [ROWS, BLOCK_D] (coordinate d = 8 * word + nibble) relabelled for wgmma's 8-bit A fragment.
-
-    A thread of the load holds words l * W .. l * W + W - 1 (W = BLOCK_D // 32, l = lane % 4), the lookup one
-    register of 4 bytes for each half h of a word; the k32 fragment gives that thread bytes 4l .. 4l + 3 and
-    16 + 4l .. 16 + 4l + 3 of each 32 columns. So coordinate d = 8 (W l + i) + 4 h + b goes to column
-    32 i + 16 h + 4 l + b: fragment.fragment_columns' idea with byte quads instead of fp16 pairs.
-    """
-    W: tl.constexpr = BLOCK_D // 32
-    y = tl.reshape(x, (ROWS, 4, W, 2, 4))
-    return tl.reshape(tl.permute(y, (0, 2, 3, 1, 4)), (ROWS, BLOCK_D))
-
-
-@triton.jit
 def _tile_fp8(ptr, t, lut8_ptr, cent_ptr, LUT: tl.constexpr, ALPHA: tl.constexpr, TILE: tl.constexpr,
               DIM: tl.constexpr, WORDS: tl.constexpr, FRAG: tl.constexpr = False):  # fmt: skip
     """e4m3 ALPHA * centroids [TILE, DIM] of tile t's 4-bit words: _FP8_ASM over the words' bytes, or (LUT=False,
@@ -155,16 +147,6 @@ def _tile_fp8(ptr, t, lut8_ptr, cent_ptr, LUT: tl.constexpr, ALPHA: tl.constexpr
     if FRAG:
         k = fp8_fragment_columns(k, TILE, DIM)
     return k
-
-
-@triton.jit
-def fp8_fragment_rows_from_tokens(x, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Rows of x [ROWS, COLS] in fragment_tokens' order reordered to fp8_fragment_columns' order of ROWS columns:
-    row j of the result is the tile token that column j of an fp8_fragment_columns-relabelled tile holds."""
-    y = tl.reshape(x, (ROWS // 64, 2, 2, 2, 8, COLS))  # fragment order: (block, bit 4, bit 3, bit 5, bits 0-2)
-    natural = tl.reshape(tl.permute(y, (0, 3, 1, 2, 4, 5)), (ROWS, COLS))
-    z = tl.reshape(natural, (4, ROWS // 32, 2, 4, COLS))  # token 8 W a + 8 w + 4 h + b, as fp8_fragment_columns
-    return tl.reshape(tl.permute(z, (1, 2, 0, 3, 4)), (ROWS, COLS))
 
 
 @triton.jit
