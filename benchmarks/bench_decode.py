@@ -35,6 +35,7 @@ from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FP8_VALUES_CHOICES = {"auto": None, "on": True, "off": False}  # --fp8-values: TQConfig.fp8_values
 VLLM_TQ_PRESET = "turboquant_4bit_nc"  # 4-bit Lloyd-Max keys, 4-bit uniform values: the closest vLLM mode
 
 
@@ -66,8 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: two contexts, short timings, no sweep")
     p.add_argument(
         "--fp8-values",
-        action="store_true",
-        help="ours with TQConfig(fp8_values=True): coordinate-major value pages and an fp8 P.V product",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="ours with TQConfig(fp8_values=None/True/False): coordinate-major value pages and an fp8 P.V product "
+        "(auto: on at head_dim 128)",
     )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/decode_<date>.json)")
     args = p.parse_args(argv)
@@ -128,7 +131,9 @@ class Caches:
         self.args = args
         hkv, d, bs = args.num_kv_heads, args.head_dim, args.block_size
         self.num_blocks = batch * triton.cdiv(max(args.contexts), bs) + 1
-        self.codec = KVCodec(TQConfig(k_bits=4, v_bits=4, fp8_values=args.fp8_values), hkv, d, "cuda")
+        self.codec = KVCodec(
+            TQConfig(k_bits=4, v_bits=4, fp8_values=FP8_VALUES_CHOICES[args.fp8_values]), hkv, d, "cuda"
+        )
         lay = self.codec.layout
         self.ours = torch.randint(0, 256, (self.num_blocks, bs, lay.bytes_per_token), dtype=torch.uint8, device="cuda")
         runs = self.ours.view(self.num_blocks, hkv, -1)
@@ -187,7 +192,7 @@ def ours_step(
     qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda").clamp_(max=live)
     props = torch.cuda.get_device_properties(0)
     splits, split_slots = choose_split_grid(b, shape.hkv, MAX_SPLITS, props.multi_processor_count, shape.d,
-                                            caches.codec.config.fp8_values)  # fmt: skip
+                                            caches.codec.layout.v_coordinate_major)  # fmt: skip
     if num_splits:
         splits, split_slots = num_splits, 0
     ws = AttentionWorkspace.allocate(b, shape.hq, shape.d, max(splits, 2), "cuda")

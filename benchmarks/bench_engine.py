@@ -60,6 +60,7 @@ MODES = {
     "ours_s4": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"sink_tokens": 4}}),
     "ours_r32": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"recent_tokens": 32}}),
     "ours_fp8v": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"fp8_values": True}}),
+    "ours_fp16v": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"fp8_values": False}}),
 }
 SHAPES = "4096x1,4096x16,32768x1,32768x16"
 RESULTS = Path(__file__).parent / "results"

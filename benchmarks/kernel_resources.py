@@ -193,14 +193,14 @@ def compile_attention(
     config: TQConfig | None = None,
 ) -> dict:
     """Compile _attention_kernel as paged_attention would launch it for a bf16 decode batch with num_splits
-    splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles), with the default
-    TQConfig or `config`."""
+    splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles), with token-major
+    values (TQConfig(fp8_values=False); the default at head_dim 128 is the fp8_values cases') or `config`."""
     split = num_splits > 1
     key = triton.next_power_of_2(head_dim)
     default = decode_tiles.TILES[key]
     decode_tiles.TILES[key] = dataclasses.replace(default, **change)
     try:
-        codec = KVCodec(config or TQConfig(), num_kv_heads, head_dim)
+        codec = KVCodec(config or TQConfig(fp8_values=False), num_kv_heads, head_dim)
         meta = decode_tiles.attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, num_splits,
                                       key_offset=key_offset, store_new=store_new, sinks=sinks,
                                       recent=recent)  # fmt: skip
@@ -217,7 +217,7 @@ def compile_attention(
     return {
         "head_dim": head_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "split_k": split,
         "num_splits": num_splits, "key_offset": key_offset, "store_new": store_new, "sinks": sinks,
-        "recent": recent, "fp8_values": codec.config.fp8_values, "block_n": meta["BLOCK_N"],
+        "recent": recent, "fp8_values": codec.layout.v_coordinate_major, "block_n": meta["BLOCK_N"],
         "swap_ab": meta["SWAP_AB"], "maxnreg": launch.get("maxnreg"),
         "tiles": dataclasses.asdict(dataclasses.replace(default, **change)), **report,
         "shared_bytes": kernel.metadata.shared,

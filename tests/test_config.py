@@ -3,6 +3,7 @@
 import pytest
 
 from turboquant_vllm.config import TQConfig, TQConfigError, check_head_dim
+from turboquant_vllm.layout import PageLayout
 
 
 def test_defaults_are_4_4_haar_with_norm_correction():
@@ -87,3 +88,21 @@ def test_exact_token_counts_are_checked(field, limit):
     for bad in (True, 4.0, "32"):
         with pytest.raises(TQConfigError, match=f"{field} must be an int"):
             TQConfig(**{field: bad})
+
+
+def test_fp8_values_is_automatic_at_head_dim_128_without_quality_options():
+    """fp8_values=None puts V coordinate-major (the fp8 P.V product) only where it was timed and measured: 4-bit
+    values at head_dim 128 with none of the options whose quality figures used fp16 value products."""
+    auto = TQConfig()
+    assert auto.fp8_values is None and auto.values_coordinate_major(128)
+    assert not any(auto.values_coordinate_major(d) for d in (64, 96, 256))
+    for off in (TQConfig(v_bits=3), TQConfig(sink_tokens=4), TQConfig(recent_tokens=32), TQConfig(fp8_values=False)):
+        assert not off.values_coordinate_major(128), off
+    assert all(TQConfig(fp8_values=True, sink_tokens=4).values_coordinate_major(d) for d in (64, 128, 256))
+    assert PageLayout.from_config(TQConfig(), 8, 128).v_coordinate_major
+    assert not PageLayout.from_config(TQConfig(), 3, 64).v_coordinate_major
+    with pytest.raises(TQConfigError, match="fp8_values needs v_bits=4"):
+        TQConfig(v_bits=3, fp8_values=True)
+    with pytest.raises(TQConfigError, match="bool or None"):
+        TQConfig.from_dict({"fp8_values": "yes"})
+    assert TQConfig.from_dict(TQConfig(fp8_values=None).to_dict()) == TQConfig()

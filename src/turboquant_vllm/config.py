@@ -13,6 +13,7 @@ ROTATIONS = ("haar", "hadamard")
 MAX_SINK_TOKENS = 16  # every sink must sit in a sequence's first block; vLLM's blocks here hold 16 or more
 MAX_RECENT_TOKENS = 64  # the attention kernel scores the window as one tile of up to this many rows
 DEFAULT_SEED = 20250424  # arXiv 2504.19874: any fixed value works; every process must agree
+FP8_VALUES_HEAD_DIM = 128  # the one decode tile whose fp8 P.V product was timed and measured through vLLM
 
 
 class TQConfigError(ValueError):
@@ -68,7 +69,9 @@ class TQConfig:
         fp8_values: vLLM only, 4-bit values: pages hold each coordinate's value indices together (layout.py,
             "coordinate-major values"), so the paged kernel can read them as e4m3 bytes for an fp8 P.V MMA, with
             the probabilities times the value norms rounded to e4m3, and its decode tile needs fewer registers
-            (docs/decode-tuning.md, "Values in fp8"). Off by default: its engine speed and quality are unmeasured.
+            (docs/decode-tuning.md, "Values in fp8"). None (the default) turns it on for 4-bit values at head_dim
+            128 without key_offsets, sink_tokens or recent_tokens (whose quality was measured with fp16 value
+            products); True or False decides for every head_dim.
     """
 
     k_bits: int = 4
@@ -80,7 +83,7 @@ class TQConfig:
     sink_tokens: int = 0
     recent_tokens: int = 0
     fp8_key_scores: bool = True
-    fp8_values: bool = False
+    fp8_values: bool | None = None
 
     def __post_init__(self) -> None:
         check_bits("k_bits", self.k_bits)
@@ -91,8 +94,8 @@ class TQConfig:
             raise TQConfigError(f"norm_correction must be a bool, got {self.norm_correction!r}.")
         if not isinstance(self.fp8_key_scores, bool):
             raise TQConfigError(f"fp8_key_scores must be a bool, got {self.fp8_key_scores!r}.")
-        if not isinstance(self.fp8_values, bool):
-            raise TQConfigError(f"fp8_values must be a bool, got {self.fp8_values!r}.")
+        if self.fp8_values is not None and not isinstance(self.fp8_values, bool):
+            raise TQConfigError(f"fp8_values must be a bool or None (automatic), got {self.fp8_values!r}.")
         if self.fp8_values and self.v_bits != 4:
             raise TQConfigError(
                 f"fp8_values needs v_bits=4 (its pages hold 8 tokens of a coordinate a word), got v_bits={self.v_bits}."
@@ -117,6 +120,13 @@ class TQConfig:
             raise TQConfigError(
                 f"rotation='hadamard' needs a power-of-two head_dim, got {head_dim}; use rotation='haar'."
             )
+
+    def values_coordinate_major(self, head_dim: int) -> bool:
+        """Whether heads of `head_dim` keep V coordinate-major for the fp8 P.V product (fp8_values, resolved)."""
+        if self.fp8_values is not None:
+            return self.fp8_values
+        quality_options = self.key_offsets is not None or self.sink_tokens or self.recent_tokens
+        return self.v_bits == 4 and head_dim == FP8_VALUES_HEAD_DIM and not quality_options
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> TQConfig:

@@ -71,7 +71,7 @@ class PageLayout:
 
     @classmethod
     def from_config(cls, config: TQConfig, num_kv_heads: int, head_dim: int) -> PageLayout:
-        return cls(num_kv_heads, head_dim, config.k_bits, config.v_bits, config.fp8_values)
+        return cls(num_kv_heads, head_dim, config.k_bits, config.v_bits, config.values_coordinate_major(head_dim))
 
     @property
     def k_index_bytes(self) -> int:

@@ -22,8 +22,9 @@ from turboquant_vllm.kernels.workspace import AttentionWorkspace
 
 def test_swap_and_register_cap_only_for_decode_tiles():
     """The d=128 register cap fits the 64-token decode tile; wide and prefill tiles would spill under it, and a
-    prefill tile's 64 query rows already fill the MMA's M side. On the GPU only register-lookup tiles swap."""
-    codec = KVCodec(TQConfig(), 8, 128)
+    prefill tile's 64 query rows already fill the MMA's M side. On the GPU only register-lookup tiles swap.
+    Token-major values here; test_fp8_values_pages_take_four_programs_an_sm has the coordinate-major ones'."""
+    codec = KVCodec(TQConfig(fp8_values=False), 8, 128)
     tiles = decode_tiles.TILES[128]
     assert tiles.swap_ab and tiles.maxnreg
 
@@ -113,7 +114,7 @@ def test_choose_num_splits():
 def test_fp8_values_pages_take_four_programs_an_sm():
     """TQConfig.fp8_values' decode tile fits 128 registers (Tiles.fp8_values_maxnreg): capped launches split until
     4 programs an SM fill a wave (16 sequences x 8 KV heads x 4 = 512 <= 528), and only those launches take the cap;
-    the wide one-sequence launch keeps its own rule."""
+    the wide one-sequence launch keeps its own rule, and devices without e4m3 dots the default cap."""
     tiles = decode_tiles.TILES[128]
     assert (tiles.fp8_values_maxnreg, tiles.resident(True), tiles.resident(False)) == (128, 4, 3)
     assert choose_num_splits(16, 8, 32, 132, fp8_values=True) == 4
@@ -126,6 +127,9 @@ def test_fp8_values_pages_take_four_programs_an_sm():
                         for splits in (4, decode_tiles.WIDE_MIN_SPLITS))  # fmt: skip
         assert capped["maxnreg"] == (128 if fp8_values else tiles.maxnreg)
         assert wide.get("maxnreg") == tiles.wide_maxnreg
+    # without e4m3 dots (compute capability < 8.9) such pages' values are gathered: the default tile and its cap
+    gathered = decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, 4, fp8_mma=False)
+    assert not gathered["FP8_VALUES"] and gathered["maxnreg"] == tiles.maxnreg
 
 
 @pytest.mark.parametrize("num_sms", [132, 114, 78])

@@ -202,7 +202,8 @@ def choose_num_splits(
 
     One split when (sequence, KV head) programs alone already fill the SMs that way: splitting then
     only adds workspace traffic. Sequence lengths are deliberately ignored so the choice is made on
-    the host without reading device tensors. fp8_values: the pages are TQConfig.fp8_values' (Tiles.resident).
+    the host without reading device tensors. fp8_values: the kernel takes the fp8 P.V product (coordinate-major
+    pages, TQConfig.fp8_values, on a device with e4m3 dots), whose tile has its own Tiles.resident.
     """
     tiles = TILES[triton.next_power_of_2(head_dim)]
     per_sm = max(1, 4 // tiles.num_warps)  # narrower programs: more of them
@@ -310,15 +311,15 @@ def attention_meta(
     # on the H200. The interpreter keeps the swap so CPU tests check its arithmetic. The register cap was sized
     # for the block_n tile; wide tiles spill under it.
     swap = tiles.swap_ab and not varlen and (k_lut and v_lut or not on_gpu)
-    cap = (tiles.wide_maxnreg if wide else tiles.maxnreg) if swap else None
-    if swap and not wide and lay.v_coordinate_major and tiles.fp8_values_maxnreg:
-        cap = tiles.fp8_values_maxnreg
     k_fragment = swap and tiles.k_fragment and block_n % 64 == 0
     v_fragment = (k_fragment and tiles.v_fragment and lay.head_dim == 128 and lay.v_bits == 4
                   and block_size % 16 == 0 and not lay.v_coordinate_major)  # fmt: skip
     # coordinate-major values (TQConfig.fp8_values) as e4m3 bytes for an fp8 P.V MMA; elsewhere they are gathered
     fp8_values = (lay.v_coordinate_major and fp8_mma and codec.lut_usable[1] and not exact and block_d >= 64
                   and (k_fragment or not swap))  # fmt: skip
+    cap = (tiles.wide_maxnreg if wide else tiles.maxnreg) if swap else None
+    if swap and not wide and fp8_values and tiles.fp8_values_maxnreg:  # the tile Tiles.resident(True) counts
+        cap = tiles.fp8_values_maxnreg
     fp8_keys = (tiles.fp8_keys and codec.config.fp8_key_scores and fp8_mma and (k_fragment or not swap)
                 and lay.k_bits == 4 and codec.lut_usable[0] and not exact and not key_offset and not sinks
                 and not recent)  # fmt: skip
