@@ -510,6 +510,20 @@ def test_fp8_values(device, head_dim):
         assert_matches(b.run(num_splits=num_splits), want, 2 * TOL_HALF)
 
 
+@pytest.mark.parametrize("q_lens", [[2, 4, 1], [3, 1, 40]], ids=["spec_decode", "prefill_chunks"])
+def test_fp8_values_multi_token_queries(device, q_lens):
+    """Speculative-decoding queries (several rows a sequence in the swapped decode tile) and short prefill chunks
+    (the varlen tile, unswapped) take the same fp8 P.V product over TQConfig.fp8_values' pages, the default's at
+    head_dim 128; tolerance as in test_fp8_values."""
+    b = make_batch(device, [77, 200, 129], q_lens, num_heads=8, head_dim=128, dtype=torch.bfloat16, seed=45,
+                   fp8_values=True)  # fmt: skip
+    meta = decode_tiles.attention_meta(b.codec, 8, torch.bfloat16, device.type == "cuda", max(q_lens), 16, False, 3)
+    assert meta["FP8_VALUES"] and meta["SWAP_AB"] == (max(q_lens) <= meta["BLOCK_Q"])
+    want = b.expected()
+    for num_splits in (1, 3):
+        assert_matches(b.run(num_splits=num_splits), want, 2 * TOL_HALF)
+
+
 @pytest.mark.parametrize(("head_dim", "q_lens"), [(128, [1, 1, 1]), (64, [1, 1, 1]), (128, [3, 1, 40])],
                          ids=["swapped", "unswapped", "prefill_chunks"])  # fmt: skip
 def test_coordinate_major_values_in_fp32(device, head_dim, q_lens):
