@@ -191,17 +191,20 @@ def compile_attention(
     sinks: int = 0,
     recent: int = 0,
     config: TQConfig | None = None,
+    max_query_len: int = 1,
 ) -> dict:
     """Compile _attention_kernel as paged_attention would launch it for a bf16 decode batch with num_splits
     splits (16 sequences of 8 KV heads take 3; one sequence 32, which selects the wide tiles), with token-major
-    values (TQConfig(fp8_values=False); the default at head_dim 128 is the fp8_values cases') or `config`."""
+    values (TQConfig(fp8_values=False); the default at head_dim 128 is the fp8_values cases') or `config`;
+    max_query_len > 1: speculative-decoding queries, or a prefill chunk's varlen tile once past the decode tile's."""
     split = num_splits > 1
     key = triton.next_power_of_2(head_dim)
     default = decode_tiles.TILES[key]
     decode_tiles.TILES[key] = dataclasses.replace(default, **change)
     try:
         codec = KVCodec(config or TQConfig(fp8_values=False), num_kv_heads, head_dim)
-        meta = decode_tiles.attention_meta(codec, num_heads, torch.bfloat16, True, 1, 16, not split, num_splits,
+        meta = decode_tiles.attention_meta(codec, num_heads, torch.bfloat16, True, max_query_len, 16, not split,
+                                      num_splits,
                                       key_offset=key_offset, store_new=store_new, sinks=sinks,
                                       recent=recent)  # fmt: skip
         launch = {k: meta.pop(k) for k in decode_tiles.LAUNCH_OPTIONS if k in meta}
@@ -217,7 +220,8 @@ def compile_attention(
     return {
         "head_dim": head_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "split_k": split,
         "num_splits": num_splits, "key_offset": key_offset, "store_new": store_new, "sinks": sinks,
-        "recent": recent, "fp8_values": codec.layout.v_coordinate_major, "block_n": meta["BLOCK_N"],
+        "recent": recent, "fp8_values": codec.layout.v_coordinate_major, "fp8_value_products": meta["FP8_VALUES"],
+        "max_query_len": max_query_len, "block_n": meta["BLOCK_N"],
         "swap_ab": meta["SWAP_AB"], "maxnreg": launch.get("maxnreg"),
         "tiles": dataclasses.asdict(dataclasses.replace(default, **change)), **report,
         "shared_bytes": kernel.metadata.shared,
@@ -328,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(128, 32, 8, 4, {}, False, False, 0, 0, fp8_values)]
     cases += [(128, 32, 8, 3, {"fp8_values_maxnreg": None}, False, False, 0, 0, fp8_values)]
     cases += [(128, 32, 8, wide, {}, False, True, 0, 0, fp8_values)]
+    # ... with speculative-decoding queries and in a prefill chunk's varlen tile, at SmolLM2's head_dim 64, and at
+    # 256, whose 16-token tiles are too short for an e4m3 dot's K side and gather the values instead
+    cases += [(128, 32, 8, 3, {}, False, False, 0, 0, fp8_values, q_len) for q_len in (4, 64)]
+    cases += [(64, 9, 3, 3, {}, False, False, 0, 0, fp8_values), (256, 32, 8, 3, {}, False, False, 0, 0, fp8_values)]
     rows, seen = [], set()
     for case in cases:
         bound = inspect.signature(compile_attention).bind(*case)
@@ -344,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         label += " + fused store" if r["store_new"] else ""
         label += f" + {r['sinks']} sinks" if r["sinks"] else ""
         label += f" + {r['recent']} recent" if r["recent"] else ""
-        label += " + fp8 values" if r["fp8_values"] else ""
+        label += (
+            (" + fp8 values" if r["fp8_value_products"] else " + coordinate-major values") if r["fp8_values"] else ""
+        )
+        label += f" + {r['max_query_len']}-token queries" if r["max_query_len"] > 1 else ""
         print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}, context loop "

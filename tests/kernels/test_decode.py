@@ -524,6 +524,17 @@ def test_fp8_values_multi_token_queries(device, q_lens):
         assert_matches(b.run(num_splits=num_splits), want, 2 * TOL_HALF)
 
 
+def test_coordinate_major_values_gathered_where_an_fp8_dot_cannot_take_them(device):
+    """An e4m3 dot needs 32 tokens on P.V's K side: head_dim 256's 16-token tiles gather coordinate-major values
+    (TQConfig(fp8_values=True) there) for fp16 products, and match the reference as token-major pages do."""
+    b = make_batch(device, [77, 200], [1, 1], num_heads=8, head_dim=256, dtype=torch.bfloat16, seed=46,
+                   fp8_values=True)  # fmt: skip
+    meta = decode_tiles.attention_meta(b.codec, 8, torch.bfloat16, device.type == "cuda", 1, 16, False, 3)
+    assert meta["V_COORD"] and not meta["FP8_VALUES"] and meta["BLOCK_N"] < decode_tiles.FP8_DOT_MIN_K
+    for num_splits in (1, 3):
+        assert_matches(b.run(num_splits=num_splits), b.expected(), TOL_HALF)
+
+
 @pytest.mark.parametrize(("head_dim", "q_lens"), [(128, [1, 1, 1]), (64, [1, 1, 1]), (128, [3, 1, 40])],
                          ids=["swapped", "unswapped", "prefill_chunks"])  # fmt: skip
 def test_coordinate_major_values_in_fp32(device, head_dim, q_lens):

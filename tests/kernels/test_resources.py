@@ -65,6 +65,19 @@ def test_fp8_values_tile_fits_four_programs_an_sm(resources):
     assert wide["spill_store_bytes"] <= 64 and wide["programs_per_sm_by_registers"] >= 2, wide
 
 
+def test_coordinate_major_values_compile_in_every_tile(resources):
+    """fp8_values' pages compile in each tile that reads them: speculative-decoding queries and a prefill chunk's
+    varlen tile at head_dim 128 (the default's pages there), head_dim 64's plain tiles with the fp8 P.V product,
+    and head_dim 256's 16-token tiles, which gather the values (an e4m3 dot needs 32 tokens on its K side)."""
+    rows = {(r["head_dim"], r["max_query_len"]): r for r in resources["rows"]
+            if r["fp8_values"] and r["num_splits"] == 3}  # fmt: skip
+    spec, chunk = rows[(128, 4)], rows[(128, 64)]
+    assert spec["fp8_value_products"] and spec["swap_ab"] and spec["maxnreg"] == 128
+    assert chunk["fp8_value_products"] and not chunk["swap_ab"] and chunk["block_n"] >= decode_tiles.FP8_DOT_MIN_K
+    assert rows[(64, 1)]["fp8_value_products"] and rows[(64, 1)]["spill_store_bytes"] == 0
+    assert not rows[(256, 1)]["fp8_value_products"] and rows[(256, 1)]["block_n"] < decode_tiles.FP8_DOT_MIN_K
+
+
 def test_exact_sinks_keep_the_register_budget(resources):
     """The sink tile (kernels/sinks.py) adds no program-per-SM loss and no tile's worth of spills at any split count."""
     rows = [r for r in resources["rows"] if r["sinks"]]
@@ -137,7 +150,7 @@ def test_tiles_reach_the_mma_without_shared_memory(resources):
     (Tiles.lut_pairs) drop the register moves that repack fp16 halves yet measured slower (414 us), so they stay off."""
     rows = {json.dumps(r["tiles"], sort_keys=True): r for r in resources["rows"]
             if r["head_dim"] == 128 and r["num_splits"] == 3 and not r["key_offset"] and not r["store_new"]
-            and not r["sinks"]}  # fmt: skip
+            and not r["sinks"] and not r["fp8_values"]}  # fmt: skip
     tiles = decode_tiles.TILES[128]
     assert tiles.k_fragment and tiles.v_fragment and not tiles.lut_pairs
 

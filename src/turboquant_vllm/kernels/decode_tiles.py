@@ -30,6 +30,7 @@ from turboquant_vllm.quantizer import TINY_NORM
 
 ROT_CHUNK = 16  # columns of R per rotation step: keeps R slices small in registers
 INTERPRETER_ROT_CHUNK = 32  # fewer steps under the CPU interpreter, still several per head
+FP8_DOT_MIN_K = 32  # tl.dot takes e4m3 operands only with a K side of 32 or more (P.V's K: the tile's tokens)
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ def attention_meta(
                   and block_size % 16 == 0 and not lay.v_coordinate_major)  # fmt: skip
     # coordinate-major values (TQConfig.fp8_values) as e4m3 bytes for an fp8 P.V MMA; elsewhere they are gathered
     fp8_values = (lay.v_coordinate_major and fp8_mma and codec.lut_usable[1] and not exact and block_d >= 64
-                  and (k_fragment or not swap))  # fmt: skip
+                  and block_n >= FP8_DOT_MIN_K and (k_fragment or not swap))  # fmt: skip
     cap = (tiles.wide_maxnreg if wide else tiles.maxnreg) if swap else None
     if swap and not wide and fp8_values and tiles.fp8_values_maxnreg:  # the tile Tiles.resident(True) counts
         cap = tiles.fp8_values_maxnreg
