@@ -191,8 +191,9 @@ def ours_step(
     seq_lens[live:] = 0
     qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda").clamp_(max=live)
     props = torch.cuda.get_device_properties(0)
+    fp8_values = decode_tiles.fp8_value_tiles(codec, q.device)
     splits, split_slots = choose_split_grid(b, shape.hkv, MAX_SPLITS, props.multi_processor_count, shape.d,
-                                            caches.codec.layout.v_coordinate_major)  # fmt: skip
+                                            fp8_values)  # fmt: skip
     if num_splits:
         splits, split_slots = num_splits, 0
     ws = AttentionWorkspace.allocate(b, shape.hq, shape.d, max(splits, 2), "cuda")

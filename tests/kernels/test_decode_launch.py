@@ -23,7 +23,7 @@ from turboquant_vllm.kernels.workspace import AttentionWorkspace
 def test_swap_and_register_cap_only_for_decode_tiles():
     """The d=128 register cap fits the 64-token decode tile; wide and prefill tiles would spill under it, and a
     prefill tile's 64 query rows already fill the MMA's M side. On the GPU only register-lookup tiles swap.
-    Token-major values here; test_fp8_values_pages_take_four_programs_an_sm has the coordinate-major ones'."""
+    Token-major values here; test_fp8_values_pages_take_four_programs_an_sm has the coordinate-major ones."""
     codec = KVCodec(TQConfig(fp8_values=False), 8, 128)
     tiles = decode_tiles.TILES[128]
     assert tiles.swap_ab and tiles.maxnreg
@@ -111,7 +111,7 @@ def test_choose_num_splits():
         assert n in (1, 16) or seqs * 2 * n >= 2 * 108
 
 
-def test_fp8_values_pages_take_four_programs_an_sm():
+def test_fp8_values_pages_take_four_programs_an_sm(monkeypatch):
     """TQConfig.fp8_values' decode tile fits 128 registers (Tiles.fp8_values_maxnreg): capped launches split until
     4 programs an SM fill a wave (16 sequences x 8 KV heads x 4 = 512 <= 528), and only those launches take the cap;
     the wide one-sequence launch keeps its own rule, and devices without e4m3 dots the default cap."""
@@ -130,6 +130,12 @@ def test_fp8_values_pages_take_four_programs_an_sm():
     # without e4m3 dots (compute capability < 8.9) such pages' values are gathered: the default tile and its cap
     gathered = decode_tiles.attention_meta(codec, 32, torch.bfloat16, True, 1, 16, False, 4, fp8_mma=False)
     assert not gathered["FP8_VALUES"] and gathered["maxnreg"] == tiles.maxnreg
+    # ... which is what the split count asks of the pages and the device (the backend's and bench_decode's rule)
+    cpu, cuda0 = torch.device("cpu"), torch.device("cuda", 0)
+    assert decode_tiles.fp8_value_tiles(KVCodec(TQConfig(), 8, 128), cpu)  # the default's pages at d=128
+    assert not decode_tiles.fp8_value_tiles(KVCodec(TQConfig(fp8_values=False), 8, 128), cpu)
+    monkeypatch.setattr(decode_tiles, "capability", lambda index: (8, 0))
+    assert not decode_tiles.fp8_value_tiles(codec, cuda0)
 
 
 @pytest.mark.parametrize("num_sms", [132, 114, 78])

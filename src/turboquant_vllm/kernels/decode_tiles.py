@@ -271,6 +271,12 @@ def fp8_mma_usable(device: torch.device) -> bool:
     return device.type != "cuda" or capability(device.index or 0) >= (8, 9)
 
 
+def fp8_value_tiles(codec: KVCodec, device: torch.device) -> bool:
+    """Whether decode launches over `codec`'s pages on `device` take the fp8 P.V tile (choose_num_splits'
+    fp8_values): coordinate-major values (TQConfig.fp8_values) and e4m3 dots."""
+    return codec.layout.v_coordinate_major and fp8_mma_usable(device)
+
+
 def attention_meta(
     codec: KVCodec,
     num_heads: int,

@@ -133,18 +133,14 @@ def _dequant_kv_kernel(
             k_index, k_scale, live, in_range, k_cent_ptr, koff_ptr + head * HEAD_DIM,
             K_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, HAS_KEY_OFFSET,
         )  # fmt: skip
+        v_head, coord_t = v_index, None
         if V_COORD:
-            _dequant_head(
-                out_v_ptr + tok[:, None] * stride_out_v_t + head * stride_out_v_h,
-                value_field(cache_ptr, block, head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET), v_scale, live, in_range,
-                v_cent_ptr, koff_ptr, V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, False, t, BLOCK_SIZE,
-            )  # fmt: skip
-        else:
-            _dequant_head(
-                out_v_ptr + tok[:, None] * stride_out_v_t + head * stride_out_v_h,
-                v_index, v_scale, live, in_range, v_cent_ptr, koff_ptr,
-                V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, False,
-            )  # fmt: skip
+            v_head, coord_t = value_field(cache_ptr, block, head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET), t
+        _dequant_head(
+            out_v_ptr + tok[:, None] * stride_out_v_t + head * stride_out_v_h,
+            v_head, v_scale, live, in_range, v_cent_ptr, koff_ptr,
+            V_BITS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, False, coord_t, BLOCK_SIZE,
+        )  # fmt: skip
 
 
 def _launch_params(num_slots: int, num_kv_heads: int) -> tuple[int, int, int]:

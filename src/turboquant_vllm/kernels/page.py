@@ -47,21 +47,21 @@ def value_field(cache_ptr, block, head, PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.
 
 
 @triton.jit
-def coordinate_words(run_v_ptr, t, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def coordinate_words(run_v_ptr, t, live, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """int32 pointers [ROWS, BLOCK_D] to the coordinate-major V words (layout.py) that hold token t ([ROWS], slot in
-    its page) of each coordinate, and the nibble's shift [ROWS, 1]. run_v_ptr [ROWS]: value_field of the token's
-    page and head."""
+    its page) of each coordinate, the nibble's shift [ROWS, 1] and the mask of live tokens' real coordinates.
+    run_v_ptr [ROWS]: value_field of the token's page and head."""
     dim = tl.arange(0, BLOCK_D)
     byte = run_v_ptr[:, None] + dim[None, :] * (BLOCK_SIZE // 2) + ((t % BLOCK_SIZE) // 8 * 4)[:, None]
-    return byte.to(tl.pointer_type(tl.int32)), ((t % 8) * 4)[:, None]
+    mask = live[:, None] & (dim < HEAD_DIM)[None, :]
+    return byte.to(tl.pointer_type(tl.int32)), ((t % 8) * 4)[:, None], mask
 
 
 @triton.jit
 def coordinate_indices(run_v_ptr, t, live, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr):  # fmt: skip
     """4-bit V indices int32 [ROWS, BLOCK_D] of tokens t from coordinate-major pages (0 where not live or padded)."""
-    word, shift = coordinate_words(run_v_ptr, t, BLOCK_D, BLOCK_SIZE)
-    mask = live[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
+    word, shift, mask = coordinate_words(run_v_ptr, t, live, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
     return (tl.load(word, mask=mask, other=0) >> shift) & 15
 
 
@@ -70,8 +70,7 @@ def store_coordinate_indices(run_v_ptr, t, idx, live, HEAD_DIM: tl.constexpr, BL
                              BLOCK_SIZE: tl.constexpr):  # fmt: skip
     """Write 4-bit V indices idx [ROWS, BLOCK_D] of tokens t into coordinate-major pages. A word holds 8 tokens of a
     coordinate, which other programs of the launch may be writing, so each nibble is cleared and set by atomics."""
-    word, shift = coordinate_words(run_v_ptr, t, BLOCK_D, BLOCK_SIZE)
-    mask = live[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
+    word, shift, mask = coordinate_words(run_v_ptr, t, live, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
     tl.atomic_and(word, ~(15 << shift), mask=mask, sem="relaxed")
     tl.atomic_or(word, idx << shift, mask=mask, sem="relaxed")
 

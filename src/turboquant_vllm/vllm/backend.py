@@ -30,7 +30,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from turboquant_vllm.codec import KVCodec, shared_codec
 from turboquant_vllm.config import TQConfigError, check_head_dim
 from turboquant_vllm.kernels.decode import paged_attention
-from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_split_grid, decode_step_stores, fp8_mma_usable
+from turboquant_vllm.kernels.decode_tiles import MAX_SPLITS, choose_split_grid, decode_step_stores, fp8_value_tiles
 from turboquant_vllm.kernels.pdl import pdl_launch
 from turboquant_vllm.kernels.recent import RecentTable, recent_entries, write_recent
 from turboquant_vllm.kernels.sinks import SinkTable, table_entries, write_sinks
@@ -206,10 +206,9 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
         config = current_tq_config()
         self.sink_tokens = config.sink_tokens
         self.recent_tokens = config.recent_tokens
-        layout = PageLayout.from_config(config, self.num_kv_heads, self.head_size)
-        self.fp8_values = layout.v_coordinate_major and fp8_mma_usable(device)  # its decode tile's own split count
+        codec = shared_codec(config, self.num_kv_heads, self.head_size, device)
+        self.fp8_values = fp8_value_tiles(codec, device)  # its decode tile's own split count
         if on_gpu:  # compile now rather than inside a request (the CPU interpreter has nothing to compile)
-            codec = shared_codec(config, self.num_kv_heads, self.head_size, device)
             max_blocks = triton.cdiv(vllm_config.model_config.max_model_len, kv_cache_spec.block_size)  # vLLM's table
             warm_up_kernels(codec, num_heads, vllm_config.model_config.dtype, kv_cache_spec.block_size,
                             config.key_offsets is not None, self.workspace, max_blocks,
