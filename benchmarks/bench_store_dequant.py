@@ -97,6 +97,7 @@ LARGE_STORE_VARIANTS = [  # prefill-sized launches, changes to the default (32 t
     {"bucket_search": False},
     {"block_k": 64},
     {"block_t": 64, "num_warps": 8},  # wgmma (offline)
+    {"merge_value_groups": False},  # coordinate-major values (fp8_values) by two atomics a nibble, as before 2026-12-05
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import inspect
 import json
 import re
@@ -279,7 +280,9 @@ def compile_store(launch: store.StoreLaunch, key_offset: bool = False, head_dim:
             **ptxas_report(kernel.asm["ptx"], "sm_90a"), "shared_bytes": kernel.metadata.shared,
             "sass_instructions": len(ops), "fp32_fma": ops.count("FFMA"),
             "tensor_core": sum(op.startswith(TENSOR_CORE_OPS) for op in ops),
-            "compares_and_selects": sum(ops.count(o) for o in ("FSETP", "FSEL", "SEL"))}  # fmt: skip
+            "compares_and_selects": sum(ops.count(o) for o in ("FSETP", "FSEL", "SEL")),
+            "atomics": sum(op in ("RED", "REDG", "ATOM", "ATOMG") for op in ops),
+            "shuffles": ops.count("SHFL")}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,9 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in store_rows:
         print(f"store {r['launch']}{' + key offset' if r['key_offset'] else ''}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['sass_instructions']} SASS instructions ({r['fp32_fma']} FFMA, "
-              f"{r['tensor_core']} HMMA, {r['compares_and_selects']} compares and selects)", flush=True)  # fmt: skip
+              f"{r['tensor_core']} HMMA, {r['compares_and_selects']} compares and selects, {r['atomics']} atomics, "
+              f"{r['shuffles']} shuffles)", flush=True)  # fmt: skip
     if args.out:
         result = {"benchmark": "kernel_resources", "target": "sm_90a (compiled, not run)", "triton": triton.__version__,
+                  "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   "command": " ".join([sys.executable, *sys.argv]), "rows": rows, "reduce": reduce_rows,
                   "store": store_rows}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -180,3 +180,14 @@ def test_values_in_fragment_order_would_skip_shared_memory():
         assert order["shared_memory_conversions"] == 1 < page["shared_memory_conversions"], order
         assert order["context_loop_sass"]["shared_stores"] < page["context_loop_sass"]["shared_stores"], order
         assert order["spill_store_bytes"] == 0, order
+
+
+def test_prefill_store_merges_value_groups_unspilled(resources):
+    """The prefill-sized store at head_dim 128 (coordinate-major values by default) merges rows of 8 tokens into
+    whole words (StoreLaunch.merge_value_groups) and still compiles without spilling; the variant that writes every
+    nibble by atomics, which the H200 times beside it, compiles too."""
+    prefill = [r for r in resources["store"] if r["launch"]["block_t"] == 32 and not r["key_offset"]]
+    merged = next(r for r in prefill if r["launch"] == prefill[0]["launch"])
+    assert merged["launch"]["merge_value_groups"] and merged["spill_store_bytes"] == 0, merged
+    nibbles = next(r for r in prefill if not r["launch"]["merge_value_groups"])
+    assert nibbles["spill_store_bytes"] == 0 and 0 < nibbles["atomics"] < merged["atomics"], nibbles

@@ -270,3 +270,74 @@ def test_store_bucket_search_writes_the_same_indices(device, monkeypatch, k_bits
         assert torch.equal(scan.indices, search.indices)
         torch.testing.assert_close(search.scales, scan.scales, rtol=1e-6, atol=0)
     assert k.indices.unique().numel() == 2**k_bits and v.indices.unique().numel() == 2**v_bits  # every index occurs
+
+
+def run_slots(pages: list[int], start: int, count: int, block_size: int = 16) -> list[int]:
+    """Slots of positions start .. start + count - 1 of a sequence whose block table is `pages`."""
+    return [pages[p // block_size] * block_size + p % block_size for p in range(start, start + count)]
+
+
+SLOT_PATTERNS = {  # 12 pages of 16 slots; each a batch as vLLM's slot_mapping would give it
+    "aligned": run_slots([7, 2, 9], 0, 48),
+    "offset": run_slots([4, 11, 0], 5, 43),
+    "mixed": [21] + run_slots([3, 8], 3, 21) + [-1] + run_slots([10, 6], 0, 18) + [101, 150],
+    "wrapped-group": [13, 14, 15, 8, 9, 10, 11, 12] + run_slots([5, 1], 2, 19),
+    "random": torch.randperm(192, generator=torch.Generator().manual_seed(12))[:40].tolist(),
+}
+
+
+@pytest.mark.parametrize("block_t", [8, 16, 32])
+@pytest.mark.parametrize("pattern", sorted(SLOT_PATTERNS))
+def test_store_merged_value_groups_match_reference(device, monkeypatch, pattern, block_t):
+    """Coordinate-major values written a row of 8 tokens at a time (StoreLaunch.merge_value_groups): runs from a
+    group boundary or not, two sequences and decode tokens in one program, skipped slots, a row that wraps within
+    one group, scattered slots; every byte of the cache against the reference, untouched slots included."""
+    launch = store_module.StoreLaunch(block_t, 32, 1, 4, merge_value_groups=True)
+    monkeypatch.setattr(store_module, "_launch_params", lambda n, h: launch)
+    codec = KVCodec(TQConfig(k_bits=3, fp8_values=True), 2, 64, device)
+    slots = torch.tensor(SLOT_PATTERNS[pattern])
+    key, value = fused_kv(slots.shape[0], 2, 64, torch.bfloat16, device, seed=13)
+    run_store(codec, key, value, slots.to(device), 12, 16)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's atomics")
+@pytest.mark.parametrize(("start", "atomic_words"), [(0, 0), (16, 0), (5, 2), (3, 2)])
+def test_store_merged_value_groups_use_atomics_only_at_program_edges(monkeypatch, start, atomic_words):
+    """A 32-token run from a group boundary is written by plain stores alone; from inside a group, only the words
+    it shares with the programs before and after it take atomics (an and and an or each), not every nibble."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    lanes = []
+    rmw = InterpreterBuilder.create_atomic_rmw
+
+    def counting(self, op, ptr, val, mask, sem, scope):
+        lanes.append(int(mask.data.sum()))
+        return rmw(self, op, ptr, val, mask, sem, scope)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_atomic_rmw", counting)
+    launch = store_module.StoreLaunch(32, 32, 1, 4, merge_value_groups=True)
+    monkeypatch.setattr(store_module, "_launch_params", lambda n, h: launch)
+    codec = KVCodec(TQConfig(fp8_values=True), 1, 64)
+    slots = torch.tensor(run_slots([3, 1, 4], start, 32))
+    key, value = fused_kv(32, 1, 64, torch.float16, "cpu", seed=14)
+    run_store(codec, key, value, slots, 6, 16)
+    assert sum(lanes) == atomic_words * 2 * 64  # per coordinate: a word, two atomics
+
+    lanes.clear()
+    monkeypatch.setattr(store_module, "_launch_params", lambda n, h: launch._replace(merge_value_groups=False))
+    run_store(codec, key, value, slots, 6, 16)
+    assert sum(lanes) == 32 * 2 * 64  # a nibble, two atomics
+
+
+@pytest.mark.gpu
+def test_store_gpu_prefill_chunks_into_coordinate_major_values(cuda):
+    """Head_dim 128 at 4/4 bits keeps values coordinate-major: a prefill-sized batch of sequences starting at every
+    offset into a page, with decode tokens between them, through the default (merging) launch."""
+    codec = KVCodec(TQConfig(), 8, 128, cuda)
+    assert codec.layout.v_coordinate_major
+    pages = torch.randperm(400, generator=torch.Generator().manual_seed(15)).tolist()
+    slots = []
+    for start in range(16):  # sequence `start` takes 24 pages and begins `start` slots into its first one
+        slots += run_slots(pages[24 * start : 24 * start + 24], start, 360) + [pages[384 + start] * 16 + start]
+    key, value = fused_kv(len(slots), 8, 128, torch.bfloat16, cuda, seed=16)
+    run_store(codec, key, value, torch.tensor(slots, device=cuda), 400, 16)

@@ -76,6 +76,85 @@ def store_coordinate_indices(run_v_ptr, t, idx, live, HEAD_DIM: tl.constexpr, BL
 
 
 @triton.jit
+def _rows_from(x, OFFSET: tl.constexpr, ROWS: tl.constexpr):
+    """x [ROWS, N] with row r taking x's row r + OFFSET (zeros past either end): a row shift by select-and-sum."""
+    r = tl.arange(0, ROWS)
+    pick = r[None, :] == r[:, None] + OFFSET  # [to, from]
+    return tl.sum(tl.where(pick[:, :, None], x[None, :, :], 0), axis=1)
+
+
+@triton.jit
+def _column(x, COL: tl.constexpr):
+    """Column COL of x [ROWS, 8] as [ROWS]."""
+    return tl.sum(tl.where(tl.arange(0, 8)[None, :] == COL, x, 0), axis=1)
+
+
+@triton.jit
+def store_coordinate_groups(
+    cache_ptr, block, t, head, idx, live,
+    PAGE_BYTES: tl.constexpr, RUN_BYTES: tl.constexpr, V_INDEX_OFFSET: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    """store_coordinate_indices for BLOCK_T tokens (a multiple of 8) that mostly come in runs of consecutive slots,
+    as a prefill chunk's do, with far fewer atomics.
+
+    A row of 8 batch tokens whose slots run on from its first one's (a run: it touches one word of each
+    coordinate, or two across an 8-slot group boundary) is merged into those words. A word that the row fills, or
+    that it and the row before fill together, is written by a plain store: no other program holds its slots. The
+    words a run shares with other programs (the program's first and last) take two atomics each, and tokens of
+    rows that are not runs (sequence ends, skipped slots) one nibble at a time, as store_coordinate_indices."""
+    ROWS: tl.constexpr = BLOCK_T // 8
+    j = tl.arange(0, 8)
+    nib = tl.reshape(t % 8, (ROWS, 8))
+    grp = tl.reshape(block * (BLOCK_SIZE // 8) + t // 8, (ROWS, 8))  # the 8-slot group: one word a coordinate
+    first = _column(nib, 0)
+    in_b = j[None, :] >= 8 - first[:, None]  # past the row's group boundary
+    grp_a = _column(grp, 0)
+    grp_b = _column(grp, 7)
+    follows = (nib == (first[:, None] + j[None, :]) % 8) & (grp == tl.where(in_b, grp_b[:, None], grp_a[:, None]))
+    run = tl.sum((follows & tl.reshape(live, (ROWS, 8))).to(tl.int32), axis=1) == 8
+
+    # A run's 8 nibbles are distinct, so one sum merges it; the part past the boundary holds the nibbles below
+    # the first token's. keep_*: what an atomic and leaves of a shared word, as whole [ROWS, BLOCK_D] tensors
+    # (Triton's interpreter gives an atomic a broadcast [1, 1] operand unbroadcast; on a GPU the zeros fold away).
+    merged = tl.sum(tl.reshape(idx, (ROWS, 8, BLOCK_D)) << (nib * 4).to(tl.int32)[:, :, None], axis=1)
+    low = ((1 << (first * 4)) - 1).to(tl.int32)[:, None]
+    bits_a = merged & ~low
+    bits_b = merged & low
+    zeros = tl.zeros([ROWS, BLOCK_D], tl.int32)
+    keep_a = low + zeros
+    keep_b = ~low + zeros
+    # Row r completes the word that row r - 1 began when both are runs of the same offset into consecutive groups.
+    end = tl.where(run & (first > 0), grp_b * 8 + first, -1)
+    joins = run & (first > 0) & (tl.sum(_rows_from(end[:, None], -1, ROWS), axis=1) == grp_a * 8 + first)
+    word_a = bits_a | tl.where(joins[:, None], _rows_from(bits_b, -1, ROWS), 0)
+    full_a = run & ((first == 0) | joins)
+    taken_b = tl.sum(_rows_from(joins[:, None].to(tl.int32), 1, ROWS), axis=1) > 0
+
+    blocks = tl.reshape(block, (ROWS, 8))
+    t_a = _column(tl.reshape(t, (ROWS, 8)), 0)
+    run_a = value_field(cache_ptr, _column(blocks, 0), head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET)
+    ptr, _, mask = coordinate_words(run_a, t_a, full_a, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
+    tl.store(ptr, word_a, mask=mask)
+    shared_a = run & ~full_a
+    if tl.max(shared_a.to(tl.int32), axis=0) > 0:  # the branches skip whole launches' worth of masked atomics
+        ptr, _, mask = coordinate_words(run_a, t_a, shared_a, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
+        tl.atomic_and(ptr, keep_a, mask=mask, sem="relaxed")
+        tl.atomic_or(ptr, bits_a, mask=mask, sem="relaxed")
+    shared_b = run & (first > 0) & ~taken_b
+    if tl.max(shared_b.to(tl.int32), axis=0) > 0:
+        run_b = value_field(cache_ptr, _column(blocks, 7), head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET)
+        t_b = _column(tl.reshape(t, (ROWS, 8)), 7)
+        ptr, _, mask = coordinate_words(run_b, t_b, shared_b, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
+        tl.atomic_and(ptr, keep_b, mask=mask, sem="relaxed")
+        tl.atomic_or(ptr, bits_b, mask=mask, sem="relaxed")
+    loose = live & ~tl.reshape(tl.broadcast_to(run[:, None], (ROWS, 8)), (BLOCK_T,))
+    if tl.max(loose.to(tl.int32), axis=0) > 0:
+        run_v = value_field(cache_ptr, block, head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET)
+        store_coordinate_indices(run_v, t, idx, loose, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
+
+
+@triton.jit
 def index_words(row_ptr, live, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 ALIGN: tl.constexpr):  # fmt: skip
     """Packed indices of one head in each row as int32 words [ROWS, BLOCK_D // 8], 8 coordinates per word.

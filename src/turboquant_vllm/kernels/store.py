@@ -10,7 +10,12 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from turboquant_vllm.codec import KVCodec
-from turboquant_vllm.kernels.page import store_coordinate_indices, token_fields, value_field
+from turboquant_vllm.kernels.page import (
+    store_coordinate_groups,
+    store_coordinate_indices,
+    token_fields,
+    value_field,
+)
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 from turboquant_vllm.quantizer import TINY_NORM
@@ -109,10 +114,11 @@ def store_head(
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
     CONTRACT_LAST: tl.constexpr, BUCKET_SEARCH: tl.constexpr = False, V_COORD: tl.constexpr = False,
-    BLOCK_SIZE: tl.constexpr = 16,
+    BLOCK_SIZE: tl.constexpr = 16, MERGE_V_GROUPS: tl.constexpr = False,
 ):  # fmt: skip
     """Quantise BLOCK_T tokens' K and V of one head and write indices and scales into their pages (V's
-    coordinate-major with V_COORD, layout.py; BLOCK_SIZE is read only then).
+    coordinate-major with V_COORD, layout.py; BLOCK_SIZE is read only then, and MERGE_V_GROUPS, which merges
+    rows of 8 consecutive slots into whole words: store_coordinate_groups).
 
     Shared by the store kernel and the attention kernel's fused store (kernels/decode.py). With DOT_PRECISION
     "tf32_split" rot_ptr / rot_lo_ptr hold R's tf32 parts (tf32_parts), and a key stored relative to the offset
@@ -173,7 +179,10 @@ def store_head(
         cache_ptr, block, t, head, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET,
         V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET)  # fmt: skip
     _store_indices(k_head_ptr, k_idx, live, K_BITS, HEAD_DIM, BLOCK_T, HEAD_DIM_PAD)
-    if V_COORD:
+    if V_COORD and MERGE_V_GROUPS:
+        store_coordinate_groups(cache_ptr, block, t, head, v_idx, live, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET,
+                                HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, BLOCK_SIZE)  # fmt: skip
+    elif V_COORD:
         run_v = value_field(cache_ptr, block, head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET)
         store_coordinate_indices(run_v, t, v_idx, live, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE)
     else:
@@ -255,6 +264,7 @@ def _store_kv_kernel(
     V_INDEX_BYTES: tl.constexpr,
     V_SCALE_OFFSET: tl.constexpr,
     V_COORD: tl.constexpr,  # V indices coordinate-major (layout.py)
+    MERGE_V_GROUPS: tl.constexpr,  # with V_COORD: rows of 8 tokens merged into whole words (BLOCK_T % 8 == 0)
     NORM_CORRECTION: tl.constexpr,
     TINY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -280,7 +290,8 @@ def _store_kv_kernel(
                    k_bnd_ptr, k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr, koff_rot_ptr, HEAD_DIM, HEAD_DIM_PAD,
                    BLOCK_T, BLOCK_K, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES,
                    K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY,
-                   DOT_PRECISION, HAS_KEY_OFFSET, CONTRACT_LAST, BUCKET_SEARCH, V_COORD, BLOCK_SIZE)  # fmt: skip
+                   DOT_PRECISION, HAS_KEY_OFFSET, CONTRACT_LAST, BUCKET_SEARCH, V_COORD, BLOCK_SIZE,
+                   MERGE_V_GROUPS)  # fmt: skip
     if PDL_AFTER:  # this launch completes only after the kernel ahead does
         gdc_wait()
 
@@ -302,6 +313,9 @@ class StoreLaunch(NamedTuple):
     # dots keep fp32's precision (fp32 inputs fall back to "ieee").
     precision: str = "ieee"
     bucket_search: bool = False  # indices by binary search over the boundaries (_bucketize_search)
+    # Coordinate-major values (TQConfig.fp8_values): a program's rows of 8 consecutive slots written as whole words
+    # instead of two atomics a nibble (page.store_coordinate_groups; block_t a multiple of 8).
+    merge_value_groups: bool = False
 
 
 def _launch_params(num_tokens: int, num_kv_heads: int) -> StoreLaunch:
@@ -326,7 +340,7 @@ def _launch_params(num_tokens: int, num_kv_heads: int) -> StoreLaunch:
         return StoreLaunch(1, 32, 1, 4)
     if num_tokens < LARGE_BATCH_TOKENS:
         return StoreLaunch(4, 8, 1, 4)
-    return StoreLaunch(32, 32, 1, 4, "tf32_split", bucket_search=True)
+    return StoreLaunch(32, 32, 1, 4, "tf32_split", bucket_search=True, merge_value_groups=True)
 
 
 def store_meta(codec: KVCodec, launch: StoreLaunch, block_size: int, key_offset: bool, pdl: bool,
@@ -346,6 +360,7 @@ def store_meta(codec: KVCodec, launch: StoreLaunch, block_size: int, key_offset:
         HAS_KEY_OFFSET=key_offset,
         CONTRACT_LAST=CONTRACT_LAST and launch.block_t < 16,  # from 16 tokens a program the rotation is a dot
         BUCKET_SEARCH=launch.bucket_search,
+        MERGE_V_GROUPS=launch.merge_value_groups and launch.block_t % 8 == 0,
         LAUNCH_DEPENDENTS=pdl,
         PDL_AFTER=pdl and after_attention,
     )
