@@ -9,8 +9,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode_tiles
+from turboquant_vllm.kernels.decode_args import check_attention_args
 from turboquant_vllm.kernels.decode_reduce import (
-    MAX_LIVE_SEQS,
     REDUCE_BLOCK_R,
     _merge_splits,
     _publish_queries,
@@ -34,17 +34,15 @@ from turboquant_vllm.kernels.fragment import (
 from turboquant_vllm.kernels.lut import round_e4m3
 from turboquant_vllm.kernels.page import context_tile, key_tile, tile_pages, value_tile
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
-from turboquant_vllm.kernels.recent import SEGMENT, RecentTable, recent_context_end, recent_rows, reduce_writer_args
+from turboquant_vllm.kernels.recent import RecentTable, recent_context_end, recent_rows, reduce_writer_args
 from turboquant_vllm.kernels.rotate import rotate_rows, rotate_vector
 from turboquant_vllm.kernels.sinks import SinkTable, trusted_sinks
 from turboquant_vllm.kernels.softmax import exact_rows_step, softmax_probs, softmax_step
-from turboquant_vllm.kernels.store import check_slots, store_kv, store_tokens
+from turboquant_vllm.kernels.store import store_kv, store_tokens
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
-from turboquant_vllm.key_offset import KeyOffset, check_key_offset
+from turboquant_vllm.key_offset import KeyOffset
 
 LOG2E = 1.4426950408889634
-QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 # Counts that change from step to step are not specialised on (Triton would compile a variant for 1, for
@@ -350,13 +348,6 @@ def _attention_kernel(
                                  ROTATED=not UNROTATED_PARTIALS)  # fmt: skip
 
 
-def _check_rows(name: str, x: torch.Tensor, rows: int, heads: int, head_dim: int) -> None:
-    assert x.dim() == 3 and x.shape[0] >= rows and x.shape[1:] == (heads, head_dim), (
-        f"{name} must be [>= {rows}, {heads}, {head_dim}], got {tuple(x.shape)}"
-    )
-    assert x.dtype in QUERY_DTYPES, f"{name} must be fp16/bf16/fp32, got {x.dtype}"
-
-
 def paged_attention(
     codec: KVCodec,
     query: torch.Tensor,
@@ -411,44 +402,12 @@ def paged_attention(
         write_recent: no read of `recent` follows in this step: with a split-K reduce and
             Tiles.window_writer_in_reduce, that launch does recent.write_recent's work too, and the call returns True.
     """
-    lay = codec.layout
+    offset = check_attention_args(codec, query, key, value, cache, block_table, seq_lens, query_start_loc, out,
+                                  num_splits, split_slots, key_offset, store_slots, sinks, recent)  # fmt: skip
     num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = lay.num_kv_heads
-    assert head_dim == lay.head_dim and num_heads % num_kv_heads == 0, (
-        f"query {tuple(query.shape)} does not fit a layout of {num_kv_heads} KV heads x {lay.head_dim}"
-    )
-    _check_rows("query", query, num_tokens, num_heads, head_dim)
-    _check_rows("key", key, num_tokens, num_kv_heads, head_dim)
-    _check_rows("value", value, num_tokens, num_kv_heads, head_dim)
-    assert out.shape == query.shape and out.dtype in QUERY_DTYPES, (
-        f"out must be {tuple(query.shape)} fp16/bf16/fp32, got {out.dtype} {tuple(out.shape)}"
-    )
-    assert cache.dtype == torch.uint8 and cache.dim() == 3 and cache.shape[2] == lay.bytes_per_token, (
-        f"cache must be uint8 [num_blocks, block_size, {lay.bytes_per_token}], got {cache.dtype} {tuple(cache.shape)}"
-    )
-    assert cache.is_contiguous() and cache.data_ptr() % 16 == 0, (
-        f"cache pages must be contiguous and 16-byte aligned, got strides {cache.stride()} at {cache.data_ptr():#x}"
-    )
+    num_kv_heads = codec.layout.num_kv_heads
     num_seqs = query_start_loc.shape[0] - 1
-    for name, t in (("block_table", block_table), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
-        assert t.dtype in INDEX_DTYPES, f"{name} must be int32/int64, got {t.dtype}"
-    assert block_table.dim() == 2 and block_table.stride(1) == 1, "block_table must be [num_seqs, max_blocks]"
-    assert block_table.shape[0] >= num_seqs and seq_lens.shape[0] >= num_seqs, "fewer block_table/seq_lens rows"
-    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
-    live_ok = num_seqs <= MAX_LIVE_SEQS and decode_tiles.live_split_tiles(head_dim, num_splits)
-    assert split_slots == 0 or live_ok, f"split_slots: {num_splits} splits, {num_seqs} seqs (choose_split_grid)"
     rot = codec.rotation
-    devices = {t.device for t in (query, key, value, cache, block_table, seq_lens, query_start_loc, out, rot)}
-    assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
-    offset = check_key_offset(key_offset, num_kv_heads, head_dim, cache.device, rotated=True)
-    if sinks is not None:
-        sinks.check(num_kv_heads, head_dim, cache.device)
-    if recent is not None:
-        recent.check(num_kv_heads, head_dim, cache.device)
-        assert cache.shape[1] % SEGMENT == 0, f"recent tokens need block_size % {SEGMENT} == 0, got {cache.shape[1]}"
-    if store_slots is not None:
-        check_slots(store_slots, num_tokens, cache.device)
-        assert key.stride(2) == 1 and value.stride(2) == 1, "a fused store needs key/value contiguous in head_dim"
     if num_tokens == 0 or num_seqs <= 0:
         return False
 
