@@ -12,6 +12,9 @@ field alone (quantising is the same for all):
   consecutive in a batch: a sequence's positions are, and no two sequences share a page) merges the group's
   nibbles into each coordinate's word: a load, and a store of the merged word, no atomics.
 
+The store kernel itself took neither form for prefill: its 32-token programs merge each row of 8 consecutive slots
+into whole words, with atomics only at their edges (page.store_coordinate_groups, since 2026-12-05).
+
 Shapes: a decode step (16 sequences, one token each, each in a page of its own) and prefill chunks of 16,384
 tokens (4 sequences, pages shuffled), one starting on a page boundary and one 5 slots into a page.
 
