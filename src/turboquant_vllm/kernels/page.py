@@ -104,13 +104,17 @@ def store_coordinate_groups(
     words a run shares with other programs (the program's first and last) take two atomics each, and tokens of
     rows that are not runs (sequence ends, skipped slots) one nibble at a time, as store_coordinate_indices."""
     ROWS: tl.constexpr = BLOCK_T // 8
+    GROUPS: tl.constexpr = BLOCK_SIZE // 8  # 8-slot groups a page: a group is one word of each coordinate
     j = tl.arange(0, 8)
-    nib = tl.reshape(t % 8, (ROWS, 8))
-    grp = tl.reshape(block * (BLOCK_SIZE // 8) + t // 8, (ROWS, 8))  # the 8-slot group: one word a coordinate
-    first = _column(nib, 0)
-    in_b = j[None, :] >= 8 - first[:, None]  # past the row's group boundary
-    grp_a = _column(grp, 0)
+    row_t = tl.reshape(t, (ROWS, 8))
+    row_block = tl.reshape(block, (ROWS, 8))
+    t_a, block_a = _column(row_t, 0), _column(row_block, 0)  # each row's first token
+    nib = row_t % 8
+    grp = row_block * GROUPS + row_t // 8
+    first = t_a % 8
+    grp_a = block_a * GROUPS + t_a // 8
     grp_b = _column(grp, 7)
+    in_b = j[None, :] >= 8 - first[:, None]  # past the row's group boundary
     follows = (nib == (first[:, None] + j[None, :]) % 8) & (grp == tl.where(in_b, grp_b[:, None], grp_a[:, None]))
     run = tl.sum((follows & tl.reshape(live, (ROWS, 8))).to(tl.int32), axis=1) == 8
 
@@ -131,9 +135,7 @@ def store_coordinate_groups(
     full_a = run & ((first == 0) | joins)
     taken_b = tl.sum(_rows_from(joins[:, None].to(tl.int32), 1, ROWS), axis=1) > 0
 
-    blocks = tl.reshape(block, (ROWS, 8))
-    t_a = _column(tl.reshape(t, (ROWS, 8)), 0)
-    run_a = value_field(cache_ptr, _column(blocks, 0), head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET)
+    run_a = value_field(cache_ptr, block_a, head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET)
     ptr, _, mask = coordinate_words(run_a, t_a, full_a, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
     tl.store(ptr, word_a, mask=mask)
     shared_a = run & ~full_a
@@ -143,8 +145,8 @@ def store_coordinate_groups(
         tl.atomic_or(ptr, bits_a, mask=mask, sem="relaxed")
     shared_b = run & (first > 0) & ~taken_b
     if tl.max(shared_b.to(tl.int32), axis=0) > 0:
-        run_b = value_field(cache_ptr, _column(blocks, 7), head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET)
-        t_b = _column(tl.reshape(t, (ROWS, 8)), 7)
+        t_b = _column(row_t, 7)  # each row's last token
+        run_b = value_field(cache_ptr, _column(row_block, 7), head, PAGE_BYTES, RUN_BYTES, V_INDEX_OFFSET)
         ptr, _, mask = coordinate_words(run_b, t_b, shared_b, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
         tl.atomic_and(ptr, keep_b, mask=mask, sem="relaxed")
         tl.atomic_or(ptr, bits_b, mask=mask, sem="relaxed")
