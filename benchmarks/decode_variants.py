@@ -110,7 +110,8 @@ VARIANTS: list[dict] = [
     {"sinks": 4, "store": "fused"},
     # 32 exact recent tokens (the window's tag reads, its tile in the last split, the writer launch), likewise
     {"recent": 32},
-    {"recent": 32, "store": "fused"},
+    {"recent": 32, "store": "fused"},  # where the store runs after the attention, it writes the window's rows
+    {"recent": 32, "store": "fused", "window_writer_in_store": False},  # ... or the writer launch does
     {"recent": 32, "writers": False},  # the attention's share of the window's cost; the rest is the writer's
     {"recent": 32, "window_writer_in_reduce": True},  # the writer's programs in the reduce launch
     {"recent": 32, "window_writer_in_reduce": True, "store": "fused"},

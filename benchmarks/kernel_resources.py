@@ -261,22 +261,26 @@ def compile_reduce(
             **ptxas_report(kernel.asm["ptx"], "sm_90a")}  # fmt: skip
 
 
-def compile_store(launch: store.StoreLaunch, key_offset: bool = False, head_dim: int = 128) -> dict:
+def compile_store(
+    launch: store.StoreLaunch, key_offset: bool = False, head_dim: int = 128, window: bool = False
+) -> dict:
     """Compile _store_kv_kernel as store_kv launches it with `launch` for bf16 K/V (views of a fused qkv of 32
-    query and 8 KV heads) and count its SASS: the whole kernel, which has no loop over tiles."""
+    query and 8 KV heads) and count its SASS: the whole kernel, which has no loop over tiles. window: as a decode
+    step's store after the attention that writes the exact window (store_kv's recent)."""
     codec = KVCodec(TQConfig(), 8, head_dim)
-    meta = store.store_meta(codec, launch, 16, key_offset, pdl=True, after_attention=False)
+    meta = store.store_meta(codec, launch, 16, key_offset, pdl=True, after_attention=window, window=window)
     qkv = 48 * head_dim
     ints = {"stride_key_t": qkv, "stride_key_h": head_dim, "stride_value_t": qkv, "stride_value_h": head_dim,
             "stride_rot_0": head_dim, "stride_rot_1": 1}  # fmt: skip
     fn = store._store_kv_kernel
     fp32_tables = dict.fromkeys(("k_cent_ptr", "v_cent_ptr"), "*fp32")  # the store's codebooks stay fp32
-    signature, constexprs, attrs = runtime_signature(meta, ints, fn, POINTERS | fp32_tables)
+    window_table = {"window_kv_ptr": "*bf16", "window_tag_ptr": "*i32"}
+    signature, constexprs, attrs = runtime_signature(meta, ints, fn, POINTERS | fp32_tables | window_table)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": launch.num_warps})  # fmt: skip
     sass = disassemble(kernel.asm["cubin"])
     ops = [m.split(".")[0] for m in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)]
-    return {"kernel": "store", "launch": launch._asdict(), "key_offset": key_offset,
+    return {"kernel": "store", "launch": launch._asdict(), "key_offset": key_offset, "window": window,
             **ptxas_report(kernel.asm["ptx"], "sm_90a"), "shared_bytes": kernel.metadata.shared,
             "sass_instructions": len(ops), "fp32_fma": ops.count("FFMA"),
             "tensor_core": sum(op.startswith(TENSOR_CORE_OPS) for op in ops),
@@ -381,9 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     prefill = store._launch_params(store.LARGE_BATCH_TOKENS, 8)
     store_rows = [compile_store(store._launch_params(1, 8)), compile_store(prefill)]
     store_rows += [compile_store(prefill._replace(**c)) for c in LARGE_STORE_VARIANTS]  # the ones the H200 times
-    store_rows += [compile_store(prefill, key_offset=True)]
+    store_rows += [compile_store(prefill, key_offset=True), compile_store(store._launch_params(1, 8), window=True)]
     for r in store_rows:
-        print(f"store {r['launch']}{' + key offset' if r['key_offset'] else ''}: {r['registers']} regs, "
+        label = " + key offset" * r["key_offset"] + " + exact window" * r["window"]
+        print(f"store {r['launch']}{label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['sass_instructions']} SASS instructions ({r['fp32_fma']} FFMA, "
               f"{r['tensor_core']} HMMA, {r['compares_and_selects']} compares and selects, {r['atomics']} atomics, "
               f"{r['shuffles']} shuffles)", flush=True)  # fmt: skip

@@ -249,13 +249,15 @@ for pdl in (False, True):
           pdl_option(pdl))
 meta = dict(HEAD_DIM_PAD=128, BLOCK_T=1, BLOCK_K=32, HEADS_PER_PROGRAM=1, **codec.layout.kernel_constants(16),
             NORM_CORRECTION=True, TINY=1e-30, DOT_PRECISION="ieee", HAS_KEY_OFFSET=False, CONTRACT_LAST=False,
-            BUCKET_SEARCH=False, LAUNCH_DEPENDENTS=True, PDL_AFTER=True)  # the store after the attention, with PDL
+            BUCKET_SEARCH=False, MERGE_V_GROUPS=False, LAUNCH_DEPENDENTS=True, PDL_AFTER=True,
+            WINDOW=True)  # the store after the attention, with PDL, writing the exact window
 ptrs = dict.fromkeys(("key_ptr", "value_ptr"), "*bf16") | {"cache_ptr": "*u8", "slot_ptr": "*i64"}
 ptrs |= dict.fromkeys(("rot_ptr", "rot_lo_ptr", "k_bnd_ptr", "k_cent_ptr", "v_bnd_ptr", "v_cent_ptr"), "*fp32")
-ptrs |= dict.fromkeys(("koff_ptr", "koff_rot_ptr"), "*fp32")
+ptrs |= dict.fromkeys(("koff_ptr", "koff_rot_ptr"), "*fp32") | {"window_kv_ptr": "*bf16", "window_tag_ptr": "*i32"}
 build(store._store_kv_kernel, ptrs, meta, pdl_option(True))
 # a prefill-sized store: two tf32 dots on R's parts, binary-search indices, keys relative to an offset
-meta |= dict(BLOCK_T=16, DOT_PRECISION="tf32_split", BUCKET_SEARCH=True, HAS_KEY_OFFSET=True, PDL_AFTER=False)
+meta |= dict(BLOCK_T=16, DOT_PRECISION="tf32_split", BUCKET_SEARCH=True, HAS_KEY_OFFSET=True, PDL_AFTER=False,
+             WINDOW=False)
 build(store._store_kv_kernel, ptrs, meta, pdl_option(False))
 ptrs = dict.fromkeys(("k_ptr", "v_ptr", "kv_ptr"), "*bf16") | {"rot_ptr": "*fp32", "tag_ptr": "*i32"}
 ptrs |= dict.fromkeys(("block_table_ptr", "seq_lens_ptr", "qsl_ptr"), "*i32")
@@ -268,7 +270,7 @@ print("compiled")
 def test_kernels_compile_for_hopper():
     """bf16 decode (with a key offset and the fused store; fused, and split with the tail merge, programmatic
     dependent launch and exact sinks), the split reduce, the query rotation, the store launched after the attention
-    and the sink writer lower to sm_90 cubins on the host, GPU or not.
+    (writing the exact window) and the sink writer lower to sm_90 cubins on the host, GPU or not.
 
     The interpreter never exercises GPU lowering (nor the bf16 new-token dots, which run on GPUs
     only), so compile in a fresh process without TRITON_INTERPRET.

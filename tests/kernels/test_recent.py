@@ -10,9 +10,13 @@ import torch
 from decode_batch import TOL_FP32, assert_matches, make_batch
 from test_sinks import S, Step, make_step, rotation, sinks_for
 
+from turboquant_vllm import TQConfig
+from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode_tiles
 from turboquant_vllm.kernels.decode import paged_attention
 from turboquant_vllm.kernels.recent import RecentTable, recent_entries, write_recent
+from turboquant_vllm.kernels.store import store_kv
+from turboquant_vllm.key_offset import KeyOffset
 from turboquant_vllm.vllm import prefill
 from turboquant_vllm.vllm.prefill import plan_prefill, prefill_attention
 
@@ -207,3 +211,95 @@ def test_reduce_launch_writes_the_window_as_write_recent_does(device, monkeypatc
         torch.testing.assert_close(table.kv, want_table.kv, rtol=0 if exact else 1e-5, atol=0 if exact else 2e-6)
     else:
         assert torch.equal(table.tags, before.tags)
+
+
+def decode_step(device, num_seqs: int, dtype=torch.float32, seed=9):
+    """num_seqs sequences decoding one token each, at positions 3-40 of blocks of their own, and a padding row
+    (slot -1) after them: the step (its K/V with the padding row) and the store's slots."""
+    positions = torch.tensor([3 + 37 * s // max(num_seqs - 1, 1) for s in range(num_seqs)])
+    first = 100 + 3 * torch.arange(num_seqs)
+    step = make_step(device, [(int(p), 1) for p in positions], first.tolist(), seed=seed)
+    step.block_table[:, 1:] = step.block_table[:, :1] + torch.arange(1, 3, dtype=torch.int32, device=device)
+    slots = torch.cat([(first + positions // 16) * 16 + positions % 16, torch.tensor([-1])]).to(device)
+    pad = torch.randn(1, *step.key.shape[1:], generator=torch.Generator().manual_seed(seed)).to(device)
+    key, value = (torch.cat([x, pad]).to(dtype) for x in (step.key, step.value))
+    return dataclasses.replace(step, key=key, value=value), slots
+
+
+@pytest.mark.parametrize(("num_seqs", "dtype"), [(5, torch.float32), (40, torch.float32), (256, torch.bfloat16)],
+                         ids=["one_token_programs", "four_token_programs", "prefill_sized_programs"])  # fmt: skip
+@pytest.mark.parametrize("key_offset", [False, True])
+def test_store_writes_the_window_as_write_recent_does(device, num_seqs, dtype, key_offset):
+    """store_kv with recent (Tiles.window_writer_in_store) writes each token's R k and R v where write_recent would,
+    with the same tags, from each of its launch shapes (the 256-token one rotates by tf32 parts), also for keys
+    stored relative to an offset (the window keeps R k itself); the padding row writes nothing; the pages get the
+    bytes of a store without the window."""
+    step, slots = decode_step(device, num_seqs, dtype)
+    codec = KVCodec(TQConfig(), 2, 64, device)
+    offset = None
+    if key_offset:  # an offset that part of the keys are shorter relative to
+        offset = KeyOffset.build(step.key[0].float() / 2, codec.rotation)  # the first token's keys are shorter
+        k = step.key[:num_seqs].float()
+        shifted = (k - offset.original).norm(dim=-1) < k.norm(dim=-1)
+        assert 0 < int(shifted.sum()) < shifted.numel()
+    table = RecentTable.allocate(1024, W, 2, 64, dtype, device)  # no two of the step's tokens share a row
+    want = RecentTable(table.kv.clone(), table.tags.clone(), W)
+    write_recent(want, codec.rotation, step.key, step.value, step.block_table, step.seq_lens, step.query_start_loc, 16)
+    cache, plain = (codec.new_cache(1000, 16) for _ in range(2))
+    store_kv(codec, step.key, step.value, cache, slots, offset, after_attention=True, recent=table)
+    store_kv(codec, step.key, step.value, plain, slots, offset)
+    assert torch.equal(cache, plain)
+    assert torch.equal(table.tags, want.tags) and int(table.tags.ge(0).sum()) == 2 * num_seqs
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(table.kv, want.kv, rtol=tol, atol=tol)
+
+
+def test_store_ahead_of_the_attention_refuses_the_window(device):
+    step, slots = decode_step(device, 2)
+    codec = KVCodec(TQConfig(), 2, 64, device)
+    table = RecentTable.allocate(64, W, 2, 64, torch.float32, device)
+    with pytest.raises(AssertionError, match="after the step's attention"):
+        store_kv(codec, step.key, step.value, codec.new_cache(200, 16), slots, recent=table)
+
+
+@pytest.mark.parametrize(("num_splits", "store_in_launch"), [(1, False), (3, False), (3, True)])
+@pytest.mark.parametrize("in_store", [True, False])
+def test_decode_step_store_writes_the_window_after_the_attention(device, monkeypatch, num_splits, store_in_launch,
+                                                                 in_store):  # fmt: skip
+    """paged_attention with store_slots, told it is the window's last reader: its store after the attention writes
+    the new tokens' rows (Tiles.window_writer_in_store; a store the attention launch would make moves after it), so
+    the output is the reference's over the table as it was, the table becomes write_recent's and the pages
+    store_kv's, and it says so; switched off, or with more query rows a sequence than the window holds, it stores
+    the pages and leaves the window to the caller."""
+    tiles = dataclasses.replace(decode_tiles.TILES[64], window_writer_in_store=in_store,
+                                fused_store_min_splits=2 if store_in_launch else None)  # fmt: skip
+    monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
+    b = make_batch(device, [1, 6, 25, 32, 151], [1, 1, 1, 1, 1], seed=16)
+    table, exact_last = recent_for(b, device, seed=9)
+    want_table = RecentTable(table.kv.clone(), table.tags.clone(), table.recent_tokens)
+    write_recent(want_table, b.codec.rotation, b.key, b.value, b.block_table, b.seq_lens, b.query_start_loc, 16)
+    assert not torch.equal(want_table.tags, table.tags)  # the step's tokens change the table
+    before = RecentTable(table.kv.clone(), table.tags.clone(), table.recent_tokens)
+    pos = (b.seq_lens - 1).long()
+    slots = b.block_table.gather(1, (pos // 16)[:, None])[:, 0].long() * 16 + pos % 16
+    poisoned = b.cache.clone()
+    want_cache = b.cache.clone()
+    store_kv(b.codec, b.key, b.value, want_cache, slots)
+    out = torch.full_like(b.query, float("nan"))
+    args = (b.codec, b.query, b.key, b.value, b.cache, b.block_table, b.seq_lens, b.query_start_loc, b.scale, out)
+    wrote = paged_attention(*args, max_query_len=1, num_splits=num_splits, store_slots=slots, recent=table,
+                            write_recent=True)  # fmt: skip
+    assert wrote == in_store
+    assert_matches(out, b.expected(exact_last=exact_last), TOL_FP32)
+    assert torch.equal(b.cache, want_cache)
+    if in_store:
+        assert torch.equal(table.tags, want_table.tags)
+        torch.testing.assert_close(table.kv, want_table.kv, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(table.tags, before.tags) and torch.equal(table.kv, before.kv)
+    table.kv.copy_(before.kv)
+    table.tags.copy_(before.tags)
+    b.cache.copy_(poisoned)
+    assert not paged_attention(*args, max_query_len=W + 1, num_splits=num_splits, store_slots=slots, recent=table,
+                               write_recent=True)  # fmt: skip
+    assert torch.equal(table.tags, before.tags) and torch.equal(b.cache, want_cache)

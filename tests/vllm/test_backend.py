@@ -12,6 +12,7 @@ from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.config import TQConfig, TQConfigError
 from turboquant_vllm.eval.vllm_batches import SCENARIOS, exact_attention, make_batch
 from turboquant_vllm.kernels import decode_tiles
+from turboquant_vllm.kernels.recent import write_recent
 from turboquant_vllm.kernels.reference import (
     decode_rows_ref,
     gather_rows_ref,
@@ -376,6 +377,21 @@ def test_builder_fuses_the_store_where_the_tiles_say(min_splits, pdl, monkeypatc
         assert (md.num_decode_tokens == batch.slot_mapping.shape[0]) == (scenario == "decode")
 
 
+@pytest.mark.parametrize("in_store", [True, False])
+def test_builder_hands_the_store_over_where_it_writes_the_window(in_store, monkeypatch, device):
+    """Without PDL or a store in the attention launch, a pure decode step still hands its store to paged_attention
+    when the layer keeps an exact window and Tiles.window_writer_in_store lets that store write it."""
+    monkeypatch.setattr(tq_backend, "current_tq_config", lambda: TQConfig(recent_tokens=8))
+    monkeypatch.setattr(tq_backend, "pdl_launch", lambda device: False)
+    tiles = dataclasses.replace(decode_tiles.TILES[64], fused_store_min_splits=None, window_writer_in_store=in_store)
+    monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
+    for scenario in ("decode", "mixed"):
+        batch = make_batch(SCENARIOS[scenario], 8, 2, 64, seed=5, device=device)
+        md = make_builder(8, 2, 64, device).build(0, common_metadata(batch))
+        handed = in_store and scenario == "decode"
+        assert md.fused_store_tokens == (md.num_decode_tokens if handed else 0)
+
+
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "bits"), [(4, 4, (4, 4)), (8, 2, (4, 3)), (5, 1, (2, 2))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -486,12 +502,16 @@ def test_layer_with_exact_tables_matches_reference(exact, scenario, rotated, mon
     cache = codec.new_cache(batch.num_blocks, batch.block_size)
     impl = TQ4AttentionImpl(num_heads, head_dim, scale, num_kv_heads)
     builder = make_builder(num_heads, num_kv_heads, head_dim, device)
+    writer_launches = []
+    monkeypatch.setattr(tq_backend, "write_recent", lambda *a: (writer_launches.append(a), write_recent(*a)))
     for step in (prefill, batch):
         md = builder.build(0, common_metadata(step))
         out = torch.zeros(step.query.shape, dtype=step.query.dtype, device=device)
         impl.do_kv_cache_update(None, step.key, step.value, cache, step.slot_mapping)
         impl.forward(None, step.query, step.key, step.value, cache, md, out)
     sinks, recent = impl.exact_tables(out)
+    if exact == "recent":  # a pure decode step's store, after the attention, writes the window (window_in_store)
+        assert len(writer_launches) == (1 if scenario == "decode" else 2)
     written = [min(c + q, n) if exact == "sinks" else min(c, n) + min(q, n) for c, q in SCENARIOS[scenario]]
     assert (sinks or recent).tags.ge(0).sum() == sum(written) * (1 if exact == "sinks" else num_kv_heads)  # both steps
 

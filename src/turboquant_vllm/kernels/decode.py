@@ -399,8 +399,10 @@ def paged_attention(
             are read from it where it holds them, else from the pages.
         recent: exact newest tokens (kernels/recent.py); each sequence's newest recent.recent_tokens context
             positions are read from it where it holds them, else from the pages. block_size must be a multiple of 16.
-        write_recent: no read of `recent` follows in this step: with a split-K reduce and
-            Tiles.window_writer_in_reduce, that launch does recent.write_recent's work too, and the call returns True.
+        write_recent: no read of `recent` follows in this step: the launches after the attention do
+            recent.write_recent's work too, and the call returns True, where it can: the store of store_slots after
+            the attention (Tiles.window_writer_in_store, if each sequence has at most recent.recent_tokens query
+            rows), else a split-K reduce (Tiles.window_writer_in_reduce).
     """
     offset = check_attention_args(codec, query, key, value, cache, block_table, seq_lens, query_start_loc, out,
                                   num_splits, split_slots, key_offset, store_slots, sinks, recent)  # fmt: skip
@@ -425,7 +427,13 @@ def paged_attention(
         q_buf, tickets = workspace.query, workspace.tickets
 
     pdl = pdl_launch(query.device)
-    store_in_kernel = store_slots is not None and decode_tiles.stores_in_attention(head_dim, num_splits)
+    # The store writes the window where every token of the step is among its sequence's last recent_tokens: it has
+    # R k and R v at hand. It then runs after this launch, whose programs read the table.
+    window_in_store = (write_recent and recent is not None and store_slots is not None
+                       and max_query_len <= recent.recent_tokens
+                       and decode_tiles.window_in_store(head_dim))  # fmt: skip
+    store_in_kernel = (store_slots is not None and not window_in_store
+                       and decode_tiles.stores_in_attention(head_dim, num_splits))  # fmt: skip
     meta = decode_tiles.attention_meta(
         codec, num_heads, query.dtype, query.is_cuda, max_query_len, cache.shape[1], fused, num_splits,
         offset is not None, store_in_kernel, pdl, 0 if sinks is None else sinks.sink_tokens,
@@ -466,7 +474,7 @@ def paged_attention(
     wrote = False
     if not (fused or meta["TAIL_MERGE"]):
         num_rows = num_tokens * num_heads
-        window = recent.recent_tokens if write_recent and recent is not None else 0
+        window = recent.recent_tokens if write_recent and recent is not None and not window_in_store else 0
         rmeta = decode_tiles.reduce_meta(num_heads, head_dim, meta["BLOCK_D"], meta["UNROTATED_PARTIALS"],
                                          meta["OP_DTYPE"], meta["PREC"], num_splits, pdl, window)  # fmt: skip
         wrote = rmeta["WRITE_RECENT"] > 0
@@ -479,5 +487,6 @@ def paged_attention(
             **rmeta, **writer_meta,
         )  # fmt: skip
     if store_slots is not None and not store_in_kernel:
-        store_kv(codec, key, value, cache, store_slots[:num_tokens], key_offset, after_attention=True)
-    return wrote
+        store_kv(codec, key, value, cache, store_slots[:num_tokens], key_offset, after_attention=True,
+                 recent=recent if window_in_store else None)  # fmt: skip
+    return wrote or window_in_store

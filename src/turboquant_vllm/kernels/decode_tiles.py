@@ -98,6 +98,10 @@ class Tiles:
     # programs of that launch instead of a writer launch of their own (paged_attention's write_recent). Slower on the
     # H200 at every shape timed (1 x 4K 26.7 -> 29.7 us with the window; docs/design-exact-window.md).
     window_writer_in_reduce: bool = False
+    # Pure decode steps whose store runs after the attention (paged_attention's store_slots without the store in the
+    # attention launch) write the window's rows from that store launch, which has R k and R v at hand, instead of a
+    # writer launch that rotates them again (store.store_kv's recent). Not yet timed on the H200.
+    window_writer_in_store: bool = True
     # With fp8_keys: the queries as two e4m3 halves (their rounding and its rounded remainder), scored by a second fp8
     # MMA into the same accumulator, so the scores keep only the keys' rounding (offline 628 -> 637 instructions a
     # 3-split tile; benchmarks/probe_fp8_scores.py for what each rounding costs on SmolLM2's real tensors).
@@ -370,11 +374,18 @@ def stores_in_attention(head_dim: int, num_splits: int) -> bool:
     return at_least(TILES[triton.next_power_of_2(head_dim)].fused_store_min_splits, num_splits)
 
 
-def decode_step_stores(head_dim: int, num_splits: int, pdl: bool) -> bool:
+def window_in_store(head_dim: int) -> bool:
+    """Whether a decode step's store after the attention writes the exact window too (Tiles.window_writer_in_store)."""
+    return TILES[triton.next_power_of_2(head_dim)].window_writer_in_store
+
+
+def decode_step_stores(head_dim: int, num_splits: int, pdl: bool, window: bool = False) -> bool:
     """Whether a pure decode step hands its K/V store to paged_attention (store_slots) instead of a store launch
-    ahead of it: where the attention launch stores them itself (stores_in_attention), and with programmatic
-    dependent launch (kernels/pdl.py), where a store launch right after the attention overlaps its last programs."""
-    return pdl or stores_in_attention(head_dim, num_splits)
+    ahead of it: where the attention launch stores them itself (stores_in_attention), with programmatic
+    dependent launch (kernels/pdl.py), where a store launch right after the attention overlaps its last programs,
+    and where that store after the attention writes the exact window (window: the layer has one; Tiles.
+    window_writer_in_store)."""
+    return pdl or (window and window_in_store(head_dim)) or stores_in_attention(head_dim, num_splits)
 
 
 def at_least(min_splits: int | None, num_splits: int) -> bool:

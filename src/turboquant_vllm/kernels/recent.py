@@ -34,6 +34,7 @@ SEGMENT = 16  # tokens per table entry: slot // SEGMENT names a run of one block
 _SEGMENT = tl.constexpr(SEGMENT)
 MIN_ENTRIES = 64
 LOCKED = tl.constexpr(-2)  # a tag while its row is being written; -1: the row holds nothing
+_NO_TAG = tl.constexpr(-3)  # what no tag holds: a swap compared against it never happens
 
 
 @dataclass
@@ -116,6 +117,42 @@ def recent_context_end(ctx_len, win_lo, bt_row, tag_ptr, kh, entries, BLOCK_SIZE
 
 
 @triton.jit
+def claim_rows(tag, live):
+    """Lock the tags (pointers) of live rows for this program: a compare-and-swap to LOCKED from what each held.
+    Which it won; a row another program holds (LOCKED) or takes first is left to it. Dead lanes' pointers must
+    still be valid: their swap compares against a value no tag holds."""
+    seen = tl.load(tag, mask=live, other=LOCKED, volatile=True)
+    want = live & (seen != LOCKED)
+    locked = seen * 0 + LOCKED  # a whole operand: the interpreter misreads broadcast ones in atomics
+    old = tl.atomic_cas(tag, tl.where(want, seen, _NO_TAG), locked, sem="acquire")
+    return want & (old == seen)
+
+
+@triton.jit
+def publish_rows(tag, won, segment):
+    """Name the segment whose token each row claim_rows won now holds, once every thread has written the rows."""
+    tl.debug_barrier()
+    tl.atomic_xchg(tag, segment.to(tl.int32), mask=won, sem="release")
+
+
+@triton.jit
+def store_window_rows(slot, live, kh, kv_heads, k_rot, v_rot, kv_ptr, tag_ptr, entries, HEAD_DIM: tl.constexpr,
+                      BLOCK_D: tl.constexpr):  # fmt: skip
+    """Write tokens' rotated exact K/V (fp32 [BLOCK_T, BLOCK_D]: R k, R v) of KV head kh (int64) at their slots'
+    rows (slot int64 [BLOCK_T], live: the tokens to write): store.store_kv's part of the writer's work, where each
+    of its tokens is among the last recent_tokens of its sequence's new tokens and the step's reads are done."""
+    row = tl.where(live, _table_row(slot, entries), 0)  # dead lanes' swaps still need a real tag
+    tag = tag_ptr + row * kv_heads + kh
+    won = claim_rows(tag, live)
+    dim = tl.arange(0, BLOCK_D)
+    out = kv_ptr + ((row * 2 * kv_heads + kh) * HEAD_DIM)[:, None] + dim[None, :]
+    mask = won[:, None] & (dim < HEAD_DIM)[None, :]
+    tl.store(out, k_rot.to(kv_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + kv_heads * HEAD_DIM, v_rot.to(kv_ptr.dtype.element_ty), mask=mask)
+    publish_rows(tag, won, slot // _SEGMENT)
+
+
+@triton.jit
 def write_window(
     seq, kh, kv_heads, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr, rot_ptr, kv_ptr, tag_ptr, entries,
     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, stride_bt, stride_r0, stride_r1,
@@ -136,18 +173,16 @@ def write_window(
         slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
         row = _table_row(slot, entries)
         tag = tag_ptr + row * kv_heads + kh
-        seen = tl.load(tag, volatile=True)
-        if seen != LOCKED:  # noqa: SIM102 (two run-time tests: the swap only where the row looked free)
-            if tl.atomic_cas(tag, seen, LOCKED, sem="acquire") == seen:
-                tok = (q_start + pos - first_pos).to(tl.int64)
-                k_rot, v_rot = rotate_pair(k_ptr + tok * stride_kt + kh * stride_kh, stride_kd,
-                                           v_ptr + tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
-                                           stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
-                out = kv_ptr + (row * 2 * kv_heads + kh) * HEAD_DIM
-                tl.store(out + dim, k_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
-                tl.store(out + kv_heads * HEAD_DIM + dim, v_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
-                tl.debug_barrier()  # every thread's row is written before the tag says whose it is
-                tl.atomic_xchg(tag, (slot // _SEGMENT).to(tl.int32), sem="release")
+        won = claim_rows(tag, slot >= 0)  # (always true: the helpers take a mask)
+        if won:  # the rotation only for a row this program holds
+            tok = (q_start + pos - first_pos).to(tl.int64)
+            k_rot, v_rot = rotate_pair(k_ptr + tok * stride_kt + kh * stride_kh, stride_kd,
+                                       v_ptr + tok * stride_vt + kh * stride_vh, stride_vd, rot_ptr, stride_r0,
+                                       stride_r1, HEAD_DIM, BLOCK_D, ROT_CHUNK)  # fmt: skip
+            out = kv_ptr + (row * 2 * kv_heads + kh) * HEAD_DIM
+            tl.store(out + dim, k_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
+            tl.store(out + kv_heads * HEAD_DIM + dim, v_rot.to(kv_ptr.dtype.element_ty), mask=dim_ok)
+            publish_rows(tag, won, slot // _SEGMENT)
 
 
 @triton.jit(do_not_specialize=["entries"])

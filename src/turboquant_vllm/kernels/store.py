@@ -17,6 +17,7 @@ from turboquant_vllm.kernels.page import (
     value_field,
 )
 from turboquant_vllm.kernels.pdl import pdl_launch, pdl_option
+from turboquant_vllm.kernels.recent import RecentTable, store_window_rows
 from turboquant_vllm.key_offset import KeyOffset, check_key_offset
 from turboquant_vllm.quantizer import TINY_NORM
 
@@ -114,11 +115,12 @@ def store_head(
     V_INDEX_OFFSET: tl.constexpr, V_INDEX_BYTES: tl.constexpr, V_SCALE_OFFSET: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, TINY: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_OFFSET: tl.constexpr,
     CONTRACT_LAST: tl.constexpr, BUCKET_SEARCH: tl.constexpr = False, V_COORD: tl.constexpr = False,
-    BLOCK_SIZE: tl.constexpr = 16, MERGE_V_GROUPS: tl.constexpr = False,
+    BLOCK_SIZE: tl.constexpr = 16, MERGE_V_GROUPS: tl.constexpr = False, EXACT_ROWS: tl.constexpr = False,
 ):  # fmt: skip
     """Quantise BLOCK_T tokens' K and V of one head and write indices and scales into their pages (V's
     coordinate-major with V_COORD, layout.py; BLOCK_SIZE is read only then, and MERGE_V_GROUPS, which merges
-    rows of 8 consecutive slots into whole words: store_coordinate_groups).
+    rows of 8 consecutive slots into whole words: store_coordinate_groups). Returns the tokens' R k and R v in fp32
+    [BLOCK_T, HEAD_DIM_PAD] (EXACT_ROWS: also where the key is stored relative to the offset) for an exact window.
 
     Shared by the store kernel and the attention kernel's fused store (kernels/decode.py). With DOT_PRECISION
     "tf32_split" rot_ptr / rot_lo_ptr hold R's tf32 parts (tf32_parts), and a key stored relative to the offset
@@ -164,8 +166,12 @@ def store_head(
         rot_lo = tl.load(rot_lo_ptr + rot_off, mask=rot_mask, other=0.0) if SPLIT else rot
         k_rot = _rotate_step(k_part, rot, rot_lo, k_rot, BLOCK_T, DOT_PRECISION, CONTRACT_LAST)
         v_rot = _rotate_step(v_part, rot, rot_lo, v_rot, BLOCK_T, DOT_PRECISION, CONTRACT_LAST)
+    k_exact = k_rot  # R k and R v, what an exact window keeps (returned)
+    v_exact = v_rot
     if HAS_KEY_OFFSET and SPLIT:  # R (k - offset) = R k - R offset
         k_rot -= shift[:, None] * tl.load(koff_rot_ptr + head * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :]
+    elif HAS_KEY_OFFSET and EXACT_ROWS:  # the offset's share back: R (k - offset) + R offset
+        k_exact += shift[:, None] * tl.load(koff_rot_ptr + head * HEAD_DIM + dim, mask=dim_ok, other=0.0)[None, :]
     k_rot = tl.math.div_rn(k_rot, k_den)
     v_rot = tl.math.div_rn(v_rot, v_den)
 
@@ -199,6 +205,7 @@ def store_head(
         k_scale = tl.where(shift > 0, -k_scale, k_scale)  # the sign records the shift
     tl.store(k_scale_ptr, k_scale, mask=live)
     tl.store(v_scale_ptr, v_scale, mask=live)
+    return k_exact, v_exact
 
 
 @triton.jit
@@ -239,7 +246,10 @@ def _store_kv_kernel(
     v_bnd_ptr,  # fp32 [2^V_BITS - 1]
     v_cent_ptr,  # fp32 [2^V_BITS]
     koff_ptr,  # fp32 [num_kv_heads, HEAD_DIM] key offset, original basis (read only if HAS_KEY_OFFSET)
-    koff_rot_ptr,  # the same offset in the rotated basis (read only with HAS_KEY_OFFSET and "tf32_split")
+    koff_rot_ptr,  # the same offset in the rotated basis (read with HAS_KEY_OFFSET, "tf32_split" or WINDOW)
+    window_kv_ptr,  # WINDOW: the exact window's table (kernels/recent.py RecentTable.kv and .tags)
+    window_tag_ptr,
+    window_entries,
     num_tokens,
     stride_key_t,
     stride_key_h,
@@ -273,6 +283,7 @@ def _store_kv_kernel(
     BUCKET_SEARCH: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,  # kernels/pdl.py: the next kernel may start now (it waits for this one's writes)
     PDL_AFTER: tl.constexpr,  # launched with PDL after a kernel whose writes it does not read (paged_attention)
+    WINDOW: tl.constexpr = False,  # also write every token's R k, R v into the exact window, after the kernel ahead
 ):
     if LAUNCH_DEPENDENTS:
         gdc_launch_dependents()
@@ -286,12 +297,17 @@ def _store_kv_kernel(
         head = tl.program_id(1).to(tl.int64) * HEADS_PER_PROGRAM + hh
         k_ptr = key_ptr + tok[:, None] * stride_key_t + head * stride_key_h  # [BLOCK_T, 1]
         v_ptr = value_ptr + tok[:, None] * stride_value_t + head * stride_value_h
-        store_head(k_ptr, v_ptr, live, block, t, head, cache_ptr, rot_ptr, rot_lo_ptr, stride_rot_0, stride_rot_1,
-                   k_bnd_ptr, k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr, koff_rot_ptr, HEAD_DIM, HEAD_DIM_PAD,
-                   BLOCK_T, BLOCK_K, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES,
-                   K_SCALE_OFFSET, V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY,
-                   DOT_PRECISION, HAS_KEY_OFFSET, CONTRACT_LAST, BUCKET_SEARCH, V_COORD, BLOCK_SIZE,
-                   MERGE_V_GROUPS)  # fmt: skip
+        k_exact, v_exact = store_head(
+            k_ptr, v_ptr, live, block, t, head, cache_ptr, rot_ptr, rot_lo_ptr, stride_rot_0, stride_rot_1,
+            k_bnd_ptr, k_cent_ptr, v_bnd_ptr, v_cent_ptr, koff_ptr, koff_rot_ptr, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T,
+            BLOCK_K, K_BITS, V_BITS, PAGE_BYTES, RUN_BYTES, K_INDEX_OFFSET, K_INDEX_BYTES, K_SCALE_OFFSET,
+            V_INDEX_OFFSET, V_INDEX_BYTES, V_SCALE_OFFSET, NORM_CORRECTION, TINY, DOT_PRECISION, HAS_KEY_OFFSET,
+            CONTRACT_LAST, BUCKET_SEARCH, V_COORD, BLOCK_SIZE, MERGE_V_GROUPS, WINDOW)  # fmt: skip
+        if WINDOW:  # once the attention ahead has read the table (with PDL; else stream order says so)
+            if PDL_AFTER:
+                gdc_wait()
+            store_window_rows(slot, live, head, tl.num_programs(1) * HEADS_PER_PROGRAM, k_exact, v_exact,
+                              window_kv_ptr, window_tag_ptr, window_entries, HEAD_DIM, HEAD_DIM_PAD)  # fmt: skip
     if PDL_AFTER:  # this launch completes only after the kernel ahead does
         gdc_wait()
 
@@ -344,7 +360,7 @@ def _launch_params(num_tokens: int, num_kv_heads: int) -> StoreLaunch:
 
 
 def store_meta(codec: KVCodec, launch: StoreLaunch, block_size: int, key_offset: bool, pdl: bool,
-               after_attention: bool) -> dict[str, Any]:  # fmt: skip
+               after_attention: bool, window: bool = False) -> dict[str, Any]:  # fmt: skip
     """_store_kv_kernel's compile-time arguments for `launch`: what store_kv launches, and what
     benchmarks/kernel_resources.py compiles offline."""
     lay = codec.layout
@@ -363,6 +379,7 @@ def store_meta(codec: KVCodec, launch: StoreLaunch, block_size: int, key_offset:
         MERGE_V_GROUPS=launch.merge_value_groups and launch.block_t % 8 == 0,
         LAUNCH_DEPENDENTS=pdl,
         PDL_AFTER=pdl and after_attention,
+        WINDOW=window,
     )
 
 
@@ -397,6 +414,7 @@ def store_kv(
     key_offset: KeyOffset | None = None,
     *,
     after_attention: bool = False,
+    recent: RecentTable | None = None,
 ) -> None:
     """Quantise K and V of new tokens and write them into their pages of `cache` in one launch.
 
@@ -409,6 +427,9 @@ def store_kv(
         key_offset: store keys relative to this layer's offset where that shortens them (key_offset.py).
         after_attention: the launch follows the attention kernels of the same step, which never read these slots:
             with programmatic dependent launch (kernels/pdl.py) it runs alongside their last programs.
+        recent: also write every stored token's exact K/V into this window table (kernels/recent.py), as
+            recent.write_recent would: only after_attention, once no reader of the table is left in the step, and
+            for tokens that are each among the last recent.recent_tokens of their sequence's new tokens.
     """
     lay = codec.layout
     num_tokens = slot_mapping.shape[0]
@@ -422,6 +443,9 @@ def store_kv(
     devices = {t.device for t in (key, value, cache, slot_mapping, codec.rotation)}
     assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
     offset = check_key_offset(key_offset, lay.num_kv_heads, lay.head_dim, cache.device)
+    if recent is not None:
+        assert after_attention, "the store writes the exact window only after the step's attention has read it"
+        recent.check(lay.num_kv_heads, lay.head_dim, cache.device)
     if num_tokens == 0:
         return
 
@@ -445,6 +469,7 @@ def store_kv(
         codec.value.centroids,
         codec.rotation if offset is None else offset,  # any fp32 pointer when there is no offset
         codec.rotation if offset is None else key_offset.rotated,
+        *((cache, slot_mapping, 1) if recent is None else (recent.kv, recent.tags, recent.entries)),
         num_tokens,
         key.stride(0),
         key.stride(1),
@@ -452,7 +477,7 @@ def store_kv(
         value.stride(1),
         rot_hi.stride(0),
         rot_hi.stride(1),
-        **store_meta(codec, launch, cache.shape[1], offset is not None, pdl, after_attention),
+        **store_meta(codec, launch, cache.shape[1], offset is not None, pdl, after_attention, recent is not None),
         num_warps=launch.num_warps,
         **pdl_option(pdl and after_attention),
     )

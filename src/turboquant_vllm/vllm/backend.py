@@ -229,7 +229,8 @@ class TQ4MetadataBuilder(AttentionMetadataBuilder[TQ4Metadata]):
                                                         self.head_size, self.fp8_values)  # fmt: skip
         # Pure decode steps only: a mixed step's separate store would start at an odd slot_mapping offset (an int64
         # view 8 bytes in), which Triton compiles a variant of its store kernel for, during inference.
-        fused_store = num_decodes > 0 and num_prefills == 0 and decode_step_stores(self.head_size, num_splits, self.pdl)
+        fused_store = num_decodes > 0 and num_prefills == 0 and decode_step_stores(self.head_size, num_splits, self.pdl,
+                                                                                   self.recent_tokens > 0)  # fmt: skip
         prefill = None
         if num_prefills:
             # vLLM's host copy is exact for prefill rows; without it (older vLLM) read the device tensor.

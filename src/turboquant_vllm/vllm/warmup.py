@@ -14,7 +14,7 @@ import triton
 
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode import paged_attention
-from turboquant_vllm.kernels.decode_tiles import WIDE_MIN_SPLITS, decode_step_stores
+from turboquant_vllm.kernels.decode_tiles import WIDE_MIN_SPLITS, decode_step_stores, window_in_store
 from turboquant_vllm.kernels.dequant import dequantize_kv
 from turboquant_vllm.kernels.pdl import pdl_launch
 from turboquant_vllm.kernels.recent import RecentTable, write_recent
@@ -55,9 +55,14 @@ def warm_up_kernels(
         offset = KeyOffset.build(torch.zeros(num_kv_heads, head_dim), codec.rotation)
     slots = torch.arange(tokens, device=device)
     pdl = pdl_launch(device)
+    recent = None
+    if recent_tokens:
+        recent = RecentTable.allocate(MIN_ENTRIES, recent_tokens, num_kv_heads, head_dim, dtype, device)
     for n in STORE_TOKENS:
         for after_attention in (False, True) if pdl else (False,):  # paged_attention's store_slots, with PDL
             store_kv(codec, kv[:n], kv[:n], cache, slots[:n], offset, after_attention=after_attention)
+        if recent is not None and window_in_store(head_dim):  # a decode step's store that writes the window
+            store_kv(codec, kv[:n], kv[:n], cache, slots[:n], offset, after_attention=True, recent=recent)
     dequantize_kv(codec, cache, slots[:block_size], dtype, rotated=False, key_offset=offset)  # the prefill path
     query = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
     block_table = torch.zeros(1, max(num_blocks, max_blocks_per_seq), dtype=torch.int32, device=device)
@@ -69,12 +74,11 @@ def warm_up_kernels(
     if sink_tokens:
         sinks = SinkTable.allocate(MIN_ENTRIES, sink_tokens, num_kv_heads, head_dim, dtype, device)
         write_sinks(sinks, codec.rotation, kv[:1], kv[:1], block_table, seq_lens, query_start_loc)
-    recent = None
-    if recent_tokens:
-        recent = RecentTable.allocate(MIN_ENTRIES, recent_tokens, num_kv_heads, head_dim, dtype, device)
+    if recent is not None:
         write_recent(recent, codec.rotation, kv[:1], kv[:1], block_table, seq_lens, query_start_loc, block_size)
     for num_splits in DECODE_SPLITS:  # with the new token's store where pure decode steps hand it over
-        for store_slots in (None, slots[:1]) if decode_step_stores(head_dim, num_splits, pdl) else (None,):
+        hands_over = decode_step_stores(head_dim, num_splits, pdl, recent is not None)
+        for store_slots in (None, slots[:1]) if hands_over else (None,):
             paged_attention(codec, query, kv[:1], kv[:1], cache, block_table, seq_lens, query_start_loc, 1.0, out,
                             max_query_len=1, num_splits=num_splits, workspace=workspace, key_offset=offset,
                             store_slots=store_slots, sinks=sinks, recent=recent,
