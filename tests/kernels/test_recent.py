@@ -303,3 +303,27 @@ def test_decode_step_store_writes_the_window_after_the_attention(device, monkeyp
     assert not paged_attention(*args, max_query_len=W + 1, num_splits=num_splits, store_slots=slots, recent=table,
                                write_recent=True)  # fmt: skip
     assert torch.equal(table.tags, before.tags) and torch.equal(b.cache, want_cache)
+
+
+@pytest.mark.parametrize("num_tokens", [40, 300], ids=["four_token_programs", "prefill_sized_programs"])
+def test_store_one_writer_per_row(device, num_tokens):
+    """A store launch whose tokens all map to row (5, 3), across programs and within one (4 and 32 tokens a program):
+    the row holds one of them whole, and its tag names that one. Only a GPU can race (the interpreter runs programs
+    in order, and a vector's lanes one by one); there the shapes are the Llama-3.1-8B layer's."""
+    entries = 64
+    heads, head_dim = (8, 128) if device.type == "cuda" else (2, 64)
+    codec = KVCodec(TQConfig(), heads, head_dim, device)
+    g = torch.Generator().manual_seed(4)
+    key, value = (torch.randn(num_tokens, heads, head_dim, generator=g).to(device, torch.bfloat16) for _ in range(2))
+    slots = (5 + entries * torch.arange(num_tokens)) * 16 + 3
+    cache = codec.new_cache(int(slots.max()) // 16 + 1, 16)
+    table = RecentTable.allocate(entries, W, heads, head_dim, torch.bfloat16, device)
+    for _ in range(3):
+        store_kv(codec, key, value, cache, slots.to(device), after_attention=True, recent=table)
+        assert int(table.tags.ge(0).sum()) == heads
+        for h in range(heads):
+            writer = (int(table.tags[5, 3, h]) - 5) // entries
+            assert 0 <= writer < num_tokens and int(table.tags[5, 3, h]) == 5 + entries * writer
+            for i, x in enumerate((key, value)):
+                torch.testing.assert_close(table.kv[5, 3, i, h].float(), x[writer, h].float() @ codec.rotation.T,
+                                           rtol=1e-2, atol=1e-2)  # fmt: skip
