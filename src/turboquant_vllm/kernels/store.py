@@ -246,7 +246,7 @@ def _store_kv_kernel(
     v_bnd_ptr,  # fp32 [2^V_BITS - 1]
     v_cent_ptr,  # fp32 [2^V_BITS]
     koff_ptr,  # fp32 [num_kv_heads, HEAD_DIM] key offset, original basis (read only if HAS_KEY_OFFSET)
-    koff_rot_ptr,  # the same offset in the rotated basis (read with HAS_KEY_OFFSET, "tf32_split" or WINDOW)
+    koff_rot_ptr,  # the same offset in the rotated basis (read with HAS_KEY_OFFSET and "tf32_split" or WINDOW)
     window_kv_ptr,  # WINDOW: the exact window's table (kernels/recent.py RecentTable.kv and .tags)
     window_tag_ptr,
     window_entries,
