@@ -52,6 +52,7 @@ from gpu_telemetry import GpuTelemetry  # noqa: E402
 if TYPE_CHECKING:
     from turboquant_vllm.kernels.decode_tiles import Tiles
 
+R32_FP8 = {"recent_tokens": 32, "fp8_key_scores": True, "fp8_values": True}
 MODES = {
     "bf16": dict(attention_backend="FLASH_ATTN"),
     "fp8": dict(attention_backend="FLASH_ATTN", kv_cache_dtype="fp8"),
@@ -61,6 +62,8 @@ MODES = {
     "ours_r32": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"recent_tokens": 32}}),
     "ours_fp8v": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"fp8_values": True}}),
     "ours_fp16v": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"fp8_values": False}}),
+    # the window with both fp8 products (by default a window keeps fp16 scores and token-major values)
+    "ours_r32_fp8": dict(attention_backend="CUSTOM", additional_config={"turboquant": R32_FP8}),
 }
 SHAPES = "4096x1,4096x16,32768x1,32768x16"
 RESULTS = Path(__file__).parent / "results"

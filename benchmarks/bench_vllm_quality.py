@@ -20,6 +20,7 @@ RESULTS = Path(__file__).parent / "results"
 # Teacher-forced one token a request and step: every chunk is decode-sized, so the paged kernel (not the prefill
 # path's FlashAttention over dequantised context) scores every position; up to 32 windows.
 DECODE_CHUNKS = dict(max_num_batched_tokens=32, max_num_seqs=32, long_prefill_token_threshold=1)
+FP8 = {"fp8_key_scores": True, "fp8_values": True}  # both fp8 products, also beside key offsets and exact rows
 MODES = {
     "bf16_ref": dict(attention_backend="FLASH_ATTN"),
     "bf16_chunk512": dict(attention_backend="FLASH_ATTN", max_num_batched_tokens=512),
@@ -55,6 +56,18 @@ MODES = {
     "ours_4_4_fp8v": dict(attention_backend="CUSTOM", additional_config={"turboquant": {"fp8_values": True}}),
     "ours_4_4_fp8v_decode": dict(
         attention_backend="CUSTOM", additional_config={"turboquant": {"fp8_values": True}}, **DECODE_CHUNKS
+    ),
+    # fp8 key scores and values beside the exact rows (TQConfig.fp8_key_scores=True, fp8_values=True)
+    "ours_4_4_r32_fp8_decode": dict(
+        attention_backend="CUSTOM", additional_config={"turboquant": {"recent_tokens": 32, **FP8}}, **DECODE_CHUNKS
+    ),
+    "ours_4_4_kc_s4_r32_fp8": dict(
+        attention_backend="CUSTOM", additional_config={"turboquant": {"sink_tokens": 4, "recent_tokens": 32, **FP8}}
+    ),
+    "ours_4_4_kc_s4_r32_fp8_decode": dict(
+        attention_backend="CUSTOM",
+        additional_config={"turboquant": {"sink_tokens": 4, "recent_tokens": 32, **FP8}},
+        **DECODE_CHUNKS,
     ),
     "native_turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),
     "native_turboquant_k8v4": dict(kv_cache_dtype="turboquant_k8v4"),

@@ -222,7 +222,7 @@ def compile_attention(
         "head_dim": head_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "split_k": split,
         "num_splits": num_splits, "key_offset": key_offset, "store_new": store_new, "sinks": sinks,
         "recent": recent, "fp8_values": codec.layout.v_coordinate_major, "fp8_value_products": meta["FP8_VALUES"],
-        "max_query_len": max_query_len, "block_n": meta["BLOCK_N"],
+        "fp8_key_scores": meta["FP8_KEYS"], "max_query_len": max_query_len, "block_n": meta["BLOCK_N"],
         "swap_ab": meta["SWAP_AB"], "maxnreg": launch.get("maxnreg"),
         "tiles": dataclasses.asdict(dataclasses.replace(default, **change)), **report,
         "shared_bytes": kernel.metadata.shared,
@@ -343,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     # 256, whose 16-token tiles are too short for an e4m3 dot's K side and gather the values instead
     cases += [(128, 32, 8, 3, {}, False, False, 0, 0, fp8_values, q_len) for q_len in (4, 64)]
     cases += [(64, 9, 3, 3, {}, False, False, 0, 0, fp8_values), (256, 32, 8, 3, {}, False, False, 0, 0, fp8_values)]
+    # ... beside the exact window, with its keys scored in fp16 (TQConfig's default there) or fp8 (fp8_key_scores=True),
+    # and with sinks too
+    fp8_beside = TQConfig(fp8_values=True, fp8_key_scores=True)
+    cases += [(128, 32, 8, n, {}, False, False, 0, 32, c) for c in (fp8_values, fp8_beside) for n in (4, wide)]
+    cases += [(128, 32, 8, 4, {}, False, False, 4, 32, fp8_beside)]
     rows, seen = [], set()
     for case in cases:
         bound = inspect.signature(compile_attention).bind(*case)
@@ -363,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             (" + fp8 values" if r["fp8_value_products"] else " + coordinate-major values") if r["fp8_values"] else ""
         )
         label += f" + {r['max_query_len']}-token queries" if r["max_query_len"] > 1 else ""
+        label += " + fp8 key scores" if r["fp8_key_scores"] and (r["sinks"] or r["recent"] or r["key_offset"]) else ""
         print(f"d={r['head_dim']} splits={r['num_splits']} {label}: {r['registers']} regs, "
               f"{r['spill_store_bytes']} B spilled, {r['programs_per_sm_by_registers']} programs/SM, "
               f"{r['convert_layout_ops']} layout conversions, {r['mma']}, context loop "

@@ -51,7 +51,8 @@ def test_rejects_bad_rotation_and_seed():
         TQConfig(seed=-1)
     with pytest.raises(TQConfigError, match="fp8_key_scores must be a bool"):
         TQConfig.from_dict({"fp8_key_scores": "no"})
-    assert TQConfig().fp8_key_scores and not TQConfig.from_dict({"fp8_key_scores": False}).fp8_key_scores
+    assert TQConfig().fp8_key_scores is None  # automatic: attention_meta decides per launch
+    assert [TQConfig.from_dict({"fp8_key_scores": c}).fp8_key_scores for c in (True, False)] == [True, False]
 
 
 def test_key_offsets_file_is_checked_at_construction(tmp_path):

@@ -64,8 +64,10 @@ class TQConfig:
         recent_tokens: vLLM only: read each sequence's newest this many context tokens from an exact side table
             where it holds them (docs/design-exact-window.md), as the HF cache's residual_tokens; 0 = off.
         fp8_key_scores: vLLM only: let the paged kernel score 4-bit keys with an e4m3 tensor-core MMA where its
-            tiles do (head_dim 128 on compute capability 8.9+, no key offsets, sinks or exact window): faster
-            long-context decode for rounder scores (docs/decode-tuning.md, "Keys in fp8"); False keeps fp16.
+            tiles do (head_dim 128 on compute capability 8.9+): faster long-context decode for rounder scores
+            (docs/decode-tuning.md, "Keys in fp8"). None (the default) turns it on without key_offsets,
+            sink_tokens or recent_tokens (whose quality was measured with fp16 scores); True also beside them (the
+            exact sinks' and window's rows keep fp16 scores); False keeps fp16 everywhere.
         fp8_values: vLLM only, 4-bit values: pages hold each coordinate's value indices together (layout.py,
             "coordinate-major values"), so the paged kernel can read them as e4m3 bytes for an fp8 P.V MMA, with
             the probabilities times the value norms rounded to e4m3, and its decode tile needs fewer registers
@@ -82,7 +84,7 @@ class TQConfig:
     key_offsets: str | None = None
     sink_tokens: int = 0
     recent_tokens: int = 0
-    fp8_key_scores: bool = True
+    fp8_key_scores: bool | None = None
     fp8_values: bool | None = None
 
     def __post_init__(self) -> None:
@@ -92,8 +94,8 @@ class TQConfig:
             raise TQConfigError(f"rotation={self.rotation!r} is not one of {ROTATIONS}.")
         if not isinstance(self.norm_correction, bool):
             raise TQConfigError(f"norm_correction must be a bool, got {self.norm_correction!r}.")
-        if not isinstance(self.fp8_key_scores, bool):
-            raise TQConfigError(f"fp8_key_scores must be a bool, got {self.fp8_key_scores!r}.")
+        if self.fp8_key_scores is not None and not isinstance(self.fp8_key_scores, bool):
+            raise TQConfigError(f"fp8_key_scores must be a bool or None (automatic), got {self.fp8_key_scores!r}.")
         if self.fp8_values is not None and not isinstance(self.fp8_values, bool):
             raise TQConfigError(f"fp8_values must be a bool or None (automatic), got {self.fp8_values!r}.")
         if self.fp8_values and self.v_bits != 4:

@@ -10,7 +10,7 @@ from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels.decode import paged_attention
 from turboquant_vllm.kernels.decode_tiles import attention_meta, fp8_mma_usable
-from turboquant_vllm.kernels.reference import paged_attention_ref, store_ref
+from turboquant_vllm.kernels.reference import paged_attention_ref, sequence_slots, store_ref
 
 POISON = 0xFF  # bytes of pages the kernel must never read: their fp32 scales are NaN
 TOL_FP32 = 1e-4  # max |err| / max |ref| with fp32 inputs (only summation order differs)
@@ -80,6 +80,7 @@ def make_batch(
     extra_tokens: int = 0,
     seed: int = 0,
     fp8_values: bool = False,
+    fp8_key_scores: bool | None = None,
 ) -> Batch:
     """Context tokens go to shuffled pages through store_ref; everything else in the cache is poison.
 
@@ -87,7 +88,7 @@ def make_batch(
     """
     assert len(seq_lens) == len(q_lens) and all(s >= q for s, q in zip(seq_lens, q_lens, strict=True))
     g = torch.Generator().manual_seed(seed)
-    config = TQConfig(k_bits=k_bits, v_bits=v_bits, fp8_values=fp8_values)
+    config = TQConfig(k_bits=k_bits, v_bits=v_bits, fp8_values=fp8_values, fp8_key_scores=fp8_key_scores)
     ref = KVCodec(config, num_kv_heads, head_dim)
     blocks = [-(-s // block_size) for s in seq_lens]
     max_blocks = max(blocks) + 1
@@ -124,3 +125,17 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, tol: float, rows: int 
     assert torch.isfinite(got).all(), "non-finite output (a poisoned page was read?)"
     err = (got - want).abs().max().item() / want.abs().max().item()
     assert err < tol, f"max |err| / max |ref| = {err:.3g} >= {tol}"
+
+
+def store_around_offset(batch: Batch, offset: torch.Tensor, g: torch.Generator) -> None:
+    """Rewrite every sequence's context pages with keys around `offset` ([num_kv_heads, head_dim]), stored relative
+    to it where that shortens them; each context's first key is -offset, which is stored plainly."""
+    block_size = batch.cache.shape[1]
+    q_lens = batch.query_start_loc.diff().cpu()
+    cache = batch.cache.cpu()
+    for s, (seq_len, q_len) in enumerate(zip(batch.seq_lens.cpu().tolist(), q_lens.tolist(), strict=True)):
+        slots = sequence_slots(batch.block_table[s].cpu(), seq_len - q_len, block_size)
+        key = torch.randn(len(slots), *offset.shape, generator=g) + offset
+        key[:1] = -offset
+        store_ref(batch.ref_codec, key, torch.randn(key.shape, generator=g), cache, slots, offset)
+    batch.cache.copy_(cache)

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton.language as tl
-from decode_batch import TOL_FP32, TOL_HALF, assert_matches, make_batch
+from decode_batch import TOL_FP32, TOL_HALF, assert_matches, make_batch, store_around_offset
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode_tiles
 from turboquant_vllm.kernels import store as store_module
 from turboquant_vllm.kernels.decode import paged_attention
-from turboquant_vllm.kernels.reference import paged_attention_ref, sequence_slots, store_ref
+from turboquant_vllm.kernels.reference import paged_attention_ref, sequence_slots
 from turboquant_vllm.kernels.store import store_kv
 from turboquant_vllm.kernels.workspace import AttentionWorkspace
 from turboquant_vllm.key_offset import KeyOffset
@@ -392,18 +392,9 @@ def test_key_offset_scores_match_reference(device, monkeypatch, num_splits, k_bi
     )
     monkeypatch.setitem(decode_tiles.TILES, 64, tiles)
     g = torch.Generator().manual_seed(31)
-    num_kv_heads, head_dim, block_size = 2, 64, 16
-    offset = torch.randn(num_kv_heads, head_dim, generator=g) * 1.5
-    b = make_batch(device, [70, 41], [1, 3], num_heads=4, num_kv_heads=num_kv_heads, head_dim=head_dim, seed=32,
-                   k_bits=k_bits)  # fmt: skip
-    # Rewrite the context pages with keys around the offset, stored relative to it where that shortens them.
-    for s, (seq_len, q_len) in enumerate(((70, 1), (41, 3))):
-        slots = sequence_slots(b.block_table[s].cpu(), seq_len - q_len, block_size)
-        key = torch.randn(len(slots), num_kv_heads, head_dim, generator=g) + offset
-        key[0] = -offset
-        cache = b.cache.cpu()
-        store_ref(b.ref_codec, key, torch.randn(key.shape, generator=g), cache, slots, offset)
-        b.cache.copy_(cache)
+    offset = torch.randn(2, 64, generator=g) * 1.5
+    b = make_batch(device, [70, 41], [1, 3], num_heads=4, num_kv_heads=2, head_dim=64, seed=32, k_bits=k_bits)
+    store_around_offset(b, offset, g)
     want = paged_attention_ref(b.ref_codec, b.query.cpu(), b.key.cpu(), b.value.cpu(), b.cache.cpu(),
                                b.block_table.cpu(), b.seq_lens.cpu(), b.query_start_loc.cpu(), b.scale,
                                offset)  # fmt: skip

@@ -7,11 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from decode_batch import TOL_FP32, TOL_HALF, assert_matches, make_batch
+from decode_batch import TOL_FP32, TOL_HALF, assert_matches, make_batch, store_around_offset
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
 from turboquant_vllm.kernels import decode_tiles, reference
+from turboquant_vllm.key_offset import KeyOffset
 
 FP8_QUERY_FORMS = {"halves_by_two_mmas": (True, None), "halves_in_rows": (True, 1), "rounded": (False, None)}
 
@@ -30,7 +31,7 @@ def test_fp8_keys(device, monkeypatch, head_dim, form):
     monkeypatch.setitem(decode_tiles.TILES, head_dim, tiles)
     b = make_batch(device, [5, 300, 133, 700], [1, 1, 1, 1], num_heads=8, head_dim=head_dim, dtype=torch.bfloat16,
                    seed=41)  # fmt: skip
-    meta = decode_tiles.attention_meta(b.codec, 8, torch.bfloat16, device.type == "cuda", 1, 16, False, 3)
+    meta = decode_tiles.attention_meta(b.codec, 8, torch.float16, device.type == "cuda", 1, 16, False, 3)
     assert meta["FP8_KEYS"] and meta["FP8_SCALE"] == b.codec.key_e4m3_scale
     assert (meta["FP8_QUERY_HALVES"], meta["FP8_HALVES_IN_ROWS"]) == (halves, in_rows_from is not None)
     want, other = (b.expected(fp8_keys=True, fp8_query_halves=h) for h in (halves, not halves))
@@ -101,7 +102,7 @@ def test_fp8_values(device, head_dim):
     or coordinate moves it by O(1)."""
     b = make_batch(device, [5, 300, 133, 700], [1, 1, 1, 1], num_heads=8, head_dim=head_dim, dtype=torch.bfloat16,
                    seed=43, fp8_values=True)  # fmt: skip
-    meta = decode_tiles.attention_meta(b.codec, 8, torch.bfloat16, device.type == "cuda", 1, 16, False, 3)
+    meta = decode_tiles.attention_meta(b.codec, 8, torch.float16, device.type == "cuda", 1, 16, False, 3)
     assert meta["FP8_VALUES"] and meta["V_COORD"] and not meta["V_FRAGMENT"]
     assert meta["FP8_V_SCALE"] == b.codec.value_e4m3_scale
     want = b.expected()
@@ -117,7 +118,7 @@ def test_fp8_values_multi_token_queries(device, q_lens):
     head_dim 128; tolerance as in test_fp8_values."""
     b = make_batch(device, [77, 200, 129], q_lens, num_heads=8, head_dim=128, dtype=torch.bfloat16, seed=45,
                    fp8_values=True)  # fmt: skip
-    meta = decode_tiles.attention_meta(b.codec, 8, torch.bfloat16, device.type == "cuda", max(q_lens), 16, False, 3)
+    meta = decode_tiles.attention_meta(b.codec, 8, torch.float16, device.type == "cuda", max(q_lens), 16, False, 3)
     assert meta["FP8_VALUES"] and meta["SWAP_AB"] == (max(q_lens) <= meta["BLOCK_Q"])
     want = b.expected()
     for num_splits in (1, 3):
@@ -129,7 +130,7 @@ def test_coordinate_major_values_gathered_where_an_fp8_dot_cannot_take_them(devi
     (TQConfig(fp8_values=True) there) for fp16 products, and match the reference as token-major pages do."""
     b = make_batch(device, [77, 200], [1, 1], num_heads=8, head_dim=256, dtype=torch.bfloat16, seed=46,
                    fp8_values=True)  # fmt: skip
-    meta = decode_tiles.attention_meta(b.codec, 8, torch.bfloat16, device.type == "cuda", 1, 16, False, 3)
+    meta = decode_tiles.attention_meta(b.codec, 8, torch.float16, device.type == "cuda", 1, 16, False, 3)
     assert meta["V_COORD"] and not meta["FP8_VALUES"] and meta["BLOCK_N"] < decode_tiles.FP8_DOT_MIN_K
     for num_splits in (1, 3):
         assert_matches(b.run(num_splits=num_splits), b.expected(), TOL_HALF)
@@ -145,3 +146,40 @@ def test_coordinate_major_values_in_fp32(device, head_dim, q_lens):
     assert meta["V_COORD"] and not meta["FP8_VALUES"]
     for num_splits in (1, 3):
         assert_matches(b.run(num_splits=num_splits), b.expected(), TOL_FP32)
+
+
+@pytest.mark.parametrize("beside", ["key_offset", "sinks", "recent", "sinks_and_recent"])
+def test_fp8_keys_beside_offsets_and_exact_rows(device, monkeypatch, beside):
+    """TQConfig.fp8_key_scores=True keeps fp8 key scores beside key offsets, exact sinks and the exact window: the
+    packed context is scored in fp8 (its keys' offset share in fp32), the side tables' rows in 16 bits. By default
+    (None) those launches score in fp16, whose reference is many times farther from this output."""
+    from test_recent import recent_for
+    from test_sinks import sinks_for
+
+    monkeypatch.setitem(decode_tiles.TILES, 64, dataclasses.replace(decode_tiles.TILES[64], fp8_keys=True))
+    b = make_batch(device, [7, 40, 133, 300], [1, 1, 2, 1], num_heads=8, head_dim=64, dtype=torch.float16, seed=47,
+                   fp8_key_scores=True)  # fmt: skip
+    run, ref = {}, {}
+    if beside == "key_offset":
+        g = torch.Generator().manual_seed(48)
+        offset = torch.randn(2, 64, generator=g) * 1.5
+        store_around_offset(b, offset, g)
+        run["key_offset"], ref["key_offset"] = KeyOffset.build(offset.to(device), b.codec.rotation), offset
+    if "sinks" in beside:
+        run["sinks"], ref["exact_first"] = sinks_for(b, device, seed=49)
+    if "recent" in beside:
+        run["recent"], ref["exact_last"] = recent_for(b, device, sinks=4 if "sinks" in beside else 0, seed=50)
+    flags = dict(key_offset="key_offset" in run, sinks=4 * ("sinks" in run), recent=24 * ("recent" in run))
+    for choice, fp8 in ((True, True), (None, False), (False, False)):
+        codec = KVCodec(TQConfig(fp8_key_scores=choice), 2, 64)
+        meta = decode_tiles.attention_meta(codec, 8, torch.float16, device.type == "cuda", 2, 16, False, 3, **flags)
+        assert meta["FP8_KEYS"] == fp8, choice
+    meta = decode_tiles.attention_meta(b.codec, 8, torch.float16, device.type == "cuda", 2, 16, False, 3, **flags)
+    want = b.expected(fp8_keys=True, fp8_query_halves=meta["FP8_QUERY_HALVES"], **ref)
+    fp16 = b.expected(fp8_keys=False, **ref)
+    tol = TOL_HALF / 4  # fp16 inputs: the fp16 scores' reference sits 0.008-0.028 away, this one under 0.001
+    for num_splits in (1, 3):
+        got = b.run(num_splits=num_splits, **run)
+        assert_matches(got, want, tol)
+    err, err16 = (((got.float().cpu() - r).abs().max() / r.abs().max()).item() for r in (want, fp16))
+    assert err16 > 5 * err, f"the output is {err16:.3g} from the fp16 scores' reference, {err:.3g} from fp8's"

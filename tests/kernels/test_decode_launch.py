@@ -78,7 +78,8 @@ def test_programmatic_launch_only_where_enabled_and_supported(monkeypatch):
 
 def test_fp8_key_scores_only_where_configured_and_supported(monkeypatch):
     """d=128's 4-bit keys are scored in fp8 by default, in every launch shape, unless the config turns that off or
-    the device has no e4m3 tensor-core dots (compute capability below 8.9: Triton would not compile the kernel)."""
+    the device has no e4m3 tensor-core dots (compute capability below 8.9: Triton would not compile the kernel);
+    beside key offsets, sinks or the exact window only where fp8_key_scores is True."""
 
     def fp8(config: TQConfig | None = None, **kw) -> list[bool]:
         codec = KVCodec(config or TQConfig(), 8, 128)
@@ -87,7 +88,9 @@ def test_fp8_key_scores_only_where_configured_and_supported(monkeypatch):
 
     assert fp8() == [True] * 3
     assert fp8(TQConfig(fp8_key_scores=False)) == fp8(fp8_mma=False) == [False] * 3
-    assert fp8(TQConfig(k_bits=3)) == fp8(key_offset=True) == [False] * 3
+    assert fp8(TQConfig(k_bits=3)) == fp8(key_offset=True) == fp8(sinks=4) == fp8(recent=32) == [False] * 3
+    beside = TQConfig(fp8_key_scores=True)  # also beside key offsets and exact rows
+    assert fp8(beside, key_offset=True) == fp8(beside, sinks=4) == fp8(beside, recent=32) == [True] * 3
     cuda0 = torch.device("cuda", 0)
     for capability, usable in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)):
         monkeypatch.setattr(decode_tiles, "capability", lambda index, c=capability: c)

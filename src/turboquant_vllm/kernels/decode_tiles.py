@@ -91,8 +91,8 @@ class Tiles:
     resident_programs: int | None = None
     wide_resident_programs: int = 2
     # Keys decoded as e4m3 bytes and scored by an fp8 MMA, the queries rounded to e4m3 (kernels/lut.py; 4-bit keys,
-    # unswapped or k_fragment tiles, no key offsets, sinks or exact window; TQConfig.fp8_key_scores and a device with
-    # e4m3 MMAs, fp8_mma_usable): fewer instructions a tile for rounding error in scores.
+    # unswapped or k_fragment tiles; beside key offsets, sinks or an exact window only where TQConfig.fp8_key_scores
+    # is True; a device with e4m3 MMAs, fp8_mma_usable): fewer instructions a tile for rounding error in scores.
     fp8_keys: bool = False
     # Decode steps that have a split-K reduce launch write the exact recent window's rows (kernels/recent.py) from
     # programs of that launch instead of a writer launch of their own (paged_attention's write_recent). Slower on the
@@ -332,9 +332,10 @@ def attention_meta(
     cap = (tiles.wide_maxnreg if wide else tiles.maxnreg) if swap else None
     if swap and not wide and fp8_values and tiles.fp8_values_maxnreg:  # the tile Tiles.resident(True) counts
         cap = tiles.fp8_values_maxnreg
-    fp8_keys = (tiles.fp8_keys and codec.config.fp8_key_scores and fp8_mma and (k_fragment or not swap)
-                and lay.k_bits == 4 and codec.lut_usable[0] and not exact and not key_offset and not sinks
-                and not recent)  # fmt: skip
+    fp8_key_choice = codec.config.fp8_key_scores  # None: not beside key offsets or exact rows (their quality runs)
+    fp8_keys = (tiles.fp8_keys and fp8_key_choice is not False and fp8_mma and (k_fragment or not swap)
+                and lay.k_bits == 4 and codec.lut_usable[0] and not exact
+                and (fp8_key_choice or not (key_offset or sinks or recent)))  # fmt: skip
     warps = tiles.wide_num_warps if wide and tiles.wide_num_warps else tiles.num_warps
     rot_chunk = tiles.wide_rot_chunk if wide and tiles.wide_rot_chunk else tiles.rot_chunk
     q_rotated = at_least(tiles.prerotate_q_min_splits, num_splits)

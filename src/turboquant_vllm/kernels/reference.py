@@ -189,12 +189,14 @@ def _fp8_key_scores(
     scale: float,
     query_halves: bool,
     tf32_rotation: bool,
+    key_offset: torch.Tensor | None,
 ) -> torch.Tensor:
     """Scores [H, q_len, len(slots)] of q against the context keys as Tiles.fp8_keys forms them: in the rotated
     basis, keys from the e4m3-rounded codebook (codec.key_centroids_e4m3), queries rounded to e4m3 in log2 units,
     or with query_halves (Tiles.fp8_query_halves) as that rounding plus its rounded remainder. tf32_rotation:
     the queries rotated as a GPU's tf32 product does, since rounding to e4m3 turns its last-bit differences into
-    whole steps of e4m3 (d=64's queries rounded once: 1.9% of the output's largest value on the H200)."""
+    whole steps of e4m3 (d=64's queries rounded once: 1.9% of the output's largest value on the H200).
+    A key_offset's share (keys with a negative scale) is added in fp32, as the kernel's q.offset term is."""
     k, _ = decode_rows_ref(codec, gather_rows_ref(codec, cache, slots))
     centroids = codec.key_centroids_e4m3.cpu().float() / codec.key_e4m3_scale
     keys = (centroids[k.indices.long()] * k.scales.abs().unsqueeze(-1)).repeat_interleave(group, dim=1)
@@ -204,7 +206,12 @@ def _fp8_key_scores(
     q8 = e4m3_values(q_rot)
     if query_halves:
         q8 = q8 + e4m3_values(q_rot - q8)
-    return torch.einsum("qhd,khd->hqk", q8 / log2_scale, keys) * scale
+    scores = torch.einsum("qhd,khd->hqk", q8 / log2_scale, keys) * scale
+    if key_offset is not None:
+        offset = key_offset.cpu().float().repeat_interleave(group, dim=0)  # [H, d]
+        shifted = torch.signbit(k.scales.cpu()).repeat_interleave(group, dim=1)  # [len(slots), H]
+        scores = scores + torch.einsum("qhd,hd->hq", q, offset).unsqueeze(-1) * shifted.T.unsqueeze(1) * scale
+    return scores
 
 
 def tf32_truncated(x: torch.Tensor) -> torch.Tensor:
@@ -260,9 +267,10 @@ def paged_attention_ref(
             context position p < S of sequence s is keys[s, p] / values[s, p] where held[s, p], not the cache's.
         exact_last: (keys, values, held), shaped as exact_first, for the context's last W positions: position
             context_len - W + i of sequence s is keys[s, i] / values[s, i] where held[s, i] (and it exists).
-        fp8_keys: score the context as the kernel's fp8 key path does (Tiles.fp8_keys; no key offset or exact_first),
-            with the queries in two e4m3 halves where fp8_query_halves (Tiles.fp8_query_halves), else rounded once,
-            and rotated by a tf32 product where tf32_query_rotation (the kernels on a GPU).
+        fp8_keys: score the packed context as the kernel's fp8 key path does (Tiles.fp8_keys; exact_first's and
+            exact_last's held rows keep fp32 scores), with the queries in two e4m3 halves where fp8_query_halves
+            (Tiles.fp8_query_halves), else rounded once, and rotated by a tf32 product where tf32_query_rotation
+            (the kernels on a GPU).
         fp8_values: the context's values from the e4m3-rounded codebook (codec.value_centroids_e4m3), as the kernel's
             fp8 value product reads them (TQConfig.fp8_values); its rounding of the probabilities is not modelled.
     Returns:
@@ -285,24 +293,28 @@ def paged_attention_ref(
             centroids = codec.value_centroids_e4m3.cpu().float() / codec.value_e4m3_scale
             rotation = codec.rotation.cpu()
             v_ctx = (centroids[vq.indices.long()] * vq.scales.unsqueeze(-1)) @ rotation
+        exact_rows = torch.zeros(context_len, dtype=torch.bool)  # context positions read from a side table
         if exact_first is not None:
             n = min(context_len, exact_first[2].shape[1])
             held = exact_first[2][s, :n].cpu()
             k_ctx[:n][held] = exact_first[0][s, :n][held].cpu().float()
             v_ctx[:n][held] = exact_first[1][s, :n][held].cpu().float()
+            exact_rows[:n] |= held
         if exact_last is not None:
             pos = torch.arange(exact_last[2].shape[1]) + context_len - exact_last[2].shape[1]
             held = exact_last[2][s].cpu() & (pos >= 0)
             k_ctx[pos[held]] = exact_last[0][s][held].cpu().float()
             v_ctx[pos[held]] = exact_last[1][s][held].cpu().float()
+            exact_rows[pos[held]] = True
         k = torch.cat([k_ctx, key[lo:hi].cpu().to(torch.float32)]).repeat_interleave(group, dim=1)
         v = torch.cat([v_ctx, value[lo:hi].cpu().to(torch.float32)]).repeat_interleave(group, dim=1)
         q = query[lo:hi].cpu().to(torch.float32)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-        if fp8_keys:
-            scores[:, :, :context_len] = _fp8_key_scores(
-                codec, cache, slots, q, group, scale, fp8_query_halves, tf32_query_rotation
+        if fp8_keys:  # the packed positions; the side tables' rows keep their exact scores
+            fp8_scores = _fp8_key_scores(
+                codec, cache, slots, q, group, scale, fp8_query_halves, tf32_query_rotation, key_offset
             )
+            scores[:, :, :context_len] = torch.where(exact_rows, scores[:, :, :context_len], fp8_scores)
         q_pos = torch.arange(context_len, seq_len).unsqueeze(1)
         visible = torch.arange(seq_len).unsqueeze(0) <= q_pos  # [q_len, seq_len]
         scores = scores.masked_fill(~visible, float("-inf"))
