@@ -38,14 +38,18 @@ class Batch:
 
     def expected(self, **kwargs) -> torch.Tensor:
         """paged_attention_ref of this step; unless told, it scores the context keys as this batch's decode launch
-        does (in fp8 where Tiles.fp8_keys takes its tiles, the queries as Tiles.fp8_query_halves says), so a test
-        follows the tiles' defaults. On a GPU the kernels rotate the queries by a tf32 product, which the fp8
-        key path's rounding of them makes visible, so there the reference rotates them that way too."""
+        does (in fp8 where Tiles.fp8_keys takes its tiles and TQConfig.fp8_key_scores allows it beside the key
+        offset and exact rows given, the queries as Tiles.fp8_query_halves says), so a test follows the defaults.
+        On a GPU the kernels rotate the queries by a tf32 product, which the fp8 key path's rounding of them makes
+        visible, so there the reference rotates them that way too."""
         kwargs.setdefault("tf32_query_rotation", self.query.is_cuda)
+        first, last = kwargs.get("exact_first"), kwargs.get("exact_last")
+        exact = {"sinks": 0 if first is None else first[2].shape[1], "recent": 0 if last is None else last[2].shape[1]}
         meta = attention_meta(self.codec, self.query.shape[1], self.query.dtype, self.query.is_cuda,
                               self.max_query_len, self.cache.shape[1], True,
+                              key_offset=kwargs.get("key_offset") is not None, **exact,
                               fp8_mma=fp8_mma_usable(self.query.device))  # fmt: skip
-        if "fp8_keys" not in kwargs and not {"key_offset", "exact_first", "exact_last"} & kwargs.keys():
+        if "fp8_keys" not in kwargs:
             kwargs["fp8_keys"] = meta["FP8_KEYS"]
             kwargs.setdefault("fp8_query_halves", meta["FP8_QUERY_HALVES"])
         kwargs.setdefault("fp8_values", meta["FP8_VALUES"])

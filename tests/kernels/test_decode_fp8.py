@@ -8,6 +8,8 @@ import dataclasses
 import pytest
 import torch
 from decode_batch import TOL_FP32, TOL_HALF, assert_matches, make_batch, store_around_offset
+from test_recent import recent_for
+from test_sinks import sinks_for
 
 from turboquant_vllm import TQConfig
 from turboquant_vllm.codec import KVCodec
@@ -153,9 +155,6 @@ def test_fp8_keys_beside_offsets_and_exact_rows(device, monkeypatch, beside):
     """TQConfig.fp8_key_scores=True keeps fp8 key scores beside key offsets, exact sinks and the exact window: the
     packed context is scored in fp8 (its keys' offset share in fp32), the side tables' rows in 16 bits. By default
     (None) those launches score in fp16, whose reference is many times farther from this output."""
-    from test_recent import recent_for
-    from test_sinks import sinks_for
-
     monkeypatch.setitem(decode_tiles.TILES, 64, dataclasses.replace(decode_tiles.TILES[64], fp8_keys=True))
     b = make_batch(device, [7, 40, 133, 300], [1, 1, 2, 1], num_heads=8, head_dim=64, dtype=torch.float16, seed=47,
                    fp8_key_scores=True)  # fmt: skip
@@ -176,6 +175,7 @@ def test_fp8_keys_beside_offsets_and_exact_rows(device, monkeypatch, beside):
         assert meta["FP8_KEYS"] == fp8, choice
     meta = decode_tiles.attention_meta(b.codec, 8, torch.float16, device.type == "cuda", 2, 16, False, 3, **flags)
     want = b.expected(fp8_keys=True, fp8_query_halves=meta["FP8_QUERY_HALVES"], **ref)
+    assert torch.equal(b.expected(**ref), want)  # the batch's reference follows the launch beside them too
     fp16 = b.expected(fp8_keys=False, **ref)
     tol = TOL_HALF / 4  # fp16 inputs: the fp16 scores' reference sits 0.008-0.028 away, this one under 0.001
     for num_splits in (1, 3):
